@@ -1,0 +1,190 @@
+"""A scripted fake ModelBackend for fast, deterministic engine tests (no torch).
+
+A ``ScriptedBackend`` "writes" whatever ``policy(question, prefix_steps)`` returns, one word
+per token, and judges a candidate with ``judge_fn(question, prefix_steps, candidate)`` (by
+default: positive when the candidate equals what this backend would write itself). Tokens are
+words, so rollbacks and forks have real, checkable token arithmetic. ``token_delay_s`` makes
+each decoded token sleep (in the worker thread), to exercise overlap and cancellation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from dreamr_stream.backends.base import ScoreOutput, StepOutput
+from dreamr_stream.config import JudgeTemplate
+from dreamr_stream.errors import BackendError
+
+__all__ = ["FakeSession", "ScriptedBackend", "script_policy"]
+
+EOS = "<eos>"
+Policy = Callable[[str, Sequence[str]], str | None]  # None = end of sequence
+JudgeFn = Callable[[str, Sequence[str], str], tuple[float, float]]
+
+
+def script_policy(steps: Sequence[str]) -> Policy:
+    """Write ``steps`` in order, whatever came before; then end."""
+
+    def policy(question: str, prefix: Sequence[str]) -> str | None:
+        return steps[len(prefix)] if len(prefix) < len(steps) else None
+
+    return policy
+
+
+@dataclass
+class FakeSession:
+    question: str
+    tokens: list[str] = field(default_factory=list)  # words and delimiters, after the prompt
+    prompt_len: int = 1
+    partial: list[str] = field(default_factory=list)
+    eos: bool = False
+    closed: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + len(self.tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.eos
+
+    def steps(self, stop: str) -> list[str]:
+        """Completed steps in the session (text between delimiters)."""
+        out, cur = [], []
+        for t in self.tokens[: len(self.tokens) - len(self.partial)]:
+            if t == stop:
+                out.append(" ".join(cur))
+                cur = []
+            else:
+                cur.append(t)
+        return out
+
+
+class ScriptedBackend:
+    def __init__(
+        self,
+        policy: Policy | Sequence[str],
+        *,
+        name: str = "fake",
+        judge_fn: JudgeFn | None = None,
+        token_delay_s: float = 0.0,
+        fail_at_call: int | None = None,
+    ) -> None:
+        self.policy: Policy = policy if callable(policy) else script_policy(list(policy))
+        self.name = name
+        self.judge = JudgeTemplate(suffix="Check:")
+        self.judge_fn = judge_fn or self._self_consistent
+        self.token_delay_s = token_delay_s
+        self.fail_at_call = fail_at_call
+        self.calls = 0
+        self.active_calls = 0
+        self.open_sessions = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _enter(self) -> None:
+        with self._lock:
+            self.calls += 1
+            self.active_calls += 1
+            if self.fail_at_call is not None and self.calls >= self.fail_at_call:
+                self.active_calls -= 1
+                raise BackendError(f"{self.name}: injected failure at call {self.calls}")
+
+    def _exit(self) -> None:
+        with self._lock:
+            self.active_calls -= 1
+
+    def _self_consistent(self, question: str, prefix: Sequence[str], candidate: str) -> tuple[float, float]:
+        return (0.9, 0.05) if self.policy(question, prefix) == candidate else (0.05, 0.9)
+
+    # ------------------------------------------------------------------ protocol
+    def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> FakeSession:
+        self._enter()
+        try:
+            self.open_sessions += 1
+            return FakeSession(question=question)
+        finally:
+            self._exit()
+
+    def generate_step(
+        self, session: FakeSession, *, max_tokens: int, stop: str, temperature: float = 0.0, budget: int | None = None
+    ) -> StepOutput:  # type: ignore[override]
+        self._enter()
+        try:
+            s = session
+            if s.eos:
+                return StepOutput("", done=True, eos=True)
+            target = self.policy(s.question, s.steps(stop))
+            if target is None:
+                s.eos = True
+                return StepOutput(" ".join(s.partial), done=True, eos=True, new_tokens=1)
+            words = target.split(" ")[:max_tokens]
+            new = 0
+            while budget is None or new < budget:
+                if len(s.partial) == len(words):
+                    s.tokens.append(stop)
+                    text = " ".join(s.partial)
+                    s.partial = []
+                    return StepOutput(text, done=True, new_tokens=new + 1, forwards=new + 1)
+                time.sleep(self.token_delay_s)
+                word = words[len(s.partial)]
+                s.partial.append(word)
+                s.tokens.append(word)
+                new += 1
+            return StepOutput(" ".join(s.partial), done=False, new_tokens=new, forwards=new)
+        finally:
+            self._exit()
+
+    def score(self, session: FakeSession, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:  # type: ignore[override]
+        self._enter()
+        try:
+            if session.partial:
+                raise BackendError(f"{self.name}: cannot score while a step is half-decoded")
+            time.sleep(self.token_delay_s)
+            p_pos, p_neg = self.judge_fn(session.question, session.steps(stop), text) if judge else (0.0, 0.0)
+            own = self.policy(session.question, session.steps(stop))
+            words = text.split(" ")
+            logprobs = [0.0 if own == text else -5.0] * len(words)
+            session.tokens.extend(words + [stop])
+            return ScoreOutput(p_pos, p_neg, logprobs, n_tokens=len(words) + 1)
+        finally:
+            self._exit()
+
+    def append(self, session: FakeSession, text: str, *, stop: str) -> int:  # type: ignore[override]
+        self._enter()
+        try:
+            words = text.split(" ") + [stop]
+            session.tokens.extend(words)
+            return len(words)
+        finally:
+            self._exit()
+
+    def rollback(self, session: FakeSession, n_tokens: int) -> None:  # type: ignore[override]
+        self._enter()
+        try:
+            if n_tokens < 0 or n_tokens > len(session.tokens):
+                raise BackendError(f"{self.name}: cannot roll back {n_tokens} tokens past the prompt")
+            if n_tokens:
+                del session.tokens[-n_tokens:]
+            session.partial = []
+            session.eos = False
+        finally:
+            self._exit()
+
+    def fork(self, session: FakeSession) -> FakeSession:  # type: ignore[override]
+        self._enter()
+        try:
+            self.open_sessions += 1
+            return FakeSession(session.question, list(session.tokens), session.prompt_len, list(session.partial), session.eos)
+        finally:
+            self._exit()
+
+    def close(self, session: FakeSession) -> None:  # type: ignore[override]
+        if not session.closed:
+            session.closed = True
+            self.open_sessions -= 1

@@ -1,0 +1,357 @@
+"""Transformers backend for image-text-to-text models (LLaVA, Idefics3, Qwen2-VL, Qwen2.5-VL).
+
+Each request gets an ``HFSession`` holding its own ``DynamicCache``, the token ids in it and
+the logits that predict the next token. Decoding is a hand-written cached loop (one forward
+per token, no ``generate()`` overhead). Qwen2-VL-family models keep ``rope_deltas`` on the
+model object, so sessions compute and pass their own 3-D ``position_ids`` on every forward:
+two sessions on one model never see each other's positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel
+
+from dreamr_stream.backends.base import ScoreOutput, StepOutput
+from dreamr_stream.config import JudgeTemplate
+from dreamr_stream.errors import BackendError, ModelLoadError
+
+__all__ = ["HFSession", "TransformersBackend", "resolve_device"]
+
+log = logging.getLogger(__name__)
+SIDECAR = "dreamr.json"  # optional per-model settings: judge template, delimiter
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class HFSession:
+    cache: DynamicCache
+    ids: list[int]
+    prompt_len: int
+    # logits predicting the token after ids[:n], for the lengths n we know them (step boundaries)
+    logits_at: dict[int, torch.Tensor]
+    rope_deltas: torch.Tensor | None = None  # (1, 1) for Qwen2-VL-style models
+    pos_dims: int = 0
+    partial: list[int] = field(default_factory=list)  # tokens of the step being decoded
+    inputs: dict[str, Any] = field(default_factory=dict)  # the processor's prompt tensors
+    eos: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.eos
+
+
+class TransformersBackend:
+    """A ModelBackend over a local Hugging Face VLM folder."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: Any,
+        *,
+        name: str = "model",
+        judge: JudgeTemplate | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.name = name
+        self.judge = judge or JudgeTemplate()
+        self.device = next(model.parameters()).device
+        self.eos_ids = self._eos_ids()
+        self._uses_mrope = hasattr(getattr(model, "model", model), "get_rope_index")
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.verdict_ids(self.judge)  # fail at load, not mid-request, on a bad template
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str = "auto", dtype: torch.dtype | None = None, name: str | None = None
+    ) -> TransformersBackend:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ModelLoadError(f"no model folder at {folder} (downloads are not supported: pass a local folder)")
+        dev = resolve_device(device)
+        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        try:
+            processor = AutoProcessor.from_pretrained(folder)
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(dev)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"could not load a vision-language model from {folder}: {e}") from e
+        judge = None
+        sidecar = folder / SIDECAR
+        if sidecar.exists():
+            judge = JudgeTemplate(**json.loads(sidecar.read_text()).get("judge", {}))
+        return cls(model, processor, name=name or folder.name, judge=judge)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(int(e) for e in eos)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def verdict_ids(self, judge: JudgeTemplate) -> tuple[int, int]:
+        out = []
+        for word in (judge.positive, judge.negative):
+            ids = self.encode(word)
+            if len(ids) != 1:
+                raise ModelLoadError(
+                    f"{self.name}: judge verdict {word!r} is {len(ids)} tokens; verdicts must be single tokens"
+                )
+            out.append(ids[0])
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------ forwards
+    def _run(self, fn: Any, *args: Any) -> Any:
+        try:
+            with torch.inference_mode():
+                if self._stream is None:
+                    return fn(*args)
+                with torch.cuda.stream(self._stream):  # draft and target kernels overlap on a GPU
+                    result = fn(*args)
+                self._stream.synchronize()
+                return result
+        except BackendError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise BackendError(f"{self.name}: model call failed: {e}") from e
+
+    def _positions(self, s: HFSession, start: int, n: int) -> torch.Tensor | None:
+        if s.rope_deltas is None:
+            return None
+        pos = torch.arange(start, start + n, device=self.device).view(1, 1, -1).expand(s.pos_dims, 1, -1)
+        return pos + s.rope_deltas.to(self.device)
+
+    def _forward(self, s: HFSession, new_ids: list[int]) -> torch.Tensor:
+        """Feed tokens after the cache; returns their logits, shape (len(new_ids), vocab)."""
+        start = s.cache.get_seq_length()
+        input_ids = torch.tensor([new_ids], device=self.device)
+        kwargs: dict[str, Any] = {}
+        pos = self._positions(s, start, len(new_ids))
+        if pos is not None:
+            kwargs["position_ids"] = pos
+        out = self.model(input_ids=input_ids, cache=s.cache, use_cache=True, **kwargs)
+        s.ids.extend(new_ids)
+        logits = out.logits[0].float()
+        s.logits_at[len(s.ids)] = logits[-1]
+        return logits
+
+    # ------------------------------------------------------------------ sessions
+    def _prompt_inputs(self, image: Image.Image, question: str) -> dict[str, Any]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=[image], return_tensors="pt")
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> HFSession:
+        def prefill() -> HFSession:
+            inputs = self._prompt_inputs(image, question)
+            ids = inputs["input_ids"][0].tolist()
+            s = HFSession(cache=DynamicCache(config=self.model.config), ids=[], prompt_len=len(ids), logits_at={})
+            if self._uses_mrope:
+                rope_args = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask") if k in inputs}
+                position_ids, deltas = self.model.model.get_rope_index(inputs["input_ids"], **rope_args)
+                inputs["position_ids"] = position_ids
+                s.rope_deltas, s.pos_dims = deltas.view(1, 1, -1)[..., :1], position_ids.shape[0]
+            out = self.model(**inputs, cache=s.cache, use_cache=True)
+            s.ids = ids
+            s.logits_at[len(ids)] = out.logits[0, -1].float()
+            s.generator = torch.Generator(device="cpu").manual_seed(seed)
+            s.inputs = inputs
+            return s
+
+        return self._run(prefill)
+
+    def _pick(self, s: HFSession, logits: torch.Tensor, temperature: float) -> int:
+        if temperature <= 0.0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / temperature, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=s.generator))
+
+    def generate_step(
+        self,
+        session: HFSession,  # type: ignore[override]
+        *,
+        max_tokens: int,
+        stop: str,
+        temperature: float = 0.0,
+        budget: int | None = None,
+    ) -> StepOutput:
+        s = session
+
+        def decode() -> StepOutput:
+            forwards = new = 0
+            while budget is None or new < budget:
+                if s.eos:
+                    return StepOutput(self._text(s.partial), done=True, eos=True, new_tokens=new, forwards=forwards)
+                token = self._pick(s, s.logits_at[len(s.ids)], temperature)
+                new += 1
+                if token in self.eos_ids:
+                    s.eos = True  # not fed: nothing follows the end of the answer
+                    text = self._text(s.partial)
+                    s.partial = []
+                    return StepOutput(text, done=True, eos=True, new_tokens=new, forwards=forwards)
+                self._forward(s, [token])
+                forwards += 1
+                s.partial.append(token)
+                text = self._text(s.partial)
+                if stop in text:
+                    forwards += self._canonicalise(s, text, stop)
+                    s.partial = []
+                    return StepOutput(text[: text.index(stop)], done=True, new_tokens=new, forwards=forwards)
+                if len(s.partial) >= max_tokens:  # step cap: end the step with a delimiter
+                    self._forward(s, self.encode(stop))
+                    s.partial = []
+                    return StepOutput(text, done=True, new_tokens=new, forwards=forwards + 1)
+            return StepOutput(self._text(s.partial), done=False, new_tokens=new, forwards=forwards)
+
+        return self._run(decode)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _canonicalise(self, s: HFSession, text: str, stop: str) -> int:
+        """If the delimiter arrived inside a token with more text after it, re-append the step
+        as ``tok(step) + tok(stop)`` so the cache never holds text past the delimiter."""
+        if text.endswith(stop) and text.count(stop) == 1:
+            return 0
+        step = text[: text.index(stop)]
+        self._crop(s, len(s.ids) - len(s.partial))
+        self._ensure_logits(s)
+        self._forward(s, self.encode(step) + self.encode(stop))
+        return 1
+
+    def score(
+        self,
+        session: HFSession,  # type: ignore[override]
+        text: str,
+        *,
+        stop: str,
+        judge: JudgeTemplate | None,
+    ) -> ScoreOutput:
+        s = session
+        if s.partial:
+            raise BackendError(f"{self.name}: cannot score while a step is half-decoded; roll it back first")
+        text_ids = self.encode(text)
+        candidate = text_ids + self.encode(stop)
+        suffix = self.encode(judge.suffix) if judge is not None else []
+        pos_id, neg_id = self.verdict_ids(judge) if judge is not None else (0, 0)
+
+        def forward() -> ScoreOutput:
+            self._ensure_logits(s)
+            before = len(s.ids)
+            first = s.logits_at[before]  # predicts candidate[0]
+            logits = self._forward(s, candidate + suffix)
+            # log p(candidate[i] | prefix, candidate[:i]) from [first, logits[0..n-2]]: (n, vocab)
+            n = len(candidate)
+            preds = torch.cat([first[None], logits[: n - 1]], dim=0)
+            logprobs = torch.log_softmax(preds, dim=-1).gather(1, torch.tensor(candidate, device=preds.device)[:, None])
+            p_pos = p_neg = 0.0
+            if suffix:
+                probs = torch.softmax(logits[-1], dim=-1)
+                p_pos, p_neg = float(probs[pos_id]), float(probs[neg_id])
+                self._crop(s, before + n)  # drop the judge suffix, keep the candidate
+                s.logits_at[before + n] = logits[n - 1]
+            return ScoreOutput(p_pos, p_neg, logprobs[:, 0].tolist()[: len(text_ids)], n_tokens=n)
+
+        return self._run(forward)
+
+    def append(self, session: HFSession, text: str, *, stop: str) -> int:  # type: ignore[override]
+        s = session
+        ids = self.encode(text) + self.encode(stop)
+
+        def forward() -> int:
+            self._ensure_logits(s)
+            self._forward(s, ids)
+            return len(ids)
+
+        return self._run(forward)
+
+    def rollback(self, session: HFSession, n_tokens: int) -> None:  # type: ignore[override]
+        s = session
+        if n_tokens < 0 or n_tokens > len(s.ids) - s.prompt_len:
+            raise BackendError(f"{self.name}: cannot roll back {n_tokens} tokens past the prompt")
+        s.partial = []
+        s.eos = False
+        self._run(self._crop, s, len(s.ids) - n_tokens)
+
+    def _crop(self, s: HFSession, length: int) -> None:
+        if length < len(s.ids):
+            s.cache.crop(length - len(s.ids))  # transformers 5: a negative count drops tokens
+            del s.ids[length:]
+        for n in [n for n in s.logits_at if n > length]:
+            del s.logits_at[n]
+
+    def _ensure_logits(self, s: HFSession) -> None:
+        """After a rollback to a length whose logits we never kept, recompute them (1 forward)."""
+        if len(s.ids) in s.logits_at:
+            return
+        last = s.ids[-1]
+        self._crop(s, len(s.ids) - 1)
+        self._forward(s, [last])
+
+    def fork(self, session: HFSession) -> HFSession:  # type: ignore[override]
+        s = session
+        return HFSession(
+            cache=copy.deepcopy(s.cache),
+            ids=list(s.ids),
+            prompt_len=s.prompt_len,
+            logits_at=dict(s.logits_at),
+            rope_deltas=s.rope_deltas,
+            pos_dims=s.pos_dims,
+            partial=list(s.partial),
+            eos=s.eos,
+            inputs=s.inputs,
+            generator=copy.deepcopy(s.generator),
+        )
+
+    def close(self, session: HFSession) -> None:  # type: ignore[override]
+        session.cache = DynamicCache()
+        session.logits_at.clear()
+
+    def reference_logits(self, session: HFSession) -> torch.Tensor:
+        """Logits of a fresh, uncached forward over the session's tokens: (length, vocab).
+
+        The ground truth for cache invariants (rollback, interleaving) in tests and debugging.
+        """
+        s = session
+
+        def forward() -> torch.Tensor:
+            inputs = dict(s.inputs)
+            inputs["input_ids"] = torch.tensor([s.ids], device=self.device)
+            for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
+                if key in inputs:
+                    pad = torch.zeros((1, len(s.ids) - inputs[key].shape[1]), dtype=inputs[key].dtype, device=self.device)
+                    fill = pad + 1 if key == "attention_mask" else pad
+                    inputs[key] = torch.cat([inputs[key], fill], dim=1)
+            if self._uses_mrope:
+                rope_args = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask") if k in inputs}
+                inputs["position_ids"], _ = self.model.model.get_rope_index(inputs["input_ids"], **rope_args)
+            return self.model(**inputs, use_cache=False).logits[0].float()
+
+        return self._run(forward)

@@ -1,0 +1,96 @@
+"""ReasonerConfig: keyword-only, grouped by concern, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dreamr_stream.errors import ConfigError
+
+__all__ = [
+    "GenerationConfig",
+    "InputLimits",
+    "JudgeTemplate",
+    "ReasonerConfig",
+    "SchedulingConfig",
+    "VerificationConfig",
+]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            # one exception root: callers catch DreamrError; the pydantic detail stays attached
+            raise ConfigError(f"invalid {type(self).__name__}: {e}") from e
+
+
+class JudgeTemplate(_Config):
+    """How the target is asked to judge a candidate step.
+
+    The target sees ``<prefix><candidate><delimiter><suffix>`` and we read the next-token
+    probabilities of ``positive`` and ``negative``; each must be a single token of the
+    target's tokenizer (checked when the backend loads).
+    """
+
+    suffix: str = Field(default="Is this step correct? Answer yes or no:", min_length=1)
+    positive: str = " yes"
+    negative: str = " no"
+
+
+class GenerationConfig(_Config):
+    max_steps: int = Field(default=24, ge=1, le=1024)
+    max_step_tokens: int = Field(default=96, ge=1, le=8192)
+    step_delimiter: str = Field(default="\n", min_length=1)
+    answer_prefix: str = Field(default="Answer:", min_length=1, description="a step starting with it is final")
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 = greedy")
+    seed: int = 0
+
+
+class VerificationConfig(_Config):
+    mode: Literal["judge", "likelihood"] = "judge"
+    tau: float = Field(default=1.0, ge=0.0, description="accept iff p_pos / p_neg >= tau; inf rejects all")
+    judge: JudgeTemplate | None = Field(default=None, description="override the target's own judge template")
+    likelihood_aggregate: Literal["min", "mean"] = Field(
+        default="min", description="likelihood mode: how token log-probs of the candidate are pooled"
+    )
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_not_nan(cls, v: float) -> float:
+        if math.isnan(v):
+            raise ValueError("tau must be a number >= 0 (use float('inf') to reject every draft)")
+        return v
+
+
+class SchedulingConfig(_Config):
+    lookahead: int = Field(default=2, ge=1, le=16, description="draft steps allowed ahead of the last verified one")
+    fallback: Literal["on", "off", "auto"] = Field(
+        default="auto", description="write the target's own step in parallel with verification"
+    )
+    fallback_chunk_tokens: int = Field(default=4, ge=1, le=256, description="target tokens per fallback model call")
+
+
+class InputLimits(_Config):
+    max_image_bytes: int = Field(default=20 * 2**20, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="decompression-bomb cap")
+    min_image_side: int = Field(default=8, ge=1)
+    max_question_chars: int = Field(default=2000, ge=1)
+
+
+class ReasonerConfig(_Config):
+    generation: GenerationConfig = GenerationConfig()
+    verification: VerificationConfig = VerificationConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
+    limits: InputLimits = InputLimits()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReasonerConfig:
+        if self.scheduling.lookahead > self.generation.max_steps:
+            raise ValueError("scheduling.lookahead cannot exceed generation.max_steps")
+        return self

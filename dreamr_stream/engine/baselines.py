@@ -1,0 +1,71 @@
+"""Baselines that share FPSR's backends and bookkeeping.
+
+* ``target_only``: the target writes every step (the accuracy and speed reference);
+* ``draft_only``: the draft writes every step, unverified;
+* ``sequential``: SpecReason-style speculative reasoning with no overlap: draft one step,
+  judge it with the same TBVM, on rejection roll back and let the target write the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dreamr_stream.backends.base import Session
+from dreamr_stream.engine.request import RequestContext
+from dreamr_stream.engine.runner import ModelRunner
+from dreamr_stream.events import DraftedEvent, RejectedEvent
+from dreamr_stream.types import StepSource
+
+__all__ = ["run_draft_only", "run_sequential", "run_target_only"]
+
+
+async def _solo(ctx: RequestContext, runner: ModelRunner, image: Any, source: StepSource) -> None:
+    session = await ctx.open(runner, image)
+    try:
+        while not ctx.done():
+            out = await ctx.write_step(runner, session, index=len(ctx.steps), lane=runner.name)
+            await ctx.accept(out.text, source, eos=out.eos)
+    finally:
+        runner.backend.close(session)
+
+
+async def run_target_only(ctx: RequestContext, image: Any) -> None:
+    assert ctx.target is not None
+    await _solo(ctx, ctx.target, image, StepSource.TARGET)
+
+
+async def run_draft_only(ctx: RequestContext, image: Any) -> None:
+    assert ctx.draft is not None
+    await _solo(ctx, ctx.draft, image, StepSource.DRAFT)
+
+
+async def run_sequential(ctx: RequestContext, image: Any) -> None:
+    target, draft = ctx.target, ctx.draft
+    assert target is not None and draft is not None
+    delimiter = ctx.config.generation.step_delimiter
+    sessions: list[Session] = []
+    try:
+        T = await ctx.open(target, image)
+        sessions.append(T)
+        D = await ctx.open(draft, image)
+        sessions.append(D)
+        while not ctx.done():
+            index = len(ctx.steps)
+            before = D.length
+            out = await ctx.write_step(draft, D, index=index, lane="draft")
+            await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
+            if out.text.strip():
+                verdict, score = await ctx.judge(T, out.text, index)
+                if verdict.accepted:
+                    await ctx.accept(out.text, StepSource.DRAFT, eos=out.eos, verdict=verdict)
+                    continue
+                await ctx.emit(RejectedEvent(index=index, text=out.text, verdict=verdict, elapsed_s=ctx.now()))
+                await target.call(target.backend.rollback, T, score.n_tokens)
+            own = await ctx.write_step(target, T, index=index, lane="target")
+            await ctx.accept(own.text, StepSource.TARGET, eos=own.eos, rejected_draft=out.text)
+            if not ctx.done():
+                await draft.call(draft.backend.rollback, D, D.length - before)
+                await draft.call(draft.backend.append, D, own.text, stop=delimiter)
+    finally:
+        for runner, session in zip((target, draft), sessions):
+            runner.backend.close(session)

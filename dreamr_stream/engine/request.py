@@ -1,0 +1,183 @@
+"""Per-request bookkeeping shared by FPSR and the baselines: steps, stats, timeline, events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from dreamr_stream.backends.base import ScoreOutput, Session, StepOutput
+from dreamr_stream.config import JudgeTemplate, ReasonerConfig
+from dreamr_stream.engine.runner import ModelRunner
+from dreamr_stream.events import Event, FallbackEvent, VerifiedEvent
+from dreamr_stream.types import LaneSpan, ReasoningResult, ReasoningStats, Step, StepSource, Verdict
+from dreamr_stream.verify import Verifier
+
+__all__ = ["Emit", "RequestContext", "extract_answer"]
+
+Emit = Callable[[Event], Awaitable[None]]
+DRAFT_CHUNK_TOKENS = 8  # draft tokens per model call: bounds how long a cancelled lane lingers
+
+
+def extract_answer(text: str, prefix: str) -> str | None:
+    idx = text.rfind(prefix)
+    return text[idx + len(prefix) :].strip() if idx >= 0 else None
+
+
+class RequestContext:
+    """Everything one request accumulates; lanes report into it, it emits the events."""
+
+    def __init__(
+        self,
+        *,
+        config: ReasonerConfig,
+        question: str,
+        method: str,
+        emit: Emit,
+        target: ModelRunner | None,
+        draft: ModelRunner | None,
+        verifier: Verifier | None = None,
+    ) -> None:
+        self.config = config
+        self.question = question
+        self.method = method
+        self._emit = emit
+        self.target = target
+        self.draft = draft
+        self.verifier = verifier
+        self.t0 = time.perf_counter()
+        self.steps: list[Step] = []
+        self.timeline: list[LaneSpan] = []
+        self.counts: dict[str, int] = {
+            "judged": 0, "accepted": 0, "target_forwards": 0, "draft_forwards": 0, "target_tokens": 0, "draft_tokens": 0
+        }
+        self.first_step_s: float | None = None
+
+    # ------------------------------------------------------------------ time and events
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def emit(self, event: Event) -> None:
+        await self._emit(event)
+
+    @asynccontextmanager
+    async def span(self, lane: str, what: str, step: int) -> AsyncIterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.timeline.append(LaneSpan(lane=lane, what=what, step=step, start_s=start, end_s=self.now()))
+
+    # ------------------------------------------------------------------ model calls
+    def _count(self, runner: ModelRunner, forwards: int, tokens: int = 0) -> None:
+        key = "target" if runner is self.target else "draft"
+        self.counts[f"{key}_forwards"] += forwards
+        self.counts[f"{key}_tokens"] += tokens
+
+    async def open(self, runner: ModelRunner, image: Any, priority: int = 0) -> Session:
+        async with self.span(runner.name, "prefill", 0):
+            session = await runner.call(
+                runner.backend.open_session, image, self.question, seed=self.config.generation.seed, priority=priority
+            )
+        self._count(runner, 1)
+        return session
+
+    async def write_step(
+        self, runner: ModelRunner, session: Session, *, index: int, lane: str, priority: int = 0, chunk: int | None = None
+    ) -> StepOutput:
+        """Decode one whole step in short calls (so cancellation is prompt)."""
+        gen = self.config.generation
+        budget = chunk or DRAFT_CHUNK_TOKENS
+        async with self.span(lane, "write", index):
+            while True:
+                out = await runner.call(
+                    runner.backend.generate_step,
+                    session,
+                    max_tokens=gen.max_step_tokens,
+                    stop=gen.step_delimiter,
+                    temperature=gen.temperature,
+                    budget=budget,
+                    priority=priority,
+                )
+                self._count(runner, out.forwards, out.new_tokens)
+                if out.done:
+                    return out
+
+    async def judge(self, session: Session, text: str, index: int) -> tuple[Verdict, ScoreOutput]:
+        assert self.target is not None and self.verifier is not None
+        judge: JudgeTemplate | None = None
+        if self.verifier.needs_judge:
+            judge = self.config.verification.judge or self.target.backend.judge
+        async with self.span("verify", "judge", index):
+            score = await self.target.call(
+                self.target.backend.score, session, text, stop=self.config.generation.step_delimiter, judge=judge
+            )
+        self._count(self.target, score.forwards)
+        verdict = self.verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
+        self.counts["judged"] += 1
+        self.counts["accepted"] += verdict.accepted
+        return verdict, score
+
+    # ------------------------------------------------------------------ steps
+    def is_final(self, text: str, eos: bool) -> bool:
+        return eos or text.lstrip().startswith(self.config.generation.answer_prefix)
+
+    def done(self) -> bool:
+        return bool(self.steps and self.steps[-1].is_final) or len(self.steps) >= self.config.generation.max_steps
+
+    async def accept(
+        self,
+        text: str,
+        source: StepSource,
+        *,
+        eos: bool = False,
+        verdict: Verdict | None = None,
+        rejected_draft: str | None = None,
+    ) -> Step:
+        elapsed = self.now()
+        step = Step(
+            index=len(self.steps),
+            text=text,
+            source=source,
+            verdict=verdict,
+            rejected_draft=rejected_draft,
+            is_final=self.is_final(text, eos),
+            elapsed_s=elapsed,
+        )
+        self.steps.append(step)
+        if self.first_step_s is None:
+            self.first_step_s = elapsed
+        event: Event = (
+            FallbackEvent(step=step, elapsed_s=elapsed)
+            if source is StepSource.TARGET
+            else VerifiedEvent(step=step, elapsed_s=elapsed)
+        )
+        await self.emit(event)
+        return step
+
+    def result(self) -> ReasoningResult:
+        by_source: dict[StepSource, int] = {}
+        for s in self.steps:
+            by_source[s.source] = by_source.get(s.source, 0) + 1
+        c = self.counts
+        stats = ReasoningStats(
+            draft_steps_judged=c["judged"],
+            draft_steps_accepted=c["accepted"],
+            steps_by_source=by_source,
+            target_forwards=c["target_forwards"],
+            draft_forwards=c["draft_forwards"],
+            target_tokens=c["target_tokens"],
+            draft_tokens=c["draft_tokens"],
+            time_to_first_step_s=self.first_step_s,
+            wall_s=self.now(),
+            timeline=sorted(self.timeline, key=lambda s: s.start_s),
+        )
+        final = self.steps[-1].text if self.steps else ""
+        return ReasoningResult(
+            question=self.question,
+            steps=list(self.steps),
+            answer=extract_answer(final, self.config.generation.answer_prefix),
+            stats=stats,
+            method=self.method,
+        )

@@ -1,0 +1,214 @@
+"""The Reasoner facade: the stream is the primary API; everything else consumes it."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+from dreamr_stream.backends.base import ModelBackend
+from dreamr_stream.config import ReasonerConfig
+from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
+from dreamr_stream.engine.fpsr import Inspect, run_fpsr
+from dreamr_stream.engine.request import RequestContext
+from dreamr_stream.engine.runner import ModelRunner
+from dreamr_stream.errors import BackendError, ConfigError, DreamrError
+from dreamr_stream.events import Event, FailedEvent, FallbackEvent, FinishedEvent, StartedEvent, VerifiedEvent
+from dreamr_stream.inputs import ImageInput, check_question, load_image
+from dreamr_stream.types import ReasoningResult, Step
+from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier, Verifier
+
+__all__ = ["Method", "Reasoner"]
+
+log = logging.getLogger(__name__)
+Method = Literal["fpsr", "target_only", "draft_only", "sequential"]
+_RUNS: dict[str, Callable[..., Awaitable[None]]] = {
+    "fpsr": run_fpsr,
+    "target_only": run_target_only,
+    "draft_only": run_draft_only,
+    "sequential": run_sequential,
+}
+
+
+def _typed_error(e: BaseException) -> DreamrError:
+    """The library error behind ``e``: task groups wrap lane failures in exception groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = next((x for x in e.exceptions if isinstance(x, (DreamrError, BaseExceptionGroup))), e.exceptions[0])
+    if isinstance(e, DreamrError):
+        return e
+    error = BackendError(f"{type(e).__name__}: {e}")
+    error.__cause__ = e
+    return error
+
+
+class Reasoner:
+    """Multimodal speculative reasoning over a target and a draft backend.
+
+    >>> reasoner = Reasoner.demo()
+    >>> async for step in reasoner.astream(image, "How many red shapes are there?"):
+    ...     print(step.index, step.source.value, step.text)
+    """
+
+    def __init__(self, target: ModelBackend, draft: ModelBackend | None = None, *, config: ReasonerConfig | None = None) -> None:
+        self.config = config or ReasonerConfig()
+        self.target = ModelRunner(target, "target")
+        self.draft = ModelRunner(draft, "draft") if draft is not None else None
+        self.active_requests = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        *,
+        target: str | Path,
+        draft: str | Path | None = None,
+        config: ReasonerConfig | None = None,
+        device: str = "auto",
+    ) -> Reasoner:
+        """Load local model folders (no downloads) into transformers backends."""
+        from dreamr_stream.backends.hf import TransformersBackend
+
+        t = TransformersBackend.from_pretrained(target, device=device, name="target")
+        d = TransformersBackend.from_pretrained(draft, device=device, name="draft") if draft is not None else None
+        return cls(t, d, config=config)
+
+    @classmethod
+    def demo(cls, *, draft: str = "sft", config: ReasonerConfig | None = None, device: str = "cpu") -> Reasoner:
+        """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft."""
+        from dreamr_stream.zoo.weights import demo_paths
+
+        paths = demo_paths(draft)
+        return cls.from_pretrained(target=paths.target, draft=paths.draft, config=config, device=device)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def in_flight(self) -> int:
+        """Model calls running in worker threads right now (all requests)."""
+        return self.target.in_flight + (self.draft.in_flight if self.draft else 0)
+
+    def _verifier(self, config: ReasonerConfig) -> Verifier:
+        v = config.verification
+        if v.mode == "likelihood":
+            return LikelihoodVerifier(v.tau, v.likelihood_aggregate)
+        return JudgeVerifier(v.tau)
+
+    # ------------------------------------------------------------------ streams
+    async def astream_events(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        method: Method = "fpsr",
+        config: ReasonerConfig | None = None,
+        inspect: Inspect | None = None,
+    ) -> AsyncIterator[Event]:
+        """Every engine event of one request; ends with ``finished`` or ``failed``.
+
+        Leaving the loop early (break, cancellation, a closed client) cancels the request and
+        waits for its lanes, so no model call of it outlives the stream.
+        """
+        async with aclosing(self._events(image, question, method=method, config=config, inspect=inspect)) as events:
+            async for event, _ in events:
+                yield event
+
+    async def astream(
+        self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
+    ) -> AsyncIterator[Step]:
+        """Verified steps only, each as soon as it is verified. Raises the request's error."""
+        async with aclosing(self._events(image, question, method=method, config=config)) as events:
+            async for event, error in events:
+                if error is not None:
+                    raise error
+                if isinstance(event, (VerifiedEvent, FallbackEvent)):
+                    yield event.step
+
+    async def ainvoke(
+        self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
+    ) -> ReasoningResult:
+        async with aclosing(self._events(image, question, method=method, config=config)) as events:
+            async for event, error in events:
+                if error is not None:
+                    raise error
+                if isinstance(event, FinishedEvent):
+                    return event.result
+        raise BackendError("the request ended without a result")  # pragma: no cover - defensive
+
+    def invoke(
+        self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
+    ) -> ReasoningResult:
+        """Synchronous ``ainvoke``; safe to call from inside a running event loop."""
+
+        def run() -> ReasoningResult:
+            return anyio.run(lambda: self.ainvoke(image, question, method=method, config=config))
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return run()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(run).result()
+
+    async def _events(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        method: Method,
+        config: ReasonerConfig | None,
+        inspect: Inspect | None = None,
+    ) -> AsyncIterator[tuple[Event, DreamrError | None]]:
+        cfg = config or self.config
+        if method not in _RUNS:
+            raise ConfigError(f"unknown method {method!r}; choose one of {sorted(_RUNS)}")
+        if method != "target_only" and self.draft is None:
+            raise ConfigError(f"method {method!r} needs a draft model")
+        # input checks before any model work
+        pil = load_image(image, cfg.limits)
+        text = check_question(question, cfg.limits)
+        send, recv = anyio.create_memory_object_stream[tuple[Event, DreamrError | None]](math.inf)
+
+        async def produce() -> None:
+            async def emit(event: Event) -> None:
+                await send.send((event, None))
+
+            async with send:
+                ctx = RequestContext(
+                    config=cfg, question=text, method=method, emit=emit,
+                    target=self.target, draft=self.draft, verifier=self._verifier(cfg),
+                )
+                await emit(StartedEvent(question=text, method=method))
+                try:
+                    if method == "fpsr":
+                        await run_fpsr(ctx, pil, inspect=inspect)
+                    else:
+                        await _RUNS[method](ctx, pil)
+                except Exception as e:
+                    error = _typed_error(e)
+                    log.warning("request failed: %s", error)
+                    await send.send((FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error))
+                    return
+                await emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
+
+        # The request runs in its own task, not in a task group spanning our yields: a consumer
+        # that breaks out lets this generator be closed from another task, and the cleanup
+        # below (cancel, then wait) is valid from any task.
+        task = asyncio.get_running_loop().create_task(produce())
+        self.active_requests += 1
+        try:
+            async with recv:
+                async for item in recv:
+                    yield item
+        finally:
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([task])
+            self.active_requests -= 1
+            if not task.cancelled() and task.exception() is not None:  # a bug in the engine itself
+                raise BackendError("the engine crashed") from task.exception()

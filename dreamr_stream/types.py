@@ -1,0 +1,103 @@
+"""Core value types: verdicts, steps, results and their statistics (pydantic v2, JSON round-trip)."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+__all__ = [
+    "LaneSpan",
+    "ReasoningResult",
+    "ReasoningStats",
+    "Step",
+    "StepSource",
+    "Verdict",
+]
+
+
+def _finite_or_str(x: float) -> float | str:
+    # JSON has no infinity; keep it readable and round-trippable ("inf" parses back as float)
+    return x if math.isfinite(x) else str(x)
+
+
+Ratio = Annotated[float, PlainSerializer(_finite_or_str, when_used="json")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
+
+
+class StepSource(str, Enum):
+    """Who wrote a verified step."""
+
+    DRAFT = "draft"  # drafted by the small model, accepted by TBVM
+    TARGET = "target"  # written by the target (fallback after a rejection, or target-only)
+    CACHE = "cache"  # taken from the trajectory store
+
+
+class Verdict(_Model):
+    """A TBVM decision with its evidence: accept iff ``ratio >= tau``."""
+
+    p_pos: float = Field(ge=0.0, le=1.0, description="probability of the positive verdict token")
+    p_neg: float = Field(ge=0.0, le=1.0, description="probability of the negative verdict token")
+    ratio: Ratio = Field(ge=0.0, description="p_pos / p_neg (inf when p_neg == 0)")
+    tau: Ratio = Field(ge=0.0, description="acceptance threshold on the ratio")
+    accepted: bool
+    mode: str = Field(default="judge", description="'judge' (verdict tokens) or 'likelihood'")
+
+
+class Step(_Model):
+    """One verified reasoning step, as the user sees it."""
+
+    index: int = Field(ge=0)
+    text: str
+    source: StepSource
+    verdict: Verdict | None = Field(default=None, description="TBVM verdict; None for target-written steps")
+    rejected_draft: str | None = Field(default=None, description="the draft this step replaced, if any")
+    is_final: bool = False
+    elapsed_s: float = Field(default=0.0, ge=0.0, description="seconds since the request started")
+
+
+class LaneSpan(_Model):
+    """One unit of work on one lane, for timelines: [start_s, end_s) since request start."""
+
+    lane: str  # "draft" | "verify" | "target"
+    what: str
+    step: int
+    start_s: float
+    end_s: float
+
+
+class ReasoningStats(_Model):
+    draft_steps_judged: int = 0
+    draft_steps_accepted: int = 0
+    steps_by_source: dict[StepSource, int] = Field(default_factory=dict)
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    target_tokens: int = 0
+    draft_tokens: int = 0
+    time_to_first_step_s: float | None = None
+    wall_s: float = 0.0
+    timeline: list[LaneSpan] = Field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted draft steps / draft steps judged (None when nothing was judged)."""
+        if self.draft_steps_judged == 0:
+            return None
+        return self.draft_steps_accepted / self.draft_steps_judged
+
+
+class ReasoningResult(_Model):
+    question: str
+    steps: list[Step]
+    answer: str | None = Field(description="the text after 'Answer:' in the final step, if any")
+    stats: ReasoningStats
+    method: str = "fpsr"
+
+    @property
+    def text(self) -> str:
+        return "\n".join(s.text for s in self.steps)

@@ -1,0 +1,169 @@
+"""Build the demo models' tokenizer, processor and (untrained) models locally: no hub.
+
+The demo models are LLaVA-architecture VLMs (CLIP vision tower + Llama language model) so they
+load through the same ``from_pretrained`` path as real checkpoints. The vision tower uses 28 px
+patches on a 112 px image: 16 visual tokens, one per grid cell of the task.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from dreamr_stream.zoo.task import CELL, IMAGE_SIZE, make_puzzle, split_seed
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "JUDGE_NEG",
+    "JUDGE_POS",
+    "JUDGE_SUFFIX",
+    "DRAFT_SHAPE",
+    "ModelShape",
+    "TARGET_SHAPE",
+    "build_model",
+    "build_processor",
+    "build_tokenizer",
+]
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", IMAGE_TOKEN, "<|user|>", "<|assistant|>"]
+# Verification prompt of the demo target: "<step>\nCheck:" -> " yes" | " no"
+JUDGE_SUFFIX = "Check:"
+JUDGE_POS = " yes"
+JUDGE_NEG = " no"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|user|>{% else %}<|assistant|>{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for block in message['content'] %}"
+    "{% if block['type'] == 'image' %}<image>"
+    "{% elif block['type'] == 'text' %}{{ block['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _corpus(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = [f"{JUDGE_SUFFIX}{JUDGE_POS}", f"{JUDGE_SUFFIX}{JUDGE_NEG}"] * 50
+    for i in range(n):
+        p = make_puzzle(split_seed("train", rng.randrange(10**9)), hard=i % 5 == 0)
+        texts.append(p.question.text())
+        texts.extend(p.steps())
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 512, corpus_size: int = 4000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the task's text, so task words are single tokens.
+
+    Newlines are split off before BPE: the step delimiter is always a token of its own and
+    a step's tokens never depend on what follows it.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(corpus_size), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=CELL,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Language-model shape of a demo model; the vision tower is shared by all sizes."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vision_hidden: int = 128
+
+
+TARGET_SHAPE = ModelShape(hidden=128, layers=24, heads=4, intermediate=384)
+DRAFT_SHAPE = ModelShape(hidden=128, layers=2, heads=4, intermediate=384)
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int) -> LlavaForConditionalGeneration:
+    import torch
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden,
+        intermediate_size=shape.vision_hidden * 2,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=CELL,
+        projection_dim=shape.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        # hidden_states[-2] of a 1-layer tower = the patch embeddings: one token per cell
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE_SIZE // CELL) ** 2,
+        tie_word_embeddings=True,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,126 @@
+"""Turn task puzzles into training tensors, tokenised exactly as the backend feeds them.
+
+The backend appends each step as ``tok(step) + tok("\\n")`` and verifies a candidate as
+``tok(candidate) + tok("\\n") + tok(JUDGE_SUFFIX)`` -> verdict token; the training sequences
+are built from the same pieces, so there is no train/serve tokenisation skew.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX
+from dreamr_stream.zoo.task import COLOURS, SHAPES, Puzzle, make_judge_item
+
+__all__ = ["STEP_DELIMITER", "Batch", "Example", "cell_classes", "collate", "judge_example", "solution_example"]
+
+STEP_DELIMITER = "\n"
+IGNORE = -100
+N_CELL_CLASSES = 1 + len(COLOURS) * len(SHAPES)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor  # (3, H, W)
+    cells: list[int]  # one class per grid cell, row-major
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T)
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    cells: torch.Tensor  # (B, n_cells)
+
+
+def cell_classes(puzzle: Puzzle) -> list[int]:
+    colours, shapes = list(COLOURS), list(SHAPES)
+    return [
+        0 if c is None else 1 + colours.index(c[0]) * len(shapes) + shapes.index(c[1])
+        for row in puzzle.grid
+        for c in row
+    ]
+
+
+class _Encoder:
+    def __init__(self, processor: ProcessorMixin) -> None:
+        self.processor = processor
+        self.tok: PreTrainedTokenizerBase = processor.tokenizer  # type: ignore[attr-defined]
+
+    @lru_cache(maxsize=65536)  # noqa: B019 - the encoder lives as long as its processor
+    def ids(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def prompt(self, puzzle: Puzzle) -> tuple[list[int], torch.Tensor]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": puzzle.question.text()}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
+        enc = self.processor(text=text, images=puzzle.image, return_tensors="pt")
+        return enc["input_ids"][0].tolist(), enc["pixel_values"][0]
+
+
+_ENCODERS: dict[int, _Encoder] = {}
+
+
+def _encoder(processor: ProcessorMixin) -> _Encoder:
+    return _ENCODERS.setdefault(id(processor), _Encoder(processor))
+
+
+def solution_example(processor: ProcessorMixin, puzzle: Puzzle) -> Example:
+    enc = _encoder(processor)
+    prompt, pixels = enc.prompt(puzzle)
+    ids, labels = list(prompt), [IGNORE] * len(prompt)
+    steps = puzzle.steps()
+    for i, step in enumerate(steps):
+        piece = list(enc.ids(step))
+        piece += list(enc.ids(STEP_DELIMITER)) if i < len(steps) - 1 else [enc.tok.eos_token_id]
+        ids += piece
+        labels += piece
+    return Example(ids, labels, pixels, cell_classes(puzzle))
+
+
+def judge_example(processor: ProcessorMixin, puzzle: Puzzle, rng: random.Random) -> tuple[Example, bool]:
+    """Prefix steps (trained), candidate step (not trained), judge suffix, verdict (trained)."""
+    enc = _encoder(processor)
+    item = make_judge_item(puzzle, rng)
+    prompt, pixels = enc.prompt(puzzle)
+    ids, labels = list(prompt), [IGNORE] * len(prompt)
+    newline = list(enc.ids(STEP_DELIMITER))
+    for step in item.prefix:
+        piece = list(enc.ids(step)) + newline
+        ids += piece
+        labels += piece
+    piece = list(enc.ids(item.candidate)) + newline + list(enc.ids(JUDGE_SUFFIX))
+    ids += piece
+    labels += [IGNORE] * len(piece)
+    verdict = enc.ids(JUDGE_POS if item.correct else JUDGE_NEG)
+    assert len(verdict) == 1, "verdict words must be single tokens"
+    ids += list(verdict)
+    labels += list(verdict)
+    return Example(ids, labels, pixels, cell_classes(puzzle)), item.correct
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        pixel_values=torch.stack([e.pixel_values for e in examples]),
+        cells=torch.tensor([e.cells for e in examples]),
+    )
