@@ -88,7 +88,9 @@ def load_image(source: ImageInput, limits: InputLimits | None = None) -> Image.I
             image.load()  # decode now: truncated files fail here, not inside the model call
     except InvalidImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidImageError(f"image pixel count is over the limit (a decompression bomb?): {e}") from e
+    except UnidentifiedImageError as e:
         raise InvalidImageError(f"not a readable image: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InvalidImageError(f"the image data is corrupt or truncated: {e}") from e

@@ -82,7 +82,7 @@ class Reasoner:
     @classmethod
     def demo(cls, *, draft: str = "sft", config: ReasonerConfig | None = None, device: str = "cpu") -> Reasoner:
         """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft."""
-        from dreamr_stream.zoo.weights import demo_paths
+        from dreamr_stream.zoo.shipped import demo_paths
 
         paths = demo_paths(draft)
         return cls.from_pretrained(target=paths.target, draft=paths.draft, config=config, device=device)

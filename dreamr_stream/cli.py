@@ -1,0 +1,161 @@
+"""The ``dreamr`` command: reason, zoo (train / export / eval)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _reason(args: argparse.Namespace) -> int:
+    import anyio
+    from rich.console import Console
+
+    from dreamr_stream.config import GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
+    from dreamr_stream.errors import DreamrError
+    from dreamr_stream.events import DraftedEvent, FailedEvent, FallbackEvent, FinishedEvent, RejectedEvent, VerifiedEvent
+    from dreamr_stream.reasoner import Reasoner
+    from dreamr_stream.zoo.task import make_puzzle, split_seed
+
+    console = Console(highlight=False)
+    expected: int | None = None
+    if args.random or args.image is None:
+        seed = args.seed if args.seed is not None else random.randrange(10**6)
+        puzzle = make_puzzle(split_seed("test", seed))
+        image: object = puzzle.image
+        question = args.question or puzzle.question.text()
+        expected = puzzle.answer if args.question is None else None
+        saved = Path(args.save_image or "dreamr-puzzle.png")
+        puzzle.image.save(saved)
+        console.print(f"[dim]puzzle test#{seed} saved to {saved}[/dim]")
+    else:
+        image, question = Path(args.image), args.question
+        if not question:
+            console.print("[red]a question is required with an image[/red]")
+            return 2
+    config = ReasonerConfig(
+        generation=GenerationConfig(max_steps=args.max_steps),
+        verification=VerificationConfig(tau=args.tau, mode=args.verify),
+        scheduling=SchedulingConfig(lookahead=args.lookahead, fallback=args.fallback),
+    )
+    t0 = time.perf_counter()
+    try:
+        if args.target:
+            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, config=config, device=args.device)
+        else:
+            reasoner = Reasoner.demo(draft=args.demo_draft, config=config, device=args.device)
+    except DreamrError as e:
+        console.print(f"[red]{e}[/red]")
+        return 1
+    console.print(f"[dim]models loaded in {time.perf_counter() - t0:.2f}s[/dim]")
+    console.print(f"[bold]Q:[/bold] {question}")
+
+    async def run() -> int:
+        async for event in reasoner.astream_events(image, question, method=args.method):  # type: ignore[arg-type]
+            t = f"[dim]{event.elapsed_s:6.2f}s[/dim]"
+            if isinstance(event, DraftedEvent) and args.events:
+                console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
+            elif isinstance(event, RejectedEvent) and args.events:
+                console.print(f"{t} [red]  rejected #{event.index} (ratio {event.verdict.ratio:.3g}): [strike]{event.text}[/strike][/red]")
+            elif isinstance(event, VerifiedEvent):
+                v = event.step.verdict
+                why = f" [dim](ratio {v.ratio:.3g})[/dim]" if v is not None and args.events else ""
+                console.print(f"{t} [green]✓ {event.step.source.value:6}[/green] {event.step.text}{why}")
+            elif isinstance(event, FallbackEvent):
+                console.print(f"{t} [yellow]● target[/yellow] {event.step.text}")
+            elif isinstance(event, FailedEvent):
+                console.print(f"[red]failed: {event.error}: {event.message}[/red]")
+                return 1
+            elif isinstance(event, FinishedEvent):
+                r = event.result
+                s = r.stats
+                verdict = ""
+                if expected is not None:
+                    ok = r.answer is not None and r.answer.strip() == str(expected)
+                    verdict = " [green](correct)[/green]" if ok else f" [red](expected {expected})[/red]"
+                console.print(f"[bold]Answer: {r.answer}[/bold]{verdict}")
+                acc = f"{s.acceptance_rate:.0%}" if s.acceptance_rate is not None else "n/a"
+                console.print(
+                    f"[dim]{len(r.steps)} steps in {s.wall_s:.2f}s, first step {s.time_to_first_step_s or 0:.2f}s, "
+                    f"acceptance {acc}, target forwards {s.target_forwards}, draft forwards {s.draft_forwards}[/dim]"
+                )
+        return 0
+
+    try:
+        return anyio.run(run)
+    except DreamrError as e:
+        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        return 1
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    if args.zoo_cmd == "train":
+        from dreamr_stream.zoo.train import main as train_main
+
+        train_main(args.rest)
+    elif args.zoo_cmd == "export":
+        from dreamr_stream.zoo.export import main as export_main
+
+        export_main(args.rest)
+    elif args.zoo_cmd == "eval":
+        from dreamr_stream.zoo.evaluate import main as eval_main
+
+        eval_main(args.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamr", description="Multimodal speculative reasoning, streamed.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("reason", help="answer a question about an image, streaming verified steps")
+    r.add_argument("image", nargs="?", help="image file (omit with --random)")
+    r.add_argument("question", nargs="?")
+    r.add_argument("--random", action="store_true", help="a fresh demo puzzle (image saved to ./dreamr-puzzle.png)")
+    r.add_argument("--seed", type=int, help="puzzle seed for --random")
+    r.add_argument("--save-image", help="where --random saves its image")
+    r.add_argument("--events", action="store_true", help="also show drafts, rejections and verdicts")
+    r.add_argument("--method", default="fpsr", choices=["fpsr", "sequential", "target_only", "draft_only"])
+    r.add_argument("--tau", type=float, default=1.0)
+    r.add_argument("--verify", default="judge", choices=["judge", "likelihood"])
+    r.add_argument("--lookahead", type=int, default=2)
+    r.add_argument("--fallback", default="auto", choices=["on", "off", "auto"])
+    r.add_argument("--max-steps", type=int, default=24)
+    r.add_argument("--target", help="local target model folder (default: shipped demo)")
+    r.add_argument("--draft", help="local draft model folder")
+    r.add_argument("--demo-draft", default="sft", help="which shipped draft the demo uses")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(fn=_reason)
+
+    z = sub.add_parser("zoo", help="demo models: train, export, eval")
+    z.add_argument("zoo_cmd", choices=["train", "export", "eval"])
+    z.add_argument("rest", nargs=argparse.REMAINDER)
+    z.set_defaults(fn=_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
