@@ -1,10 +1,11 @@
 """Tiny, randomly initialised image-text-to-text models of four families, built in-process.
 
 No hub, no torchvision: one byte-level BPE trained once per test session with every family's
-special tokens, PIL image processors, and models with a 32-wide, 2-layer language model and
-a 1-layer vision tower on 56-112 px images. Each ``Family`` builds ``(model, processor)``;
-``build_family`` saves them with ``save_pretrained`` so a test can load the folder back through
-``TransformersBackend.from_pretrained``, exactly like a real checkpoint.
+special tokens (448 tokens in all), PIL image processors, and models with a 32-wide, 2-layer
+language model and a 1-2 layer vision tower on 56-112 px images (~70-130k parameters). Each
+``Family`` builds ``(model, processor)``; ``build_family`` saves them with ``save_pretrained``
+so a test can load the folder back through ``TransformersBackend.from_pretrained``, exactly
+like a real checkpoint.
 
 Qwen2-VL and Qwen2.5-VL's stock processors require a video processor, and every video processor
 needs torchvision, so those families use ``ImageOnlyQwen2VLProcessor`` / ``ImageOnlyQwen2_5_VLProcessor``:
@@ -36,7 +37,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PretrainedConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -57,12 +58,12 @@ __all__ = [
     "JUDGE",
     "Family",
     "build_family",
+    "make_tokenizer",
     "register_image_only_processors",
     "sample_images",
-    "train_tokenizer",
 ]
 
-# Verdicts are single tokens of the tokenizer below (``train_tokenizer`` checks it); the suffix
+# Verdicts are single tokens of the tokenizer below (``make_tokenizer`` checks it); the suffix
 # may be several.
 JUDGE = JudgeTemplate(suffix="Check:", positive=" yes", negative=" no")
 
@@ -121,7 +122,7 @@ def _trained_tokenizer_json(vocab_size: int = 448) -> str:
     return tok.to_str()
 
 
-def train_tokenizer(chat_template: str, **special: str) -> PreTrainedTokenizerFast:
+def make_tokenizer(chat_template: str, **special: str) -> PreTrainedTokenizerFast:
     """A fresh tokenizer object over the session's BPE (processors may add tokens to theirs)."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
@@ -140,7 +141,7 @@ def train_tokenizer(chat_template: str, **special: str) -> PreTrainedTokenizerFa
 
 def _ids(tokenizer: PreTrainedTokenizerFast, *tokens: str) -> list[int]:
     ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
-    assert tokenizer.unk_token_id not in ids or tokenizer.unk_token_id is None, tokens
+    assert None not in ids and (tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids), tokens
     return ids
 
 
@@ -190,21 +191,21 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
 
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801 (mirrors the stock name)
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL's processor without the video processor (which needs torchvision)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # type: ignore[no-untyped-def]
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
 
-class _ImageOnlyProcessorKey(PretrainedConfig):
+class _ImageOnlyProcessorKey(PreTrainedConfig):
     """A config class used only as ``AutoProcessor`` registry key: registering under the real
     Qwen configs would replace the stock processors for every Qwen2-VL folder in the process."""
 
     model_type = "dreamr_test_image_only"
 
 
-class _ImageOnlyProcessorKey25(PretrainedConfig):
+class _ImageOnlyProcessorKey25(PreTrainedConfig):
     model_type = "dreamr_test_image_only_2_5"
 
 
@@ -244,12 +245,10 @@ def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> PreTr
 
 
 def build_llava() -> tuple[PreTrainedModel, Any]:
-    tokenizer = train_tokenizer(PLAIN_TEMPLATE, image_token=IMAGE)
+    tokenizer = make_tokenizer(PLAIN_TEMPLATE, image_token=IMAGE)
     size, patch = 56, 14  # 16 patches; the CLS token is dropped ("default" strategy)
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        ),
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         tokenizer=tokenizer,
         patch_size=patch,
         vision_feature_select_strategy="default",
@@ -278,7 +277,7 @@ def build_llava() -> tuple[PreTrainedModel, Any]:
 
 
 def build_idefics3() -> tuple[PreTrainedModel, Any]:
-    tokenizer = train_tokenizer(IDEFICS3_TEMPLATE, image_token=IMAGE)
+    tokenizer = make_tokenizer(IDEFICS3_TEMPLATE, image_token=IMAGE)
     tile, patch, scale = 32, 8, 2  # (32/8)^2 / 2^2 = 4 image tokens per tile
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": 2 * tile},  # up to 2x2 tiles + the global image
@@ -338,7 +337,7 @@ def _qwen_image_processor() -> Qwen2VLImageProcessorPil:
 
 
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
-    return train_tokenizer(QWEN_TEMPLATE, image_token="<|image_pad|>", video_token="<|video_pad|>")
+    return make_tokenizer(QWEN_TEMPLATE, image_token="<|image_pad|>", video_token="<|video_pad|>")
 
 
 def build_qwen2_vl() -> tuple[PreTrainedModel, Any]:
@@ -347,8 +346,14 @@ def build_qwen2_vl() -> tuple[PreTrainedModel, Any]:
         image_processor=_qwen_image_processor(), tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
     )
     vision = dict(
-        depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        depth=1,
+        embed_dim=32,
+        hidden_size=TEXT["hidden_size"],
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
     )
     config = Qwen2VLConfig(vision_config=vision, **_qwen_common(tokenizer))
     return _finish(Qwen2VLForConditionalGeneration(config), tokenizer), processor
@@ -360,9 +365,16 @@ def build_qwen2_5_vl() -> tuple[PreTrainedModel, Any]:
         image_processor=_qwen_image_processor(), tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
     )
     vision = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"],
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        window_size=56, fullatt_block_indexes=[1],  # one windowed and one full-attention block
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=TEXT["hidden_size"],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],  # one windowed and one full-attention block
     )
     config = Qwen2_5_VLConfig(vision_config=vision, **_qwen_common(tokenizer))
     return _finish(Qwen2_5_VLForConditionalGeneration(config), tokenizer), processor
@@ -403,4 +415,3 @@ def sample_images() -> tuple[Image.Image, Image.Image]:
     b = Image.new("RGB", (112, 56), (30, 160, 60))
     b.paste((250, 250, 250), (56, 0, 112, 28))
     return a, b
-

@@ -79,7 +79,7 @@ def test_loaded_backend_matches_in_memory_model(built: Built, images: tuple[Imag
     assert type(loaded.processor).__name__ == type(built.processor).__name__
     in_memory = TransformersBackend(built.model, built.processor, name="in-memory", judge=JUDGE)
     assert loaded.eos_ids == in_memory.eos_ids
-    for image, question in zip(images, (QUESTION_A, QUESTION_B)):
+    for image, question in zip(images, (QUESTION_A, QUESTION_B), strict=True):
         a = in_memory.open_session(image, question)
         b = loaded.open_session(image, question)
         assert a.ids == b.ids
@@ -111,7 +111,9 @@ def test_accept_path_equals_fresh_forward(built: Built, images: tuple[Image.Imag
     be = built.backend
     s = be.open_session(images[1], QUESTION_B)
     step(be, s)
+    before = s.length
     scored = be.score(s, "the square is white", stop=STOP, judge=JUDGE)  # accept: keep it
+    assert s.length == before + scored.n_tokens
     assert max_diff(be.reference_logits(s)[-1], s.logits_at[s.length]) < CACHED_TOL
     assert_matches_reference(be, s)
     # the step written after an accepted candidate sees the candidate, not the judge suffix
@@ -238,3 +240,48 @@ def test_fork_is_independent(built: Built, images: tuple[Image.Image, Image.Imag
     assert rest == texts_never_forked[1:]
     assert s.ids == never_forked.ids
     assert max_diff(s.logits_at[s.length], never_forked.logits_at[never_forked.length]) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- 6
+def _pieces(be: TransformersBackend, tokens: list[int]) -> list[tuple[str, str]]:
+    """(text before token i, text token i adds) for each generated token."""
+    out = []
+    for i in range(len(tokens)):
+        prev, full = be._text(tokens[:i]), be._text(tokens[: i + 1])
+        out.append((prev, full[len(prev) :] if full.startswith(prev) else ""))
+    return out
+
+
+def test_stop_string_ends_the_step(built: Built, images: tuple[Image.Image, Image.Image]) -> None:
+    """A stop string that is a whole generated token ends the step as is; one that ends inside
+    a token makes the backend re-append ``tok(step) + tok(stop)`` (``_canonicalise``). Either
+    way the cache must hold exactly what a fresh forward over the kept tokens computes."""
+    be = built.backend
+    probe = be.open_session(images[0], QUESTION_A)
+    step(be, probe)
+    generated = probe.ids[probe.prompt_len : probe.prompt_len + STEP_TOKENS]
+    pieces = _pieces(be, generated)
+
+    # 1. the stop is the text of a whole token: no re-encoding
+    i, (prev, piece) = next((i, p) for i, p in reversed(list(enumerate(pieces))) if i > 0 and p[1] and p[1] not in p[0])
+    s = be.open_session(images[0], QUESTION_A)
+    out = be.generate_step(s, max_tokens=STEP_TOKENS, stop=piece)
+    assert out.done and not out.eos and out.text == prev and out.new_tokens == i + 1
+    assert s.ids == probe.ids[: probe.prompt_len + i + 1]
+    assert_matches_reference(be, s)
+
+    # 2. the stop ends inside a token: the step is re-tokenised with the stop on its own
+    i, (prev, piece) = next(
+        (i, p)
+        for i, p in reversed(list(enumerate(pieces)))
+        if len(p[1]) >= 2 and p[1][1].isprintable() and p[1][1] not in p[0] + p[1][0]
+    )
+    stop = piece[1]
+    s = be.open_session(images[0], QUESTION_A)
+    out = be.generate_step(s, max_tokens=STEP_TOKENS, stop=stop)
+    assert out.done and out.text == prev + piece[0]
+    assert s.ids[s.prompt_len :] == be.encode(out.text) + be.encode(stop)
+    assert not s.partial
+    assert_matches_reference(be, s)
+    step(be, s)  # and decoding goes on from there
+    assert_matches_reference(be, s)

@@ -1,0 +1,26 @@
+"""Every engine event of one request: drafts, verdicts, rejections, fallbacks, stats.
+
+    python examples/events.py
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from dreamr_stream import Reasoner
+from dreamr_stream.zoo.task import make_puzzle, split_seed
+
+
+async def main() -> None:
+    reasoner = Reasoner.demo()
+    puzzle = make_puzzle(split_seed("test", 42))
+    async for event in reasoner.astream_events(puzzle.image, puzzle.question.text()):
+        if event.type == "finished":
+            stats = event.result.stats
+            print(f"answer {event.result.answer} (truth {puzzle.answer}); acceptance {stats.acceptance_rate}")
+        else:
+            print(event.model_dump_json(exclude={"result"}))
+
+
+if __name__ == "__main__":
+    anyio.run(main)

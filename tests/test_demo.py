@@ -1,0 +1,70 @@
+"""End-to-end on the shipped demo models (slow: real CPU decoding)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from dreamr_stream import Reasoner, ReasonerConfig, StepSource, VerificationConfig
+from dreamr_stream.zoo.shipped import demo_paths
+from dreamr_stream.zoo.task import make_puzzle, parse_answer, split_seed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo() -> Reasoner:
+    return Reasoner.demo()
+
+
+def test_shipped_weights_are_small_bf16_safetensors() -> None:
+    paths = demo_paths()
+    files = [f for d in (paths.target.parent,) for f in d.rglob("*") if f.is_file()]
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights)
+    assert sum(f.stat().st_size for f in weights) <= 64 * 2**20
+    import json
+
+    for folder in (paths.target, paths.draft):
+        assert json.loads((folder / "config.json").read_text())["dtype"] in ("bfloat16", "float16")
+
+
+@pytest.mark.asyncio
+async def test_fpsr_matches_target_answers(demo: Reasoner) -> None:
+    agree = 0
+    for i in range(4):
+        p = make_puzzle(split_seed("test", i))
+        fpsr = await demo.ainvoke(p.image, p.question.text())
+        target = await demo.ainvoke(p.image, p.question.text(), method="target_only")
+        agree += fpsr.answer == target.answer
+        assert fpsr.steps[-1].is_final and fpsr.answer is not None
+        assert parse_answer(fpsr.steps[-1].text) is not None
+    assert agree >= 3
+
+
+@pytest.mark.asyncio
+async def test_extreme_taus_on_demo_models(demo: Reasoner) -> None:
+    p = make_puzzle(split_seed("test", 3))
+    inf = ReasonerConfig(verification=VerificationConfig(tau=math.inf))
+    zero = ReasonerConfig(verification=VerificationConfig(tau=0.0))
+    target = [s.text for s in (await demo.ainvoke(p.image, p.question.text(), method="target_only")).steps]
+    draft = [s.text for s in (await demo.ainvoke(p.image, p.question.text(), method="draft_only")).steps]
+    got_inf = await demo.ainvoke(p.image, p.question.text(), config=inf)
+    got_zero = await demo.ainvoke(p.image, p.question.text(), config=zero)
+    assert [s.text for s in got_inf.steps] == target
+    assert all(s.source is StepSource.TARGET for s in got_inf.steps)
+    assert [s.text for s in got_zero.steps] == draft
+
+
+def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = subprocess.run(
+        [sys.executable, "-m", "dreamr_stream.cli", "reason", "--random", "--seed", "1", "--events",
+         "--save-image", str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Answer:" in out.stdout and "first step" in out.stdout
+    assert (tmp_path / "p.png").exists()
