@@ -22,7 +22,14 @@ from transformers import LlavaProcessor
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import JudgeTemplate
-from dreamr_stream.zoo.build import DRAFT_SHAPE, JUDGE_SUFFIX, TARGET_SHAPE, build_model, build_processor, build_tokenizer
+from dreamr_stream.zoo.build import (
+    DRAFT_SHAPE,
+    JUDGE_SUFFIX,
+    TARGET_SHAPE,
+    build_model,
+    build_processor,
+    build_tokenizer,
+)
 from dreamr_stream.zoo.task import make_puzzle
 
 NEVER = "\x00\x01never"
@@ -38,8 +45,12 @@ def bench(shape_name: str, processor: LlavaProcessor, tokens: int, repeats: int)
     inputs = backend._prompt_inputs(image, question)
     candidate = " red" * 20  # 20 tokens in the demo tokenizer
     n_cand = len(backend.encode(candidate))
-    results: dict[str, list[float]] = {"loop_ms_per_token": [], "generate_ms_per_token": [], "score_one_forward_ms": [],
-                                       "decode_same_tokens_ms": []}
+    results: dict[str, list[float]] = {
+        "loop_ms_per_token": [],
+        "generate_ms_per_token": [],
+        "score_one_forward_ms": [],
+        "decode_same_tokens_ms": [],
+    }
     for _ in range(repeats):
         s = backend.open_session(image, question)
         t = time.perf_counter()
@@ -83,7 +94,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     processor = build_processor(build_tokenizer())
     report = {name: bench(name, processor, args.tokens, args.repeats) for name in ("draft", "target")}
-    report["target_over_draft_token_cost"] = report["target"]["loop_ms_per_token"] / report["draft"]["loop_ms_per_token"]
+    report["target_over_draft_token_cost"] = (
+        report["target"]["loop_ms_per_token"] / report["draft"]["loop_ms_per_token"]
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

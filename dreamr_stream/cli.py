@@ -28,7 +28,14 @@ def _reason(args: argparse.Namespace) -> int:
 
     from dreamr_stream.config import GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
     from dreamr_stream.errors import DreamrError
-    from dreamr_stream.events import DraftedEvent, FailedEvent, FallbackEvent, FinishedEvent, RejectedEvent, VerifiedEvent
+    from dreamr_stream.events import (
+        DraftedEvent,
+        FailedEvent,
+        FallbackEvent,
+        FinishedEvent,
+        RejectedEvent,
+        VerifiedEvent,
+    )
     from dreamr_stream.reasoner import Reasoner
     from dreamr_stream.zoo.task import make_puzzle, split_seed
 
@@ -71,7 +78,8 @@ def _reason(args: argparse.Namespace) -> int:
             if isinstance(event, DraftedEvent) and args.events:
                 console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
             elif isinstance(event, RejectedEvent) and args.events:
-                console.print(f"{t} [red]  rejected #{event.index} (ratio {event.verdict.ratio:.3g}): [strike]{event.text}[/strike][/red]")
+                ratio = f"ratio {event.verdict.ratio:.3g}"
+                console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{event.text}[/strike][/red]")
             elif isinstance(event, VerifiedEvent):
                 v = event.step.verdict
                 why = f" [dim](ratio {v.ratio:.3g})[/dim]" if v is not None and args.events else ""
@@ -153,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
     return int(args.fn(args) or 0)
 
 

@@ -44,7 +44,9 @@ def _to_bytes(source: ImageInput, limits: InputLimits) -> bytes:
             if path.is_file():
                 return _read_file(path, limits)
         return _decode_base64(stripped)
-    raise InvalidImageError(f"unsupported image type {type(source).__name__}: pass bytes, base64, a path or a PIL image")
+    raise InvalidImageError(
+        f"unsupported image type {type(source).__name__}: pass bytes, base64, a path or a PIL image"
+    )
 
 
 def _read_file(path: Path, limits: InputLimits) -> bytes:

@@ -6,10 +6,10 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 
@@ -56,7 +56,9 @@ class Reasoner:
     ...     print(step.index, step.source.value, step.text)
     """
 
-    def __init__(self, target: ModelBackend, draft: ModelBackend | None = None, *, config: ReasonerConfig | None = None) -> None:
+    def __init__(
+        self, target: ModelBackend, draft: ModelBackend | None = None, *, config: ReasonerConfig | None = None
+    ) -> None:
         self.config = config or ReasonerConfig()
         self.target = ModelRunner(target, "target")
         self.draft = ModelRunner(draft, "draft") if draft is not None else None
@@ -163,7 +165,7 @@ class Reasoner:
         method: Method,
         config: ReasonerConfig | None,
         inspect: Inspect | None = None,
-    ) -> AsyncIterator[tuple[Event, DreamrError | None]]:
+    ) -> AsyncGenerator[tuple[Event, DreamrError | None], None]:
         cfg = config or self.config
         if method not in _RUNS:
             raise ConfigError(f"unknown method {method!r}; choose one of {sorted(_RUNS)}")
@@ -180,8 +182,13 @@ class Reasoner:
 
             async with send:
                 ctx = RequestContext(
-                    config=cfg, question=text, method=method, emit=emit,
-                    target=self.target, draft=self.draft, verifier=self._verifier(cfg),
+                    config=cfg,
+                    question=text,
+                    method=method,
+                    emit=emit,
+                    target=self.target,
+                    draft=self.draft,
+                    verifier=self._verifier(cfg),
                 )
                 await emit(StartedEvent(question=text, method=method))
                 try:
@@ -192,7 +199,9 @@ class Reasoner:
                 except Exception as e:
                     error = _typed_error(e)
                     log.warning("request failed: %s", error)
-                    await send.send((FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error))
+                    await send.send(
+                        (FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error)
+                    )
                     return
                 await emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
 

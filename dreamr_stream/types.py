@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
@@ -30,7 +30,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
 
-class StepSource(str, Enum):
+class StepSource(StrEnum):
     """Who wrote a verified step."""
 
     DRAFT = "draft"  # drafted by the small model, accepted by TBVM

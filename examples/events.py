@@ -1,6 +1,6 @@
 """Every engine event of one request: drafts, verdicts, rejections, fallbacks, stats.
 
-    python examples/events.py
+python examples/events.py
 """
 
 from __future__ import annotations

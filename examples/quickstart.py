@@ -1,6 +1,6 @@
 """Stream verified reasoning steps about one of the shipped example images.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 from __future__ import annotations

@@ -28,8 +28,12 @@ def tiny_pair(demo_processor):  # type: ignore[no-untyped-def]
     from dreamr_stream.zoo.build import JUDGE_SUFFIX, ModelShape, build_model
 
     judge = JudgeTemplate(suffix=JUDGE_SUFFIX)
-    target = build_model(demo_processor.tokenizer, ModelShape(hidden=64, layers=3, heads=2, intermediate=128, vision_hidden=32), seed=1)
-    draft = build_model(demo_processor.tokenizer, ModelShape(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32), seed=2)
+    target = build_model(
+        demo_processor.tokenizer, ModelShape(hidden=64, layers=3, heads=2, intermediate=128, vision_hidden=32), seed=1
+    )
+    draft = build_model(
+        demo_processor.tokenizer, ModelShape(hidden=32, layers=1, heads=2, intermediate=64, vision_hidden=32), seed=2
+    )
     return (
         TransformersBackend(target, demo_processor, name="target", judge=judge),
         TransformersBackend(draft, demo_processor, name="draft", judge=judge),

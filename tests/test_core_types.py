@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from pydantic import ValidationError
 
 from dreamr_stream.config import GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
 from dreamr_stream.errors import ConfigError, DreamrError
@@ -83,5 +84,5 @@ def test_config_is_keyword_only_and_frozen() -> None:
         ReasonerConfig(GenerationConfig())  # type: ignore[misc]
     cfg = ReasonerConfig(verification=VerificationConfig(tau=math.inf))
     assert ReasonerConfig.model_validate_json(cfg.model_dump_json()) == cfg
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.verification.tau = 2.0  # type: ignore[misc]

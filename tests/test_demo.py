@@ -61,9 +61,22 @@ async def test_extreme_taus_on_demo_models(demo: Reasoner) -> None:
 
 def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = subprocess.run(
-        [sys.executable, "-m", "dreamr_stream.cli", "reason", "--random", "--seed", "1", "--events",
-         "--save-image", str(tmp_path / "p.png")],
-        capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "dreamr_stream.cli",
+            "reason",
+            "--random",
+            "--seed",
+            "1",
+            "--events",
+            "--save-image",
+            str(tmp_path / "p.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
     assert "Answer:" in out.stdout and "first step" in out.stdout

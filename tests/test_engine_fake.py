@@ -162,7 +162,7 @@ async def test_plain_break_is_cleaned_up_when_the_generator_is_dropped() -> None
         break
     gc.collect()
     with anyio.fail_after(5):
-        while r.active_requests:  # asyncio closes a dropped generator in a task of its own
+        while r.active_requests:  # noqa: ASYNC110 - asyncio closes a dropped generator in a task of its own
             await anyio.sleep(0.005)
     assert_idle(r)
 
@@ -196,7 +196,9 @@ async def test_model_error_ends_stream_with_typed_error(fail_at: int) -> None:
 async def test_timeline_shows_draft_and_verification_overlapping() -> None:
     target = [f"a longer step number {i} with words" for i in range(5)] + ["Answer: 5"]
     config = ReasonerConfig(scheduling=SchedulingConfig(lookahead=2, fallback="off"))
-    r = Reasoner(ScriptedBackend(target, token_delay_s=0.01), ScriptedBackend(target, token_delay_s=0.004), config=config)
+    r = Reasoner(
+        ScriptedBackend(target, token_delay_s=0.01), ScriptedBackend(target, token_delay_s=0.004), config=config
+    )
     result = await r.ainvoke(IMAGE, "q")
     spans = result.stats.timeline
     drafts = [s for s in spans if s.lane == "draft" and s.what == "write"]

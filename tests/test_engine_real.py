@@ -51,7 +51,7 @@ async def test_target_cache_equals_fresh_forward_after_any_verdicts(tiny_pair, f
     for tau in (0.5, 0.9, 1.0, 1.1, 2.0):
         diffs: list[float] = []
 
-        def check(t: HFSession, d: HFSession) -> None:
+        def check(t: HFSession, d: HFSession, diffs: list[float] = diffs) -> None:
             ref = target.reference_logits(t)[-1]
             diffs.append(float((ref - t.logits_at[t.length]).abs().max()))
 

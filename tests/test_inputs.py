@@ -65,7 +65,9 @@ def test_limits_are_configurable() -> None:
         load_image(png((4, 4)))
 
 
-@pytest.mark.parametrize(("question", "message"), [("", "empty"), ("   \n", "empty"), ("x" * 2001, "limit"), (None, "string")])
+@pytest.mark.parametrize(
+    ("question", "message"), [("", "empty"), ("   \n", "empty"), ("x" * 2001, "limit"), (None, "string")]
+)
 def test_bad_questions(question: object, message: str) -> None:
     with pytest.raises(InvalidQuestionError, match=message):
         check_question(question)

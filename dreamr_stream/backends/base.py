@@ -8,13 +8,13 @@ threads (one limiter per model), never on the event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
 from dreamr_stream.config import JudgeTemplate
 
-__all__ = ["ModelBackend", "ScoreOutput", "Session", "StepOutput"]
+__all__ = ["ModelBackend", "ScoreOutput", "Session", "SessionT", "StepOutput"]
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,23 @@ class Session(Protocol):
         ...
 
 
+SessionT = TypeVar("SessionT", bound=Session)
+
+
 @runtime_checkable
-class ModelBackend(Protocol):
+class ModelBackend(Protocol[SessionT]):
+    """A model that serves per-request sessions of type ``SessionT``."""
+
     name: str
     judge: JudgeTemplate
 
-    def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> Session:
+    def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> SessionT:
         """Prefill image + question once; the session owns its cache."""
         ...
 
     def generate_step(
         self,
-        session: Session,
+        session: SessionT,
         *,
         max_tokens: int,
         stop: str,
@@ -84,23 +89,23 @@ class ModelBackend(Protocol):
         ``max_tokens`` step tokens; at most ``budget`` new tokens in this call."""
         ...
 
-    def score(self, session: Session, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
+    def score(self, session: SessionT, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
         """Append ``text + stop`` and, when ``judge`` is given, read the verdict-token
         probabilities after the judge suffix, all in one forward."""
         ...
 
-    def append(self, session: Session, text: str, *, stop: str) -> int:
+    def append(self, session: SessionT, text: str, *, stop: str) -> int:
         """Append a step written elsewhere (``text + stop``); returns tokens appended."""
         ...
 
-    def rollback(self, session: Session, n_tokens: int) -> None:
+    def rollback(self, session: SessionT, n_tokens: int) -> None:
         """Drop the last ``n_tokens`` from the cache (and any partial step)."""
         ...
 
-    def fork(self, session: Session) -> Session:
+    def fork(self, session: SessionT) -> SessionT:
         """An independent copy of the session (same prefix, own cache)."""
         ...
 
-    def close(self, session: Session) -> None:
+    def close(self, session: SessionT) -> None:
         """Free the session's memory."""
         ...

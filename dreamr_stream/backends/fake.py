@@ -55,7 +55,8 @@ class FakeSession:
 
     def steps(self, stop: str) -> list[str]:
         """Completed steps in the session (text between delimiters)."""
-        out, cur = [], []
+        out: list[str] = []
+        cur: list[str] = []
         for t in self.tokens[: len(self.tokens) - len(self.partial)]:
             if t == stop:
                 out.append(" ".join(cur))
@@ -113,7 +114,7 @@ class ScriptedBackend:
 
     def generate_step(
         self, session: FakeSession, *, max_tokens: int, stop: str, temperature: float = 0.0, budget: int | None = None
-    ) -> StepOutput:  # type: ignore[override]
+    ) -> StepOutput:
         self._enter()
         try:
             s = session
@@ -140,7 +141,7 @@ class ScriptedBackend:
         finally:
             self._exit()
 
-    def score(self, session: FakeSession, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:  # type: ignore[override]
+    def score(self, session: FakeSession, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
         self._enter()
         try:
             if session.partial:
@@ -150,21 +151,21 @@ class ScriptedBackend:
             own = self.policy(session.question, session.steps(stop))
             words = text.split(" ")
             logprobs = [0.0 if own == text else -5.0] * len(words)
-            session.tokens.extend(words + [stop])
+            session.tokens.extend([*words, stop])
             return ScoreOutput(p_pos, p_neg, logprobs, n_tokens=len(words) + 1)
         finally:
             self._exit()
 
-    def append(self, session: FakeSession, text: str, *, stop: str) -> int:  # type: ignore[override]
+    def append(self, session: FakeSession, text: str, *, stop: str) -> int:
         self._enter()
         try:
-            words = text.split(" ") + [stop]
+            words = [*text.split(" "), stop]
             session.tokens.extend(words)
             return len(words)
         finally:
             self._exit()
 
-    def rollback(self, session: FakeSession, n_tokens: int) -> None:  # type: ignore[override]
+    def rollback(self, session: FakeSession, n_tokens: int) -> None:
         self._enter()
         try:
             if n_tokens < 0 or n_tokens > len(session.tokens):
@@ -176,15 +177,17 @@ class ScriptedBackend:
         finally:
             self._exit()
 
-    def fork(self, session: FakeSession) -> FakeSession:  # type: ignore[override]
+    def fork(self, session: FakeSession) -> FakeSession:
         self._enter()
         try:
             self.open_sessions += 1
-            return FakeSession(session.question, list(session.tokens), session.prompt_len, list(session.partial), session.eos)
+            return FakeSession(
+                session.question, list(session.tokens), session.prompt_len, list(session.partial), session.eos
+            )
         finally:
             self._exit()
 
-    def close(self, session: FakeSession) -> None:  # type: ignore[override]
+    def close(self, session: FakeSession) -> None:
         if not session.closed:
             session.closed = True
             self.open_sessions -= 1

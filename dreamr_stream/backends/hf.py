@@ -93,7 +93,7 @@ class TransformersBackend:
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         try:
             processor = AutoProcessor.from_pretrained(folder)
-            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(dev)
+            model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device=dev)  # type: ignore[call-arg]
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"could not load a vision-language model from {folder}: {e}") from e
         judge = None
@@ -174,7 +174,9 @@ class TransformersBackend:
             ids = inputs["input_ids"][0].tolist()
             s = HFSession(cache=DynamicCache(config=self.model.config), ids=[], prompt_len=len(ids), logits_at={})
             if self._uses_mrope:
-                rope_args = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask") if k in inputs}
+                rope_args = {
+                    k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask") if k in inputs
+                }
                 position_ids, deltas = self.model.model.get_rope_index(inputs["input_ids"], **rope_args)
                 inputs["position_ids"] = position_ids
                 s.rope_deltas, s.pos_dims = deltas.view(1, 1, -1)[..., :1], position_ids.shape[0]
@@ -195,7 +197,7 @@ class TransformersBackend:
 
     def generate_step(
         self,
-        session: HFSession,  # type: ignore[override]
+        session: HFSession,
         *,
         max_tokens: int,
         stop: str,
@@ -248,7 +250,7 @@ class TransformersBackend:
 
     def score(
         self,
-        session: HFSession,  # type: ignore[override]
+        session: HFSession,
         text: str,
         *,
         stop: str,
@@ -281,7 +283,7 @@ class TransformersBackend:
 
         return self._run(forward)
 
-    def append(self, session: HFSession, text: str, *, stop: str) -> int:  # type: ignore[override]
+    def append(self, session: HFSession, text: str, *, stop: str) -> int:
         s = session
         ids = self.encode(text) + self.encode(stop)
 
@@ -292,7 +294,7 @@ class TransformersBackend:
 
         return self._run(forward)
 
-    def rollback(self, session: HFSession, n_tokens: int) -> None:  # type: ignore[override]
+    def rollback(self, session: HFSession, n_tokens: int) -> None:
         s = session
         if n_tokens < 0 or n_tokens > len(s.ids) - s.prompt_len:
             raise BackendError(f"{self.name}: cannot roll back {n_tokens} tokens past the prompt")
@@ -315,7 +317,7 @@ class TransformersBackend:
         self._crop(s, len(s.ids) - 1)
         self._forward(s, [last])
 
-    def fork(self, session: HFSession) -> HFSession:  # type: ignore[override]
+    def fork(self, session: HFSession) -> HFSession:
         s = session
         return HFSession(
             cache=copy.deepcopy(s.cache),
@@ -330,7 +332,7 @@ class TransformersBackend:
             generator=copy.deepcopy(s.generator),
         )
 
-    def close(self, session: HFSession) -> None:  # type: ignore[override]
+    def close(self, session: HFSession) -> None:
         session.cache = DynamicCache()
         session.logits_at.clear()
 
@@ -346,11 +348,15 @@ class TransformersBackend:
             inputs["input_ids"] = torch.tensor([s.ids], device=self.device)
             for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
                 if key in inputs:
-                    pad = torch.zeros((1, len(s.ids) - inputs[key].shape[1]), dtype=inputs[key].dtype, device=self.device)
+                    pad = torch.zeros(
+                        (1, len(s.ids) - inputs[key].shape[1]), dtype=inputs[key].dtype, device=self.device
+                    )
                     fill = pad + 1 if key == "attention_mask" else pad
                     inputs[key] = torch.cat([inputs[key], fill], dim=1)
             if self._uses_mrope:
-                rope_args = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask") if k in inputs}
+                rope_args = {
+                    k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask") if k in inputs
+                }
                 inputs["position_ids"], _ = self.model.model.get_rope_index(inputs["input_ids"], **rope_args)
             return self.model(**inputs, use_cache=False).logits[0].float()
 

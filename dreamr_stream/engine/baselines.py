@@ -67,5 +67,5 @@ async def run_sequential(ctx: RequestContext, image: Any) -> None:
                 await draft.call(draft.backend.rollback, D, D.length - before)
                 await draft.call(draft.backend.append, D, own.text, stop=delimiter)
     finally:
-        for runner, session in zip((target, draft), sessions):
+        for runner, session in zip((target, draft), sessions, strict=False):
             runner.backend.close(session)

@@ -50,7 +50,12 @@ class RequestContext:
         self.steps: list[Step] = []
         self.timeline: list[LaneSpan] = []
         self.counts: dict[str, int] = {
-            "judged": 0, "accepted": 0, "target_forwards": 0, "draft_forwards": 0, "target_tokens": 0, "draft_tokens": 0
+            "judged": 0,
+            "accepted": 0,
+            "target_forwards": 0,
+            "draft_forwards": 0,
+            "target_tokens": 0,
+            "draft_tokens": 0,
         }
         self.first_step_s: float | None = None
 
@@ -84,7 +89,14 @@ class RequestContext:
         return session
 
     async def write_step(
-        self, runner: ModelRunner, session: Session, *, index: int, lane: str, priority: int = 0, chunk: int | None = None
+        self,
+        runner: ModelRunner,
+        session: Session,
+        *,
+        index: int,
+        lane: str,
+        priority: int = 0,
+        chunk: int | None = None,
     ) -> StepOutput:
         """Decode one whole step in short calls (so cancellation is prompt)."""
         gen = self.config.generation

@@ -17,7 +17,7 @@ import anyio
 
 from dreamr_stream.backends.base import ModelBackend
 
-__all__ = ["ModelRunner", "PriorityLock", "Priority"]
+__all__ = ["ModelRunner", "Priority", "PriorityLock"]
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ class PriorityLock:
 class ModelRunner:
     """A backend plus its lock and counters; shared by every request on that model."""
 
-    def __init__(self, backend: ModelBackend, name: str) -> None:
+    def __init__(self, backend: ModelBackend[Any], name: str) -> None:
         self.backend = backend
         self.name = name
         self.lock = PriorityLock()

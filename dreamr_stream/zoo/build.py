@@ -25,12 +25,12 @@ from dreamr_stream.zoo.task import CELL, IMAGE_SIZE, make_puzzle, split_seed
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "DRAFT_SHAPE",
     "JUDGE_NEG",
     "JUDGE_POS",
     "JUDGE_SUFFIX",
-    "DRAFT_SHAPE",
-    "ModelShape",
     "TARGET_SHAPE",
+    "ModelShape",
     "build_model",
     "build_processor",
     "build_tokenizer",
@@ -156,7 +156,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),  # type: ignore[arg-type]
         # hidden_states[-2] of a 1-layer tower = the patch embeddings: one token per cell
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
@@ -60,7 +61,9 @@ class _Encoder:
         return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def prompt(self, puzzle: Puzzle) -> tuple[list[int], torch.Tensor]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": puzzle.question.text()}]}]
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": puzzle.question.text()}]}
+        ]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
         enc = self.processor(text=text, images=puzzle.image, return_tensors="pt")
         return enc["input_ids"][0].tolist(), enc["pixel_values"][0]

@@ -81,7 +81,9 @@ def evaluate_method(reasoner: Reasoner, method: Method, split: Split = "test", n
     return anyio.run(_method, reasoner, method, split, n)
 
 
-def evaluate_judge(target: TransformersBackend, tau: float, split: Split = "test", n: int = 200, seed: int = 0) -> JudgeReport:
+def evaluate_judge(
+    target: TransformersBackend, tau: float, split: Split = "test", n: int = 200, seed: int = 0
+) -> JudgeReport:
     """TBVM on correct and corrupted candidate steps after a correct prefix (direct backend calls)."""
     rng = random.Random(seed)
     verifier = JudgeVerifier(tau)

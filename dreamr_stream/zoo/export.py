@@ -19,7 +19,7 @@ def export_model(checkpoint: Path, processor_dir: Path, out: Path, *, card: str 
     processor = LlavaProcessor.from_pretrained(processor_dir)
     if out.exists():
         shutil.rmtree(out)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.to(dtype=torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[call-arg]
     processor.save_pretrained(out)
     sidecar = {"judge": {"suffix": JUDGE_SUFFIX, "positive": JUDGE_POS, "negative": JUDGE_NEG}}
     (out / "dreamr.json").write_text(json.dumps(sidecar, indent=2) + "\n")

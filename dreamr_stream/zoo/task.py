@@ -165,11 +165,12 @@ def _random_question(rng: random.Random) -> Question:
         colour = rng.choice([None, *COLOURS])
         return Question("sides", ((colour, rng.choice(["square", "triangle"])),))
     # two targets of the same kind (two colours or two shapes), distinct
+    two: Literal["diff", "sum"] = "diff" if kind == "diff" else "sum"
     if rng.random() < 0.5:
         a, b = rng.sample(list(COLOURS), 2)
-        return Question(kind, ((a, None), (b, None)))
+        return Question(two, ((a, None), (b, None)))
     a, b = rng.sample(SHAPES, 2)
-    return Question(kind, ((None, a), (None, b)))
+    return Question(two, ((None, a), (None, b)))
 
 
 def make_puzzle(seed: int, *, hard: bool = False) -> Puzzle:
@@ -177,10 +178,7 @@ def make_puzzle(seed: int, *, hard: bool = False) -> Puzzle:
     rng = random.Random(seed)
     density = rng.uniform(0.7, 0.95) if hard else rng.uniform(0.35, 0.8)
     grid = tuple(
-        tuple(
-            (rng.choice(list(COLOURS)), rng.choice(SHAPES)) if rng.random() < density else None
-            for _ in range(GRID)
-        )
+        tuple((rng.choice(list(COLOURS)), rng.choice(SHAPES)) if rng.random() < density else None for _ in range(GRID))
         for _ in range(GRID)
     )
     question = _random_question(rng)

@@ -114,7 +114,9 @@ def _step_loss(model: LlavaForConditionalGeneration, aux: _AuxCells, batch: Batc
 
 
 @torch.no_grad()
-def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, cfg: TrainConfig, aux: _AuxCells) -> dict[str, float]:
+def evaluate(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, cfg: TrainConfig, aux: _AuxCells
+) -> dict[str, float]:
     """Teacher-forced metrics on fixed validation items: token and whole-step accuracy, judge accuracy."""
     model.eval()
     rng = random.Random(1234)
@@ -143,7 +145,9 @@ def evaluate(model: LlavaForConditionalGeneration, processor: LlavaProcessor, cf
                     rows_ok += good
                 current, k = [], k + 1
     tok_acc = float(ok[gold != IGNORE].float().mean())
-    aux_acc = float((aux.head(aux.features).argmax(-1) == batch.cells).float().mean()) if aux.features is not None else 0.0
+    aux_acc = (
+        float((aux.head(aux.features).argmax(-1) == batch.cells).float().mean()) if aux.features is not None else 0.0
+    )
     metrics = {
         "val_tok_acc": tok_acc,
         "val_step_acc": steps_ok / max(1, n_steps),
@@ -204,8 +208,14 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
         opt.step()
         done = step + 1
         if done % 10 == 0:
-            rec = {"step": done, "loss": float(out.loss), "aux": float(aux_loss), "lr": lr, "gnorm": gnorm,
-                   "s_per_step": (time.perf_counter() - t0) / 10}
+            rec = {
+                "step": done,
+                "loss": float(out.loss),
+                "aux": float(aux_loss),
+                "lr": lr,
+                "gnorm": gnorm,
+                "s_per_step": (time.perf_counter() - t0) / 10,
+            }
             t0 = time.perf_counter()
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -219,8 +229,17 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             ckpt.mkdir(exist_ok=True)
             tmp = ckpt / "state.pt.tmp"
-            torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(),
-                        "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": done}, tmp)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "aux": aux.state_dict(),
+                    "opt": opt.state_dict(),
+                    "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(),
+                    "step": done,
+                },
+                tmp,
+            )
             tmp.replace(ckpt / "state.pt")  # atomic: a stop mid-save never corrupts the checkpoint
     final = out_dir / "final"
     model.save_pretrained(final)
