@@ -20,6 +20,9 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.logging.disable_progress_bar()  # no "Loading weights" bars in a CLI
 
 
 def _reason(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dreamr_stream.errors import ConfigError
 
 __all__ = [
+    "CacheConfig",
     "GenerationConfig",
     "InputLimits",
     "JudgeTemplate",
@@ -76,6 +77,15 @@ class SchedulingConfig(_Config):
     fallback_chunk_tokens: int = Field(default=4, ge=1, le=256, description="target tokens per fallback model call")
 
 
+class CacheConfig(_Config):
+    """The trajectory store: verified trajectories reused as drafts, and the verification log."""
+
+    enabled: bool = True
+    trust: bool = Field(default=False, description="yield cached steps without re-verifying them")
+    log: bool = Field(default=True, description="append every verification to the store's log")
+    timeout_s: float = Field(default=0.25, gt=0.0, le=30.0, description="per store call; slower is a miss")
+
+
 class InputLimits(_Config):
     max_image_bytes: int = Field(default=20 * 2**20, ge=1)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="decompression-bomb cap")
@@ -88,6 +98,7 @@ class ReasonerConfig(_Config):
     verification: VerificationConfig = VerificationConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     limits: InputLimits = InputLimits()
+    cache: CacheConfig = CacheConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ReasonerConfig:

@@ -9,7 +9,7 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 
@@ -17,11 +17,19 @@ from dreamr_stream.backends.base import ModelBackend
 from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
-from dreamr_stream.engine.request import RequestContext
+from dreamr_stream.engine.request import CacheContext, RequestContext
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.errors import BackendError, ConfigError, DreamrError
 from dreamr_stream.events import Event, FailedEvent, FallbackEvent, FinishedEvent, StartedEvent, VerifiedEvent
 from dreamr_stream.inputs import ImageInput, check_question, load_image
+from dreamr_stream.store import (
+    GuardedStore,
+    MemoryTrajectoryStore,
+    TrajectoryStore,
+    image_digest,
+    settings_fingerprint,
+    trajectory_key,
+)
 from dreamr_stream.types import ReasoningResult, Step
 from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier, Verifier
 
@@ -57,11 +65,19 @@ class Reasoner:
     """
 
     def __init__(
-        self, target: ModelBackend, draft: ModelBackend | None = None, *, config: ReasonerConfig | None = None
+        self,
+        target: ModelBackend[Any],
+        draft: ModelBackend[Any] | None = None,
+        *,
+        config: ReasonerConfig | None = None,
+        store: TrajectoryStore | None = None,
     ) -> None:
+        """``store``: where verified trajectories are cached (default: in-memory, bounded)."""
         self.config = config or ReasonerConfig()
         self.target = ModelRunner(target, "target")
         self.draft = ModelRunner(draft, "draft") if draft is not None else None
+        self.store = store if store is not None else MemoryTrajectoryStore()
+        self._store_guard = GuardedStore(self.store)
         self.active_requests = 0
 
     # ------------------------------------------------------------------ construction
@@ -100,6 +116,24 @@ class Reasoner:
         if v.mode == "likelihood":
             return LikelihoodVerifier(v.tau, v.likelihood_aggregate)
         return JudgeVerifier(v.tau)
+
+    async def _cache_context(self, cfg: ReasonerConfig, image: Any, question: str) -> CacheContext | None:
+        if not cfg.cache.enabled or self.draft is None:
+            return None
+        digest = await anyio.to_thread.run_sync(image_digest, image)
+        identity = [getattr(r.backend, "identity", r.backend.name) for r in (self.target, self.draft)]
+        verifier = cfg.verification.model_dump(mode="json")
+        verifier["judge"] = (cfg.verification.judge or self.target.backend.judge).model_dump()
+        key = trajectory_key(settings_fingerprint(identity[0], identity[1], verifier), digest, question)
+        return CacheContext(
+            self._store_guard,
+            timeout_s=cfg.cache.timeout_s,
+            key=key,
+            image=digest,
+            pil=image,
+            trust=cfg.cache.trust,
+            log=cfg.cache.log,
+        )
 
     # ------------------------------------------------------------------ streams
     async def astream_events(
@@ -174,6 +208,7 @@ class Reasoner:
         # input checks before any model work
         pil = load_image(image, cfg.limits)
         text = check_question(question, cfg.limits)
+        cache = await self._cache_context(cfg, pil, text) if method == "fpsr" else None
         send, recv = anyio.create_memory_object_stream[tuple[Event, DreamrError | None]](math.inf)
 
         async def produce() -> None:
@@ -189,6 +224,7 @@ class Reasoner:
                     target=self.target,
                     draft=self.draft,
                     verifier=self._verifier(cfg),
+                    cache=cache,
                 )
                 await emit(StartedEvent(question=text, method=method))
                 try:

@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 from dreamr_stream.backends.fake import ScriptedBackend
-from dreamr_stream.config import ReasonerConfig, SchedulingConfig, VerificationConfig
+from dreamr_stream.config import CacheConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
 from dreamr_stream.errors import BackendError
 from dreamr_stream.events import DraftedEvent, FailedEvent, FinishedEvent, RejectedEvent, VerifiedEvent
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.types import StepSource
 
+NO_CACHE = CacheConfig(enabled=False)  # invariants are about the lanes; the cache has its own tests
 TARGET = ["read row one", "read row two", "count them up", "Answer: 4"]
 DRAFT = ["read row one", "read row 2 wrongly", "count them up", "Answer: 4"]
 IMAGE = Image.new("RGB", (32, 32), (200, 10, 10))
@@ -24,6 +25,7 @@ IMAGE = Image.new("RGB", (32, 32), (200, 10, 10))
 
 def make(tau: float = 1.0, *, delay: float = 0.0, fallback: str = "off", lookahead: int = 2, **target_kw) -> Reasoner:
     config = ReasonerConfig(
+        cache=NO_CACHE,
         verification=VerificationConfig(tau=tau),
         scheduling=SchedulingConfig(fallback=fallback, lookahead=lookahead, fallback_chunk_tokens=1),
     )
@@ -107,7 +109,7 @@ async def test_events_cover_drafts_rejections_and_finish() -> None:
 @pytest.mark.parametrize("lookahead", [1, 2, 3])
 async def test_draft_stays_within_lookahead(lookahead: int) -> None:
     target = [f"step {i}" for i in range(8)] + ["Answer: 1"]
-    config = ReasonerConfig(scheduling=SchedulingConfig(lookahead=lookahead, fallback="off"))
+    config = ReasonerConfig(cache=NO_CACHE, scheduling=SchedulingConfig(lookahead=lookahead, fallback="off"))
     r = Reasoner(ScriptedBackend(target, token_delay_s=0.002), ScriptedBackend(target), config=config)
     verified = 0
     async for e in r.astream_events(IMAGE, "q"):
@@ -195,7 +197,7 @@ async def test_model_error_ends_stream_with_typed_error(fail_at: int) -> None:
 @pytest.mark.asyncio
 async def test_timeline_shows_draft_and_verification_overlapping() -> None:
     target = [f"a longer step number {i} with words" for i in range(5)] + ["Answer: 5"]
-    config = ReasonerConfig(scheduling=SchedulingConfig(lookahead=2, fallback="off"))
+    config = ReasonerConfig(cache=NO_CACHE, scheduling=SchedulingConfig(lookahead=2, fallback="off"))
     r = Reasoner(
         ScriptedBackend(target, token_delay_s=0.01), ScriptedBackend(target, token_delay_s=0.004), config=config
     )
@@ -210,7 +212,7 @@ async def test_timeline_shows_draft_and_verification_overlapping() -> None:
 
 @pytest.mark.asyncio
 async def test_likelihood_mode_needs_no_judge() -> None:
-    config = ReasonerConfig(verification=VerificationConfig(mode="likelihood", tau=1.0))
+    config = ReasonerConfig(cache=NO_CACHE, verification=VerificationConfig(mode="likelihood", tau=1.0))
     r = Reasoner(ScriptedBackend(TARGET), ScriptedBackend(DRAFT), config=config)
     result = await r.ainvoke(IMAGE, "how many?")
     assert [s.text for s in result.steps] == TARGET

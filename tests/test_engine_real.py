@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from dreamr_stream.backends.hf import HFSession, TransformersBackend
-from dreamr_stream.config import GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
+from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.zoo.task import make_puzzle
 
@@ -19,6 +19,7 @@ IMAGE, QUESTION = PUZZLE.image, PUZZLE.question.text()
 
 def reasoner(pair: tuple[TransformersBackend, TransformersBackend], tau: float, fallback: str = "off") -> Reasoner:
     config = ReasonerConfig(
+        cache=CacheConfig(enabled=False),
         generation=GenerationConfig(max_steps=5, max_step_tokens=6),
         verification=VerificationConfig(tau=tau),
         scheduling=SchedulingConfig(fallback=fallback, lookahead=2, fallback_chunk_tokens=2),

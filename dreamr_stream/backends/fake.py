@@ -77,6 +77,7 @@ class ScriptedBackend:
         fail_at_call: int | None = None,
     ) -> None:
         self.policy: Policy = policy if callable(policy) else script_policy(list(policy))
+        self.identity = f"fake:{name}:{policy if not callable(policy) else id(policy)}"
         self.name = name
         self.judge = JudgeTemplate(suffix="Check:")
         self.judge_fn = judge_fn or self._self_consistent

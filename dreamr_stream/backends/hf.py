@@ -10,6 +10,7 @@ two sessions on one model never see each other's positions.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -78,8 +79,20 @@ class TransformersBackend:
         self.device = next(model.parameters()).device
         self.eos_ids = self._eos_ids()
         self._uses_mrope = hasattr(getattr(model, "model", model), "get_rope_index")
+        self._identity: str | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.verdict_ids(self.judge)  # fail at load, not mid-request, on a bad template
+
+    @property
+    def identity(self) -> str:
+        """Stable id of these weights (config + first and last tensors) for cache keys."""
+        if self._identity is None:
+            h = hashlib.sha256(self.model.config.to_json_string().encode())
+            params = list(self.model.parameters())
+            for p in (params[0], params[-1]):
+                h.update(p.detach().float().cpu().numpy().tobytes())
+            self._identity = h.hexdigest()[:16]
+        return self._identity
 
     # ------------------------------------------------------------------ loading
     @classmethod

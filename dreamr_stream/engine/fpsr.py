@@ -32,7 +32,8 @@ from anyio.abc import TaskGroup
 from dreamr_stream.backends.base import Session
 from dreamr_stream.engine.request import RequestContext
 from dreamr_stream.engine.runner import ModelRunner, Priority
-from dreamr_stream.events import DraftedEvent, RejectedEvent
+from dreamr_stream.events import CacheHitEvent, DraftedEvent, RejectedEvent
+from dreamr_stream.store import Trajectory, image_png
 from dreamr_stream.types import StepSource
 
 __all__ = ["fallback_enabled", "run_fpsr"]
@@ -230,6 +231,35 @@ class _FPSR:
             tg.cancel_scope.cancel()  # stop the draft lane; the task group awaits it
         return resync
 
+    async def replay(self, cached: list[str]) -> None:
+        """Cached steps as free drafts: TBVM verifies each (one target forward, no decoding),
+        or with ``trust`` they are yielded as they are. The first rejection ends the replay and
+        the normal lanes take over from the verified prefix."""
+        ctx, draft = self.ctx, self.ctx.draft
+        assert ctx.cache is not None and draft is not None
+        stop = ctx.config.generation.step_delimiter
+        adopted: list[str] = []
+        for text in cached:
+            if ctx.done():
+                break
+            index = len(ctx.steps)
+            if ctx.cache.trust:
+                await self.target.call(self.target.backend.append, self.T, text, stop=stop)
+                ctx._count(self.target, 1)
+                await ctx.accept(text, StepSource.CACHE)
+            else:
+                verdict, score = await ctx.judge(self.T, text, index, source=StepSource.CACHE)
+                if not verdict.accepted:
+                    await ctx.emit(RejectedEvent(index=index, text=text, verdict=verdict, elapsed_s=ctx.now()))
+                    await self.target.call(self.target.backend.rollback, self.T, score.n_tokens)
+                    break
+                await ctx.accept(text, StepSource.CACHE, verdict=verdict)
+            adopted.append(text)
+        if not ctx.done():
+            for text in adopted:  # the draft continues from the verified prefix
+                await draft.call(draft.backend.append, self.D, text, stop=stop)
+                ctx._count(draft, 1)
+
     async def _resync_draft(self, text: str, bounds: list[int]) -> None:
         """Roll ``D`` back to the verified boundary and append the target's step."""
         ctx, draft = self.ctx, self.ctx.draft
@@ -257,6 +287,11 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
             tg.start_soon(open_one, draft)
         run = _FPSR(ctx, sessions.pop(target.name), sessions.pop(draft.name))
         try:
+            if ctx.cache is not None:
+                hit = await ctx.cache.store.get(ctx.cache.key, timeout_s=ctx.cache.timeout_s)
+                if hit is not None:
+                    await ctx.emit(CacheHitEvent(steps=len(hit.steps), elapsed_s=ctx.now()))
+                    await run.replay(list(hit.steps))
             while not ctx.done():
                 await run.epoch()
             if inspect is not None:
@@ -268,3 +303,18 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
         for name, runner in ((target.name, target), (draft.name, draft)):
             if name in sessions:
                 runner.backend.close(sessions[name])
+        if ctx.cache is not None and ctx.cache.entries:
+            with anyio.CancelScope(shield=True):  # a cancelled request still logs what it verified
+                await ctx.cache.store.append_log(ctx.cache.entries, timeout_s=ctx.cache.timeout_s)
+            ctx.cache.entries = []
+    await _store_trajectory(ctx)
+
+
+async def _store_trajectory(ctx: RequestContext) -> None:
+    """Keep a finished trajectory (its last step final) for the next identical request."""
+    cache = ctx.cache
+    if cache is None or not ctx.steps or not ctx.steps[-1].is_final:
+        return
+    png = await anyio.to_thread.run_sync(image_png, cache.pil)
+    trajectory = Trajectory(steps=[s.text for s in ctx.steps], image=cache.image, question=ctx.question)
+    await cache.store.put(cache.key, trajectory, png, timeout_s=cache.timeout_s)

@@ -11,10 +11,11 @@ from dreamr_stream.backends.base import ScoreOutput, Session, StepOutput
 from dreamr_stream.config import JudgeTemplate, ReasonerConfig
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.events import Event, FallbackEvent, VerifiedEvent
+from dreamr_stream.store import GuardedStore, LogEntry
 from dreamr_stream.types import LaneSpan, ReasoningResult, ReasoningStats, Step, StepSource, Verdict
 from dreamr_stream.verify import Verifier
 
-__all__ = ["Emit", "RequestContext", "extract_answer"]
+__all__ = ["CacheContext", "Emit", "RequestContext", "extract_answer"]
 
 Emit = Callable[[Event], Awaitable[None]]
 DRAFT_CHUNK_TOKENS = 8  # draft tokens per model call: bounds how long a cancelled lane lingers
@@ -23,6 +24,22 @@ DRAFT_CHUNK_TOKENS = 8  # draft tokens per model call: bounds how long a cancell
 def extract_answer(text: str, prefix: str) -> str | None:
     idx = text.rfind(prefix)
     return text[idx + len(prefix) :].strip() if idx >= 0 else None
+
+
+class CacheContext:
+    """A request's view of the trajectory store: where its trajectory lives, what it logs."""
+
+    def __init__(
+        self, store: GuardedStore, *, key: str, image: str, pil: Any, trust: bool, log: bool, timeout_s: float
+    ) -> None:
+        self.store = store
+        self.timeout_s = timeout_s
+        self.key = key
+        self.image = image
+        self.pil = pil  # encoded to PNG only when a trajectory is stored
+        self.trust = trust
+        self.log = log
+        self.entries: list[LogEntry] = []
 
 
 class RequestContext:
@@ -38,7 +55,9 @@ class RequestContext:
         target: ModelRunner | None,
         draft: ModelRunner | None,
         verifier: Verifier | None = None,
+        cache: CacheContext | None = None,
     ) -> None:
+        self.cache = cache
         self.config = config
         self.question = question
         self.method = method
@@ -116,7 +135,9 @@ class RequestContext:
                 if out.done:
                     return out
 
-    async def judge(self, session: Session, text: str, index: int) -> tuple[Verdict, ScoreOutput]:
+    async def judge(
+        self, session: Session, text: str, index: int, *, source: StepSource = StepSource.DRAFT
+    ) -> tuple[Verdict, ScoreOutput]:
         assert self.target is not None and self.verifier is not None
         judge: JudgeTemplate | None = None
         if self.verifier.needs_judge:
@@ -127,8 +148,22 @@ class RequestContext:
             )
         self._count(self.target, score.forwards)
         verdict = self.verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
-        self.counts["judged"] += 1
-        self.counts["accepted"] += verdict.accepted
+        if source is StepSource.DRAFT:  # acceptance rate is about the draft model's steps
+            self.counts["judged"] += 1
+            self.counts["accepted"] += verdict.accepted
+        if self.cache is not None and self.cache.log:
+            self.cache.entries.append(
+                LogEntry(
+                    key=self.cache.key,
+                    image=self.cache.image,
+                    question=self.question,
+                    index=index,
+                    prefix=[s.text for s in self.steps],
+                    draft=text,
+                    verdict=verdict,
+                    source=source.value,
+                )
+            )
         return verdict, score
 
     # ------------------------------------------------------------------ steps
@@ -158,6 +193,9 @@ class RequestContext:
             elapsed_s=elapsed,
         )
         self.steps.append(step)
+        entries = self.cache.entries if self.cache is not None else []
+        if rejected_draft is not None and entries and entries[-1].index == step.index:
+            entries[-1] = entries[-1].model_copy(update={"target_step": text})
         if self.first_step_s is None:
             self.first_step_s = elapsed
         event: Event = (

@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import random
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,24 @@ class _AuxCells(nn.Module):
 
     def hook(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         self.features = output  # (B, n_cells, hidden)
+
+
+def _progress(name: str, start: int, total: int) -> Callable[[int], None]:
+    """A rich progress bar on a terminal; nothing in a background run (the log has it all)."""
+    if not sys.stderr.isatty():
+        return lambda _step: None
+    from rich.progress import Progress
+
+    bar = Progress(transient=False)
+    task = bar.add_task(f"training {name}", total=total, completed=start)
+    bar.start()
+
+    def update(step: int) -> None:
+        bar.update(task, completed=step)
+        if step >= total:
+            bar.stop()
+
+    return update
 
 
 def _make_batch(cfg: TrainConfig, processor: LlavaProcessor, rng: random.Random, split: str = "train") -> Batch:
@@ -196,7 +216,9 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     model.train()
     logf = (out_dir / "log.jsonl").open("a")
     t0 = time.perf_counter()
+    progress = _progress(cfg.name, start, cfg.steps)
     for step in range(start, cfg.steps):
+        progress(step)
         lr = _lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
@@ -210,8 +232,8 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
         if done % 10 == 0:
             rec = {
                 "step": done,
-                "loss": float(out.loss),
-                "aux": float(aux_loss),
+                "loss": float(out.loss.detach()),
+                "aux": float(aux_loss.detach()),
                 "lr": lr,
                 "gnorm": gnorm,
                 "s_per_step": (time.perf_counter() - t0) / 10,
@@ -241,6 +263,7 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
                 tmp,
             )
             tmp.replace(ckpt / "state.pt")  # atomic: a stop mid-save never corrupts the checkpoint
+    progress(cfg.steps)
     final = out_dir / "final"
     model.save_pretrained(final)
     processor.save_pretrained(final)
