@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 import anyio
 import pytest
 import pytest_asyncio
+from dreamr_redis import RedisTrajectoryStore
 from PIL import Image
 
-from dreamr_redis import RedisTrajectoryStore
 from dreamr_stream.backends.fake import ScriptedBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig
 from dreamr_stream.events import CacheHitEvent

@@ -123,9 +123,9 @@ class RedisTrajectoryStore:
             self._failed(e)
         self._ok()
         entries = []
-        for _id, fields in reversed(rows):
+        for _id, fields in reversed(list(rows or [])):
             try:
-                entries.append(LogEntry.model_validate_json(fields[b"e"]))
+                entries.append(LogEntry.model_validate_json((fields or {})[b"e"]))
             except (KeyError, ValidationError, ValueError):
                 continue
         return entries
