@@ -130,6 +130,40 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sapo(args: argparse.Namespace) -> int:
+    import json
+
+    import anyio
+
+    from dreamr_stream.sapo.rollouts import prompts_from_log
+    from dreamr_stream.sapo.trainer import SapoConfig, train
+    from dreamr_stream.zoo.shipped import demo_paths
+
+    cfg = SapoConfig(**json.loads(Path(args.config).read_text())) if args.config else SapoConfig()
+    if args.steps is not None:
+        cfg.steps = args.steps
+    paths = demo_paths("sft") if not (args.target and args.draft) else None
+    target = Path(args.target) if args.target else paths.target  # type: ignore[union-attr]
+    draft = Path(args.draft) if args.draft else paths.draft  # type: ignore[union-attr]
+    prompts = None
+    if args.from_log:
+        from dreamr_redis import RedisTrajectoryStore  # the CLI is the composition root
+
+        async def load() -> list:  # type: ignore[type-arg]
+            store = RedisTrajectoryStore(args.from_log, prefix=args.prefix, timeout_s=5.0)
+            entries = await store.read_log(limit=args.log_limit)
+            images = {e.image: await store.get_image(e.image) for e in entries}
+            await store.aclose()
+            return prompts_from_log(entries, {k: v for k, v in images.items() if v})
+
+        prompts = anyio.run(load)
+        if not prompts:
+            print("no usable prompts in the trajectory log", file=sys.stderr)
+            return 1
+    print(train(cfg, target, draft, Path(args.out), log_prompts=prompts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamr", description="Multimodal speculative reasoning, streamed.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -153,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--demo-draft", default="sft", help="which shipped draft the demo uses")
     r.add_argument("--device", default="cpu")
     r.set_defaults(fn=_reason)
+
+    s = sub.add_parser("sapo", help="train the draft with SAPO (RL towards the target)")
+    s.add_argument("sapo_cmd", choices=["train"])
+    s.add_argument("--target", help="target model folder (default: shipped demo target)")
+    s.add_argument("--draft", help="starting draft folder (default: shipped SFT draft)")
+    s.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, curves.png, final/")
+    s.add_argument("--config", help="JSON file of SapoConfig fields")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--from-log", help="read rollout prompts from a Redis trajectory log (redis://...)")
+    s.add_argument("--prefix", default="dreamr:", help="key prefix of that trajectory store")
+    s.add_argument("--log-limit", type=int, default=10_000)
+    s.set_defaults(fn=_sapo)
 
     z = sub.add_parser("zoo", help="demo models: train, export, eval")
     z.add_argument("zoo_cmd", choices=["train", "export", "eval"])

@@ -1,0 +1,255 @@
+"""SAPO training loop: rollouts -> rewards -> group advantages -> clipped update with KL.
+
+Why a compact loop and not TRL's GRPOTrainer: GRPOTrainer samples whole completions with
+``generate`` and hands reward functions the completion text. SAPO samples ONE reasoning step at
+a prefix of the target's trajectory, and its reward comes from the target model scoring that
+step on the same image in one KV-cached forward (TBVM). Fitting that into GRPOTrainer means
+custom step stopping, an image-aware reward callable holding a second model, and accelerate
+for a single-process CPU loop; the loop below is ~150 lines and uses the engine's own backend
+for both models, so what is trained is exactly what FPSR runs.
+
+Resumable: ``<out>/checkpoint`` (policy + optimiser + rng + step) every ``ckpt_every`` updates;
+``<out>/log.jsonl`` one line per update and per evaluation; ``<out>/curves.png`` at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.sapo.policy import PolicySample, sapo_loss, step_logprobs
+from dreamr_stream.sapo.rewards import RewardWeights
+from dreamr_stream.sapo.rollouts import RolloutPrompt, TrajectoryCache, rollout_group, target_trajectory
+from dreamr_stream.verify import JudgeVerifier
+from dreamr_stream.zoo.task import make_puzzle, split_seed
+
+__all__ = ["SapoConfig", "acceptance_at_prefixes", "sapo_update", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SapoConfig:
+    steps: int = 150
+    groups_per_step: int = 8
+    group_size: int = 4
+    temperature: float = 1.0
+    lr: float = 1e-4
+    clip_eps: float = 0.2
+    kl_beta: float = 0.02
+    inner_epochs: int = 2
+    max_grad_norm: float = 1.0
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    pool: int = 150
+    eval_prompts: int = 40
+    eval_every: int = 25
+    ckpt_every: int = 10
+    tau: float = 1.0
+    seed: int = 0
+    threads: int = 2
+
+
+def sapo_update(
+    policy: torch.nn.Module,
+    ref: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    samples: list[PolicySample],
+    *,
+    pad_id: int,
+    clip_eps: float,
+    kl_beta: float,
+    inner_epochs: int = 1,
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
+    """One SAPO update on a batch of scored samples (old and reference log-probs filled here)."""
+    policy.eval()
+    with torch.no_grad():
+        for s, old, r in zip(
+            samples, step_logprobs(policy, samples, pad_id), step_logprobs(ref, samples, pad_id), strict=True
+        ):
+            s.old_logprobs, s.ref_logprobs = old, r
+    policy.train()
+    stats = None
+    for _ in range(inner_epochs):
+        loss, stats = sapo_loss(step_logprobs(policy, samples, pad_id), samples, clip_eps=clip_eps, kl_beta=kl_beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+        optimizer.step()
+    policy.eval()
+    assert stats is not None
+    return asdict(stats)
+
+
+@torch.no_grad()
+def acceptance_at_prefixes(
+    target: TransformersBackend, draft: TransformersBackend, prompts: list[RolloutPrompt], tau: float
+) -> dict[str, float]:
+    """TBVM acceptance of the draft's greedy step at every prefix of the target's trajectories
+    (the prefix FPSR verifies against), and the mean draft step length in tokens."""
+    verifier = JudgeVerifier(tau)
+    judged = accepted = tokens = 0
+    for p in prompts:
+        for k in range(p.start, len(p.steps)):
+            ds = draft.open_session(p.image, p.question)
+            ts = target.open_session(p.image, p.question)
+            for step in p.steps[:k]:
+                draft.append(ds, step, stop="\n")
+                target.append(ts, step, stop="\n")
+            out = draft.generate_step(ds, max_tokens=64, stop="\n")
+            score = target.score(ts, out.text, stop="\n", judge=target.judge)
+            judged += 1
+            accepted += verifier.verify(score.p_pos, score.p_neg, score.token_logprobs).accepted
+            tokens += len(draft.encode(out.text))
+            draft.close(ds)
+            target.close(ts)
+    return {"acceptance": accepted / max(1, judged), "step_tokens": tokens / max(1, judged), "judged": judged}
+
+
+def _task_prompts(target: TransformersBackend, cache: TrajectoryCache, split: str, n: int) -> list[RolloutPrompt]:
+    prompts = []
+    for i in range(n):
+        puzzle = make_puzzle(split_seed(split, i))  # type: ignore[arg-type]
+        key = f"{split}:{i}"
+        steps = cache.get(key, lambda p=puzzle: target_trajectory(target, p.image, p.question.text()))
+        prompts.append(RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key=key))
+    return prompts
+
+
+def _plot(log_path: Path, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional (the `plot` extra)
+        return
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    upd = [r for r in rows if "reward" in r]
+    ev = [r for r in rows if "acceptance" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, (name, data, key) in zip(
+        axes,
+        [
+            ("reward", upd, "reward"),
+            ("eval acceptance", ev, "acceptance"),
+            ("eval step tokens", ev, "step_tokens"),
+            ("KL to SFT draft", upd, "kl"),
+        ],
+        strict=True,
+    ):
+        ax.plot([r["step"] for r in data], [r[key] for r in data], marker="o" if data is ev else None)
+        ax.set_title(name)
+        ax.set_xlabel("update")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def train(
+    cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, log_prompts: list[RolloutPrompt] | None = None
+) -> Path:
+    torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    target = TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
+    draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
+    policy = draft.model
+    ref = copy.deepcopy(policy).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    start = 0
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        start = state["step"]
+        log.info("resumed SAPO at update %d", start)
+    cache = TrajectoryCache(out / "trajectories.jsonl")
+    pool = log_prompts or _task_prompts(target, cache, "train", cfg.pool)
+    val = _task_prompts(target, cache, "val", cfg.eval_prompts)
+    pad_id = draft.tokenizer.pad_token_id or 0
+    logf = (out / "log.jsonl").open("a")
+    if start == 0:
+        logf.write(json.dumps({"step": 0, **acceptance_at_prefixes(target, draft, val, cfg.tau)}) + "\n")
+        logf.flush()
+    show = sys.stderr.isatty()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        samples: list[PolicySample] = []
+        for _ in range(cfg.groups_per_step):
+            prompt = rng.choice(pool)
+            k = rng.randrange(prompt.start, len(prompt.steps))
+            group = rollout_group(
+                target,
+                draft,
+                prompt,
+                k,
+                group_size=cfg.group_size,
+                temperature=cfg.temperature,
+                weights=cfg.weights,
+                rng=rng,
+            )
+            if any(abs(s.advantage) > 1e-6 for s in group):  # all-equal groups carry no signal
+                samples += group
+        metas = [s.meta for s in samples] or [{"reward": 0.0, "tokens": 0, "agree": False}]
+        rec: dict[str, float] = {"step": step + 1}
+        if samples:
+            rec |= sapo_update(
+                policy,
+                ref,
+                optimizer,
+                samples,
+                pad_id=pad_id,
+                clip_eps=cfg.clip_eps,
+                kl_beta=cfg.kl_beta,
+                inner_epochs=cfg.inner_epochs,
+                max_grad_norm=cfg.max_grad_norm,
+            )
+        else:
+            rec |= {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        rec |= {
+            "reward": sum(m["reward"] for m in metas) / len(metas),
+            "agree": sum(m["agree"] for m in metas) / len(metas),
+            "tokens": sum(m["tokens"] for m in metas) / len(metas),
+            "samples": len(samples),
+            "s": time.perf_counter() - t0,
+        }
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        if show:
+            print(
+                f"\rSAPO update {step + 1}/{cfg.steps} reward {rec['reward']:.3f} kl {rec['kl']:.4f}",
+                end="",
+                file=sys.stderr,
+            )
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            ev = {"step": done, **acceptance_at_prefixes(target, draft, val, cfg.tau)}
+            logf.write(json.dumps(ev) + "\n")
+            logf.flush()
+            log.info("SAPO eval %s", ev)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            ckpt.mkdir(exist_ok=True)
+            tmp = ckpt / "state.pt.tmp"
+            torch.save(
+                {"policy": policy.state_dict(), "opt": optimizer.state_dict(), "rng": rng.getstate(), "step": done}, tmp
+            )
+            tmp.replace(ckpt / "state.pt")
+    final = out / "final"
+    policy.save_pretrained(final)
+    draft.processor.save_pretrained(final)
+    _plot(out / "log.jsonl", out / "curves.png")
+    return final

@@ -1,0 +1,138 @@
+"""The one place that reads the core's event stream; the Runnable, chat model and tool consume it.
+
+``reason_updates`` turns ``Reasoner.astream_events`` into what LangChain needs:
+
+* one :class:`StepUpdate` per verified step, as soon as it is verified, except that the request's
+  last step is held until the ``finished`` event (a few microseconds later) so that it can carry
+  the result (answer, statistics): LangChain wants usage and the end marker on the last chunk,
+  and "one chunk per step" rules out a trailing empty chunk;
+* one :class:`VerdictUpdate` per TBVM decision (accepted or rejected drafts);
+* the request's typed error (a ``DreamrError``), and ``TimeoutError`` past the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import dreamr_stream
+from dreamr_stream import (
+    BackendError,
+    DreamrError,
+    GenerationConfig,
+    Method,
+    Reasoner,
+    ReasonerConfig,
+    ReasoningResult,
+    Step,
+)
+
+from dreamr_langchain.types import ImageLike, VerdictEvent
+
+__all__ = ["StepUpdate", "Update", "VerdictUpdate", "reason_updates", "with_generation"]
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """A verified step; ``result`` is set on the request's last update only.
+
+    ``step`` is None only when a request finishes without any step.
+    """
+
+    step: Step | None
+    result: ReasoningResult | None = None
+
+
+@dataclass(frozen=True)
+class VerdictUpdate:
+    event: VerdictEvent
+
+
+Update = StepUpdate | VerdictUpdate
+
+
+def with_generation(base: ReasonerConfig, **changes: Any) -> ReasonerConfig:
+    """``base`` with some ``GenerationConfig`` fields replaced, validated again (ConfigError)."""
+    if not changes:
+        return base
+    generation = GenerationConfig(**{**base.generation.model_dump(), **changes})
+    fields = {name: getattr(base, name) for name in type(base).model_fields}
+    return ReasonerConfig(**{**fields, "generation": generation})
+
+
+def _is_last(step: Step, config: ReasonerConfig) -> bool:
+    return step.is_final or step.index + 1 >= config.generation.max_steps
+
+
+def _error(name: str, message: str) -> DreamrError:
+    """Rebuild the typed error of a ``failed`` event (it carries the class name and message)."""
+    cls = getattr(dreamr_stream, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DreamrError)):
+        cls = BackendError
+    return cls(message)
+
+
+async def reason_updates(
+    reasoner: Reasoner,
+    image: ImageLike,
+    question: str,
+    *,
+    method: Method = "fpsr",
+    config: ReasonerConfig | None = None,
+    timeout_s: float | None = None,
+) -> AsyncGenerator[Update, None]:
+    """Updates of one request; closing the generator early cancels the request and its lanes."""
+    effective = config or reasoner.config
+    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+    held: Step | None = None
+    events = reasoner.astream_events(image, question, method=method, config=config)  # type: ignore[arg-type]
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await events.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError as e:
+                if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                    raise TimeoutError(f"the reasoner did not finish within {timeout_s} s") from e
+                raise
+            if event.type in ("verified", "fallback"):
+                step = event.step  # type: ignore[union-attr]
+                if held is not None:  # defensive: a step after the "last" one
+                    yield StepUpdate(held)
+                    held = None
+                if event.type == "verified" and step.verdict is not None:
+                    yield VerdictUpdate(
+                        VerdictEvent(
+                            index=step.index,
+                            text=step.text,
+                            accepted=step.verdict.accepted,
+                            verdict=step.verdict,
+                            elapsed_s=event.elapsed_s,
+                        )
+                    )
+                if _is_last(step, effective):
+                    held = step
+                else:
+                    yield StepUpdate(step)
+            elif event.type == "rejected":
+                yield VerdictUpdate(
+                    VerdictEvent(
+                        index=event.index,  # type: ignore[union-attr]
+                        text=event.text,  # type: ignore[union-attr]
+                        accepted=False,
+                        verdict=event.verdict,  # type: ignore[union-attr]
+                        elapsed_s=event.elapsed_s,
+                    )
+                )
+            elif event.type == "finished":
+                yield StepUpdate(held, event.result)  # type: ignore[union-attr]
+                return
+            elif event.type == "failed":
+                raise _error(event.error, event.message)  # type: ignore[union-attr]
+        raise BackendError("the reasoner's event stream ended without a result")
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
