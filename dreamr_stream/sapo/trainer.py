@@ -20,6 +20,7 @@ import logging
 import random
 import sys
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def _task_prompts(target: TransformersBackend, cache: TrajectoryCache, split: st
     for i in range(n):
         puzzle = make_puzzle(split_seed(split, i))  # type: ignore[arg-type]
         key = f"{split}:{i}"
-        steps = cache.get(key, lambda p=puzzle: target_trajectory(target, p.image, p.question.text()))
+        steps = cache.get(key, partial(target_trajectory, target, puzzle.image, puzzle.question.text()))
         prompts.append(RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key=key))
     return prompts
 

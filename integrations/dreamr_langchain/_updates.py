@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import dreamr_stream
 from dreamr_stream import (
     BackendError,
     DreamrError,
+    Event,
     GenerationConfig,
     Method,
     Reasoner,
     ReasonerConfig,
     ReasoningResult,
     Step,
+    Verdict,
 )
 
 from dreamr_langchain.types import ImageLike, VerdictEvent
@@ -66,6 +69,10 @@ def _is_last(step: Step, config: ReasonerConfig) -> bool:
     return step.is_final or step.index + 1 >= config.generation.max_steps
 
 
+def _verdict(index: int, text: str, verdict: Verdict, elapsed_s: float) -> VerdictEvent:
+    return VerdictEvent(index=index, text=text, accepted=verdict.accepted, verdict=verdict, elapsed_s=elapsed_s)
+
+
 def _error(name: str, message: str) -> DreamrError:
     """Rebuild the typed error of a ``failed`` event (it carries the class name and message)."""
     cls = getattr(dreamr_stream, name, None)
@@ -87,52 +94,34 @@ async def reason_updates(
     effective = config or reasoner.config
     deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
     held: Step | None = None
-    events = reasoner.astream_events(image, question, method=method, config=config)  # type: ignore[arg-type]
-    try:
+    stream = reasoner.astream_events(image, question, method=method, config=config)
+    async with aclosing(cast(AsyncGenerator[Event, None], stream)) as events:
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    event = await events.__anext__()
+                    event = await anext(events)
             except StopAsyncIteration:
                 break
             except TimeoutError as e:
                 if deadline is not None and asyncio.get_running_loop().time() >= deadline:
                     raise TimeoutError(f"the reasoner did not finish within {timeout_s} s") from e
                 raise
-            if event.type in ("verified", "fallback"):
-                step = event.step  # type: ignore[union-attr]
-                if held is not None:  # defensive: a step after the "last" one
+            if event.type == "verified" or event.type == "fallback":
+                step = event.step
+                if held is not None:  # defensive: a step after the one we took for the last
                     yield StepUpdate(held)
                     held = None
-                if event.type == "verified" and step.verdict is not None:
-                    yield VerdictUpdate(
-                        VerdictEvent(
-                            index=step.index,
-                            text=step.text,
-                            accepted=step.verdict.accepted,
-                            verdict=step.verdict,
-                            elapsed_s=event.elapsed_s,
-                        )
-                    )
+                if step.verdict is not None:
+                    yield VerdictUpdate(_verdict(step.index, step.text, step.verdict, event.elapsed_s))
                 if _is_last(step, effective):
                     held = step
                 else:
                     yield StepUpdate(step)
             elif event.type == "rejected":
-                yield VerdictUpdate(
-                    VerdictEvent(
-                        index=event.index,  # type: ignore[union-attr]
-                        text=event.text,  # type: ignore[union-attr]
-                        accepted=False,
-                        verdict=event.verdict,  # type: ignore[union-attr]
-                        elapsed_s=event.elapsed_s,
-                    )
-                )
+                yield VerdictUpdate(_verdict(event.index, event.text, event.verdict, event.elapsed_s))
             elif event.type == "finished":
-                yield StepUpdate(held, event.result)  # type: ignore[union-attr]
+                yield StepUpdate(held, event.result)
                 return
             elif event.type == "failed":
-                raise _error(event.error, event.message)  # type: ignore[union-attr]
-        raise BackendError("the reasoner's event stream ended without a result")
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
+                raise _error(event.error, event.message)
+    raise BackendError("the reasoner's event stream ended without a result")
