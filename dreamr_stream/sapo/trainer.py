@@ -20,8 +20,8 @@ import logging
 import random
 import sys
 import time
-from functools import partial
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch

@@ -18,6 +18,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, cast
 
+from dreamr_langchain.types import ImageLike, VerdictEvent
+
 import dreamr_stream
 from dreamr_stream import (
     BackendError,
@@ -31,8 +33,6 @@ from dreamr_stream import (
     Step,
     Verdict,
 )
-
-from dreamr_langchain.types import ImageLike, VerdictEvent
 
 __all__ = ["StepUpdate", "Update", "VerdictUpdate", "reason_updates", "with_generation"]
 
