@@ -164,6 +164,39 @@ def _sapo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+    from rich.progress import Progress
+
+    from dreamr_stream.bench import ALL_METHODS, run_bench, save, to_markdown
+    from dreamr_stream.zoo.shipped import WEIGHTS, demo_paths
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = demo_paths("sft")
+    sapo = (
+        Path(args.sapo)
+        if args.sapo
+        else (WEIGHTS / "draft-sapo" if (WEIGHTS / "draft-sapo" / "config.json").exists() else None)
+    )
+    methods = tuple(args.methods.split(",")) if args.methods else ALL_METHODS
+    with Progress() as bar:
+        task = bar.add_task("bench", total=args.n)
+        result = run_bench(
+            target_dir=Path(args.target) if args.target else paths.target,
+            sft_dir=Path(args.draft) if args.draft else paths.draft,
+            sapo_dir=sapo,
+            n=args.n,
+            methods=methods,
+            device=args.device,
+            tau=args.tau,
+            progress=lambda i, n: bar.update(task, completed=i),
+        )
+    save(result, Path(args.out), args.tag or args.device)
+    print(to_markdown(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamr", description="Multimodal speculative reasoning, streamed.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -199,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="dreamr:", help="key prefix of that trajectory store")
     s.add_argument("--log-limit", type=int, default=10_000)
     s.set_defaults(fn=_sapo)
+
+    b = sub.add_parser("bench", help="speed and accuracy of every method, side by side")
+    b.add_argument("-n", type=int, default=50, help="test prompts")
+    b.add_argument("--methods", help="comma-separated subset (default: all)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--tau", type=float, default=1.0)
+    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--target")
+    b.add_argument("--draft", help="SFT draft folder")
+    b.add_argument("--sapo", help="SAPO draft folder (default: shipped, if any)")
+    b.add_argument("--out", default="benchmarks/results")
+    b.add_argument("--tag", help="file name tag (default: the device)")
+    b.set_defaults(fn=_bench)
 
     z = sub.add_parser("zoo", help="demo models: train, export, eval")
     z.add_argument("zoo_cmd", choices=["train", "export", "eval"])

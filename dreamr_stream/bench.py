@@ -1,0 +1,277 @@
+"""`dreamr bench`: speed and accuracy of every method side by side, in one process.
+
+Methods run on the same test prompts, interleaved per prompt in a rotating order so that
+machine noise hits all of them alike:
+
+* ``target_only``       our cached decode loop, target writes every step
+* ``target_generate``   the same target through ``transformers`` ``generate()``
+* ``assisted``          HF assisted generation: ``generate(assistant_model=draft)`` (token level)
+* ``sequential``        SpecReason-style: draft a step, judge it (same TBVM), fall back; no overlap
+* ``fpsr_sft`` / ``fpsr_sapo``   FPSR with the SFT / SAPO draft
+* ``draft_only``        the SFT draft alone, unverified
+
+Ideal speedup (documented formula). With ``t`` the target's seconds per token, ``c`` the draft's
+per-token cost as a fraction of ``t``, ``v`` one scoring forward in target-token units, ``L`` the
+mean step length in tokens and ``a`` the step acceptance rate, a perfectly pipelined FPSR spends
+per step ``max(c*L, v) * t`` while drafts are accepted and additionally ``L * t`` (the target's own
+step) for the ``1 - a`` rejected ones, against ``L * t`` for target-only::
+
+    ideal = L / (max(c * L, v) + (1 - a) * L)
+
+Efficiency is achieved speedup / ideal.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
+from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.zoo.task import make_puzzle, parse_answer, split_seed
+
+__all__ = ["ALL_METHODS", "BenchResult", "ideal_speedup", "run_bench"]
+
+ALL_METHODS = ("target_only", "target_generate", "assisted", "sequential", "fpsr_sft", "fpsr_sapo", "draft_only")
+
+
+def ideal_speedup(*, c: float, v: float, step_tokens: float, acceptance: float) -> float:
+    L = max(step_tokens, 1e-9)
+    return L / (max(c * L, v) + (1.0 - acceptance) * L)
+
+
+@dataclass
+class MethodRows:
+    wall: list[float] = field(default_factory=list)
+    first: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    judged: int = 0
+    accepted: int = 0
+    steps: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class BenchResult:
+    config: dict[str, Any]
+    costs: dict[str, float]
+    methods: dict[str, dict[str, Any]]
+
+
+def _q(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
+
+
+def _generate_text(
+    backend: TransformersBackend, image: Any, question: str, assistant: TransformersBackend | None
+) -> tuple[str, int]:
+    inputs = backend._prompt_inputs(image, question)
+    kwargs: dict[str, Any] = {"max_new_tokens": 400, "do_sample": False}
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant.model
+    with torch.inference_mode():
+        out = backend.model.generate(**inputs, **kwargs)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return backend.tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
+
+
+def measure_costs(
+    target: TransformersBackend, draft: TransformersBackend, image: Any, question: str
+) -> dict[str, float]:
+    """Seconds per decoded token of each model and of one 20-token scoring forward (medians)."""
+
+    def per_token(b: TransformersBackend) -> float:
+        times = []
+        for _ in range(3):
+            s = b.open_session(image, question)
+            saved, b.eos_ids = b.eos_ids, set()
+            t = time.perf_counter()
+            b.generate_step(s, max_tokens=24, stop="\x00never")
+            times.append((time.perf_counter() - t) / 24)
+            b.eos_ids = saved
+            b.close(s)
+        return statistics.median(times)
+
+    t_tok, d_tok = per_token(target), per_token(draft)
+    times = []
+    for _ in range(3):
+        s = target.open_session(image, question)
+        t = time.perf_counter()
+        target.score(s, " red" * 20, stop="\n", judge=target.judge)
+        times.append(time.perf_counter() - t)
+        target.close(s)
+    return {
+        "target_s_per_token": t_tok,
+        "draft_s_per_token": d_tok,
+        "score_s": statistics.median(times),
+        "c": d_tok / t_tok,
+        "v": statistics.median(times) / t_tok,
+    }
+
+
+def run_bench(
+    *,
+    target_dir: Path,
+    sft_dir: Path,
+    sapo_dir: Path | None,
+    n: int = 50,
+    methods: tuple[str, ...] = ALL_METHODS,
+    device: str = "cpu",
+    tau: float = 1.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> BenchResult:
+    target = TransformersBackend.from_pretrained(target_dir, device=device, name="target")
+    sft = TransformersBackend.from_pretrained(sft_dir, device=device, name="draft")
+    sapo = TransformersBackend.from_pretrained(sapo_dir, device=device, name="draft") if sapo_dir else None
+    config = ReasonerConfig(verification=VerificationConfig(tau=tau), cache=CacheConfig(enabled=False))
+    with_sft = Reasoner(target, sft, config=config)
+    with_sapo = Reasoner(target, sapo, config=config) if sapo else None
+    methods = tuple(m for m in methods if m != "fpsr_sapo" or with_sapo is not None)
+    probe = make_puzzle(split_seed("val", 0))
+    costs = measure_costs(target, sft, probe.image, probe.question.text())
+    rows = {m: MethodRows() for m in methods}
+    with_sft.invoke(probe.image, probe.question.text())  # warm-up every path once
+    for i in range(n):
+        puzzle = make_puzzle(split_seed("test", i))
+        image, question = puzzle.image, puzzle.question.text()
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]  # rotate
+        for m in order:
+            row = rows[m]
+            if m in ("target_generate", "assisted"):
+                t = time.perf_counter()
+                text, tokens = _generate_text(target, image, question, sft if m == "assisted" else None)
+                row.wall.append(time.perf_counter() - t)
+                row.correct.append(parse_answer(text) == puzzle.answer)
+                row.tokens += tokens
+                continue
+            reasoner = with_sapo if m == "fpsr_sapo" else with_sft
+            assert reasoner is not None
+            method = {"fpsr_sft": "fpsr", "fpsr_sapo": "fpsr"}.get(m, m)
+            r = anyio.run(partial(reasoner.ainvoke, image, question, method=method))  # type: ignore[arg-type]
+            s = r.stats
+            row.wall.append(s.wall_s)
+            row.first.append(s.time_to_first_step_s or s.wall_s)
+            row.correct.append(r.answer == str(puzzle.answer))
+            row.judged += s.draft_steps_judged
+            row.accepted += s.draft_steps_accepted
+            row.steps += len(r.steps)
+            row.target_forwards += s.target_forwards
+            row.draft_forwards += s.draft_forwards
+            row.tokens += (
+                s.target_tokens + s.draft_tokens
+                if m == "draft_only"
+                else sum(len(target.encode(st.text)) + 1 for st in r.steps)
+            )
+        if progress:
+            progress(i + 1, n)
+    base = rows["target_only"].wall if "target_only" in rows else None
+    out: dict[str, dict[str, Any]] = {}
+    for m, row in rows.items():
+        med = statistics.median(row.wall)
+        rec: dict[str, Any] = {
+            "accuracy": sum(row.correct) / len(row.correct),
+            "acceptance": row.accepted / row.judged if row.judged else None,
+            "steps_per_prompt": row.steps / n if row.steps else None,
+            "wall_median_s": med,
+            "wall_iqr_s": [_q(row.wall, 0.25), _q(row.wall, 0.75)],
+            "first_step_median_s": statistics.median(row.first) if row.first else None,
+            "target_forwards_per_prompt": row.target_forwards / n if row.steps else None,
+            "draft_forwards_per_prompt": row.draft_forwards / n if row.steps else None,
+            "tokens_per_s": row.tokens / sum(row.wall),
+        }
+        if base is not None:
+            rec["speedup_median"] = statistics.median(b / w for b, w in zip(base, row.wall, strict=True))
+        if rec["acceptance"] is not None and row.steps:
+            step_tokens = row.tokens / max(1, row.steps)
+            rec["ideal_speedup"] = ideal_speedup(
+                c=costs["c"], v=costs["v"], step_tokens=step_tokens, acceptance=rec["acceptance"]
+            )
+            if "speedup_median" in rec:
+                rec["efficiency"] = rec["speedup_median"] / rec["ideal_speedup"]
+        out[m] = rec
+    cfg = {"n": n, "device": device, "tau": tau, "methods": list(methods), "threads": torch.get_num_threads()}
+    return BenchResult(config=cfg, costs=costs, methods=out)
+
+
+def to_markdown(result: BenchResult) -> str:
+    def f(x: Any, fmt: str = "{:.2f}") -> str:
+        return "-" if x is None else fmt.format(x)
+
+    header = [
+        "method",
+        "accuracy",
+        "acceptance",
+        "wall median s (IQR)",
+        "speedup",
+        "ideal",
+        "efficiency",
+        "first step s",
+        "target fwd",
+        "draft fwd",
+        "tok/s",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m, r in result.methods.items():
+        iqr = f"{r['wall_median_s']:.2f} ({r['wall_iqr_s'][0]:.2f}-{r['wall_iqr_s'][1]:.2f})"
+        cells = [
+            m,
+            f"{r['accuracy']:.1%}",
+            f(r["acceptance"], "{:.1%}"),
+            iqr,
+            f(r.get("speedup_median"), "{:.2f}x"),
+            f(r.get("ideal_speedup"), "{:.2f}x"),
+            f(r.get("efficiency"), "{:.0%}"),
+            f(r["first_step_median_s"]),
+            f(r["target_forwards_per_prompt"], "{:.0f}"),
+            f(r["draft_forwards_per_prompt"], "{:.0f}"),
+            f"{r['tokens_per_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    c = result.costs
+    lines.append("")
+    lines.append(
+        f"Costs: target {c['target_s_per_token'] * 1000:.2f} ms/token, "
+        f"draft {c['draft_s_per_token'] * 1000:.2f} ms/token (c = {c['c']:.3f}), "
+        f"20-token scoring forward {c['score_s'] * 1000:.1f} ms (v = {c['v']:.2f} target tokens). "
+        f"n = {result.config['n']} test prompts, device {result.config['device']}, tau {result.config['tau']}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def save(result: BenchResult, folder: Path, tag: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"bench_{tag}.json").write_text(
+        json.dumps({"config": result.config, "costs": result.costs, "methods": result.methods}, indent=2) + "\n"
+    )
+    (folder / f"bench_{tag}.md").write_text(to_markdown(result))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(result.methods)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
+    ax1.bar(names, [result.methods[m].get("speedup_median", 0) for m in names], color="#3b7dd8")
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set_ylabel("speedup vs target-only (median)")
+    ax2.bar(names, [result.methods[m]["accuracy"] * 100 for m in names], color="#48a868")
+    ax2.set_ylabel("final-answer accuracy (%)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=35)
+    fig.tight_layout()
+    fig.savefig(folder / f"bench_{tag}.png", dpi=110)

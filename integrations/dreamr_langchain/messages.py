@@ -1,0 +1,114 @@
+"""Chat messages -> one (image, question) request, with a clear error for anything else.
+
+The reasoner answers one question about one image; it has no notion of a conversation. So:
+
+* the question is the text of the last ``HumanMessage`` (system prompts and earlier turns are
+  not part of the reasoner's prompt format and are ignored);
+* the image is the one image block in the human messages, in any format that LangChain's
+  ``content_blocks`` normalises (OpenAI ``image_url`` data URLs, v0 ``source_type`` blocks,
+  Anthropic ``source`` blocks, v1 ``{"type": "image", "base64": ...}``, data URLs in ``url``),
+  or, when the messages carry none, the chat model's default image;
+* two images, remote URLs, provider file ids, audio, video, PDFs and unknown blocks are errors:
+  guessing which picture a question is about, or fetching URLs, would be silent surprises.
+
+Image data is decoded here to bytes, never passed on as a string: the core would try a short
+string as a file path first, and message content must never be able to read local files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dreamr_langchain.types import ImageLike, UnsupportedContentError
+from langchain_core.messages import BaseMessage, HumanMessage
+
+from dreamr_stream import InvalidImageError, InvalidQuestionError
+
+__all__ = ["ChatRequest", "parse_messages"]
+
+_IGNORED_BLOCKS = frozenset({"text"})
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    image: ImageLike
+    question: str
+
+
+def _b64(data: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidImageError(f"{where}: the image data is not valid base64") from e
+
+
+def _image_bytes(block: dict[str, Any], where: str) -> bytes:
+    """Bytes of one standard (v1) image block."""
+    if block.get("base64"):
+        return _b64(str(block["base64"]), where)
+    url = block.get("url")
+    if isinstance(url, str) and url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if ";base64" not in header:
+            raise InvalidImageError(f"{where}: data URLs must be base64-encoded (data:image/png;base64,...)")
+        return _b64(data, where)
+    if url:
+        raise UnsupportedContentError(
+            f"{where}: remote image URLs are not fetched; send the image as base64 or a data URL"
+        )
+    if block.get("file_id"):
+        raise UnsupportedContentError(f"{where}: provider file ids are not supported; send the image as base64")
+    raise InvalidImageError(f"{where}: the image block has no data")
+
+
+def _describe(block: dict[str, Any]) -> str:
+    kind = block.get("type")
+    if kind == "non_standard":
+        value = block.get("value")
+        inner = value.get("type") if isinstance(value, dict) else None
+        return f"an unrecognised block{f' of type {inner!r}' if inner else ''}"
+    return f"a {kind!r} block"
+
+
+def parse_messages(messages: Sequence[BaseMessage], default_image: ImageLike | None = None) -> ChatRequest:
+    """The request in ``messages``; raises an ``InputError`` subclass that says what is wrong."""
+    humans = [(i, m) for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
+    if not humans:
+        raise InvalidQuestionError("no HumanMessage with a question")
+    images: list[tuple[str, bytes]] = []
+    question: list[str] = []
+    last = humans[-1][0]
+    for i, message in humans:
+        for j, block in enumerate(message.content_blocks):
+            where = f"message {i}, block {j}"
+            kind = block.get("type")
+            if kind == "image" or (kind == "file" and str(block.get("mime_type", "")).startswith("image/")):
+                images.append((where, _image_bytes(dict(block), where)))
+            elif kind == "text":
+                if i == last:
+                    question.append(str(block.get("text", "")))
+            else:
+                raise UnsupportedContentError(
+                    f"{where}: {_describe(dict(block))} is not supported; send one image and a text question"
+                )
+    if len(images) > 1:
+        raise InvalidImageError(
+            f"the reasoner takes exactly one image per request; found {len(images)} ({', '.join(w for w, _ in images)})"
+        )
+    if images:
+        image: ImageLike = images[0][1]
+    elif default_image is not None:
+        image = default_image
+    else:
+        raise InvalidImageError(
+            "no image in the messages: add an image content block to the HumanMessage "
+            '(e.g. {"type": "image", "base64": ..., "mime_type": "image/png"}) or set the model\'s default_image'
+        )
+    text = "\n".join(t for t in question if t.strip()).strip()
+    if not text:
+        raise InvalidQuestionError(f"message {last} (the last HumanMessage) has no question text")
+    return ChatRequest(image=image, question=text)
