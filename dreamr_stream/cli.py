@@ -1,4 +1,4 @@
-"""The ``dreamr`` command: reason, zoo (train / export / eval)."""
+"""The ``dreamr`` command: reason, serve, zoo (train / export / eval)."""
 
 from __future__ import annotations
 
@@ -197,6 +197,39 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    # lazily: the core never imports its adapters unless this subcommand runs
+    try:
+        from dreamr_websocket.cli import serve
+    except ImportError as e:
+        print(f"dreamr serve needs the websocket extra: pip install 'dreamr-stream[websocket]' ({e})", file=sys.stderr)
+        return 2
+    return serve(args)
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("serve", help="WebSocket server + live web page (http://127.0.0.1:8765/)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    s.add_argument("--token", help="require this token at the handshake (default: $DREAMR_TOKEN)")
+    s.add_argument("--allow-no-token", action="store_true", help="permit a non-loopback host without a token")
+    s.add_argument("--origin", action="append", default=[], dest="origins", metavar="URL",
+                   help="also accept WebSockets from this page origin (repeatable; '*' = any)")  # fmt: skip
+    s.add_argument("--max-active", type=int, default=4, help="requests running at once (default: 4)")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests queued before 'busy' (default: 64)")
+    s.add_argument("--max-connections", type=int, default=256, help="open WebSockets (default: 256)")
+    s.add_argument("--max-message-bytes", type=int, default=8 * 2**20, help="largest upload (default: 8 MiB)")
+    s.add_argument("--send-timeout", type=float, default=10.0, help="abort a client that stops reading (s)")
+    s.add_argument("--tau", type=float, default=1.0)
+    s.add_argument("--max-steps", type=int, default=24)
+    s.add_argument("--target", help="local target model folder (default: shipped demo)")
+    s.add_argument("--draft", help="local draft model folder")
+    s.add_argument("--demo-draft", default="sft", help="which shipped draft the demo uses")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--print-schema", action="store_true", help="print the protocol's JSON Schema and exit")
+    s.set_defaults(fn=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamr", description="Multimodal speculative reasoning, streamed.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -245,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--tag", help="file name tag (default: the device)")
     b.set_defaults(fn=_bench)
+
+    _add_serve(sub)
 
     z = sub.add_parser("zoo", help="demo models: train, export, eval")
     z.add_argument("zoo_cmd", choices=["train", "export", "eval"])

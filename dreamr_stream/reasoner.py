@@ -211,11 +211,13 @@ class Reasoner:
         cache = await self._cache_context(cfg, pil, text) if method == "fpsr" else None
         send, recv = anyio.create_memory_object_stream[tuple[Event, DreamrError | None]](math.inf)
 
+        scope = anyio.CancelScope()
+
         async def produce() -> None:
             async def emit(event: Event) -> None:
                 await send.send((event, None))
 
-            async with send:
+            with scope, send:
                 ctx = RequestContext(
                     config=cfg,
                     question=text,
@@ -251,7 +253,9 @@ class Reasoner:
                 async for item in recv:
                     yield item
         finally:
-            task.cancel()
+            # anyio cancellation (not task.cancel()): it honours the shielded waits for model
+            # calls already running in threads, so when the task ends no call is left behind
+            scope.cancel()
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([task])
             self.active_requests -= 1

@@ -91,7 +91,7 @@ class _Fallback:
                             budget=chunk,
                             priority=self.priority,  # raised to verification's once it is awaited
                         )
-                        ctx._count(target, out.forwards, out.new_tokens)
+                        ctx.count(target, out.forwards, out.new_tokens)
                         if out.done:
                             self.text, self.eos = out.text, out.eos
                             return
@@ -245,7 +245,7 @@ class _FPSR:
             index = len(ctx.steps)
             if ctx.cache.trust:
                 await self.target.call(self.target.backend.append, self.T, text, stop=stop)
-                ctx._count(self.target, 1)
+                ctx.count(self.target, 1)
                 await ctx.accept(text, StepSource.CACHE)
             else:
                 verdict, score = await ctx.judge(self.T, text, index, source=StepSource.CACHE)
@@ -258,7 +258,7 @@ class _FPSR:
         if not ctx.done():
             for text in adopted:  # the draft continues from the verified prefix
                 await draft.call(draft.backend.append, self.D, text, stop=stop)
-                ctx._count(draft, 1)
+                ctx.count(draft, 1)
 
     async def _resync_draft(self, text: str, bounds: list[int]) -> None:
         """Roll ``D`` back to the verified boundary and append the target's step."""
@@ -269,7 +269,7 @@ class _FPSR:
             await draft.call(draft.backend.rollback, self.D, drop)
         async with ctx.span("draft", "resync", len(ctx.steps) - 1):
             n = await draft.call(draft.backend.append, self.D, text, stop=ctx.config.generation.step_delimiter)
-        ctx._count(draft, 1, n)
+        ctx.count(draft, 1, n)
 
 
 async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None = None) -> None:

@@ -94,7 +94,7 @@ class RequestContext:
             self.timeline.append(LaneSpan(lane=lane, what=what, step=step, start_s=start, end_s=self.now()))
 
     # ------------------------------------------------------------------ model calls
-    def _count(self, runner: ModelRunner, forwards: int, tokens: int = 0) -> None:
+    def count(self, runner: ModelRunner, forwards: int, tokens: int = 0) -> None:
         key = "target" if runner is self.target else "draft"
         self.counts[f"{key}_forwards"] += forwards
         self.counts[f"{key}_tokens"] += tokens
@@ -104,7 +104,7 @@ class RequestContext:
             session = await runner.call(
                 runner.backend.open_session, image, self.question, seed=self.config.generation.seed, priority=priority
             )
-        self._count(runner, 1)
+        self.count(runner, 1)
         return session
 
     async def write_step(
@@ -131,7 +131,7 @@ class RequestContext:
                     budget=budget,
                     priority=priority,
                 )
-                self._count(runner, out.forwards, out.new_tokens)
+                self.count(runner, out.forwards, out.new_tokens)
                 if out.done:
                     return out
 
@@ -146,7 +146,7 @@ class RequestContext:
             score = await self.target.call(
                 self.target.backend.score, session, text, stop=self.config.generation.step_delimiter, judge=judge
             )
-        self._count(self.target, score.forwards)
+        self.count(self.target, score.forwards)
         verdict = self.verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
         if source is StepSource.DRAFT:  # acceptance rate is about the draft model's steps
             self.counts["judged"] += 1
