@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
@@ -78,6 +78,8 @@ class Reasoner:
         self.draft = ModelRunner(draft, "draft") if draft is not None else None
         self.store = store if store is not None else MemoryTrajectoryStore()
         self._store_guard = GuardedStore(self.store)
+        self._loop: asyncio.AbstractEventLoop | None = None  # for sync invoke, started on first use
+        self._loop_lock = threading.Lock()
         self.active_requests = 0
 
     # ------------------------------------------------------------------ construction
@@ -179,17 +181,23 @@ class Reasoner:
     def invoke(
         self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
     ) -> ReasoningResult:
-        """Synchronous ``ainvoke``; safe to call from inside a running event loop."""
+        """Synchronous ``ainvoke``: from any thread, also inside a running event loop.
 
-        def run() -> ReasoningResult:
-            return anyio.run(lambda: self.ainvoke(image, question, method=method, config=config))
+        Sync calls share one background event loop per Reasoner: the per-model locks are
+        loop-bound, so concurrent ``invoke`` calls from many threads queue on the same locks
+        instead of each spinning up a loop of its own (which would deadlock them).
+        """
+        future = asyncio.run_coroutine_threadsafe(
+            self.ainvoke(image, question, method=method, config=config), self._background_loop()
+        )
+        return future.result()
 
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return run()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(run).result()
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="dreamr-invoke", daemon=True).start()
+            return self._loop
 
     async def _events(
         self,

@@ -227,3 +227,13 @@ def test_sync_invoke_works_inside_and_outside_a_loop() -> None:
         return [s.text for s in r.invoke(IMAGE, "how many?").steps]
 
     assert anyio.run(inside) == TARGET
+
+
+def test_concurrent_sync_invokes_from_many_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    r = make(delay=0.001)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: r.invoke(IMAGE, "how many?"), range(8)))
+    assert all([s.text for s in res.steps] == TARGET for res in results)
+    assert_idle(r)

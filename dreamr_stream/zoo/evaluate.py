@@ -15,9 +15,9 @@ from pathlib import Path
 import anyio
 
 from dreamr_stream.backends.hf import TransformersBackend
-from dreamr_stream.config import ReasonerConfig, VerificationConfig
+from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import Method, Reasoner
-from dreamr_stream.verify import JudgeVerifier
+from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier
 from dreamr_stream.zoo.task import Split, make_judge_item, make_puzzle, parse_answer, split_seed
 
 __all__ = ["JudgeReport", "MethodReport", "evaluate_judge", "evaluate_method"]
@@ -82,11 +82,11 @@ def evaluate_method(reasoner: Reasoner, method: Method, split: Split = "test", n
 
 
 def evaluate_judge(
-    target: TransformersBackend, tau: float, split: Split = "test", n: int = 200, seed: int = 0
+    target: TransformersBackend, tau: float, split: Split = "test", n: int = 200, seed: int = 0, mode: str = "judge"
 ) -> JudgeReport:
     """TBVM on correct and corrupted candidate steps after a correct prefix (direct backend calls)."""
     rng = random.Random(seed)
-    verifier = JudgeVerifier(tau)
+    verifier: JudgeVerifier | LikelihoodVerifier = JudgeVerifier(tau) if mode == "judge" else LikelihoodVerifier(tau)
     acc: dict[str, list[bool]] = {}
     for i in range(n):
         puzzle = make_puzzle(split_seed(split, 10_000 + i))
@@ -94,7 +94,7 @@ def evaluate_judge(
         session = target.open_session(puzzle.image, puzzle.question.text())
         for step in item.prefix:
             target.append(session, step, stop="\n")
-        score = target.score(session, item.candidate, stop="\n", judge=target.judge)
+        score = target.score(session, item.candidate, stop="\n", judge=target.judge if mode == "judge" else None)
         target.close(session)
         verdict = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
         acc.setdefault(item.corruption, []).append(verdict.accepted)
@@ -120,9 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-n", type=int, default=100)
     parser.add_argument("--judge-n", type=int, default=0)
     parser.add_argument("--tau", type=float, default=1.0)
+    parser.add_argument("--verify", default="judge", choices=["judge", "likelihood"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    config = ReasonerConfig(verification=VerificationConfig(tau=args.tau))
+    config = ReasonerConfig(
+        verification=VerificationConfig(tau=args.tau, mode=args.verify), cache=CacheConfig(enabled=False)
+    )
     reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, config=config, device="cpu")
     report: dict[str, object] = {}
     for method in args.methods.split(","):
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         report[method] = asdict(r)
         print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
     if args.judge_n:
-        j = evaluate_judge(reasoner.target.backend, args.tau, n=args.judge_n)  # type: ignore[arg-type]
+        j = evaluate_judge(reasoner.target.backend, args.tau, n=args.judge_n, mode=args.verify)  # type: ignore[arg-type]
         report["judge"] = asdict(j)
         print(json.dumps(asdict(j)))
     if args.json:

@@ -51,6 +51,7 @@ class TrainConfig:
     judge_fraction: float = 0.0
     hard_fraction: float = 0.15
     aux_weight: float = 0.5
+    judge_weight: float = 0.0  # extra loss on verdict tokens (one token per judge item is a faint signal)
     eval_every: int = 100
     ckpt_every: int = 50
     eval_size: int = 48
@@ -131,6 +132,18 @@ def _step_loss(model: LlavaForConditionalGeneration, aux: _AuxCells, batch: Batc
     aux_logits = aux.head(aux.features)  # (B, n_cells, classes)
     aux_loss = nn.functional.cross_entropy(aux_logits.flatten(0, 1), batch.cells.flatten())
     return out, aux_loss, out.loss + aux_weight * aux_loss, aux_logits
+
+
+def _verdict_loss(logits: torch.Tensor, labels: torch.Tensor, verdict_ids: tuple[int, int]) -> torch.Tensor:
+    """Cross-entropy on the verdict token of judge items (rows whose last label is a verdict)."""
+    last = (labels != IGNORE).long().cumsum(1).argmax(1)  # index of the last supervised token, (B,)
+    rows = torch.arange(labels.shape[0])
+    gold = labels[rows, last]
+    is_judge = (gold == verdict_ids[0]) | (gold == verdict_ids[1])
+    if not bool(is_judge.any()):
+        return logits.sum() * 0.0
+    pred = logits[rows, last - 1]  # logits at t predict token t+1: (B, vocab)
+    return nn.functional.cross_entropy(pred[is_judge], gold[is_judge])
 
 
 @torch.no_grad()
@@ -214,6 +227,11 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
         start = state["step"]
         log.info("resumed %s at step %d", cfg.name, start)
     model.train()
+    tok = processor.tokenizer
+    verdict_ids = (
+        tok(JUDGE_POS, add_special_tokens=False)["input_ids"][0],
+        tok(JUDGE_NEG, add_special_tokens=False)["input_ids"][0],
+    )
     logf = (out_dir / "log.jsonl").open("a")
     t0 = time.perf_counter()
     progress = _progress(cfg.name, start, cfg.steps)
@@ -224,6 +242,8 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
             g["lr"] = lr * g["lr_mult"]
         batch = _make_batch(cfg, processor, rng)
         out, aux_loss, loss, _ = _step_loss(model, aux, batch, cfg.aux_weight)
+        if cfg.judge_weight > 0:
+            loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(nn.utils.clip_grad_norm_(model.parameters(), 1.0))

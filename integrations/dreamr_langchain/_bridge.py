@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -40,7 +40,7 @@ def _portal() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def iterate_sync(factory: Callable[[], AsyncGenerator[T, None]]) -> Iterator[T]:
+def iterate_sync(factory: Callable[[], AsyncGenerator[T, None]]) -> Generator[T, None, None]:
     """Iterate ``factory()`` (an async generator) from synchronous code, in any thread.
 
     Exceptions are re-raised in the caller's thread. Closing the returned generator early
@@ -58,7 +58,8 @@ def iterate_sync(factory: Callable[[], AsyncGenerator[T, None]]) -> Iterator[T]:
             async with aclosing(factory()) as stream:
                 async for item in stream:
                     items.put((_ITEM, item))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # by cancel() below, or the loop shutting down: never leave a reader hanging
+            items.put((_ERROR, RuntimeError("the request was cancelled on the background event loop")))
             raise
         except BaseException as e:  # re-raised in the caller's thread
             items.put((_ERROR, e))

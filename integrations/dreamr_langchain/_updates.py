@@ -18,9 +18,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, cast
 
-from dreamr_langchain.types import ImageLike, VerdictEvent
-
 import dreamr_stream
+from dreamr_langchain.types import ImageLike, VerdictEvent
 from dreamr_stream import (
     BackendError,
     DreamrError,
@@ -30,6 +29,7 @@ from dreamr_stream import (
     Reasoner,
     ReasonerConfig,
     ReasoningResult,
+    SchedulingConfig,
     Step,
     Verdict,
 )
@@ -57,12 +57,19 @@ Update = StepUpdate | VerdictUpdate
 
 
 def with_generation(base: ReasonerConfig, **changes: Any) -> ReasonerConfig:
-    """``base`` with some ``GenerationConfig`` fields replaced, validated again (ConfigError)."""
+    """``base`` with some ``GenerationConfig`` fields replaced, validated again (ConfigError).
+
+    A ``max_steps`` below the scheduling lookahead lowers the lookahead with it: the caller asked
+    for fewer steps, not for a configuration error about how far the draft may run ahead.
+    """
     if not changes:
         return base
     generation = GenerationConfig(**{**base.generation.model_dump(), **changes})
     fields = {name: getattr(base, name) for name in type(base).model_fields}
-    return ReasonerConfig(**{**fields, "generation": generation})
+    scheduling = base.scheduling
+    if scheduling.lookahead > generation.max_steps:
+        scheduling = SchedulingConfig(**{**scheduling.model_dump(), "lookahead": generation.max_steps})
+    return ReasonerConfig(**{**fields, "generation": generation, "scheduling": scheduling})
 
 
 def _is_last(step: Step, config: ReasonerConfig) -> bool:

@@ -23,14 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dreamr_langchain.types import ImageLike, UnsupportedContentError
 from langchain_core.messages import BaseMessage, HumanMessage
 
+from dreamr_langchain.types import ImageLike, UnsupportedContentError
 from dreamr_stream import InvalidImageError, InvalidQuestionError
 
 __all__ = ["ChatRequest", "parse_messages"]
-
-_IGNORED_BLOCKS = frozenset({"text"})
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ def parse_messages(messages: Sequence[BaseMessage], default_image: ImageLike | N
     last = humans[-1][0]
     for i, message in humans:
         for j, block in enumerate(message.content_blocks):
-            where = f"message {i}, block {j}"
+            where = f"message {i} block {j}"
             kind = block.get("type")
             if kind == "image" or (kind == "file" and str(block.get("mime_type", "")).startswith("image/")):
                 images.append((where, _image_bytes(dict(block), where)))
@@ -97,7 +95,7 @@ def parse_messages(messages: Sequence[BaseMessage], default_image: ImageLike | N
                 )
     if len(images) > 1:
         raise InvalidImageError(
-            f"the reasoner takes exactly one image per request; found {len(images)} ({', '.join(w for w, _ in images)})"
+            f"the reasoner takes exactly one image per request; found {len(images)} ({'; '.join(w for w, _ in images)})"
         )
     if images:
         image: ImageLike = images[0][1]

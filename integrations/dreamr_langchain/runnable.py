@@ -8,22 +8,26 @@ class, so tracing sees one chain run per request whichever entry point was used.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping
+from contextlib import aclosing, closing
 from typing import Any, cast
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForChainRun,
+    CallbackManagerForChainRun,
+    adispatch_custom_event,
+    dispatch_custom_event,
+)
+from langchain_core.runnables import Runnable, RunnableConfig
+from pydantic import BaseModel, ConfigDict, Field
 
 from dreamr_langchain._bridge import iterate_sync
 from dreamr_langchain._updates import StepUpdate, VerdictUpdate, reason_updates
 from dreamr_langchain.types import VERDICT_EVENT, ImageLike, ReasoningChunk, ReasoningInput
-from langchain_core.callbacks import adispatch_custom_event, dispatch_custom_event
-from langchain_core.runnables import Runnable, RunnableConfig
-from pydantic import BaseModel, ConfigDict, Field
-
 from dreamr_stream import InputError, InvalidImageError, InvalidQuestionError, Method, Reasoner, ReasonerConfig
 
 __all__ = ["ReasonerRunnable"]
 
-log = logging.getLogger(__name__)
 _OPTIONS = frozenset({"method", "reasoner_config", "timeout_s"})
 
 
@@ -101,28 +105,39 @@ class ReasonerRunnable(Runnable[ReasoningInput, ReasoningChunk]):
         self, inputs: AsyncIterator[ReasoningInput], config: RunnableConfig, options: dict[str, Any]
     ) -> AsyncIterator[ReasoningChunk]:
         image, question = self._request([i async for i in inputs])
-        async for update in reason_updates(self.reasoner, image, question, **options):
-            if isinstance(update, VerdictUpdate):
-                await adispatch_custom_event(VERDICT_EVENT, update.event, config=config)
-            else:
-                yield _chunk(update)
+        # aclosing: when LangChain closes this generator early, the request must be closed (and
+        # its lanes cancelled and awaited) now, not whenever the garbage collector gets to it
+        async with aclosing(reason_updates(self.reasoner, image, question, **options)) as updates:
+            async for update in updates:
+                if isinstance(update, VerdictUpdate):
+                    await adispatch_custom_event(VERDICT_EVENT, update.event, config=config)
+                else:
+                    yield _chunk(update)
 
     async def astream(
         self, input: ReasoningInput, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[ReasoningChunk]:
+    ) -> AsyncGenerator[ReasoningChunk, None]:
+        """Chunks as steps are verified; wrap in ``contextlib.aclosing`` to leave early deterministically."""
         options = self._options(kwargs)
 
         async def one() -> AsyncIterator[ReasoningInput]:
             yield input
 
-        async for chunk in self._atransform_stream_with_config(one(), self._atransform, config, options=options):
-            yield chunk
+        def transform(
+            inputs: AsyncIterator[ReasoningInput], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
+        ) -> AsyncIterator[ReasoningChunk]:
+            return self._atransform(inputs, config, options)
+
+        stream = self._atransform_stream_with_config(one(), transform, config)
+        async with aclosing(cast(AsyncGenerator[ReasoningChunk, None], stream)):
+            async for chunk in stream:
+                yield chunk
 
     async def ainvoke(
         self, input: ReasoningInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> ReasoningChunk:
         total = ReasoningChunk()
-        async for chunk in self.astream(input, config, **kwargs):
+        async for chunk in self.astream(input, config, **kwargs):  # runs to the end: nothing to close early
             total = total + chunk
         return total
 
@@ -131,17 +146,25 @@ class ReasonerRunnable(Runnable[ReasoningInput, ReasoningChunk]):
         self, inputs: Iterator[ReasoningInput], config: RunnableConfig, options: dict[str, Any]
     ) -> Iterator[ReasoningChunk]:
         image, question = self._request(list(inputs))
-        for update in iterate_sync(lambda: reason_updates(self.reasoner, image, question, **options)):
-            if isinstance(update, VerdictUpdate):
-                dispatch_custom_event(VERDICT_EVENT, update.event, config=config)
-            else:
-                yield _chunk(update)
+        with closing(iterate_sync(lambda: reason_updates(self.reasoner, image, question, **options))) as updates:
+            for update in updates:
+                if isinstance(update, VerdictUpdate):
+                    dispatch_custom_event(VERDICT_EVENT, update.event, config=config)
+                else:
+                    yield _chunk(update)
 
     def stream(
         self, input: ReasoningInput, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[ReasoningChunk]:
+    ) -> Generator[ReasoningChunk, None, None]:
+        """Sync ``astream`` (any thread, with or without a running loop); ``close()`` cancels the request."""
         options = self._options(kwargs)
-        yield from self._transform_stream_with_config(iter([input]), self._transform, config, options=options)
+
+        def transform(
+            inputs: Iterator[ReasoningInput], run_manager: CallbackManagerForChainRun, config: RunnableConfig
+        ) -> Iterator[ReasoningChunk]:
+            return self._transform(inputs, config, options)
+
+        yield from self._transform_stream_with_config(iter([input]), transform, config)
 
     def invoke(self, input: ReasoningInput, config: RunnableConfig | None = None, **kwargs: Any) -> ReasoningChunk:
         total = ReasoningChunk()

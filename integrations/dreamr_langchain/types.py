@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Literal, TypedDict, Union
 
 from PIL import Image
@@ -25,7 +25,7 @@ __all__ = [
 VERDICT_EVENT = "dreamr_verdict"
 
 #: What the core accepts as an image: raw bytes, base64 / a data URL, a file path, or a PIL image.
-ImageLike = Union[bytes, bytearray, memoryview, str, os.PathLike[str], Image.Image]
+ImageLike = Union[bytes, bytearray, memoryview, str, Path, Image.Image]
 
 
 class ReasoningInput(TypedDict):
