@@ -14,7 +14,7 @@ from typing import Any, Literal
 import anyio
 
 from dreamr_stream.backends.base import ModelBackend
-from dreamr_stream.config import ReasonerConfig
+from dreamr_stream.config import ReasonerConfig, VerificationConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
 from dreamr_stream.engine.request import CacheContext, RequestContext
@@ -97,6 +97,8 @@ class Reasoner:
 
         t = TransformersBackend.from_pretrained(target, device=device, name="target")
         d = TransformersBackend.from_pretrained(draft, device=device, name="draft") if draft is not None else None
+        if config is None and t.recommended_verification:  # the target knows how it judges best
+            config = ReasonerConfig(verification=VerificationConfig(**t.recommended_verification))
         return cls(t, d, config=config)
 
     @classmethod

@@ -80,6 +80,8 @@ class TransformersBackend:
         self.eos_ids = self._eos_ids()
         self._uses_mrope = hasattr(getattr(model, "model", model), "get_rope_index")
         self._identity: str | None = None
+        # verification defaults the model folder recommends (dreamr.json "verification")
+        self.recommended_verification: dict[str, Any] = {}
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.verdict_ids(self.judge)  # fail at load, not mid-request, on a bad template
 
@@ -109,11 +111,15 @@ class TransformersBackend:
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device=dev)  # type: ignore[call-arg]
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"could not load a vision-language model from {folder}: {e}") from e
-        judge = None
+        judge, verification = None, {}
         sidecar = folder / SIDECAR
         if sidecar.exists():
-            judge = JudgeTemplate(**json.loads(sidecar.read_text()).get("judge", {}))
-        return cls(model, processor, name=name or folder.name, judge=judge)
+            settings = json.loads(sidecar.read_text())
+            judge = JudgeTemplate(**settings.get("judge", {}))
+            verification = settings.get("verification", {})
+        backend = cls(model, processor, name=name or folder.name, judge=judge)
+        backend.recommended_verification = verification
+        return backend
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
