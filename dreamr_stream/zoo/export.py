@@ -14,14 +14,18 @@ from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX
 __all__ = ["export_model"]
 
 
-def export_model(checkpoint: Path, processor_dir: Path, out: Path, *, card: str | None = None) -> Path:
+def export_model(
+    checkpoint: Path, processor_dir: Path, out: Path, *, card: str | None = None, verify_mode: str | None = None
+) -> Path:
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     processor = LlavaProcessor.from_pretrained(processor_dir)
     if out.exists():
         shutil.rmtree(out)
     model.to(dtype=torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[call-arg]
     processor.save_pretrained(out)
-    sidecar = {"judge": {"suffix": JUDGE_SUFFIX, "positive": JUDGE_POS, "negative": JUDGE_NEG}}
+    sidecar: dict[str, object] = {"judge": {"suffix": JUDGE_SUFFIX, "positive": JUDGE_POS, "negative": JUDGE_NEG}}
+    if verify_mode is not None:
+        sidecar["verification"] = {"mode": verify_mode}
     (out / "dreamr.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     if card is not None:
         (out / "README.md").write_text(card)
@@ -35,8 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--processor", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--verify", choices=["judge", "likelihood"], help="verification mode to recommend")
     args = parser.parse_args(argv)
-    print(export_model(args.checkpoint, args.processor, args.out))
+    print(export_model(args.checkpoint, args.processor, args.out, verify_mode=args.verify))
 
 
 if __name__ == "__main__":
