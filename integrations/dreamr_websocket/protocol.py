@@ -20,11 +20,12 @@ it ends with exactly one of ``answer`` + ``stats`` (success; ``stats`` is last),
 from __future__ import annotations
 
 import json
+import re
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dreamr_stream.events import (
     CacheHitEvent,
@@ -66,14 +67,16 @@ __all__ = [
     "StatsMessage",
     "VerifiedMessage",
     "from_event",
+    "parse_client_message",
     "protocol_schema",
     "write_schema",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / f"protocol-v{PROTOCOL_VERSION}.json"
 Method = Literal["fpsr", "target_only", "draft_only", "sequential"]
-RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=f"^{_ID.pattern}$")]
 
 
 class CloseCode(IntEnum):
@@ -310,6 +313,33 @@ def from_event(
         code = _ERROR_CODES.get(event.error, "model_error")
         return [ErrorMessage(id=rid, code=code, message=f"{event.error}: {event.message}")]
     raise TypeError(f"unknown engine event {type(event).__name__}")  # pragma: no cover - new core event
+
+
+def parse_client_message(raw: str) -> ClientMessage | ErrorMessage:
+    """A validated client message, or the error to send back (never an exception).
+
+    Error messages name the offending fields but never echo input values (an image can be
+    megabytes, and echoing input back is how reflection bugs start).
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        return ErrorMessage(code="bad_json", message=f"the message is not JSON: {e}")
+    if not isinstance(data, dict):
+        return ErrorMessage(code="bad_request", message="a message is a JSON object with 'v' and 'type'")
+    given_id = data.get("id")
+    rid = given_id if isinstance(given_id, str) and _ID.fullmatch(given_id) else None
+    if data.get("v") != PROTOCOL_VERSION:
+        return ErrorMessage(
+            id=rid, code="unsupported_version", message=f"this server speaks protocol v{PROTOCOL_VERSION}; send 'v': 1"
+        )
+    try:
+        return ClientMessageAdapter.validate_python(data)
+    except ValidationError as e:
+        errors = e.errors(include_input=False, include_url=False)
+        in_options = any(len(err["loc"]) > 1 and err["loc"][1] == "options" for err in errors)
+        detail = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'type'}: {err['msg']}" for err in errors[:4])
+        return ErrorMessage(id=rid, code="invalid_option" if in_options else "bad_request", message=detail)
 
 
 def protocol_schema() -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""``dreamr serve``: the command behind the core CLI's subcommand (its arguments live there).
+
+Why split this way: ``dreamr --help`` and ``dreamr reason`` must work without the
+``websocket`` extra, so the core CLI only imports this module when ``serve`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from dreamr_stream.config import GenerationConfig, ReasonerConfig, VerificationConfig
+from dreamr_stream.errors import DreamrError
+
+if TYPE_CHECKING:
+    from dreamr_websocket.settings import ServerSettings
+
+__all__ = ["serve", "settings_from_args"]
+
+TOKEN_ENV = "DREAMR_TOKEN"
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """``ServerSettings`` from the ``serve`` arguments; the token falls back to ``$DREAMR_TOKEN``."""
+    from dreamr_websocket.settings import ServerSettings
+
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        allow_no_token=args.allow_no_token,
+        origins=tuple(args.origins),
+        max_active=args.max_active,
+        max_waiting=args.max_waiting,
+        max_connections=args.max_connections,
+        max_message_bytes=args.max_message_bytes,
+        send_timeout_s=args.send_timeout,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from dreamr_stream.reasoner import Reasoner
+    from dreamr_websocket.protocol import protocol_schema
+    from dreamr_websocket.server import DreamrServer, run
+
+    if args.print_schema:
+        print(json.dumps(protocol_schema(), indent=2, sort_keys=True))
+        return 0
+    try:
+        settings = settings_from_args(args)
+        token = settings.token
+        config = ReasonerConfig(
+            generation=GenerationConfig(max_steps=args.max_steps), verification=VerificationConfig(tau=args.tau)
+        )
+        t0 = time.perf_counter()
+        if args.target:
+            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, config=config, device=args.device)
+        else:
+            reasoner = Reasoner.demo(draft=args.demo_draft, config=config, device=args.device)
+    except DreamrError as e:
+        print(f"dreamr serve: {e}", file=sys.stderr)
+        return 2
+    loaded_s = time.perf_counter() - t0
+
+    def ready(server: DreamrServer) -> None:
+        url = server.http_url + (f"#token={token}" if token else "")
+        print(f"models loaded in {loaded_s:.1f}s; serving {url}  (WebSocket {server.ws_url}); Ctrl-C stops", flush=True)
+
+    try:
+        run(reasoner, settings, on_ready=ready)
+    except OSError as e:  # e.g. the port is taken
+        print(f"dreamr serve: cannot listen on {settings.host}:{settings.port}: {e}", file=sys.stderr)
+        return 1
+    return 0

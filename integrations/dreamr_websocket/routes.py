@@ -1,0 +1,152 @@
+"""Plain HTTP beside the WebSocket on the same port: the page, a demo puzzle, stats, the schema.
+
+Why on one port: the page connects back to the origin it came from, so no CORS and one
+Origin rule. Only a fixed table of static files is served (a client never names a path),
+and the handshake gates live here as pure functions of the request, so they are easy to test:
+the token (``Authorization: Bearer`` header or ``?token=``, since browsers cannot set headers
+on a WebSocket) and the Origin / Host allowlists (against cross-site WebSocket hijacking and
+DNS rebinding of a loopback server).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hmac
+import io
+import json
+import secrets
+from functools import cache
+from http import HTTPStatus
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from dreamr_websocket.settings import LOOPBACK_HOSTS, ServerSettings
+
+__all__ = [
+    "STATIC",
+    "DemoPuzzle",
+    "demo_puzzle",
+    "host_allowed",
+    "json_response",
+    "origin_allowed",
+    "query",
+    "response",
+    "static_file",
+    "token_ok",
+]
+
+# path -> (file in the package's static/ folder, content type); nothing else is ever read
+STATIC: dict[str, tuple[str, str]] = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class DemoPuzzle(BaseModel):
+    """``GET /puzzle``: a fresh demo-task image with its question and known answer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    seed: int
+    image: str = Field(description="data:image/png;base64,...")
+    question: str
+    answer: str
+
+
+def response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+            ("Content-Security-Policy", _CSP),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def json_response(payload: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return response(status, body.encode(), "application/json")
+
+
+@cache
+def static_file(name: str) -> bytes:
+    return resources.files("dreamr_websocket").joinpath("static", name).read_bytes()
+
+
+def query(request: Request) -> dict[str, str]:
+    """The last value of each query parameter."""
+    return {k: v[-1] for k, v in parse_qs(urlsplit(request.path).query).items()}
+
+
+def token_ok(request: Request, token: str | None) -> bool:
+    """No token configured, or the request carries it (constant-time comparison)."""
+    if token is None:
+        return True
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else query(request).get("token", "")
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _hostname(host_header: str) -> str:
+    if host_header.startswith("["):  # [::1]:8765
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def host_allowed(request: Request, settings: ServerSettings) -> bool:
+    """On a loopback server the Host must be a loopback name (or an allowed origin's host).
+
+    A DNS-rebinding page resolves its own name to 127.0.0.1; its requests then carry that
+    name in Host, and this refuses them. A public server relies on the token instead.
+    """
+    if not settings.loopback:
+        return True
+    name = _hostname(request.headers.get("Host", "")).lower()
+    extra = {(urlsplit(o).hostname or "").lower() for o in settings.origins if o != "*"}
+    return name in LOOPBACK_HOSTS or name in extra
+
+
+def origin_allowed(request: Request, settings: ServerSettings) -> bool:
+    """Browsers send Origin: it must be the page's own origin or in the allowlist.
+
+    A request without Origin is not from a browser page (nothing to hijack): allowed, and
+    the token, when set, still applies.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    origin = origin.rstrip("/")
+    if "*" in settings.origins or origin in settings.origins:
+        return True
+    host = request.headers.get("Host", "")
+    return bool(host) and origin in (f"http://{host}", f"https://{host}") and host_allowed(request, settings)
+
+
+def demo_puzzle(seed: int | None = None) -> DemoPuzzle:
+    """A demo puzzle from the core's task (a random one unless ``seed`` is given)."""
+    from dreamr_stream.zoo.task import make_puzzle, split_seed
+
+    seed = secrets.randbelow(10**6) if seed is None else seed
+    puzzle = make_puzzle(split_seed("test", seed))
+    buf = io.BytesIO()
+    puzzle.image.save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return DemoPuzzle(
+        seed=seed, image=f"data:image/png;base64,{data}", question=puzzle.question.text(), answer=str(puzzle.answer)
+    )

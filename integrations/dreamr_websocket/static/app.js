@@ -1,0 +1,352 @@
+// dreamr live page: one WebSocket to /ws, protocol v1 (see the package docstring / schema.json).
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  const state = {
+    ws: null, ready: false, running: null, image: null, expected: null,
+    limits: null, retries: 0, seq: 0, pending: new Map(), tau: 1,
+  };
+
+  // ------------------------------------------------------------------ connection
+  function wsUrl() {
+    const url = new URL("/ws", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    if (token) url.searchParams.set("token", token);
+    return url.href;
+  }
+
+  function setConn(kind, text) {
+    $("conn").dataset.state = kind;
+    $("conn-text").textContent = text;
+  }
+
+  function connect() {
+    setConn("connecting", "Connecting…");
+    const ws = new WebSocket(wsUrl());
+    state.ws = ws;
+    ws.addEventListener("message", (e) => {
+      let msg;
+      try { msg = JSON.parse(e.data); } catch { return; }
+      handle(msg);
+    });
+    ws.addEventListener("close", (e) => {
+      state.ready = false;
+      if (state.running) finish("error", "The connection was lost; the request stopped.");
+      updateButtons();
+      const why = e.code === 1009 ? "the image is too large for this server" : (e.reason || `code ${e.code}`);
+      const wait = Math.min(10000, 500 * 2 ** state.retries++);
+      setConn("down", `Disconnected (${why}); retrying in ${Math.round(wait / 1000)} s`);
+      setTimeout(connect, wait);
+    });
+  }
+
+  function send(message) {
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return false;
+    state.ws.send(JSON.stringify({ v: 1, ...message }));
+    return true;
+  }
+
+  // ------------------------------------------------------------------ rendering
+  const fmtRatio = (r) => {
+    if (typeof r === "string") return r.includes("inf") ? "∞" : r;
+    if (r >= 1000) return r.toExponential(1);
+    return r >= 10 ? r.toFixed(1) : r.toPrecision(2);
+  };
+  const secs = (s) => (s == null ? "–" : `${s.toFixed(2)} s`);
+
+  function announce(text) {
+    const p = document.createElement("p");
+    p.textContent = text;
+    $("announce").append(p);
+    while ($("announce").childElementCount > 5) $("announce").firstElementChild.remove();
+  }
+
+  function status(text, kind = "") {
+    $("status").textContent = text;
+    $("status").dataset.kind = kind;
+  }
+
+  function row(index, kind, badge, text, meta = "") {
+    const li = document.createElement("li");
+    li.className = `step ${kind}`;
+    li.dataset.index = String(index);
+    li.dataset.t = String(performance.now());
+    const num = document.createElement("span");
+    num.className = "num";
+    num.textContent = `#${index + 1}`;
+    const b = document.createElement("span");
+    b.className = `badge ${badge.cls}`;
+    b.textContent = badge.text;
+    const body = document.createElement("span");
+    body.className = "text";
+    body.textContent = text;
+    const m = document.createElement("span");
+    m.className = "meta";
+    m.textContent = meta;
+    li.append(num, b, body, m);
+    return li;
+  }
+
+  function place(li, replacing) {
+    if (replacing && replacing.isConnected) replacing.replaceWith(li);
+    else $("steps").append(li);
+  }
+
+  function verdictMeta(v, t) {
+    if (!v) return secs(t);
+    const cmp = v.accepted ? "≥" : "<";
+    return `ratio ${fmtRatio(v.ratio)} ${cmp} τ ${fmtRatio(v.tau)} · ${secs(t)}`;
+  }
+
+  function dropStaleDrafts(after) {
+    for (const [i, li] of state.pending) {
+      if (i > after) { li.remove(); state.pending.delete(i); }
+    }
+  }
+
+  function handle(msg) {
+    if (msg.type === "hello") {
+      state.ready = true;
+      state.retries = 0;
+      state.limits = msg.limits;
+      setConn("up", `Connected · ${msg.server} ${msg.version}`);
+      updateButtons();
+      return;
+    }
+    if (msg.type === "error" && (!state.running || (msg.id && msg.id !== state.running))) {
+      showFormError(msg.message);
+      return;
+    }
+    if (!state.running || msg.id !== state.running) return;
+    switch (msg.type) {
+      case "queued":
+        status(`Queued: position ${msg.position}…`);
+        break;
+      case "started":
+        status("Reasoning…");
+        break;
+      case "drafted": {
+        const li = row(msg.index, "pending", { cls: "pending", text: "drafting" }, msg.text, secs(msg.elapsed_s));
+        place(li, state.pending.get(msg.index));
+        state.pending.set(msg.index, li);
+        break;
+      }
+      case "verified": {
+        const s = msg.step;
+        const cache = s.source === "cache";
+        const li = row(s.index, `verified ${cache ? "cache" : ""} ${s.is_final ? "final" : ""}`,
+          { cls: cache ? "cache" : "draft", text: cache ? "cache ✓" : "draft ✓" }, s.text, verdictMeta(s.verdict, msg.elapsed_s));
+        li.dataset.verifiedAt = String(performance.now());
+        place(li, state.pending.get(s.index));
+        state.pending.delete(s.index);
+        announce(`Step ${s.index + 1} verified: ${s.text}`);
+        break;
+      }
+      case "rejected": {
+        const li = row(msg.index, "rejected", { cls: "rejected", text: "rejected" }, "", verdictMeta(msg.verdict, msg.elapsed_s));
+        const del = document.createElement("del");
+        del.textContent = msg.text;
+        li.querySelector(".text").append(del);
+        place(li, state.pending.get(msg.index));
+        state.pending.delete(msg.index);
+        dropStaleDrafts(msg.index);
+        announce(`Draft for step ${msg.index + 1} rejected`);
+        break;
+      }
+      case "fallback": {
+        const s = msg.step;
+        const li = row(s.index, `fallback ${s.is_final ? "final" : ""}`, { cls: "target", text: "target" }, s.text, secs(msg.elapsed_s));
+        li.dataset.verifiedAt = String(performance.now());
+        place(li, state.pending.get(s.index));
+        state.pending.delete(s.index);
+        dropStaleDrafts(s.index);
+        announce(`Step ${s.index + 1} written by the target: ${s.text}`);
+        break;
+      }
+      case "cache_hit": {
+        const li = document.createElement("li");
+        li.className = "step note";
+        li.textContent = `Trajectory cache hit: ${msg.steps} step${msg.steps === 1 ? "" : "s"} proposed from an earlier run (each is verified again).`;
+        $("steps").append(li);
+        break;
+      }
+      case "answer":
+        showAnswer(msg.answer);
+        break;
+      case "stats":
+        showStats(msg);
+        finish("done", `Done in ${secs(msg.stats.wall_s)}.`);
+        break;
+      case "error":
+        finish("error", `Error (${msg.code}): ${msg.message}`);
+        break;
+      case "cancelled":
+        finish("cancelled", "Stopped.");
+        break;
+      default:
+        break;
+    }
+  }
+
+  function showAnswer(answer) {
+    const box = $("answer");
+    box.hidden = false;
+    box.dataset.t = String(performance.now());
+    $("answer-text").textContent = answer ?? "(no answer)";
+    const check = $("answer-check");
+    check.className = "answer-check";
+    check.textContent = "";
+    if (state.expected != null) {
+      const ok = answer != null && answer.trim() === state.expected;
+      check.classList.add(ok ? "ok" : "bad");
+      check.textContent = ok ? "✓ matches the puzzle's answer" : `✗ the puzzle's answer is ${state.expected}`;
+    }
+    announce(`Answer: ${answer ?? "none"}`);
+  }
+
+  function showStats(msg) {
+    const s = msg.stats;
+    const by = s.steps_by_source || {};
+    const items = [
+      ["Total time", secs(s.wall_s)],
+      ["First step", secs(s.time_to_first_step_s)],
+      ["Drafts accepted", s.draft_steps_judged ? `${s.draft_steps_accepted} / ${s.draft_steps_judged} (${Math.round(100 * msg.acceptance_rate)}%)` : "–"],
+      ["Steps: draft / target / cache", `${by.draft || 0} / ${by.target || 0} / ${by.cache || 0}`],
+      ["Target forwards", String(s.target_forwards)],
+      ["Draft forwards", String(s.draft_forwards)],
+      ["Queue wait", secs(msg.queue_wait_s)],
+    ];
+    const dl = $("stats");
+    dl.replaceChildren(...items.map(([k, v]) => {
+      const div = document.createElement("div");
+      const dt = document.createElement("dt");
+      dt.textContent = k;
+      const dd = document.createElement("dd");
+      dd.textContent = v;
+      div.append(dt, dd);
+      return div;
+    }));
+    dl.hidden = false;
+  }
+
+  // ------------------------------------------------------------------ requests
+  function reset() {
+    $("steps").replaceChildren();
+    state.pending.clear();
+    $("answer").hidden = true;
+    $("stats").hidden = true;
+    showFormError("");
+  }
+
+  function finish(kind, text) {
+    state.running = null;
+    dropStaleDrafts(-1); // drafts never verified (stopped, failed, or drafted past the answer)
+    status(text, kind === "error" ? "error" : "");
+    if (kind !== "done") announce(text);
+    updateButtons();
+  }
+
+  function showFormError(text) {
+    $("form-error").textContent = text;
+    $("form-error").hidden = !text;
+  }
+
+  function updateButtons() {
+    $("go").disabled = !state.ready || !!state.running;
+    $("stop").disabled = !state.running;
+    $("demo").disabled = false;
+  }
+
+  function ask(event) {
+    event.preventDefault();
+    const question = $("question").value.trim();
+    if (!state.image) { showFormError("Choose an image or take a demo puzzle first."); return; }
+    if (!question) { showFormError("Type a question."); $("question").focus(); return; }
+    const limit = state.limits ? state.limits.max_message_bytes : Infinity;
+    if (state.image.length + question.length + 512 > limit) {
+      showFormError(`The image is too large for this server (limit ${(limit / 2 ** 20).toFixed(1)} MiB).`);
+      return;
+    }
+    reset();
+    const id = `p${++state.seq}`;
+    const tau = Number($("tau").value);
+    const options = { method: $("method").value, drafts: $("show-drafts").checked };
+    if (Number.isFinite(tau) && tau >= 0) options.tau = tau;
+    if (!send({ type: "ask", id, image: state.image, question, options })) {
+      showFormError("Not connected yet; try again in a moment.");
+      return;
+    }
+    state.running = id;
+    status("Sent…");
+    updateButtons();
+  }
+
+  function stop() {
+    if (state.running) send({ type: "cancel" });
+  }
+
+  // ------------------------------------------------------------------ images
+  function setImage(dataUrl, expected = null) {
+    state.image = dataUrl;
+    state.expected = expected;
+    const img = $("preview");
+    img.src = dataUrl;
+    img.hidden = false;
+    img.alt = expected != null ? "the demo puzzle: coloured shapes on a 4 by 4 grid" : "your image";
+    $("drop").classList.add("has-image");
+    $("drop-text").replaceChildren();
+    $("drop-text").append("Drop another image, or ");
+    const link = document.createElement("span");
+    link.className = "link";
+    link.textContent = "choose a file";
+    $("drop-text").append(link);
+    $("expected").hidden = expected == null;
+    $("expected").textContent = expected != null ? `Demo puzzle: the known answer is ${expected}.` : "";
+  }
+
+  function readFile(file) {
+    if (!file) return;
+    if (!file.type.startsWith("image/")) { showFormError(`${file.name} is not an image.`); return; }
+    const max = state.limits ? state.limits.max_image_bytes : Infinity;
+    if (file.size > max) { showFormError(`${file.name} is over the ${(max / 2 ** 20).toFixed(1)} MiB limit.`); return; }
+    const reader = new FileReader();
+    reader.addEventListener("load", () => { showFormError(""); setImage(String(reader.result)); });
+    reader.addEventListener("error", () => showFormError(`Could not read ${file.name}.`));
+    reader.readAsDataURL(file);
+  }
+
+  async function demoPuzzle() {
+    $("demo").disabled = true;
+    try {
+      const res = await fetch("/puzzle", { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+      if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+      const p = await res.json();
+      setImage(p.image, p.answer);
+      $("question").value = p.question;
+      showFormError("");
+      announce(`Demo puzzle loaded: ${p.question}`);
+    } catch (e) {
+      showFormError(`Could not get a demo puzzle: ${e.message}`);
+    } finally {
+      $("demo").disabled = false;
+    }
+  }
+
+  // ------------------------------------------------------------------ wiring
+  function wire() {
+    $("ask-form").addEventListener("submit", ask);
+    $("stop").addEventListener("click", stop);
+    $("demo").addEventListener("click", demoPuzzle);
+    $("file").addEventListener("change", (e) => readFile(e.target.files[0]));
+    const drop = $("drop");
+    ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+    ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
+    drop.addEventListener("drop", (e) => { e.preventDefault(); readFile(e.dataTransfer.files[0]); });
+    document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.running) stop(); });
+    connect();
+  }
+
+  wire();
+})();

@@ -1,0 +1,107 @@
+"""The live page in a real browser (Debian chromium via Playwright) against the demo models.
+
+Never ``playwright install``: the browser is the system's ``/usr/bin/chromium`` (CI installs it).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from ws_support import serving
+
+from dreamr_stream.reasoner import Reasoner
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "ws_page.png"
+
+# Records, at every DOM change, how many steps are verified and whether the answer is shown:
+# each WebSocket message is its own task, so each step's arrival is its own observation.
+OBSERVE = """
+window.__log = [];
+new MutationObserver(() => {
+  const steps = document.querySelectorAll('#steps .step.verified, #steps .step.fallback').length;
+  const answer = document.getElementById('answer');
+  const entry = [steps, !!answer && getComputedStyle(answer).display !== 'none'];  // what the user sees
+  const last = window.__log[window.__log.length - 1];
+  if (!last || last[0] !== entry[0] || last[1] !== entry[1]) window.__log.push(entry);
+}).observe(document, {subtree: true, childList: true, attributes: true});
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_reasoner() -> Reasoner:
+    return Reasoner.demo()
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    assert Path(CHROMIUM).exists(), "Debian chromium is missing: apt-get install -y chromium"
+    return CHROMIUM
+
+
+async def test_page_streams_verified_steps_then_the_answer(
+    demo_reasoner: Reasoner, chromium: str, tmp_path: Path
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    async with serving(demo_reasoner) as server, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+            await page.add_init_script(OBSERVE)
+            await page.goto(server.http_url)
+            await expect(page.locator("#conn")).to_have_attribute("data-state", "up")
+
+            # picking a file works (preview shown); then take a generated demo puzzle instead
+            picked = tmp_path / "picked.png"
+            Image.new("RGB", (64, 64), (30, 120, 200)).save(picked)
+            await page.locator("#file").set_input_files(picked)
+            await expect(page.locator("#preview")).to_be_visible()
+            await page.get_by_role("button", name="New demo puzzle").click()
+            await expect(page.locator("#expected")).to_be_visible()
+            question = await page.get_by_label("Question").input_value()
+            image_url = await page.locator("#preview").get_attribute("src")
+            assert question and image_url and image_url.startswith("data:image/png;base64,")
+
+            await page.get_by_label("Question").press("Enter")  # keyboard submit
+            await expect(page.locator("#answer")).to_be_visible(timeout=120_000)
+            await expect(page.locator("#stats")).to_be_visible()
+            await expect(page.locator("#status")).to_contain_text("Done")
+            shown_answer = (await page.locator("#answer-text").text_content() or "").strip()
+            shown_steps = await page.locator(
+                "#steps .step.verified .text, #steps .step.fallback .text"
+            ).all_inner_texts()
+            log = await page.evaluate("window.__log")
+            announced = await page.locator("#announce").inner_text()
+            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            await browser.close()
+
+    # verified steps appeared one by one, every one of them before the answer
+    counts_before_answer = [n for n, answer_shown in log if not answer_shown and n > 0]
+    assert counts_before_answer == list(range(1, len(shown_steps) + 1)), log
+    assert len(shown_steps) >= 2 and "Answer" in announced
+    # the page's answer is the library's answer on the same image and question
+    expected = await demo_reasoner.ainvoke(base64.b64decode(image_url.split(",", 1)[1]), question)
+    assert shown_answer == (expected.answer or "(no answer)")
+    assert [s.strip() for s in shown_steps] == [s.text.strip() for s in expected.steps]
+    assert not problems, problems
+    assert Image.open(io.BytesIO(SCREENSHOT.read_bytes())).width >= 1000
