@@ -25,16 +25,16 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()  # no "Loading weights" bars in a CLI
 
 
-def _recommended_mode(args: argparse.Namespace) -> str:
-    """The verification mode the target's dreamr.json recommends (judge if none)."""
+def _recommended(args: argparse.Namespace) -> dict[str, object]:
+    """The verification settings the target's dreamr.json recommends."""
     import json
 
     from dreamr_stream.zoo.shipped import WEIGHTS
 
     sidecar = Path(args.target or WEIGHTS / "target") / "dreamr.json"
     if sidecar.exists():
-        return str(json.loads(sidecar.read_text()).get("verification", {}).get("mode", "judge"))
-    return "judge"
+        return dict(json.loads(sidecar.read_text()).get("verification", {}))
+    return {}
 
 
 def _reason(args: argparse.Namespace) -> int:
@@ -72,7 +72,9 @@ def _reason(args: argparse.Namespace) -> int:
             return 2
     config = ReasonerConfig(
         generation=GenerationConfig(max_steps=args.max_steps),
-        verification=VerificationConfig(tau=args.tau, mode=args.verify or _recommended_mode(args)),  # type: ignore[arg-type]
+        verification=VerificationConfig(
+            **{**_recommended(args), **{k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}}
+        ),
         scheduling=SchedulingConfig(lookahead=args.lookahead, fallback=args.fallback),
     )
     t0 = time.perf_counter()
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-image", help="where --random saves its image")
     r.add_argument("--events", action="store_true", help="also show drafts, rejections and verdicts")
     r.add_argument("--method", default="fpsr", choices=["fpsr", "sequential", "target_only", "draft_only"])
-    r.add_argument("--tau", type=float, default=1.0)
+    r.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")
     r.add_argument("--verify", choices=["judge", "likelihood"], help="default: what the target model recommends")
     r.add_argument("--lookahead", type=int, default=2)
     r.add_argument("--fallback", default="auto", choices=["on", "off", "auto"])

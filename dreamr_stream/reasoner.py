@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Literal
@@ -148,7 +148,7 @@ class Reasoner:
         method: Method = "fpsr",
         config: ReasonerConfig | None = None,
         inspect: Inspect | None = None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Every engine event of one request; ends with ``finished`` or ``failed``.
 
         Leaving the loop early (break, cancellation, a closed client) cancels the request and
@@ -160,7 +160,7 @@ class Reasoner:
 
     async def astream(
         self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
-    ) -> AsyncIterator[Step]:
+    ) -> AsyncGenerator[Step, None]:
         """Verified steps only, each as soon as it is verified. Raises the request's error."""
         async with aclosing(self._events(image, question, method=method, config=config)) as events:
             async for event, error in events:
@@ -216,7 +216,7 @@ class Reasoner:
         if method != "target_only" and self.draft is None:
             raise ConfigError(f"method {method!r} needs a draft model")
         # input checks before any model work
-        pil = load_image(image, cfg.limits)
+        pil = await anyio.to_thread.run_sync(load_image, image, cfg.limits)  # decoding may be slow
         text = check_question(question, cfg.limits)
         cache = await self._cache_context(cfg, pil, text) if method == "fpsr" else None
         send, recv = anyio.create_memory_object_stream[tuple[Event, DreamrError | None]](math.inf)
@@ -266,8 +266,10 @@ class Reasoner:
             # anyio cancellation (not task.cancel()): it honours the shielded waits for model
             # calls already running in threads, so when the task ends no call is left behind
             scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([task])
-            self.active_requests -= 1
+            try:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([task])
+            finally:  # even if a second, native cancellation cuts the wait short
+                self.active_requests -= 1
             if not task.cancelled() and task.exception() is not None:  # a bug in the engine itself
                 raise BackendError("the engine crashed") from task.exception()
