@@ -271,9 +271,10 @@
     }
     reset();
     const id = `p${++state.seq}`;
-    const tau = Number($("tau").value);
+    const tauText = $("tau").value.trim();  // empty: the server's (the model's recommended) threshold
+    const tau = Number(tauText);
     const options = { method: $("method").value, drafts: $("show-drafts").checked };
-    if (Number.isFinite(tau) && tau >= 0) options.tau = tau;
+    if (tauText !== "" && Number.isFinite(tau) && tau >= 0) options.tau = tau;
     if (!send({ type: "ask", id, image: state.image, question, options })) {
       showFormError("Not connected yet; try again in a moment.");
       return;
