@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 
-from dreamr_stream import Reasoner, ReasonerConfig
+from dreamr_stream import Reasoner
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.store import MemoryTrajectoryStore
 from dreamr_stream.zoo.task import make_puzzle, split_seed
@@ -31,10 +31,10 @@ async def run(n: int, redis_url: str | None) -> dict[str, object]:
     else:
         store = MemoryTrajectoryStore()
     base = Reasoner.demo()
-    reasoner = Reasoner(base.target.backend, base.draft.backend, store=store)  # type: ignore[union-attr, arg-type]
-    trust = ReasonerConfig(cache=CacheConfig(trust=True))
+    reasoner = Reasoner(base.target.backend, base.draft.backend, config=base.config, store=store)  # type: ignore[union-attr, arg-type]
+    trust = base.config.model_copy(update={"cache": CacheConfig(trust=True)})
     rows: dict[str, list[tuple[float, int, bool]]] = {"cold": [], "warm": [], "warm_trusted": []}
-    await reasoner.ainvoke(*_puzzle(10_000))  # warm-up
+    await reasoner.ainvoke(*_puzzle(10_000)[:2])  # warm-up
     for i in range(n):
         image, question, answer = _puzzle(i)
         for name, config in (("cold", None), ("warm", None), ("warm_trusted", trust)):

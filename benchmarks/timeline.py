@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dreamr_stream import Reasoner, ReasonerConfig, SchedulingConfig
+from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
 from dreamr_stream.types import ReasoningResult
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
@@ -40,7 +40,9 @@ def render(result: ReasoningResult, width: int) -> str:
         marks[i] = "^"
     lines.append(f"{'yield':>7} |{''.join(marks)}|")
     for step in result.steps:
-        tag = "draft, accepted" if step.source.value == "draft" else f"target (rejected: {step.rejected_draft!r})"
+        tag = {"draft": "draft, accepted", "cache": "cache"}.get(
+            step.source.value, f"target, replacing {step.rejected_draft!r}"
+        )
         lines.append(f"  step {step.index} at {step.elapsed_s * 1000:6.0f} ms  {tag}")
     return "\n".join(lines)
 
@@ -52,8 +54,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "timeline.md")
     args = parser.parse_args()
-    config = ReasonerConfig(scheduling=SchedulingConfig(fallback=args.fallback))
-    reasoner = Reasoner.demo(config=config)
+    base = Reasoner.demo()  # the target's recommended verification settings
+    config = base.config.model_copy(
+        update={"scheduling": SchedulingConfig(fallback=args.fallback), "cache": CacheConfig(enabled=False)}
+    )
+    reasoner = Reasoner(base.target.backend, base.draft.backend, config=config)  # type: ignore[union-attr]
     puzzle = make_puzzle(split_seed("test", args.seed))
     reasoner.invoke(puzzle.image, puzzle.question.text())  # warm-up
     result = reasoner.invoke(puzzle.image, puzzle.question.text())
