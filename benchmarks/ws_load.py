@@ -37,7 +37,7 @@ from dreamr_websocket.server import DreamrServer
 from dreamr_websocket.settings import ServerSettings
 from websockets.asyncio.client import ClientConnection, connect
 
-from dreamr_stream.config import CacheConfig, ReasonerConfig
+from dreamr_stream.config import CacheConfig
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
@@ -157,7 +157,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     reasoner = Reasoner.demo()
     load_s = time.perf_counter() - t0
     bank = puzzles(args.puzzles)
-    no_cache = ReasonerConfig(cache=CacheConfig(enabled=False))
+    no_cache = reasoner.config.model_copy(update={"cache": CacheConfig(enabled=False)})
     for p in bank:
         t = time.perf_counter()
         result = await reasoner.ainvoke(base64.b64decode(p.image_b64), p.question, config=no_cache)

@@ -234,7 +234,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--max-connections", type=int, default=256, help="open WebSockets (default: 256)")
     s.add_argument("--max-message-bytes", type=int, default=8 * 2**20, help="largest upload (default: 8 MiB)")
     s.add_argument("--send-timeout", type=float, default=10.0, help="abort a client that stops reading (s)")
-    s.add_argument("--tau", type=float, default=1.0)
+    s.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")
     s.add_argument("--max-steps", type=int, default=24)
     s.add_argument("--target", help="local target model folder (default: shipped demo)")
     s.add_argument("--draft", help="local draft model folder")

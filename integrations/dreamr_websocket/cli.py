@@ -53,14 +53,21 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         token = settings.token
-        config = ReasonerConfig(
-            generation=GenerationConfig(max_steps=args.max_steps), verification=VerificationConfig(tau=args.tau)
-        )
         t0 = time.perf_counter()
         if args.target:
-            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, config=config, device=args.device)
+            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device=args.device)
         else:
-            reasoner = Reasoner.demo(draft=args.demo_draft, config=config, device=args.device)
+            reasoner = Reasoner.demo(draft=args.demo_draft, device=args.device)
+        # start from what the target recommends (dreamr.json), then apply the flags given
+        base = reasoner.config
+        verification = base.verification if args.tau is None else base.verification.model_copy(update={"tau": args.tau})
+        reasoner.config = ReasonerConfig(
+            generation=GenerationConfig(max_steps=args.max_steps),
+            verification=VerificationConfig(**verification.model_dump()),
+            scheduling=base.scheduling,
+            limits=base.limits,
+            cache=base.cache,
+        )
     except DreamrError as e:
         print(f"dreamr serve: {e}", file=sys.stderr)
         return 2
