@@ -13,7 +13,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from dreamr_stream.backends.hf import HFSession, TransformersBackend
 from dreamr_stream.sapo.policy import PolicySample
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
 from dreamr_stream.store import LogEntry
+from dreamr_stream.verify import Verifier
 
 __all__ = ["RolloutPrompt", "TrajectoryCache", "prompts_from_log", "rollout_group", "target_trajectory"]
 
@@ -106,6 +107,7 @@ def rollout_group(
     weights: RewardWeights,
     rng: random.Random,
     max_step_tokens: int = 64,
+    verifier: Verifier | None = None,
 ) -> list[PolicySample]:
     """G sampled draft steps at prefix k, each with its reward, group advantage and verdict."""
     ds = _open_with_prefix(draft, prompt, k, seed=rng.randrange(2**31))
@@ -125,8 +127,12 @@ def rollout_group(
                 step_ids = [*step_ids, next(iter(draft.eos_ids))]
             draft.close(fork)
             tfork = target.fork(ts)
-            score = target.score(tfork, out.text, stop=STOP, judge=target.judge)
+            needs_judge = verifier is None or verifier.needs_judge
+            score = target.score(tfork, out.text, stop=STOP, judge=target.judge if needs_judge else None)
             target.close(tfork)
+            if verifier is not None:  # the evidence the deployed TBVM mode looks at
+                v = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
+                score = replace(score, p_pos=v.p_pos, p_neg=v.p_neg)
             reward = step_reward(
                 p_pos=score.p_pos,
                 p_neg=score.p_neg,

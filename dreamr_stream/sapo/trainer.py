@@ -30,7 +30,7 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.policy import PolicySample, sapo_loss, step_logprobs
 from dreamr_stream.sapo.rewards import RewardWeights
 from dreamr_stream.sapo.rollouts import RolloutPrompt, TrajectoryCache, rollout_group, target_trajectory
-from dreamr_stream.verify import JudgeVerifier
+from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier, Verifier
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 __all__ = ["SapoConfig", "acceptance_at_prefixes", "sapo_update", "train"]
@@ -55,6 +55,7 @@ class SapoConfig:
     eval_every: int = 25
     ckpt_every: int = 10
     tau: float = 1.0
+    verify_mode: str = ""  # "judge" | "likelihood"; empty: what the target recommends
     seed: int = 0
     threads: int = 2
 
@@ -93,11 +94,10 @@ def sapo_update(
 
 @torch.no_grad()
 def acceptance_at_prefixes(
-    target: TransformersBackend, draft: TransformersBackend, prompts: list[RolloutPrompt], tau: float
+    target: TransformersBackend, draft: TransformersBackend, prompts: list[RolloutPrompt], verifier: Verifier
 ) -> dict[str, float]:
     """TBVM acceptance of the draft's greedy step at every prefix of the target's trajectories
     (the prefix FPSR verifies against), and the mean draft step length in tokens."""
-    verifier = JudgeVerifier(tau)
     judged = accepted = tokens = 0
     for p in prompts:
         for k in range(p.start, len(p.steps)):
@@ -107,7 +107,7 @@ def acceptance_at_prefixes(
                 draft.append(ds, step, stop="\n")
                 target.append(ts, step, stop="\n")
             out = draft.generate_step(ds, max_tokens=64, stop="\n")
-            score = target.score(ts, out.text, stop="\n", judge=target.judge)
+            score = target.score(ts, out.text, stop="\n", judge=target.judge if verifier.needs_judge else None)
             judged += 1
             accepted += verifier.verify(score.p_pos, score.p_neg, score.token_logprobs).accepted
             tokens += len(draft.encode(out.text))
@@ -163,6 +163,8 @@ def train(
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     target = TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
     draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
+    mode = cfg.verify_mode or str(target.recommended_verification.get("mode", "judge"))
+    verifier: Verifier = JudgeVerifier(cfg.tau) if mode == "judge" else LikelihoodVerifier(cfg.tau)
     policy = draft.model
     ref = copy.deepcopy(policy).eval()
     for p in ref.parameters():
@@ -184,7 +186,7 @@ def train(
     pad_id = draft.tokenizer.pad_token_id or 0
     logf = (out / "log.jsonl").open("a")
     if start == 0:
-        logf.write(json.dumps({"step": 0, **acceptance_at_prefixes(target, draft, val, cfg.tau)}) + "\n")
+        logf.write(json.dumps({"step": 0, **acceptance_at_prefixes(target, draft, val, verifier)}) + "\n")
         logf.flush()
     show = sys.stderr.isatty()
     for step in range(start, cfg.steps):
@@ -202,6 +204,7 @@ def train(
                 temperature=cfg.temperature,
                 weights=cfg.weights,
                 rng=rng,
+                verifier=verifier,
             )
             if any(abs(s.advantage) > 1e-6 for s in group):  # all-equal groups carry no signal
                 samples += group
@@ -238,7 +241,7 @@ def train(
             )
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = {"step": done, **acceptance_at_prefixes(target, draft, val, cfg.tau)}
+            ev = {"step": done, **acceptance_at_prefixes(target, draft, val, verifier)}
             logf.write(json.dumps(ev) + "\n")
             logf.flush()
             log.info("SAPO eval %s", ev)
