@@ -25,18 +25,6 @@ def _quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()  # no "Loading weights" bars in a CLI
 
 
-def _recommended(args: argparse.Namespace) -> dict[str, object]:
-    """The verification settings the target's dreamr.json recommends."""
-    import json
-
-    from dreamr_stream.zoo.shipped import WEIGHTS
-
-    sidecar = Path(args.target or WEIGHTS / "target") / "dreamr.json"
-    if sidecar.exists():
-        return dict(json.loads(sidecar.read_text()).get("verification", {}))
-    return {}
-
-
 def _reason(args: argparse.Namespace) -> int:
     import anyio
     from rich.console import Console
@@ -70,19 +58,19 @@ def _reason(args: argparse.Namespace) -> int:
         if not question:
             console.print("[red]a question is required with an image[/red]")
             return 2
-    config = ReasonerConfig(
-        generation=GenerationConfig(max_steps=args.max_steps),
-        verification=VerificationConfig(
-            **{**_recommended(args), **{k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}}
-        ),
-        scheduling=SchedulingConfig(lookahead=args.lookahead, fallback=args.fallback),
-    )
     t0 = time.perf_counter()
     try:
         if args.target:
-            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, config=config, device=args.device)
+            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device=args.device)
         else:
-            reasoner = Reasoner.demo(draft=args.demo_draft, config=config, device=args.device)
+            reasoner = Reasoner.demo(draft=args.demo_draft, device=args.device)
+        # the target's recommended verification (dreamr.json), then the flags given
+        flags = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
+        reasoner.config = ReasonerConfig(
+            generation=GenerationConfig(max_steps=args.max_steps),
+            verification=VerificationConfig(**{**reasoner.config.verification.model_dump(), **flags}),
+            scheduling=SchedulingConfig(lookahead=args.lookahead, fallback=args.fallback),
+        )
     except DreamrError as e:
         console.print(f"[red]{e}[/red]")
         return 1

@@ -79,22 +79,15 @@ class _Fallback:
         self.session = fork
         try:
             with self.scope:
-                chunk = ctx.config.scheduling.fallback_chunk_tokens
-                async with ctx.span("target", "write", self.index):
-                    while True:
-                        out = await target.call(
-                            target.backend.generate_step,
-                            fork,
-                            max_tokens=ctx.config.generation.max_step_tokens,
-                            stop=ctx.config.generation.step_delimiter,
-                            temperature=ctx.config.generation.temperature,
-                            budget=chunk,
-                            priority=self.priority,  # raised to verification's once it is awaited
-                        )
-                        ctx.count(target, out.forwards, out.new_tokens)
-                        if out.done:
-                            self.text, self.eos = out.text, out.eos
-                            return
+                out = await ctx.write_step(
+                    target,
+                    fork,
+                    index=self.index,
+                    lane="target",
+                    priority=lambda: self.priority,  # raised to verification's once it is awaited
+                    chunk=ctx.config.scheduling.fallback_chunk_tokens,
+                )
+                self.text, self.eos = out.text, out.eos
         except Exception as e:  # handed to the verification lane, which raises it
             self.failure = e
         finally:

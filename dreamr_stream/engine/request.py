@@ -114,10 +114,14 @@ class RequestContext:
         *,
         index: int,
         lane: str,
-        priority: int = 0,
+        priority: int | Callable[[], int] = 0,
         chunk: int | None = None,
     ) -> StepOutput:
-        """Decode one whole step in short calls (so cancellation is prompt)."""
+        """Decode one whole step in short calls (so cancellation is prompt).
+
+        ``priority`` may be a callable, read before every call: a speculative fallback step
+        is raised to verification's priority once the engine waits on it.
+        """
         gen = self.config.generation
         budget = chunk or DRAFT_CHUNK_TOKENS
         async with self.span(lane, "write", index):
@@ -129,7 +133,7 @@ class RequestContext:
                     stop=gen.step_delimiter,
                     temperature=gen.temperature,
                     budget=budget,
-                    priority=priority,
+                    priority=priority() if callable(priority) else priority,
                 )
                 self.count(runner, out.forwards, out.new_tokens)
                 if out.done:
