@@ -130,13 +130,15 @@ def run_bench(
     n: int = 50,
     methods: tuple[str, ...] = ALL_METHODS,
     device: str = "cpu",
-    tau: float = 1.0,
+    tau: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BenchResult:
     target = TransformersBackend.from_pretrained(target_dir, device=device, name="target")
     sft = TransformersBackend.from_pretrained(sft_dir, device=device, name="draft")
     sapo = TransformersBackend.from_pretrained(sapo_dir, device=device, name="draft") if sapo_dir else None
-    config = ReasonerConfig(verification=VerificationConfig(tau=tau), cache=CacheConfig(enabled=False))
+    # the target's recommended TBVM mode and tau (as `Reasoner.from_pretrained` uses); --tau overrides tau
+    verification = {**target.recommended_verification, **({"tau": tau} if tau is not None else {})}
+    config = ReasonerConfig(verification=VerificationConfig(**verification), cache=CacheConfig(enabled=False))
     with_sft = Reasoner(target, sft, config=config)
     with_sapo = Reasoner(target, sapo, config=config) if sapo else None
     methods = tuple(m for m in methods if m != "fpsr_sapo" or with_sapo is not None)
@@ -202,7 +204,13 @@ def run_bench(
             if "speedup_median" in rec:
                 rec["efficiency"] = rec["speedup_median"] / rec["ideal_speedup"]
         out[m] = rec
-    cfg = {"n": n, "device": device, "tau": tau, "methods": list(methods), "threads": torch.get_num_threads()}
+    cfg = {
+        "n": n,
+        "device": device,
+        "verification": config.verification.model_dump(mode="json"),
+        "methods": list(methods),
+        "threads": torch.get_num_threads(),
+    }
     return BenchResult(config=cfg, costs=costs, methods=out)
 
 
@@ -246,7 +254,8 @@ def to_markdown(result: BenchResult) -> str:
         f"Costs: target {c['target_s_per_token'] * 1000:.2f} ms/token, "
         f"draft {c['draft_s_per_token'] * 1000:.2f} ms/token (c = {c['c']:.3f}), "
         f"20-token scoring forward {c['score_s'] * 1000:.1f} ms (v = {c['v']:.2f} target tokens). "
-        f"n = {result.config['n']} test prompts, device {result.config['device']}, tau {result.config['tau']}."
+        f"n = {result.config['n']} test prompts, device {result.config['device']}, "
+        f"TBVM {result.config['verification']['mode']} mode, tau {result.config['verification']['tau']}."
     )
     return "\n".join(lines) + "\n"
 

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", type=int, default=50, help="test prompts")
     b.add_argument("--methods", help="comma-separated subset (default: all)")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--tau", type=float, default=1.0)
+    b.add_argument("--tau", type=float, help="default: what the target model recommends")
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--target")
     b.add_argument("--draft", help="SFT draft folder")

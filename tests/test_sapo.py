@@ -99,3 +99,74 @@ def test_rollout_group_scores_and_normalises(tiny_pair) -> None:  # type: ignore
     assert [s.advantage for s in group] == pytest.approx(group_advantages(rewards))
     for s in group:
         assert 0.0 <= s.meta["p_pos"] <= 1.0 and s.step_ids and s.context_ids
+
+
+@pytest.mark.parametrize("k", [1, -1])
+def test_guided_group_holds_the_target_step_tokenised_as_appended(tiny_pair, k: int) -> None:  # type: ignore[no-untyped-def]
+    target, draft = tiny_pair
+    puzzle = make_puzzle(5)
+    steps = puzzle.steps()
+    k = k % len(steps)
+    prompt = RolloutPrompt(puzzle.image, puzzle.question.text(), steps)
+    group = rollout_group(
+        target,
+        draft,
+        prompt,
+        k,
+        group_size=3,
+        temperature=1.5,
+        weights=RewardWeights(),
+        rng=random.Random(0),
+        max_step_tokens=8,
+        guide=True,
+    )
+    assert len(group) == 4 and [s.meta["guide"] for s in group] == [False, False, False, True]
+    guide = group[-1]
+    end = [next(iter(draft.eos_ids))] if k == len(steps) - 1 else draft.encode("\n")
+    assert guide.step_ids == draft.encode(steps[k]) + end
+    assert guide.meta["agree"] and guide.meta["text"] == steps[k]
+    # the guide agrees exactly and is no longer than itself: its reward is the group's best
+    assert guide.meta["reward"] >= max(s.meta["reward"] for s in group[:-1]) - 1.0 + 1e-9
+    assert [s.advantage for s in group] == pytest.approx(group_advantages([s.meta["reward"] for s in group]))
+
+
+def _session_at(backend: TransformersBackend, puzzle, k: int):  # type: ignore[no-untyped-def]
+    s = backend.open_session(puzzle.image, puzzle.question.text())
+    for step in puzzle.steps()[:k]:
+        backend.append(s, step, stop="\n")
+    return s
+
+
+def test_batched_scoring_equals_the_backends_one_forward_score(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    from dreamr_stream.sapo.rollouts import _context, score_steps
+
+    target, _ = tiny_pair
+    puzzle = make_puzzle(7)
+    k = 2
+    texts = [puzzle.steps()[k], "Row 3: empty, empty, red square, empty. Red: 1.", "Answer: 4"]
+    inputs = target._prompt_inputs(puzzle.image, puzzle.question.text())
+    batched = score_steps(target, inputs, _context(target, puzzle.steps()[:k]), texts, judge=True)
+    for text, (p_pos, p_neg, lps) in zip(texts, batched, strict=True):
+        s = _session_at(target, puzzle, k)
+        one = target.score(s, text, stop="\n", judge=target.judge)
+        target.close(s)
+        assert p_pos == pytest.approx(one.p_pos, abs=1e-5) and p_neg == pytest.approx(one.p_neg, abs=1e-5)
+        assert lps == pytest.approx(one.token_logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_batched_greedy_sampling_equals_the_backends_decode_loop(tiny_pair, k: int) -> None:  # type: ignore[no-untyped-def]
+    from dreamr_stream.sapo.rollouts import _context, sample_steps
+
+    _, draft = tiny_pair
+    puzzle = make_puzzle(11)
+    inputs = draft._prompt_inputs(puzzle.image, puzzle.question.text())
+    context = _context(draft, puzzle.steps()[:k])
+    steps = sample_steps(draft, inputs, context, 3, temperature=0.0, max_tokens=12, seed=0)
+    s = _session_at(draft, puzzle, k)
+    before = len(s.ids)
+    out = draft.generate_step(s, max_tokens=12, stop="\n")
+    expected_ids = s.ids[before:] + ([next(iter(draft.eos_ids))] if out.eos else [])
+    draft.close(s)
+    for ids, text, ended in steps:  # greedy: all three alike, and like the decode loop
+        assert (ids, text, ended) == (expected_ids, out.text, out.eos)

@@ -13,19 +13,29 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from dreamr_stream.backends.hf import HFSession, TransformersBackend
+from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.policy import PolicySample
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
 from dreamr_stream.store import LogEntry
 from dreamr_stream.verify import Verifier
 
-__all__ = ["RolloutPrompt", "TrajectoryCache", "prompts_from_log", "rollout_group", "target_trajectory"]
+__all__ = [
+    "RolloutPrompt",
+    "TrajectoryCache",
+    "prompts_from_log",
+    "rollout_group",
+    "sample_steps",
+    "score_steps",
+    "target_trajectory",
+]
 
 log = logging.getLogger(__name__)
 STOP = "\n"
@@ -88,11 +98,109 @@ def prompts_from_log(entries: Iterable[LogEntry], images: dict[str, bytes]) -> l
     return prompts
 
 
-def _open_with_prefix(backend: TransformersBackend, prompt: RolloutPrompt, k: int, seed: int) -> HFSession:
-    s = backend.open_session(prompt.image, prompt.question, seed=seed)
-    for step in prompt.steps[:k]:
-        backend.append(s, step, stop=STOP)
-    return s
+class _StepEnd(StoppingCriteria):
+    """Per-sequence stop at the step delimiter or the end of the answer (batched sampling)."""
+
+    def __init__(self, stop_ids: list[int]) -> None:
+        self.stop_ids = torch.tensor(stop_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+
+
+def _context(backend: TransformersBackend, steps: list[str]) -> list[int]:
+    """The verified steps as the backend appends them: ``tok(step) + tok(stop)`` each."""
+    return [t for step in steps for t in backend.encode(step) + backend.encode(STOP)]
+
+
+def _batched(backend: TransformersBackend, inputs: dict[str, Any], rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Right-padded ids and mask for ``rows``, with the prompt's image tensors repeated."""
+    width = max(len(r) for r in rows)
+    pad = backend.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+    extra = {
+        k: v.repeat(len(rows), *([1] * (v.dim() - 1)))
+        for k, v in inputs.items()
+        if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)
+    }
+    return {"input_ids": ids.to(backend.device), "attention_mask": mask.to(backend.device), **extra}
+
+
+@torch.no_grad()
+def sample_steps(
+    draft: TransformersBackend,
+    inputs: dict[str, Any],
+    context: list[int],
+    n: int,
+    *,
+    temperature: float,
+    max_tokens: int,
+    seed: int,
+) -> list[tuple[list[int], str, bool]]:
+    """``n`` draft steps after prompt + context, sampled in ONE batched ``generate``.
+
+    Each is (token ids as the session would hold them: the step, then the delimiter, or the
+    end-of-answer token; text; whether it ended the answer), with the backend's rules: a step
+    ends at the delimiter, at end of answer, or after ``max_tokens`` with a delimiter added.
+    """
+    stop = draft.encode(STOP)
+    eos = sorted(draft.eos_ids)
+    base = inputs["input_ids"][0].tolist() + context
+    torch.manual_seed(seed)  # generate() samples from the global generator
+    out = draft.model.generate(
+        **_batched(draft, inputs, [base] * n),
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=0,  # sample from the whole distribution, as the backend does
+        top_p=1.0,
+        max_new_tokens=max_tokens,
+        stopping_criteria=StoppingCriteriaList([_StepEnd(stop[-1:] + eos)]),
+        eos_token_id=eos,
+        pad_token_id=draft.tokenizer.pad_token_id,
+    )
+    steps = []
+    for row in out[:, len(base) :].tolist():
+        ids, ended = row[:max_tokens], False
+        for i, t in enumerate(ids):
+            if t in eos:
+                ids, ended = ids[:i], True
+                break
+            if t == stop[-1]:
+                ids = ids[:i]
+                break
+        text = draft.tokenizer.decode(ids, skip_special_tokens=False)
+        steps.append((ids + ([eos[0]] if ended else stop), text, ended))
+    return steps
+
+
+@torch.no_grad()
+def score_steps(
+    target: TransformersBackend, inputs: dict[str, Any], context: list[int], texts: list[str], judge: bool
+) -> list[tuple[float, float, list[float]]]:
+    """(p_pos, p_neg, token log-probs) of each candidate step, all in ONE batched forward:
+    the same evidence ``backend.score`` gives (candidate + delimiter [+ judge suffix])."""
+    stop = target.encode(STOP)
+    suffix = target.encode(target.judge.suffix) if judge else []
+    base = inputs["input_ids"][0].tolist() + context
+    cands = [target.encode(t) for t in texts]
+    rows = [base + c + stop + suffix for c in cands]
+    logits = target.model(**_batched(target, inputs, rows)).logits.float()
+    pos_id, neg_id = target.verdict_ids(target.judge) if judge else (0, 0)
+    out = []
+    for b, c in enumerate(cands):
+        # logits at t predict token t+1
+        lp = torch.log_softmax(logits[b, len(base) - 1 : len(base) - 1 + len(c)], dim=-1)
+        token_lp = lp.gather(1, torch.tensor(c, device=lp.device)[:, None])[:, 0].tolist() if c else []
+        p_pos = p_neg = 0.0
+        if judge:
+            probs = torch.softmax(logits[b, len(rows[b]) - 1], dim=-1)
+            p_pos, p_neg = float(probs[pos_id]), float(probs[neg_id])
+        out.append((p_pos, p_neg, token_lp))
+    return out
 
 
 @torch.no_grad()
@@ -108,59 +216,72 @@ def rollout_group(
     rng: random.Random,
     max_step_tokens: int = 64,
     verifier: Verifier | None = None,
+    guide: bool = False,
 ) -> list[PolicySample]:
-    """G sampled draft steps at prefix k, each with its reward, group advantage and verdict."""
-    ds = _open_with_prefix(draft, prompt, k, seed=rng.randrange(2**31))
-    ts = _open_with_prefix(target, prompt, k, seed=0)
-    context = ds.ids[ds.prompt_len :]
+    """G sampled draft steps at prefix k, each with its reward, group advantage and verdict.
+
+    Sampling is one batched ``generate`` on the draft and scoring one batched forward on the
+    target (a group costs about what one sample did step by step); both follow the backend's
+    tokenisation and step rules, which a test checks against ``backend.score``.
+
+    With ``guide``, the target's own step joins the group as one more member (an off-policy
+    rollout, scored like the others): when every sample misreads the same cell, the group still
+    holds one faithful step to move towards. This is the guided-group variant of GRPO (off-policy
+    guidance, as in LUFFY); the clipped ratio and the KL term apply to it unchanged.
+    """
+    d_inputs = draft._prompt_inputs(prompt.image, prompt.question)
+    t_inputs = target._prompt_inputs(prompt.image, prompt.question)
+    d_context = _context(draft, prompt.steps[:k])
+    t_context = _context(target, prompt.steps[:k])
     target_step = prompt.steps[k]
     target_tokens = len(target.encode(target_step))
+    members = sample_steps(
+        draft,
+        d_inputs,
+        d_context,
+        group_size,
+        temperature=temperature,
+        max_tokens=max_step_tokens,
+        seed=rng.randrange(2**31),
+    )
+    if guide:  # the target's step, tokenised as the backend appends it; the trajectory's last step ends the answer
+        last = k == len(prompt.steps) - 1
+        ids = draft.encode(target_step) + ([next(iter(draft.eos_ids))] if last else draft.encode(STOP))
+        members.append((ids, target_step, last))
+    needs_judge = verifier is None or verifier.needs_judge
+    scores = score_steps(target, t_inputs, t_context, [text for _, text, _ in members], needs_judge)
     samples: list[PolicySample] = []
     rewards: list[float] = []
-    try:
-        for _ in range(group_size):
-            fork = draft.fork(ds)
-            fork.generator = torch.Generator().manual_seed(rng.randrange(2**31))
-            out = draft.generate_step(fork, max_tokens=max_step_tokens, stop=STOP, temperature=temperature)
-            step_ids = fork.ids[len(ds.ids) :]
-            if out.eos:  # the step ended the answer: train the end-of-sequence token too
-                step_ids = [*step_ids, next(iter(draft.eos_ids))]
-            draft.close(fork)
-            tfork = target.fork(ts)
-            needs_judge = verifier is None or verifier.needs_judge
-            score = target.score(tfork, out.text, stop=STOP, judge=target.judge if needs_judge else None)
-            target.close(tfork)
-            if verifier is not None:  # the evidence the deployed TBVM mode looks at
-                v = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
-                score = replace(score, p_pos=v.p_pos, p_neg=v.p_neg)
-            reward = step_reward(
-                p_pos=score.p_pos,
-                p_neg=score.p_neg,
-                text=out.text,
-                n_tokens=len(step_ids),
-                target_step=target_step,
-                target_tokens=target_tokens + 1,
-                weights=weights,
+    for i, ((step_ids, text, _), (p_pos, p_neg, token_lp)) in enumerate(zip(members, scores, strict=True)):
+        if verifier is not None:  # the evidence the deployed TBVM mode looks at
+            v = verifier.verify(p_pos, p_neg, token_lp)
+            p_pos, p_neg = v.p_pos, v.p_neg
+        reward = step_reward(
+            p_pos=p_pos,
+            p_neg=p_neg,
+            text=text,
+            n_tokens=len(step_ids),
+            target_step=target_step,
+            target_tokens=target_tokens + 1,
+            weights=weights,
+        )
+        rewards.append(reward)
+        samples.append(
+            PolicySample(
+                prompt=d_inputs,
+                context_ids=list(d_context),
+                step_ids=step_ids,
+                meta={
+                    "text": text,
+                    "reward": reward,
+                    "p_pos": p_pos,
+                    "p_neg": p_neg,
+                    "agree": text.strip() == target_step.strip(),
+                    "tokens": len(step_ids),
+                    "guide": guide and i == len(members) - 1,
+                },
             )
-            rewards.append(reward)
-            samples.append(
-                PolicySample(
-                    prompt=ds.inputs,
-                    context_ids=list(context),
-                    step_ids=step_ids,
-                    meta={
-                        "text": out.text,
-                        "reward": reward,
-                        "p_pos": score.p_pos,
-                        "p_neg": score.p_neg,
-                        "agree": out.text.strip() == target_step.strip(),
-                        "tokens": len(step_ids),
-                    },
-                )
-            )
-    finally:
-        draft.close(ds)
-        target.close(ts)
+        )
     for s, a in zip(samples, group_advantages(rewards), strict=True):
         s.advantage = a
     return samples

@@ -15,7 +15,13 @@ __all__ = ["export_model"]
 
 
 def export_model(
-    checkpoint: Path, processor_dir: Path, out: Path, *, card: str | None = None, verify_mode: str | None = None
+    checkpoint: Path,
+    processor_dir: Path,
+    out: Path,
+    *,
+    card: str | None = None,
+    verify_mode: str | None = None,
+    tau: float | None = None,
 ) -> Path:
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     processor = LlavaProcessor.from_pretrained(processor_dir)
@@ -24,8 +30,13 @@ def export_model(
     model.to(dtype=torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[call-arg]
     processor.save_pretrained(out)
     sidecar: dict[str, object] = {"judge": {"suffix": JUDGE_SUFFIX, "positive": JUDGE_POS, "negative": JUDGE_NEG}}
+    verification: dict[str, object] = {}
     if verify_mode is not None:
-        sidecar["verification"] = {"mode": verify_mode}
+        verification["mode"] = verify_mode
+    if tau is not None:
+        verification["tau"] = tau
+    if verification:  # what `Reasoner.from_pretrained` uses when no config is given
+        sidecar["verification"] = verification
     (out / "dreamr.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     if card is not None:
         (out / "README.md").write_text(card)
@@ -40,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processor", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--verify", choices=["judge", "likelihood"], help="verification mode to recommend")
+    parser.add_argument("--tau", type=float, help="TBVM threshold to recommend")
     args = parser.parse_args(argv)
-    print(export_model(args.checkpoint, args.processor, args.out, verify_mode=args.verify))
+    print(export_model(args.checkpoint, args.processor, args.out, verify_mode=args.verify, tau=args.tau))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ __all__ = [
     "make_puzzle",
     "parse_answer",
     "render",
+    "row_step",
     "split_seed",
 ]
 
@@ -121,17 +122,11 @@ class Puzzle:
     def steps(self) -> list[str]:
         """The reference solution, one step per list item (no newlines inside)."""
         q = self.question
-        n_targets = len(q.targets)
-        totals = [0] * n_targets
+        totals = [0] * len(q.targets)
         steps = []
         for r, row in enumerate(self.grid):
-            reading = ", ".join("empty" if c is None else f"{c[0]} {c[1]}" for c in row)
-            tallies = []
-            for w in range(n_targets):
-                here = sum(q.matches(c, w) for c in row)
-                totals[w] += here
-                tallies.append(f"{q.label(w).capitalize()}: {here}, total {totals[w]}.")
-            steps.append(f"Row {r + 1}: {reading}. " + " ".join(tallies))
+            step, totals = row_step(q, r, row, totals)
+            steps.append(step)
         a = totals[0]
         if q.kind == "sides":
             shape = q.targets[0][1]
@@ -143,6 +138,43 @@ class Puzzle:
             steps.append(f"{a} + {totals[1]} = {a + totals[1]}.")
         steps.append(f"Answer: {self.answer}")
         return steps
+
+
+def row_step(
+    q: Question,
+    r: int,
+    row: tuple[Cell, ...],
+    totals: list[int],
+    counted: tuple[Cell, ...] | None = None,
+) -> tuple[str, list[int]]:
+    """One row's step and the running totals after it.
+
+    Every matching cell is marked in place with the running counts of all the question's
+    targets, so each decision is local: right after naming a cell, does it match (a mark), and
+    what are the counts, i.e. the last ones written (a mark or the previous row's totals) with
+    one added. The row ends with the totals so far, which the next row starts from:
+    ``Row 2: red circle = red 3 blue 0, empty, blue square = red 3 blue 1. Red: 3. Blue: 1.``
+    Earlier formats taught what not to do: per-row counts (``Red: 2, total 3.``) had one token
+    count four cells (4% of them wrong with cells read 99.5% right), and marks carrying only
+    their own target's count (``= red 3``) made two-target questions look back past the other
+    target's marks (18% of mark counts wrong). Marks use only words the demo tokenizer already
+    has as whole tokens.
+
+    ``counted`` (default: ``row``) decides the marks, so a "misread" corruption can name one
+    cell while counting another.
+    """
+    totals = list(totals)
+    parts = []
+    for cell, seen in zip(row, counted or row, strict=True):
+        text = "empty" if cell is None else f"{cell[0]} {cell[1]}"
+        hit = [w for w in range(len(q.targets)) if q.matches(seen, w)]
+        for w in hit:
+            totals[w] += 1
+        if hit:  # the full state, so the next mark only copies the last one and adds 1
+            text += " = " + " ".join(f"{q.label(w)} {totals[w]}" for w in range(len(q.targets)))
+        parts.append(text)
+    tallies = " ".join(f"{q.label(w).capitalize()}: {totals[w]}." for w in range(len(totals)))
+    return f"Row {r + 1}: {', '.join(parts)}. {tallies}", totals
 
 
 def split_seed(split: Split, index: int) -> int:
@@ -265,24 +297,28 @@ def make_judge_item(puzzle: Puzzle, rng: random.Random, p_correct: float = 0.5) 
     n_rows = len(puzzle.grid)
     if k < n_rows:  # a row step
         kind: Corruption = rng.choice(["misread", "misread_consistent", "count", "total"])
+        q, row = puzzle.question, puzzle.grid[k]
+        totals_before = [sum(q.matches(c, w) for r in puzzle.grid[:k] for c in r) for w in range(len(q.targets))]
         if kind in ("misread", "misread_consistent"):
-            grid = [list(row) for row in puzzle.grid]
             col = rng.randrange(GRID)
-            grid[k][col] = _other_cell(rng, grid[k][col])
-            wrong = Puzzle(puzzle.seed, tuple(tuple(r) for r in grid), puzzle.question, puzzle.jitter_seed)
-            bad = wrong.steps()[k]
-            if kind == "misread":  # the misreading, but the right tallies
-                bad = bad.split(". ", 1)[0] + ". " + reference.split(". ", 1)[1]
-            if bad == reference:  # the change did not touch the text (cannot happen) or tallies
-                bad = wrong.steps()[k]
+            wrong = tuple(_other_cell(rng, c) if i == col else c for i, c in enumerate(row))
+            # misread: names the wrong cell but marks and totals follow the image;
+            # misread_consistent: marks and totals follow the misreading
+            counted = row if kind == "misread" else wrong
+            bad, _ = row_step(q, k, wrong, totals_before, counted=counted)
             return JudgeItem(puzzle, prefix, bad, kind)
         head, tail = reference.split(". ", 1)
-        numbers = [m for m in re.finditer(r"\d+", tail)]
-        # tallies come in pairs "X: here, total T." -> even = here, odd = total
-        pick = rng.randrange(len(numbers) // 2) * 2 + (0 if kind == "count" else 1)
-        m = numbers[pick]
+        cells_at = head.index(": ")  # after "Row N": every number in the cells is a mark's count
+        marks = list(re.finditer(r"\d+", head[cells_at:]))
+        if kind == "count" and marks:  # a mark's running count is off
+            m = marks[rng.randrange(len(marks))]
+            a, b = cells_at + m.start(), cells_at + m.end()
+            bumped = str(_bump(rng, int(m.group())))
+            return JudgeItem(puzzle, prefix, head[:a] + bumped + head[b:] + ". " + tail, "count")
+        numbers = list(re.finditer(r"\d+", tail))  # the row-end totals
+        m = numbers[rng.randrange(len(numbers))]
         new_tail = tail[: m.start()] + str(_bump(rng, int(m.group()))) + tail[m.end() :]
-        return JudgeItem(puzzle, prefix, f"{head}. {new_tail}", kind)
+        return JudgeItem(puzzle, prefix, f"{head}. {new_tail}", "total")
     if reference.startswith("Answer:"):
         return JudgeItem(puzzle, prefix, f"Answer: {_bump(rng, puzzle.answer, low=-99)}", "answer")
     m = list(re.finditer(r"-?\d+", reference))[-1]

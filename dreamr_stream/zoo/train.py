@@ -56,6 +56,9 @@ class TrainConfig:
     ckpt_every: int = 50
     eval_size: int = 48
     threads: int = 2
+    # A model folder to start from instead of random weights: a later stage of a recipe (for
+    # example solutions only at a low constant learning rate once perception has converged).
+    init_from: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -208,7 +211,11 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     processor = load_or_build_processor(processor_dir)
     ckpt = out_dir / "checkpoint"
-    model = build_model(processor.tokenizer, cfg.shape, cfg.seed)
+    if cfg.init_from is not None:
+        torch.manual_seed(cfg.seed)
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+    else:
+        model = build_model(processor.tokenizer, cfg.shape, cfg.seed)
     aux = _AuxCells(cfg.shape.hidden)
     model.model.multi_modal_projector.register_forward_hook(aux.hook)
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n]

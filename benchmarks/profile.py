@@ -1,0 +1,97 @@
+"""Where the time of one request goes: lane busy time, overlap and engine overhead.
+
+    python benchmarks/profile.py [--draft sapo] [-n 10] [--method fpsr]
+
+For each request the engine records a timeline of lane spans (prefill, draft writes, target
+verification, the target's own steps, draft resyncs). This script sums them per lane and kind,
+measures how much of the wall time at least one lane was busy (the union) and how much two
+lanes ran at once (overlap), and reports the rest as engine overhead (scheduling, thread hops,
+Python between model calls). Medians over ``n`` test puzzles, beside target-only on the same
+puzzles, written to ``benchmarks/results/profile_<method>_<draft>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from dreamr_stream import CacheConfig, Reasoner
+from dreamr_stream.types import LaneSpan, ReasoningResult
+from dreamr_stream.zoo.task import make_puzzle, split_seed
+
+
+def _union(spans: list[LaneSpan]) -> float:
+    """Seconds covered by at least one span."""
+    total, end = 0.0, float("-inf")
+    for s in sorted(spans, key=lambda s: s.start_s):
+        if s.start_s > end:
+            total += s.end_s - s.start_s
+            end = s.end_s
+        elif s.end_s > end:
+            total += s.end_s - end
+            end = s.end_s
+    return total
+
+
+def breakdown(result: ReasoningResult) -> dict[str, float]:
+    """Seconds per lane/kind, busy union, overlap and overhead of one request."""
+    spans = result.stats.timeline
+    out: dict[str, float] = defaultdict(float)
+    for s in spans:
+        out[f"{s.lane}:{s.what}"] += s.end_s - s.start_s
+    busy = _union(spans)
+    out["busy (any lane)"] = busy
+    out["overlap (two lanes at once)"] = sum(s.end_s - s.start_s for s in spans) - busy
+    out["overhead (no model call)"] = result.stats.wall_s - busy
+    out["wall"] = result.stats.wall_s
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--draft", default="sft", help="shipped draft: sft or sapo")
+    parser.add_argument("--method", default="fpsr", choices=["fpsr", "sequential"])
+    parser.add_argument("-n", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    base = Reasoner.demo(draft=args.draft)
+    config = base.config.model_copy(update={"cache": CacheConfig(enabled=False)})
+    reasoner = Reasoner(base.target.backend, base.draft.backend, config=config)  # type: ignore[union-attr]
+    warm = make_puzzle(split_seed("val", 0))
+    reasoner.invoke(warm.image, warm.question.text(), method=args.method)
+    rows: dict[str, list[float]] = defaultdict(list)
+    ratio = []
+    for i in range(args.n):
+        p = make_puzzle(split_seed("test", i))
+        spec = reasoner.invoke(p.image, p.question.text(), method=args.method)
+        alone = reasoner.invoke(p.image, p.question.text(), method="target_only")
+        ratio.append(alone.stats.wall_s / spec.stats.wall_s)
+        for key, value in breakdown(spec).items():
+            rows[key].append(value)
+        rows["target-only wall"].append(alone.stats.wall_s)
+        rows["acceptance"].append(spec.stats.draft_steps_accepted / max(1, spec.stats.draft_steps_judged))
+    command = f"python benchmarks/profile.py --draft {args.draft} --method {args.method} -n {args.n}"
+    lines = [
+        f"# Where the time of one {args.method} request goes ({args.draft} draft)",
+        "",
+        f"`{command}`: medians over {args.n} test puzzles; seconds unless noted.",
+        "",
+        "| part | median | share of wall |",
+        "|---|---|---|",
+    ]
+    wall = statistics.median(rows["wall"])
+    for key in sorted(rows, key=lambda k: (k in ("wall", "target-only wall", "acceptance"), k)):
+        med = statistics.median(rows[key])
+        share = f"{med / wall:.0%}" if key not in ("acceptance", "target-only wall") else ""
+        lines.append(f"| {key} | {med:.3f} | {share} |")
+    lines += ["", f"Speedup vs target-only on the same puzzles (median of ratios): {statistics.median(ratio):.2f}x."]
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"profile_{args.method}_{args.draft}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""`dreamr bench` end to end on the shipped demo models (one prompt: it checks wiring, not speed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dreamr_stream.bench import ideal_speedup, run_bench, save, to_markdown
+from dreamr_stream.zoo.shipped import demo_paths
+
+
+def test_ideal_speedup_formula() -> None:
+    # no acceptance and free drafting: FPSR can't beat the target; full acceptance: bound by drafting/scoring
+    assert ideal_speedup(c=0.0, v=0.0, step_tokens=20, acceptance=0.0) == pytest.approx(1.0)
+    assert ideal_speedup(c=0.1, v=1.5, step_tokens=20, acceptance=1.0) == pytest.approx(20 / 2.0)
+    assert ideal_speedup(c=0.1, v=1.5, step_tokens=20, acceptance=0.5) == pytest.approx(20 / (2.0 + 10))
+
+
+@pytest.mark.slow
+def test_bench_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> None:
+    paths = demo_paths("sft")
+    methods = ("target_only", "target_generate", "assisted", "sequential", "fpsr_sft", "fpsr_sapo", "draft_only")
+    calls: list[int] = []
+    result = run_bench(
+        target_dir=paths.target,
+        sft_dir=paths.draft,
+        sapo_dir=paths.draft,  # any draft folder: the wiring is what is under test
+        n=1,
+        methods=methods,
+        progress=lambda i, n: calls.append(i),
+    )
+    assert calls == [1]
+    assert list(result.methods) == list(methods)
+    # the target's recommended TBVM mode is what the speculative methods ran with
+    recommended = json.loads((paths.target / "dreamr.json").read_text())["verification"]
+    assert result.config["verification"]["mode"] == recommended["mode"]
+    assert result.methods["target_only"]["speedup_median"] == pytest.approx(1.0)
+    for m in ("sequential", "fpsr_sft", "fpsr_sapo"):
+        rec = result.methods[m]
+        assert 0.0 <= rec["acceptance"] <= 1.0 and rec["ideal_speedup"] > 0 and rec["efficiency"] > 0
+    for rec in result.methods.values():
+        assert rec["wall_median_s"] > 0 and rec["tokens_per_s"] > 0
+    save(result, tmp_path, "t")
+    table = to_markdown(result)
+    assert all(f"| {m} |" in table for m in methods)
+    assert json.loads((tmp_path / "bench_t.json").read_text())["methods"].keys() == set(methods)
+    assert (tmp_path / "bench_t.md").read_text() == table
+    assert (tmp_path / "bench_t.png").stat().st_size > 0
