@@ -170,3 +170,63 @@ def test_batched_greedy_sampling_equals_the_backends_decode_loop(tiny_pair, k: i
     draft.close(s)
     for ids, text, ended in steps:  # greedy: all three alike, and like the decode loop
         assert (ids, text, ended) == (expected_ids, out.text, out.eos)
+
+
+def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from dreamr_stream.sapo.trainer import SapoConfig, train
+    from dreamr_stream.zoo.task import split_seed
+
+    target, draft = tiny_pair
+    folders = {}
+    for name, backend in (("target", target), ("draft", draft)):
+        folders[name] = tmp_path / name
+        backend.model.save_pretrained(folders[name])
+        backend.processor.save_pretrained(folders[name])
+    out = tmp_path / "run"
+    out.mkdir()
+    # reference trajectories stand in for the target's own (a random tiny target never ends a step)
+    with (out / "trajectories.jsonl").open("w") as f:
+        for split, n in (("train", 2), ("val", 1)):
+            for i in range(n):
+                f.write(json.dumps({"key": f"{split}:{i}", "steps": make_puzzle(split_seed(split, i)).steps()}) + "\n")
+    cfg = SapoConfig(steps=2, groups_per_step=2, group_size=2, pool=2, eval_prompts=1, eval_every=1, threads=1)
+    final = train(cfg, folders["target"], folders["draft"], out)
+    assert (final / "model.safetensors").exists() and (out / "checkpoint" / "state.pt").exists()
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "acceptance" in r] == [0, 1, 2]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2]
+    cfg.steps = 3  # resumes at update 2: one more update, no second baseline evaluation
+    train(cfg, folders["target"], folders["draft"], out)
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "acceptance" in r] == [0, 1, 2, 3]
+
+
+def test_credit_stops_at_the_first_token_the_target_rejects() -> None:
+    lp = torch.zeros(5, requires_grad=True)
+    s = PolicySample(prompt={}, context_ids=[], step_ids=[1, 2, 3, 4, 5], advantage=-1.0, credit=2)
+    s.old_logprobs, s.ref_logprobs = lp.detach().clone(), lp.detach().clone()
+    loss, _ = sapo_loss([lp], [s], clip_eps=0.2, kl_beta=0.1)
+    loss.backward()
+    assert lp.grad is not None
+    assert lp.grad[:2].abs().min() > 0 and lp.grad[2:].abs().max() == 0  # no credit after the error
+
+
+def test_credit_position_from_the_targets_token_probabilities(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    import math as m
+
+    from dreamr_stream.sapo.rollouts import _credit
+    from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier
+
+    target, draft = tiny_pair
+    text = "Row 1: empty, red square."
+    ids = draft.encode(text) + draft.encode("\n")
+    n = len(draft.encode(text))
+    floor = m.log(0.25 / 1.25)
+    lps = [-0.01] * n
+    assert _credit(draft, target, text, ids, lps, LikelihoodVerifier(0.25)) is None  # all accepted: all credited
+    lps[3] = floor - 0.1
+    assert _credit(draft, target, text, ids, lps, LikelihoodVerifier(0.25)) == 4
+    assert _credit(draft, target, text, ids, lps, JudgeVerifier(1.0)) is None  # no per-token evidence

@@ -5,7 +5,14 @@ For sample ``i`` (a draft step with group advantage ``A_i``) and its tokens ``y_
     rho_t   = exp(log pi(y_t) - log pi_old(y_t))                 policy ratio vs the sampler
     surr_t  = min(rho_t * A_i, clip(rho_t, 1 - eps, 1 + eps) * A_i)
     kl_t    = exp(log pi_ref(y_t) - log pi(y_t)) - (log pi_ref(y_t) - log pi(y_t)) - 1
-    loss    = - mean_i mean_t (surr_t - beta * kl_t)
+    loss    = - mean_i mean_{t <= e_i} (surr_t - beta * kl_t)
+
+where ``e_i`` is the sample's first token the target rejects (its probability under the target
+is below the TBVM likelihood threshold ``tau / (1 + tau)``), or its last token. Why: a step's
+reward is one number for the whole step, but a misread cell is one token; pushing down every
+token of a rejected step would also push down the correct readings written after the error
+(we saw acceptance fall while training on whole steps). Before the error the samples of a
+group share their context, so their advantages cancel there; after it there is no credit.
 
 (k3 KL estimator, always >= 0, to the starting SFT draft ``pi_ref``). Only the step's tokens are
 trained; the prompt and the verified prefix are context.
@@ -27,6 +34,9 @@ class PolicySample:
     context_ids: list[int]  # the verified prefix after the prompt: conditioning only
     step_ids: list[int]  # the sampled step + delimiter: what the update trains
     advantage: float = 0.0
+    # leading step tokens that take the advantage (None: all). Credit stops at the first token
+    # the target rejects: what follows it was written in a context that is already wrong.
+    credit: int | None = None
     old_logprobs: torch.Tensor | None = None  # (len(step_ids),)
     ref_logprobs: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -76,7 +86,8 @@ def sapo_loss(
         surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
         diff = s.ref_logprobs - lp
         kl = torch.exp(diff) - diff - 1
-        per_sample.append(-(surr - kl_beta * kl).mean())
+        n = len(lp) if s.credit is None else max(1, min(len(lp), s.credit))
+        per_sample.append(-(surr[:n] - kl_beta * kl[:n]).mean())
         kls.append(kl.mean().detach())
         clipped += int(((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).sum())
         count += ratio.numel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -150,6 +151,9 @@ def sample_steps(
     stop = draft.encode(STOP)
     eos = sorted(draft.eos_ids)
     base = inputs["input_ids"][0].tolist() + context
+    # special tokens other than the end of answer never belong in a step (an image token would
+    # even break the batched forward that scores it)
+    special = sorted(set(draft.tokenizer.all_special_ids) - set(eos))
     torch.manual_seed(seed)  # generate() samples from the global generator
     out = draft.model.generate(
         **_batched(draft, inputs, [base] * n),
@@ -159,6 +163,7 @@ def sample_steps(
         top_p=1.0,
         max_new_tokens=max_tokens,
         stopping_criteria=StoppingCriteriaList([_StepEnd(stop[-1:] + eos)]),
+        suppress_tokens=special or None,
         eos_token_id=eos,
         pad_token_id=draft.tokenizer.pad_token_id,
     )
@@ -186,12 +191,18 @@ def score_steps(
     stop = target.encode(STOP)
     suffix = target.encode(target.judge.suffix) if judge else []
     base = inputs["input_ids"][0].tolist() + context
+    special = set(target.tokenizer.all_special_ids)
     cands = [target.encode(t) for t in texts]
-    rows = [base + c + stop + suffix for c in cands]
+    # a step whose text encodes to special tokens (e.g. an image token) is not scored: no evidence
+    valid = [i for i, c in enumerate(cands) if not special.intersection(c)]
+    out: list[tuple[float, float, list[float]]] = [(0.0, 0.0, [-math.inf])] * len(cands)
+    if not valid:
+        return out
+    rows = [base + cands[i] + stop + suffix for i in valid]
     logits = target.model(**_batched(target, inputs, rows)).logits.float()
     pos_id, neg_id = target.verdict_ids(target.judge) if judge else (0, 0)
-    out = []
-    for b, c in enumerate(cands):
+    for b, i in enumerate(valid):
+        c = cands[i]
         # logits at t predict token t+1
         lp = torch.log_softmax(logits[b, len(base) - 1 : len(base) - 1 + len(c)], dim=-1)
         token_lp = lp.gather(1, torch.tensor(c, device=lp.device)[:, None])[:, 0].tolist() if c else []
@@ -199,8 +210,32 @@ def score_steps(
         if judge:
             probs = torch.softmax(logits[b, len(rows[b]) - 1], dim=-1)
             p_pos, p_neg = float(probs[pos_id]), float(probs[neg_id])
-        out.append((p_pos, p_neg, token_lp))
+        out[i] = (p_pos, p_neg, token_lp)
     return out
+
+
+def _credit(
+    draft: TransformersBackend,
+    target: TransformersBackend,
+    text: str,
+    step_ids: list[int],
+    token_lp: list[float],
+    verifier: Verifier | None,
+) -> int | None:
+    """Leading step tokens that take the advantage: up to and including the first token whose
+    target probability is below the likelihood threshold ``tau / (1 + tau)``; None (all) when
+    there is no such token, in judge mode, or when the two tokenisations do not line up."""
+    if verifier is None or verifier.needs_judge or getattr(verifier, "aggregate", "min") != "min":
+        return None
+    if not math.isfinite(verifier.tau):
+        return None
+    if target.encode(text) != step_ids[: len(token_lp)] or len(draft.encode(text)) != len(token_lp):
+        return None
+    floor = math.log(verifier.tau / (1.0 + verifier.tau)) if verifier.tau > 0 else -math.inf
+    for t, lp in enumerate(token_lp):
+        if lp < floor:
+            return t + 1
+    return None
 
 
 @torch.no_grad()
@@ -253,6 +288,7 @@ def rollout_group(
     samples: list[PolicySample] = []
     rewards: list[float] = []
     for i, ((step_ids, text, _), (p_pos, p_neg, token_lp)) in enumerate(zip(members, scores, strict=True)):
+        credit = _credit(draft, target, text, step_ids, token_lp, verifier)
         if verifier is not None:  # the evidence the deployed TBVM mode looks at
             v = verifier.verify(p_pos, p_neg, token_lp)
             p_pos, p_neg = v.p_pos, v.p_neg
@@ -271,6 +307,7 @@ def rollout_group(
                 prompt=d_inputs,
                 context_ids=list(d_context),
                 step_ids=step_ids,
+                credit=credit,
                 meta={
                     "text": text,
                     "reward": reward,

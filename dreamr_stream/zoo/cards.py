@@ -39,10 +39,11 @@ class Stage:
     config: dict[str, Any]
     log: Path | None
     step: int
+    known_minutes: float | None = None  # for a stage whose log is gone
 
     def minutes(self) -> float | None:
         if self.log is None or not self.log.exists():
-            return None
+            return self.known_minutes
         rows = [json.loads(x) for x in self.log.read_text().splitlines()]
         return sum(r["s_per_step"] * 10 for r in rows if "s_per_step" in r and r["step"] <= self.step) / 60
 
@@ -81,7 +82,7 @@ def model_card(
         "",
         "## Training",
         "",
-        f"{len(stages)} stage(s), each starting from the previous one's checkpoint"
+        (f"{len(stages)} stages, each starting from the previous one's checkpoint" if len(stages) > 1 else "One run")
         + (f", about {sum(minutes):.0f} min in all" if minutes else "")
         + ":",
         "",

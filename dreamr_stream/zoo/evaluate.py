@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 
 from dreamr_stream.backends.hf import TransformersBackend
-from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
+from dreamr_stream.config import CacheConfig, ReasonerConfig
 from dreamr_stream.reasoner import Method, Reasoner
 from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier
 from dreamr_stream.zoo.task import Split, make_judge_item, make_puzzle, parse_answer, split_seed
@@ -119,21 +119,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("-n", type=int, default=100)
     parser.add_argument("--judge-n", type=int, default=0)
-    parser.add_argument("--tau", type=float, default=1.0)
-    parser.add_argument("--verify", default="judge", choices=["judge", "likelihood"])
+    parser.add_argument("--tau", type=float, help="default: what the target recommends")
+    parser.add_argument("--verify", choices=["judge", "likelihood"], help="default: what the target recommends")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    config = ReasonerConfig(
-        verification=VerificationConfig(tau=args.tau, mode=args.verify), cache=CacheConfig(enabled=False)
-    )
-    reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, config=config, device="cpu")
+    reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
+    overrides = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
+    verification = reasoner.config.verification.model_copy(update=overrides)
+    config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
+    reasoner = Reasoner(reasoner.target.backend, reasoner.draft.backend if reasoner.draft else None, config=config)
     report: dict[str, object] = {}
     for method in args.methods.split(","):
         r = evaluate_method(reasoner, method, args.split, args.n)  # type: ignore[arg-type]
         report[method] = asdict(r)
         print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
     if args.judge_n:
-        j = evaluate_judge(reasoner.target.backend, args.tau, n=args.judge_n, mode=args.verify)  # type: ignore[arg-type]
+        j = evaluate_judge(
+            reasoner.target.backend,  # type: ignore[arg-type]
+            verification.tau,
+            n=args.judge_n,
+            mode=verification.mode,
+        )
         report["judge"] = asdict(j)
         print(json.dumps(asdict(j)))
     if args.json:
