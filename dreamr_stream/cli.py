@@ -226,7 +226,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--max-steps", type=int, default=24)
     s.add_argument("--target", help="local target model folder (default: shipped demo)")
     s.add_argument("--draft", help="local draft model folder")
-    s.add_argument("--demo-draft", default="sft", help="which shipped draft the demo uses")
+    s.add_argument("--demo-draft", help="which shipped draft the demo uses (default: sapo if shipped, else sft)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--print-schema", action="store_true", help="print the protocol's JSON Schema and exit")
     s.set_defaults(fn=_serve)
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=int, default=24)
     r.add_argument("--target", help="local target model folder (default: shipped demo)")
     r.add_argument("--draft", help="local draft model folder")
-    r.add_argument("--demo-draft", default="sft", help="which shipped draft the demo uses")
+    r.add_argument("--demo-draft", help="which shipped draft the demo uses (default: sapo if shipped, else sft)")
     r.add_argument("--device", default="cpu")
     r.set_defaults(fn=_reason)
 

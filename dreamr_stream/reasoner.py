@@ -102,8 +102,9 @@ class Reasoner:
         return cls(t, d, config=config)
 
     @classmethod
-    def demo(cls, *, draft: str = "sft", config: ReasonerConfig | None = None, device: str = "cpu") -> Reasoner:
-        """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft."""
+    def demo(cls, *, draft: str | None = None, config: ReasonerConfig | None = None, device: str = "cpu") -> Reasoner:
+        """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft (``sft``
+        or ``sapo``; default: the SAPO draft when it ships)."""
         from dreamr_stream.zoo.shipped import demo_paths
 
         paths = demo_paths(draft)

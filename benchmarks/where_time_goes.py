@@ -1,6 +1,6 @@
 """Where the time of one request goes: lane busy time, overlap and engine overhead.
 
-    python benchmarks/profile.py [--draft sapo] [-n 10] [--method fpsr]
+    python benchmarks/where_time_goes.py [--draft sapo] [-n 10] [--method fpsr]
 
 For each request the engine records a timeline of lane spans (prefill, draft writes, target
 verification, the target's own steps, draft resyncs). This script sums them per lane and kind,
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dreamr_stream import CacheConfig, Reasoner
 from dreamr_stream.types import LaneSpan, ReasoningResult
+from dreamr_stream.zoo.shipped import default_draft
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 
@@ -51,32 +52,37 @@ def breakdown(result: ReasoningResult) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--draft", default="sft", help="shipped draft: sft or sapo")
+    parser.add_argument("--draft", help="shipped draft: sft or sapo (default: the demo's)")
     parser.add_argument("--method", default="fpsr", choices=["fpsr", "sequential"])
     parser.add_argument("-n", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     base = Reasoner.demo(draft=args.draft)
+    args.draft = args.draft or default_draft()
     config = base.config.model_copy(update={"cache": CacheConfig(enabled=False)})
     reasoner = Reasoner(base.target.backend, base.draft.backend, config=config)  # type: ignore[union-attr]
     warm = make_puzzle(split_seed("val", 0))
     reasoner.invoke(warm.image, warm.question.text(), method=args.method)
     rows: dict[str, list[float]] = defaultdict(list)
     ratio = []
+    per_request: list[dict[str, float]] = []
     for i in range(args.n):
         p = make_puzzle(split_seed("test", i))
         spec = reasoner.invoke(p.image, p.question.text(), method=args.method)
         alone = reasoner.invoke(p.image, p.question.text(), method="target_only")
         ratio.append(alone.stats.wall_s / spec.stats.wall_s)
-        for key, value in breakdown(spec).items():
-            rows[key].append(value)
+        per_request.append(breakdown(spec))
         rows["target-only wall"].append(alone.stats.wall_s)
         rows["acceptance"].append(spec.stats.draft_steps_accepted / max(1, spec.stats.draft_steps_judged))
-    command = f"python benchmarks/profile.py --draft {args.draft} --method {args.method} -n {args.n}"
+    for key in {k for parts in per_request for k in parts}:  # a part absent from a request counts as 0 s
+        rows[key] = [parts.get(key, 0.0) for parts in per_request]
+    command = f"python benchmarks/where_time_goes.py --draft {args.draft} --method {args.method} -n {args.n}"
     lines = [
         f"# Where the time of one {args.method} request goes ({args.draft} draft)",
         "",
-        f"`{command}`: medians over {args.n} test puzzles; seconds unless noted.",
+        f"`{command}`: medians over {args.n} test puzzles; seconds unless noted. A lane's time",
+        "runs from asking for its model to the result, so it includes waiting for the model's",
+        "priority lock while another lane computes; overlap is time two lanes were both in a call.",
         "",
         "| part | median | share of wall |",
         "|---|---|---|",
@@ -89,7 +95,7 @@ def main() -> None:
     lines += ["", f"Speedup vs target-only on the same puzzles (median of ratios): {statistics.median(ratio):.2f}x."]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"profile_{args.method}_{args.draft}.md").write_text(text)
+    (args.out / f"where_time_goes_{args.method}_{args.draft}.md").write_text(text)
     print(text)
 
 
