@@ -141,7 +141,8 @@ def run_bench(
     with_sapo = Reasoner(target, sapo, config=config) if sapo else None
     methods = tuple(m for m in methods if m != "fpsr_sapo" or with_sapo is not None)
     probe = make_puzzle(split_seed("val", 0))
-    costs = measure_costs(target, sft, probe.image, probe.question.text())
+    # every torch call runs on the Reasoner's model threads, engine or not (see call_model)
+    costs = with_sft.call_model(measure_costs, target, sft, probe.image, probe.question.text())
     rows = {m: MethodRows() for m in methods}
     with_sft.invoke(probe.image, probe.question.text())  # warm-up every path once
     for i in range(n):
@@ -152,7 +153,8 @@ def run_bench(
             row = rows[m]
             if m in ("target_generate", "assisted"):
                 t = time.perf_counter()
-                text, tokens = _generate_text(target, image, question, sft if m == "assisted" else None)
+                assistant = sft if m == "assisted" else None
+                text, tokens = with_sft.call_model(_generate_text, target, image, question, assistant)
                 row.wall.append(time.perf_counter() - t)
                 row.correct.append(parse_answer(text) == puzzle.answer)
                 row.tokens += tokens

@@ -237,3 +237,25 @@ def test_concurrent_sync_invokes_from_many_threads() -> None:
         results = list(pool.map(lambda _: r.invoke(IMAGE, "how many?"), range(8)))
     assert all([s.text for s in res.steps] == TARGET for res in results)
     assert_idle(r)
+
+
+def test_call_model_runs_on_the_reasoners_model_threads_behind_its_lock() -> None:
+    import threading
+
+    from dreamr_stream.errors import ConfigError
+
+    r = make()
+    ran: list[tuple[str, bool]] = []
+
+    def probe(x: int) -> int:
+        ran.append((threading.current_thread().name, r.target.lock.locked))
+        return x * 2
+
+    assert r.call_model(probe, 21) == 42
+    ((thread, locked),) = ran
+    assert thread != threading.main_thread().name and locked  # a worker thread, holding the model's lock
+    assert r.call_model(probe, 1, model="draft") == 2
+    no_draft = Reasoner(ScriptedBackend(TARGET, name="target"), None)
+    with pytest.raises(ConfigError):
+        no_draft.call_model(probe, 1, model="draft")
+    assert_idle(r)
