@@ -135,8 +135,8 @@ def run_bench(
     sft = TransformersBackend.from_pretrained(sft_dir, device=device, name="draft")
     sapo = TransformersBackend.from_pretrained(sapo_dir, device=device, name="draft") if sapo_dir else None
     # the target's recommended TBVM mode and tau (as `Reasoner.from_pretrained` uses); --tau overrides tau
-    verification = {**target.recommended_verification, **({"tau": tau} if tau is not None else {})}
-    config = ReasonerConfig(verification=VerificationConfig(**verification), cache=CacheConfig(enabled=False))
+    verification = VerificationConfig.recommended(target.recommended_verification, tau=tau)
+    config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
     with_sft = Reasoner(target, sft, config=config)
     with_sapo = Reasoner(target, sapo, config=config) if sapo else None
     methods = tuple(m for m in methods if m != "fpsr_sapo" or with_sapo is not None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,6 +61,12 @@ class VerificationConfig(_Config):
     likelihood_aggregate: Literal["min", "mean"] = Field(
         default="min", description="likelihood mode: how token log-probs of the candidate are pooled"
     )
+
+    @classmethod
+    def recommended(cls, recommendation: Mapping[str, Any], **overrides: Any) -> VerificationConfig:
+        """A model folder's recommended settings (``dreamr.json`` "verification"), with explicit
+        overrides on top (an override of None keeps the recommendation)."""
+        return cls(**{**recommendation, **{k: v for k, v in overrides.items() if v is not None}})
 
     @field_validator("tau")
     @classmethod

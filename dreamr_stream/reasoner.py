@@ -31,7 +31,7 @@ from dreamr_stream.store import (
     trajectory_key,
 )
 from dreamr_stream.types import ReasoningResult, Step
-from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier, Verifier
+from dreamr_stream.verify import Verifier, make_verifier
 
 __all__ = ["Method", "Reasoner"]
 
@@ -101,7 +101,7 @@ class Reasoner:
         t = TransformersBackend.from_pretrained(target, device=device, name="target")
         d = TransformersBackend.from_pretrained(draft, device=device, name="draft") if draft is not None else None
         if config is None and t.recommended_verification:  # the target knows how it judges best
-            config = ReasonerConfig(verification=VerificationConfig(**t.recommended_verification))
+            config = ReasonerConfig(verification=VerificationConfig.recommended(t.recommended_verification))
         return cls(t, d, config=config)
 
     @classmethod
@@ -120,10 +120,7 @@ class Reasoner:
         return self.target.in_flight + (self.draft.in_flight if self.draft else 0)
 
     def _verifier(self, config: ReasonerConfig) -> Verifier:
-        v = config.verification
-        if v.mode == "likelihood":
-            return LikelihoodVerifier(v.tau, v.likelihood_aggregate)
-        return JudgeVerifier(v.tau)
+        return make_verifier(config.verification)
 
     async def _cache_context(self, cfg: ReasonerConfig, image: Any, question: str) -> CacheContext | None:
         if not cfg.cache.enabled or self.draft is None:

@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
+from dreamr_stream.config import VerificationConfig
 from dreamr_stream.types import Verdict
 
 __all__ = ["JudgeVerifier", "LikelihoodVerifier", "Verifier", "decide", "ratio_of"]
@@ -79,3 +80,10 @@ class LikelihoodVerifier:
         pooled = min(token_logprobs) if self.aggregate == "min" else sum(token_logprobs) / len(token_logprobs)
         p = math.exp(pooled)
         return decide(p, 1.0 - p, self.tau, "likelihood")
+
+
+def make_verifier(v: VerificationConfig) -> Verifier:
+    """The TBVM verifier a verification config describes."""
+    if v.mode == "likelihood":
+        return LikelihoodVerifier(v.tau, v.likelihood_aggregate)
+    return JudgeVerifier(v.tau)

@@ -46,3 +46,18 @@ def test_likelihood_verifier_formula() -> None:
     v = LikelihoodVerifier(1.0, "mean").verify(0, 0, logprobs)
     assert v.p_pos == pytest.approx(g) and v.ratio == pytest.approx(g / (1 - g)) and v.accepted
     assert not LikelihoodVerifier(0.5).verify(0, 0, []).accepted
+
+
+def test_recommended_settings_with_overrides_and_the_verifier_they_make() -> None:
+    from dreamr_stream.config import VerificationConfig
+    from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier, make_verifier
+
+    rec = {"mode": "likelihood", "tau": 0.25}
+    kept = VerificationConfig.recommended(rec, tau=None, mode=None)
+    assert (kept.mode, kept.tau) == ("likelihood", 0.25)
+    assert VerificationConfig.recommended(rec, tau=2.0).tau == 2.0
+    assert VerificationConfig.recommended({}) == VerificationConfig()
+    v = make_verifier(kept)
+    assert isinstance(v, LikelihoodVerifier) and v.tau == 0.25 and not v.needs_judge
+    j = make_verifier(VerificationConfig(tau=3.0))
+    assert isinstance(j, JudgeVerifier) and j.tau == 3.0 and j.needs_judge

@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.config import VerificationConfig
 from dreamr_stream.sapo.policy import PolicySample, sapo_loss, step_logprobs
 from dreamr_stream.sapo.rewards import RewardWeights
 from dreamr_stream.sapo.rollouts import RolloutPrompt, TrajectoryCache, rollout_group, target_trajectory
-from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier, Verifier
+from dreamr_stream.verify import Verifier, make_verifier
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 __all__ = ["SapoConfig", "acceptance_at_prefixes", "sapo_update", "train"]
@@ -179,10 +180,10 @@ def train(
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     target = TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
     draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
-    recommended = target.recommended_verification
-    mode = cfg.verify_mode or str(recommended.get("mode", "judge"))
-    tau = cfg.tau if cfg.tau is not None else float(recommended.get("tau", 1.0))
-    verifier: Verifier = JudgeVerifier(tau) if mode == "judge" else LikelihoodVerifier(tau)
+    verification = VerificationConfig.recommended(
+        target.recommended_verification, mode=cfg.verify_mode or None, tau=cfg.tau
+    )
+    verifier = make_verifier(verification)
     policy = draft.model
     ref = copy.deepcopy(policy).eval()
     for p in ref.parameters():

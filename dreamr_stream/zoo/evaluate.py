@@ -15,9 +15,9 @@ from pathlib import Path
 import anyio
 
 from dreamr_stream.backends.hf import TransformersBackend
-from dreamr_stream.config import CacheConfig, ReasonerConfig
+from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import Method, Reasoner
-from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier
+from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.task import Split, make_judge_item, make_puzzle, parse_answer, split_seed
 
 __all__ = ["JudgeReport", "MethodReport", "evaluate_judge", "evaluate_method"]
@@ -86,7 +86,7 @@ def evaluate_judge(
 ) -> JudgeReport:
     """TBVM on correct and corrupted candidate steps after a correct prefix (direct backend calls)."""
     rng = random.Random(seed)
-    verifier: JudgeVerifier | LikelihoodVerifier = JudgeVerifier(tau) if mode == "judge" else LikelihoodVerifier(tau)
+    verifier = make_verifier(VerificationConfig(mode=mode, tau=tau))  # type: ignore[arg-type]
     acc: dict[str, list[bool]] = {}
     for i in range(n):
         puzzle = make_puzzle(split_seed(split, 10_000 + i))
