@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PolicySample", "UpdateStats", "sapo_loss", "step_logprobs"]
+__all__ = ["PolicySample", "UpdateStats", "batch_inputs", "sapo_loss", "step_logprobs"]
 
 
 @dataclass
@@ -49,22 +49,30 @@ class UpdateStats:
     clip_fraction: float
 
 
+def batch_inputs(
+    prompts: list[dict[str, Any]], rows: list[list[int]], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Model inputs for token rows (right-padded, with their mask), row ``b`` continuing
+    ``prompts[b]``, whose image tensors are stacked alongside."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, device=device)
+        mask[b, : len(r)] = 1
+    extra = {
+        k: torch.cat([p[k] for p in prompts]).to(device)
+        for k in prompts[0]
+        if k not in ("input_ids", "attention_mask") and isinstance(prompts[0][k], torch.Tensor)
+    }
+    return {"input_ids": ids, "attention_mask": mask, **extra}
+
+
 def step_logprobs(model: torch.nn.Module, samples: list[PolicySample], pad_id: int) -> list[torch.Tensor]:
     """log pi(step token | prompt, prefix, earlier step tokens) for each sample, batched."""
     seqs = [s.prompt["input_ids"][0].tolist() + s.context_ids + s.step_ids for s in samples]
-    width = max(len(q) for q in seqs)
     device = next(model.parameters()).device
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for b, q in enumerate(seqs):
-        ids[b, : len(q)] = torch.tensor(q, device=device)
-        mask[b, : len(q)] = 1
-    extra = {
-        k: torch.cat([s.prompt[k] for s in samples]).to(device)
-        for k in samples[0].prompt
-        if k not in ("input_ids", "attention_mask") and isinstance(samples[0].prompt[k], torch.Tensor)
-    }
-    logits = model(input_ids=ids, attention_mask=mask, **extra).logits  # (B, T, V)
+    logits = model(**batch_inputs([s.prompt for s in samples], seqs, pad_id, device)).logits  # (B, T, V)
     out = []
     for b, s in enumerate(samples):
         start = len(seqs[b]) - len(s.step_ids)  # position of the first step token

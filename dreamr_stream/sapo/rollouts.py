@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dreamr_stream.backends.hf import TransformersBackend
-from dreamr_stream.sapo.policy import PolicySample
+from dreamr_stream.sapo.policy import PolicySample, batch_inputs
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
 from dreamr_stream.store import LogEntry
 from dreamr_stream.verify import Verifier
@@ -115,20 +115,8 @@ def _context(backend: TransformersBackend, steps: list[str]) -> list[int]:
 
 
 def _batched(backend: TransformersBackend, inputs: dict[str, Any], rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Right-padded ids and mask for ``rows``, with the prompt's image tensors repeated."""
-    width = max(len(r) for r in rows)
-    pad = backend.tokenizer.pad_token_id or 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    extra = {
-        k: v.repeat(len(rows), *([1] * (v.dim() - 1)))
-        for k, v in inputs.items()
-        if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)
-    }
-    return {"input_ids": ids.to(backend.device), "attention_mask": mask.to(backend.device), **extra}
+    """Inputs for ``rows``, each continuing the same prompt (its image repeated per row)."""
+    return batch_inputs([inputs] * len(rows), rows, backend.tokenizer.pad_token_id or 0, backend.device)
 
 
 @torch.no_grad()
@@ -229,7 +217,9 @@ def _credit(
         return None
     if not math.isfinite(verifier.tau):
         return None
-    if target.encode(text) != step_ids[: len(token_lp)] or len(draft.encode(text)) != len(token_lp):
+    ids = target.encode(text)
+    # positions line up only where the draft's step holds exactly the target's tokens for it
+    if len(token_lp) != len(ids) or step_ids[: len(ids)] != ids or draft.encode(text) != ids:
         return None
     floor = math.log(verifier.tau / (1.0 + verifier.tau)) if verifier.tau > 0 else -math.inf
     for t, lp in enumerate(token_lp):
