@@ -19,6 +19,7 @@ from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_t
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
 from dreamr_stream.engine.request import CacheContext, RequestContext
 from dreamr_stream.engine.runner import ModelRunner
+from dreamr_stream.engine.threads import CpuThreaded, ThreadShare
 from dreamr_stream.errors import BackendError, ConfigError, DreamrError
 from dreamr_stream.events import Event, FailedEvent, FallbackEvent, FinishedEvent, StartedEvent, VerifiedEvent
 from dreamr_stream.inputs import ImageInput, check_question, load_image
@@ -59,6 +60,15 @@ def _typed_error(e: BaseException) -> DreamrError:
 T = TypeVar("T")
 
 
+def _thread_share(target: ModelBackend[Any], draft: ModelBackend[Any] | None) -> ThreadShare | None:
+    """One share of the CPU's threads when both models run on it (backends that say how many
+    threads they use and can set a worker thread's count; GPU backends say 0)."""
+    if not (isinstance(target, CpuThreaded) and isinstance(draft, CpuThreaded)):
+        return None
+    total = min(target.cpu_threads, draft.cpu_threads)
+    return ThreadShare(total, target.use_threads) if total > 1 else None
+
+
 class Reasoner:
     """Multimodal speculative reasoning over a target and a draft backend.
 
@@ -74,11 +84,15 @@ class Reasoner:
         *,
         config: ReasonerConfig | None = None,
         store: TrajectoryStore | None = None,
+        share_threads: bool = True,
     ) -> None:
-        """``store``: where verified trajectories are cached (default: in-memory, bounded)."""
+        """``store``: where verified trajectories are cached (default: in-memory, bounded).
+        ``share_threads``: when both models run on the CPU, calls running at once split its
+        intra-op threads instead of each taking all of them (``engine.threads``)."""
         self.config = config or ReasonerConfig()
-        self.target = ModelRunner(target, "target")
-        self.draft = ModelRunner(draft, "draft") if draft is not None else None
+        threads = _thread_share(target, draft) if share_threads else None
+        self.target = ModelRunner(target, "target", threads)
+        self.draft = ModelRunner(draft, "draft", threads) if draft is not None else None
         self.store = store if store is not None else MemoryTrajectoryStore()
         self._store_guard = GuardedStore(self.store)
         self._loop: asyncio.AbstractEventLoop | None = None  # for sync invoke, started on first use

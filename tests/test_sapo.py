@@ -146,12 +146,19 @@ def test_batched_scoring_equals_the_backends_one_forward_score(tiny_pair) -> Non
     texts = [puzzle.steps()[k], "Row 3: empty, empty, red square, empty. Red: 1.", "Answer: 4"]
     inputs = target._prompt_inputs(puzzle.image, puzzle.question.text())
     batched = score_steps(target, inputs, _context(target, puzzle.steps()[:k]), texts, judge=True)
-    for text, (p_pos, p_neg, lps) in zip(texts, batched, strict=True):
+    for text, score in zip(texts, batched, strict=True):
         s = _session_at(target, puzzle, k)
         one = target.score(s, text, stop="\n", judge=target.judge)
         target.close(s)
-        assert p_pos == pytest.approx(one.p_pos, abs=1e-5) and p_neg == pytest.approx(one.p_neg, abs=1e-5)
-        assert lps == pytest.approx(one.token_logprobs, abs=1e-4)
+        assert score.p_pos == pytest.approx(one.p_pos, abs=1e-5) and score.p_neg == pytest.approx(one.p_neg, abs=1e-5)
+        assert score.token_logprobs == pytest.approx(one.token_logprobs, abs=1e-4)
+        # the teacher rows: the target's next-token distribution at each step position (and the
+        # delimiter's), whose entries at the step's own tokens are the evidence above
+        ids = target.encode(text)
+        assert score.next_logprobs is not None and score.next_logprobs.shape[0] == len(ids) + 1
+        picked = score.next_logprobs[: len(ids)].gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
+        assert picked == pytest.approx(one.token_logprobs, abs=1e-4)
+        assert torch.exp(score.next_logprobs).sum(-1).tolist() == pytest.approx([1.0] * (len(ids) + 1), abs=1e-4)
 
 
 @pytest.mark.parametrize("k", [0, 3])
@@ -230,3 +237,53 @@ def test_credit_position_from_the_targets_token_probabilities(tiny_pair) -> None
     lps[3] = floor - 0.1
     assert _credit(draft, target, text, ids, lps, LikelihoodVerifier(0.25)) == 4
     assert _credit(draft, target, text, ids, lps, JudgeVerifier(1.0)) is None  # no per-token evidence
+
+
+def _kl_to(teacher: torch.Tensor, model: torch.nn.Module, sample: PolicySample, pad: int) -> float:
+    from dreamr_stream.sapo.policy import step_distributions
+
+    with torch.no_grad():
+        d = step_distributions(model, [sample], pad)[0]
+    return float((teacher.exp() * (teacher - d)).sum(-1).mean())
+
+
+def test_dense_term_moves_the_draft_towards_the_targets_distribution(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    target, draft = tiny_pair
+    policy = copy.deepcopy(draft.model)
+    backend = TransformersBackend(policy, draft.processor, judge=draft.judge)
+    pad = draft.tokenizer.pad_token_id
+    s = _sample(backend, "Row 2: red circle, empty.", 0.0)  # no advantage: only the dense term acts
+    # the teacher: the target's own distributions at the step's positions
+    from dreamr_stream.sapo.policy import step_distributions
+
+    with torch.no_grad():
+        s.teacher = step_distributions(target.model, [s], pad)[0]
+    before = _kl_to(s.teacher, policy, s, pad)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    stats = sapo_update(policy, copy.deepcopy(policy), opt, [s], pad_id=pad, clip_eps=0.2, kl_beta=0.0, distill=1.0)
+    assert stats["distill"] == pytest.approx(before, rel=1e-4)
+    assert _kl_to(s.teacher, policy, s, pad) < before, "the dense term must bring the draft closer to the target"
+    # without a teacher (or with weight 0) the same update changes nothing: the advantage is 0
+    s2 = _sample(backend, "Row 2: red circle, empty.", 0.0)
+    lp = total_logprob(policy, s2, pad)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0)  # no momentum carried over
+    sapo_update(policy, copy.deepcopy(policy), opt, [s2], pad_id=pad, clip_eps=0.2, kl_beta=0.0, distill=1.0)
+    assert total_logprob(policy, s2, pad) == pytest.approx(lp, abs=1e-3)
+
+
+def test_dense_term_formula_and_credit() -> None:
+    from dreamr_stream.sapo.policy import gather_steps
+
+    q = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]), -1)
+    d = torch.full((3, 3), -math.log(3.0), requires_grad=True)
+    s = PolicySample(prompt={}, context_ids=[], step_ids=[0, 1, 2], advantage=0.0, credit=2, teacher=q)
+    lp = gather_steps([d], [s])
+    s.old_logprobs, s.ref_logprobs = lp[0].detach().clone(), lp[0].detach().clone()
+    loss, stats = sapo_loss(lp, [s], kl_beta=0.0, distill=0.5, dists=[d])
+    expected = float((q.exp() * (q - d.detach())).sum(-1)[:2].mean())  # credited positions only
+    assert stats.distill == pytest.approx(expected) and float(loss) == pytest.approx(0.5 * expected)
+    loss.backward()
+    assert d.grad is not None and d.grad[2].abs().max() == 0 and d.grad[:2].abs().min() > 0
+    with pytest.raises(ValueError, match="dists"):
+        sapo_loss(lp, [s], distill=0.5)

@@ -86,6 +86,18 @@ class TransformersBackend:
         self.verdict_ids(self.judge)  # fail at load, not mid-request, on a bad template
 
     @property
+    def cpu_threads(self) -> int:
+        """Intra-op threads this backend's calls may use (0: not on the CPU, nothing to share)."""
+        return torch.get_num_threads() if self.device.type == "cpu" else 0
+
+    @staticmethod
+    def use_threads(n: int) -> None:
+        """Run this thread's torch ops on ``n`` intra-op threads (a per-thread setting; set only
+        when it changes, since resizing the thread pools is not free)."""
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+    @property
     def identity(self) -> str:
         """Stable id of these weights (config + first and last tensors) for cache keys."""
         if self._identity is None:

@@ -16,6 +16,17 @@ group share their context, so their advantages cancel there; after it there is n
 
 (k3 KL estimator, always >= 0, to the starting SFT draft ``pi_ref``). Only the step's tokens are
 trained; the prompt and the verified prefix are context.
+
+Dense faithfulness (``distill > 0``): the same target forward that scores a step also gives the
+target's whole next-token distribution ``q_t`` at each of its positions, and the loss adds::
+
+    loss += distill * mean_i mean_{t <= e_i} KL(q_t || pi(. | y_<t))
+
+on the draft's own samples (on-policy distillation, as in GKD). Why: TBVM's likelihood mode
+rejects a step at its first token below ``tau / (1 + tau)``, a decision about one token, while
+the step reward is one number per step; ``q_t`` says at that very token which one the target
+would have accepted, for all 396 words at once, where the group advantage only says "this step
+was worse than its siblings". It is the step reward's faithfulness term made per token.
 """
 
 from __future__ import annotations
@@ -25,7 +36,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["PolicySample", "UpdateStats", "batch_inputs", "sapo_loss", "step_logprobs"]
+__all__ = [
+    "PolicySample",
+    "UpdateStats",
+    "batch_inputs",
+    "gather_steps",
+    "sapo_loss",
+    "step_distributions",
+    "step_logprobs",
+]
 
 
 @dataclass
@@ -39,6 +58,9 @@ class PolicySample:
     credit: int | None = None
     old_logprobs: torch.Tensor | None = None  # (len(step_ids),)
     ref_logprobs: torch.Tensor | None = None
+    # the target's next-token log-probs at each step position, (len(step_ids), V); None: no
+    # dense term (the two tokenisations do not line up, or judge-only evidence)
+    teacher: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -47,6 +69,7 @@ class UpdateStats:
     loss: float
     kl: float
     clip_fraction: float
+    distill: float = 0.0  # mean KL(target || draft) per credited token
 
 
 def batch_inputs(
@@ -68,8 +91,9 @@ def batch_inputs(
     return {"input_ids": ids, "attention_mask": mask, **extra}
 
 
-def step_logprobs(model: torch.nn.Module, samples: list[PolicySample], pad_id: int) -> list[torch.Tensor]:
-    """log pi(step token | prompt, prefix, earlier step tokens) for each sample, batched."""
+def step_distributions(model: torch.nn.Module, samples: list[PolicySample], pad_id: int) -> list[torch.Tensor]:
+    """log pi(. | prompt, prefix, earlier step tokens) at each step position, (n_step, V) per
+    sample, batched."""
     seqs = [s.prompt["input_ids"][0].tolist() + s.context_ids + s.step_ids for s in samples]
     device = next(model.parameters()).device
     logits = model(**batch_inputs([s.prompt for s in samples], seqs, pad_id, device)).logits  # (B, T, V)
@@ -77,17 +101,36 @@ def step_logprobs(model: torch.nn.Module, samples: list[PolicySample], pad_id: i
     for b, s in enumerate(samples):
         start = len(seqs[b]) - len(s.step_ids)  # position of the first step token
         # logits at t predict token t+1: (n_step, V)
-        step_logits = logits[b, start - 1 : len(seqs[b]) - 1].float()
-        target = torch.tensor(s.step_ids, device=device)[:, None]
-        out.append(torch.log_softmax(step_logits, dim=-1).gather(1, target)[:, 0])
+        out.append(torch.log_softmax(logits[b, start - 1 : len(seqs[b]) - 1].float(), dim=-1))
     return out
 
 
+def gather_steps(dists: list[torch.Tensor], samples: list[PolicySample]) -> list[torch.Tensor]:
+    """Each sample's own tokens' log-probs out of its step distributions."""
+    return [
+        d.gather(1, torch.tensor(s.step_ids, device=d.device)[:, None])[:, 0]
+        for d, s in zip(dists, samples, strict=True)
+    ]
+
+
+def step_logprobs(model: torch.nn.Module, samples: list[PolicySample], pad_id: int) -> list[torch.Tensor]:
+    """log pi(step token | prompt, prefix, earlier step tokens) for each sample, batched."""
+    return gather_steps(step_distributions(model, samples, pad_id), samples)
+
+
 def sapo_loss(
-    new: list[torch.Tensor], samples: list[PolicySample], *, clip_eps: float = 0.2, kl_beta: float = 0.05
+    new: list[torch.Tensor],
+    samples: list[PolicySample],
+    *,
+    clip_eps: float = 0.2,
+    kl_beta: float = 0.05,
+    distill: float = 0.0,
+    dists: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, UpdateStats]:
-    per_sample, kls, clipped, count = [], [], 0, 0
-    for lp, s in zip(new, samples, strict=True):
+    """The loss of the module docstring; ``dists`` (the policy's step distributions) are needed
+    only for the dense term (``distill > 0`` and samples with a ``teacher``)."""
+    per_sample, kls, teach, clipped, count = [], [], [], 0, 0
+    for i, (lp, s) in enumerate(zip(new, samples, strict=True)):
         assert s.old_logprobs is not None and s.ref_logprobs is not None
         ratio = torch.exp(lp - s.old_logprobs)
         adv = torch.tensor(s.advantage, dtype=lp.dtype)
@@ -95,11 +138,22 @@ def sapo_loss(
         diff = s.ref_logprobs - lp
         kl = torch.exp(diff) - diff - 1
         n = len(lp) if s.credit is None else max(1, min(len(lp), s.credit))
-        per_sample.append(-(surr[:n] - kl_beta * kl[:n]).mean())
+        term = -(surr[:n] - kl_beta * kl[:n]).mean()
+        if distill > 0 and s.teacher is not None:
+            if dists is None:
+                raise ValueError("the dense term needs the policy's step distributions (dists)")
+            q = s.teacher[:n]
+            fwd = (q.exp() * (q - dists[i][:n])).sum(-1).mean()
+            term = term + distill * fwd
+            teach.append(fwd.detach())
+        per_sample.append(term)
         kls.append(kl.mean().detach())
         clipped += int(((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).sum())
         count += ratio.numel()
     loss = torch.stack(per_sample).mean()
     return loss, UpdateStats(
-        loss=float(loss.detach()), kl=float(torch.stack(kls).mean()), clip_fraction=clipped / max(1, count)
+        loss=float(loss.detach()),
+        kl=float(torch.stack(kls).mean()),
+        clip_fraction=clipped / max(1, count),
+        distill=float(torch.stack(teach).mean()) if teach else 0.0,
     )

@@ -30,6 +30,7 @@ from dreamr_stream.verify import Verifier
 
 __all__ = [
     "RolloutPrompt",
+    "StepScore",
     "TrajectoryCache",
     "prompts_from_log",
     "rollout_group",
@@ -170,12 +171,24 @@ def sample_steps(
     return steps
 
 
+@dataclass
+class StepScore:
+    """The target's evidence on one candidate step (what ``backend.score`` gives), plus its
+    next-token log-probs at each of the step's positions and at the delimiter's, (n + 1, V):
+    the teacher of SAPO's dense term."""
+
+    p_pos: float
+    p_neg: float
+    token_logprobs: list[float]
+    next_logprobs: torch.Tensor | None = None
+
+
 @torch.no_grad()
 def score_steps(
     target: TransformersBackend, inputs: dict[str, Any], context: list[int], texts: list[str], judge: bool
-) -> list[tuple[float, float, list[float]]]:
-    """(p_pos, p_neg, token log-probs) of each candidate step, all in ONE batched forward:
-    the same evidence ``backend.score`` gives (candidate + delimiter [+ judge suffix])."""
+) -> list[StepScore]:
+    """The evidence on each candidate step, all in ONE batched forward: the same evidence
+    ``backend.score`` gives (candidate + delimiter [+ judge suffix])."""
     stop = target.encode(STOP)
     suffix = target.encode(target.judge.suffix) if judge else []
     base = inputs["input_ids"][0].tolist() + context
@@ -183,7 +196,7 @@ def score_steps(
     cands = [target.encode(t) for t in texts]
     # a step whose text encodes to special tokens (e.g. an image token) is not scored: no evidence
     valid = [i for i, c in enumerate(cands) if not special.intersection(c)]
-    out: list[tuple[float, float, list[float]]] = [(0.0, 0.0, [-math.inf])] * len(cands)
+    out = [StepScore(0.0, 0.0, [-math.inf]) for _ in cands]
     if not valid:
         return out
     rows = [base + cands[i] + stop + suffix for i in valid]
@@ -191,15 +204,36 @@ def score_steps(
     pos_id, neg_id = target.verdict_ids(target.judge) if judge else (0, 0)
     for b, i in enumerate(valid):
         c = cands[i]
-        # logits at t predict token t+1
-        lp = torch.log_softmax(logits[b, len(base) - 1 : len(base) - 1 + len(c)], dim=-1)
-        token_lp = lp.gather(1, torch.tensor(c, device=lp.device)[:, None])[:, 0].tolist() if c else []
+        # logits at t predict token t+1; one more row: the position that predicts the delimiter
+        lp = torch.log_softmax(logits[b, len(base) - 1 : len(base) + len(c)], dim=-1)
+        token_lp = lp[: len(c)].gather(1, torch.tensor(c, device=lp.device)[:, None])[:, 0].tolist() if c else []
         p_pos = p_neg = 0.0
         if judge:
             probs = torch.softmax(logits[b, len(rows[b]) - 1], dim=-1)
             p_pos, p_neg = float(probs[pos_id]), float(probs[neg_id])
-        out[i] = (p_pos, p_neg, token_lp)
+        out[i] = StepScore(p_pos, p_neg, token_lp, lp.cpu())
     return out
+
+
+def _aligned(
+    draft: TransformersBackend, target: TransformersBackend, text: str, step_ids: list[int], token_lp: list[float]
+) -> bool:
+    """Whether the target's per-token evidence lines up with the draft's step tokens: only where
+    the draft's step holds exactly the target's tokens for it (same vocabulary, same split)."""
+    ids = target.encode(text)
+    return len(token_lp) == len(ids) and step_ids[: len(ids)] == ids and draft.encode(text) == ids
+
+
+def _teacher(
+    draft: TransformersBackend, target: TransformersBackend, text: str, step_ids: list[int], score: StepScore
+) -> torch.Tensor | None:
+    """The target's next-token log-probs at the draft step's positions, or None where they do
+    not line up (other vocabulary or tokenisation, or a step cut at ``max_tokens``)."""
+    q = score.next_logprobs
+    vocab = draft.model.get_output_embeddings().weight.shape[0]
+    if q is None or q.shape[-1] != vocab or q.shape[0] != len(step_ids):
+        return None
+    return q if _aligned(draft, target, text, step_ids, score.token_logprobs) else None
 
 
 def _credit(
@@ -217,9 +251,7 @@ def _credit(
         return None
     if not math.isfinite(verifier.tau):
         return None
-    ids = target.encode(text)
-    # positions line up only where the draft's step holds exactly the target's tokens for it
-    if len(token_lp) != len(ids) or step_ids[: len(ids)] != ids or draft.encode(text) != ids:
+    if not _aligned(draft, target, text, step_ids, token_lp):
         return None
     floor = math.log(verifier.tau / (1.0 + verifier.tau)) if verifier.tau > 0 else -math.inf
     for t, lp in enumerate(token_lp):
@@ -242,6 +274,7 @@ def rollout_group(
     max_step_tokens: int = 64,
     verifier: Verifier | None = None,
     guide: bool = False,
+    teach: bool = False,
 ) -> list[PolicySample]:
     """G sampled draft steps at prefix k, each with its reward, group advantage and verdict.
 
@@ -277,7 +310,8 @@ def rollout_group(
     scores = score_steps(target, t_inputs, t_context, [text for _, text, _ in members], needs_judge)
     samples: list[PolicySample] = []
     rewards: list[float] = []
-    for i, ((step_ids, text, _), (p_pos, p_neg, token_lp)) in enumerate(zip(members, scores, strict=True)):
+    for i, ((step_ids, text, _), score) in enumerate(zip(members, scores, strict=True)):
+        p_pos, p_neg, token_lp = score.p_pos, score.p_neg, score.token_logprobs
         credit = _credit(draft, target, text, step_ids, token_lp, verifier)
         if verifier is not None:  # the evidence the deployed TBVM mode looks at
             v = verifier.verify(p_pos, p_neg, token_lp)
@@ -298,6 +332,7 @@ def rollout_group(
                 context_ids=list(d_context),
                 step_ids=step_ids,
                 credit=credit,
+                teacher=_teacher(draft, target, text, step_ids, score) if teach else None,
                 meta={
                     "text": text,
                     "reward": reward,

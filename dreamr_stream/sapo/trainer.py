@@ -28,7 +28,7 @@ import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
-from dreamr_stream.sapo.policy import PolicySample, sapo_loss, step_logprobs
+from dreamr_stream.sapo.policy import PolicySample, gather_steps, sapo_loss, step_distributions, step_logprobs
 from dreamr_stream.sapo.rewards import RewardWeights
 from dreamr_stream.sapo.rollouts import RolloutPrompt, TrajectoryCache, rollout_group, target_trajectory
 from dreamr_stream.verify import Verifier, make_verifier
@@ -73,6 +73,9 @@ class SapoConfig:
     train_vision: bool = False  # vision tower + projector frozen (see above)
     warmup: int = 10  # updates of linear learning-rate warm-up (Adam's first steps are sign-sized)
     verify_mode: str = ""  # "judge" | "likelihood"; empty: what the target recommends
+    # weight of the dense term, KL(target || draft) per token up to the first rejected one
+    # (policy module docstring); 0 is step-level rewards alone
+    distill: float = 0.0
     seed: int = 0
     threads: int = 2
 
@@ -88,6 +91,7 @@ def sapo_update(
     kl_beta: float,
     inner_epochs: int = 1,
     max_grad_norm: float = 1.0,
+    distill: float = 0.0,
 ) -> dict[str, float]:
     """One SAPO update on a batch of scored samples (old and reference log-probs filled here)."""
     policy.eval()
@@ -99,7 +103,10 @@ def sapo_update(
     policy.train()
     stats = None
     for _ in range(inner_epochs):
-        loss, stats = sapo_loss(step_logprobs(policy, samples, pad_id), samples, clip_eps=clip_eps, kl_beta=kl_beta)
+        dists = step_distributions(policy, samples, pad_id)
+        loss, stats = sapo_loss(
+            gather_steps(dists, samples), samples, clip_eps=clip_eps, kl_beta=kl_beta, distill=distill, dists=dists
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
@@ -235,6 +242,7 @@ def train(
                 rng=rng,
                 verifier=verifier,
                 guide=cfg.guide,
+                teach=cfg.distill > 0,
             )
             if any(abs(s.advantage) > 1e-6 for s in group):
                 samples += group
@@ -253,9 +261,10 @@ def train(
                 kl_beta=cfg.kl_beta,
                 inner_epochs=cfg.inner_epochs,
                 max_grad_norm=cfg.max_grad_norm,
+                distill=cfg.distill,
             )
         else:
-            rec |= {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+            rec |= {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
         rec |= {
             "reward": sum(m["reward"] for m in metas) / len(metas),
             "agree": sum(m["agree"] for m in metas) / len(metas),
