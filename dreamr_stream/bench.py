@@ -5,20 +5,26 @@ machine noise hits all of them alike:
 
 * ``target_only``       our cached decode loop, target writes every step
 * ``target_generate``   the same target through ``transformers`` ``generate()``
-* ``assisted``          HF assisted generation: ``generate(assistant_model=draft)`` (token level)
-* ``sequential``        SpecReason-style: draft a step, judge it (same TBVM), fall back; no overlap
+* ``assisted``          HF assisted generation: ``generate(assistant_model=draft)`` (token level,
+                        the SAPO draft when there is one)
+* ``sequential_sft`` / ``sequential_sapo``   SpecReason-style: draft a step, judge it (same TBVM),
+                        fall back; no overlap
 * ``fpsr_sft`` / ``fpsr_sapo``   FPSR with the SFT / SAPO draft
+* ``fpsr_sapo_unshared``  FPSR with the SAPO draft, each overlapping call on all the CPU's
+                        threads (``Reasoner(share_threads=False)``; the ablation of ``engine.threads``)
 * ``draft_only``        the SFT draft alone, unverified
 
 Ideal speedup (documented formula). With ``t`` the target's seconds per token, ``c`` the draft's
 per-token cost as a fraction of ``t``, ``v`` one scoring forward in target-token units, ``L`` the
 mean step length in tokens and ``a`` the step acceptance rate, a perfectly pipelined FPSR spends
 per step ``max(c*L, v) * t`` while drafts are accepted and additionally ``L * t`` (the target's own
-step) for the ``1 - a`` rejected ones, against ``L * t`` for target-only::
+step) for the ``1 - a`` rejected ones, against ``L * t`` for target-only; the sequential schedule
+pays for drafting and scoring one after the other::
 
-    ideal = L / (max(c * L, v) + (1 - a) * L)
+    ideal_fpsr       = L / (max(c * L, v) + (1 - a) * L)
+    ideal_sequential = L / (c * L + v + (1 - a) * L)
 
-Efficiency is achieved speedup / ideal.
+Efficiency is achieved speedup / ideal (for FPSR: at the costs measured with each call alone).
 """
 
 from __future__ import annotations
@@ -40,12 +46,33 @@ from dreamr_stream.zoo.task import make_puzzle, parse_answer, split_seed
 
 __all__ = ["ALL_METHODS", "BenchResult", "ideal_speedup", "run_bench"]
 
-ALL_METHODS = ("target_only", "target_generate", "assisted", "sequential", "fpsr_sft", "fpsr_sapo", "draft_only")
+ALL_METHODS = (
+    "target_only",
+    "target_generate",
+    "assisted",
+    "sequential_sft",
+    "sequential_sapo",
+    "fpsr_sft",
+    "fpsr_sapo",
+    "fpsr_sapo_unshared",
+    "draft_only",
+)
+# engine methods: (draft, Reasoner.astream method, threads shared between overlapping calls)
+_ENGINE = {
+    "target_only": ("sft", "target_only", True),
+    "draft_only": ("sft", "draft_only", True),
+    "sequential_sft": ("sft", "sequential", True),
+    "sequential_sapo": ("sapo", "sequential", True),
+    "fpsr_sft": ("sft", "fpsr", True),
+    "fpsr_sapo": ("sapo", "fpsr", True),
+    "fpsr_sapo_unshared": ("sapo", "fpsr", False),
+}
 
 
-def ideal_speedup(*, c: float, v: float, step_tokens: float, acceptance: float) -> float:
+def ideal_speedup(*, c: float, v: float, step_tokens: float, acceptance: float, overlap: bool = True) -> float:
     L = max(step_tokens, 1e-9)
-    return L / (max(c * L, v) + (1.0 - acceptance) * L)
+    speculate = max(c * L, v) if overlap else c * L + v
+    return L / (speculate + (1.0 - acceptance) * L)
 
 
 @dataclass
@@ -137,14 +164,23 @@ def run_bench(
     # the target's recommended TBVM mode and tau (as `Reasoner.from_pretrained` uses); --tau overrides tau
     verification = VerificationConfig.recommended(target.recommended_verification, tau=tau)
     config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
-    with_sft = Reasoner(target, sft, config=config)
-    with_sapo = Reasoner(target, sapo, config=config) if sapo else None
-    methods = tuple(m for m in methods if m != "fpsr_sapo" or with_sapo is not None)
+    unknown = set(methods) - set(ALL_METHODS)
+    if unknown:
+        raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    reasoners = {("sft", True): Reasoner(target, sft, config=config)}
+    if sapo is not None:
+        reasoners[("sapo", True)] = Reasoner(target, sapo, config=config)
+        reasoners[("sapo", False)] = Reasoner(target, sapo, config=config, share_threads=False)
+    else:  # no SAPO draft: its rows are left out
+        methods = tuple(m for m in methods if m not in _ENGINE or _ENGINE[m][0] == "sft")
+    with_sft = reasoners[("sft", True)]
+    assistant = sapo or sft
     probe = make_puzzle(split_seed("val", 0))
     # every torch call runs on the Reasoner's model threads, engine or not (see call_model)
     costs = with_sft.call_model(measure_costs, target, sft, probe.image, probe.question.text())
     rows = {m: MethodRows() for m in methods}
-    with_sft.invoke(probe.image, probe.question.text())  # warm-up every path once
+    for warm in reasoners.values():  # warm-up every path once
+        warm.invoke(probe.image, probe.question.text())
     for i in range(n):
         puzzle = make_puzzle(split_seed("test", i))
         image, question = puzzle.image, puzzle.question.text()
@@ -153,15 +189,14 @@ def run_bench(
             row = rows[m]
             if m in ("target_generate", "assisted"):
                 t = time.perf_counter()
-                assistant = sft if m == "assisted" else None
-                text, tokens = with_sft.call_model(_generate_text, target, image, question, assistant)
+                helper = assistant if m == "assisted" else None
+                text, tokens = with_sft.call_model(_generate_text, target, image, question, helper)
                 row.wall.append(time.perf_counter() - t)
                 row.correct.append(parse_answer(text) == puzzle.answer)
                 row.tokens += tokens
                 continue
-            reasoner = with_sapo if m == "fpsr_sapo" else with_sft
-            assert reasoner is not None
-            method = {"fpsr_sft": "fpsr", "fpsr_sapo": "fpsr"}.get(m, m)
+            draft_name, method, shared = _ENGINE[m]
+            reasoner = reasoners[(draft_name, shared)]
             # the Reasoner's own long-lived loop and worker threads, as in a service (a fresh
             # anyio.run per request would also pay for new threads and their OpenMP teams)
             r = reasoner.invoke(image, question, method=method)  # type: ignore[arg-type]
@@ -201,7 +236,11 @@ def run_bench(
         if rec["acceptance"] is not None and row.steps:
             step_tokens = row.tokens / max(1, row.steps)
             rec["ideal_speedup"] = ideal_speedup(
-                c=costs["c"], v=costs["v"], step_tokens=step_tokens, acceptance=rec["acceptance"]
+                c=costs["c"],
+                v=costs["v"],
+                step_tokens=step_tokens,
+                acceptance=rec["acceptance"],
+                overlap=_ENGINE[m][1] == "fpsr",
             )
             if "speedup_median" in rec:
                 rec["efficiency"] = rec["speedup_median"] / rec["ideal_speedup"]
@@ -212,6 +251,7 @@ def run_bench(
         "verification": config.verification.model_dump(mode="json"),
         "methods": list(methods),
         "threads": torch.get_num_threads(),
+        "assisted_draft": "sapo" if sapo is not None else "sft",
     }
     return BenchResult(config=cfg, costs=costs, methods=out)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamr_stream.bench import ideal_speedup, run_bench, save, to_markdown
+from dreamr_stream.bench import ALL_METHODS, ideal_speedup, run_bench, save, to_markdown
 from dreamr_stream.zoo.shipped import demo_paths
 
 
@@ -16,12 +16,20 @@ def test_ideal_speedup_formula() -> None:
     assert ideal_speedup(c=0.0, v=0.0, step_tokens=20, acceptance=0.0) == pytest.approx(1.0)
     assert ideal_speedup(c=0.1, v=1.5, step_tokens=20, acceptance=1.0) == pytest.approx(20 / 2.0)
     assert ideal_speedup(c=0.1, v=1.5, step_tokens=20, acceptance=0.5) == pytest.approx(20 / (2.0 + 10))
+    # no overlap: drafting and scoring add up
+    assert ideal_speedup(c=0.1, v=1.5, step_tokens=20, acceptance=1.0, overlap=False) == pytest.approx(20 / 3.5)
+
+
+def test_unknown_bench_method_is_a_clear_error() -> None:
+    paths = demo_paths("sft")
+    with pytest.raises(ValueError, match="unknown bench methods"):
+        run_bench(target_dir=paths.target, sft_dir=paths.draft, sapo_dir=None, n=1, methods=("fpsr_turbo",))
 
 
 @pytest.mark.slow
 def test_bench_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> None:
     paths = demo_paths("sft")
-    methods = ("target_only", "target_generate", "assisted", "sequential", "fpsr_sft", "fpsr_sapo", "draft_only")
+    methods = ALL_METHODS
     calls: list[int] = []
     result = run_bench(
         target_dir=paths.target,
@@ -37,7 +45,7 @@ def test_bench_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> None:
     recommended = json.loads((paths.target / "dreamr.json").read_text())["verification"]
     assert result.config["verification"]["mode"] == recommended["mode"]
     assert result.methods["target_only"]["speedup_median"] == pytest.approx(1.0)
-    for m in ("sequential", "fpsr_sft", "fpsr_sapo"):
+    for m in ("sequential_sft", "sequential_sapo", "fpsr_sft", "fpsr_sapo", "fpsr_sapo_unshared"):
         rec = result.methods[m]
         assert 0.0 <= rec["acceptance"] <= 1.0 and rec["ideal_speedup"] > 0 and rec["efficiency"] > 0
     for rec in result.methods.values():
