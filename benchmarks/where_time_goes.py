@@ -1,6 +1,6 @@
 """Where the time of one request goes: lane busy time, overlap and engine overhead.
 
-    python benchmarks/where_time_goes.py [--draft sapo] [-n 10] [--method fpsr]
+    python benchmarks/where_time_goes.py [--draft sapo] [-n 10] [--method fpsr] [--unshared]
 
 For each request the engine records a timeline of lane spans (prefill, draft writes, target
 verification, the target's own steps, draft resyncs). This script sums them per lane and kind,
@@ -55,12 +55,20 @@ def main() -> None:
     parser.add_argument("--draft", help="shipped draft: sft or sapo (default: the demo's)")
     parser.add_argument("--method", default="fpsr", choices=["fpsr", "sequential"])
     parser.add_argument("-n", type=int, default=10)
+    parser.add_argument(
+        "--unshared", action="store_true", help="overlapping calls each take all CPU threads (no ThreadShare)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     base = Reasoner.demo(draft=args.draft)
     args.draft = args.draft or default_draft()
     config = base.config.model_copy(update={"cache": CacheConfig(enabled=False)})
-    reasoner = Reasoner(base.target.backend, base.draft.backend, config=config)  # type: ignore[union-attr]
+    reasoner = Reasoner(
+        base.target.backend,
+        base.draft.backend,  # type: ignore[union-attr]
+        config=config,
+        share_threads=not args.unshared,
+    )
     warm = make_puzzle(split_seed("val", 0))
     reasoner.invoke(warm.image, warm.question.text(), method=args.method)
     rows: dict[str, list[float]] = defaultdict(list)
@@ -76,9 +84,13 @@ def main() -> None:
         rows["acceptance"].append(spec.stats.draft_steps_accepted / max(1, spec.stats.draft_steps_judged))
     for key in {k for parts in per_request for k in parts}:  # a part absent from a request counts as 0 s
         rows[key] = [parts.get(key, 0.0) for parts in per_request]
-    command = f"python benchmarks/where_time_goes.py --draft {args.draft} --method {args.method} -n {args.n}"
+    tag = "_unshared" if args.unshared else ""
+    command = f"python benchmarks/where_time_goes.py --draft {args.draft} --method {args.method} -n {args.n}" + (
+        " --unshared" if args.unshared else ""
+    )
     lines = [
-        f"# Where the time of one {args.method} request goes ({args.draft} draft)",
+        f"# Where the time of one {args.method} request goes ({args.draft} draft"
+        + (", threads not shared)" if args.unshared else ")"),
         "",
         f"`{command}`: medians over {args.n} test puzzles; seconds unless noted. A lane's time",
         "runs from asking for its model to the result, so it includes waiting for the model's",
@@ -95,7 +107,7 @@ def main() -> None:
     lines += ["", f"Speedup vs target-only on the same puzzles (median of ratios): {statistics.median(ratio):.2f}x."]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"where_time_goes_{args.method}_{args.draft}.md").write_text(text)
+    (args.out / f"where_time_goes_{args.method}_{args.draft}{tag}.md").write_text(text)
     print(text)
 
 

@@ -161,18 +161,17 @@ def _plot(log_path: Path, png: Path) -> None:
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
     upd = [r for r in rows if "reward" in r]
     ev = [r for r in rows if "acceptance" in r]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, (name, data, key) in zip(
-        axes,
-        [
-            ("reward", upd, "reward"),
-            ("eval acceptance", ev, "acceptance"),
-            ("eval step tokens", ev, "step_tokens"),
-            ("KL to SFT draft", upd, "kl"),
-        ],
-        strict=True,
-    ):
-        ax.plot([r["step"] for r in data], [r[key] for r in data], marker="o" if data is ev else None)
+    panels = [
+        ("reward", upd, "reward"),
+        ("eval acceptance", ev, "acceptance"),
+        ("eval step tokens", ev, "step_tokens"),
+        ("KL to SFT draft", upd, "kl"),
+    ]
+    if any(r.get("distill") for r in upd):  # the dense term ran
+        panels.append(("KL(target || draft) per token", upd, "distill"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (name, data, key) in zip(axes, panels, strict=True):
+        ax.plot([r["step"] for r in data], [r.get(key, 0.0) for r in data], marker="o" if data is ev else None)
         ax.set_title(name)
         ax.set_xlabel("update")
     fig.tight_layout()
