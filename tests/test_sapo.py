@@ -287,3 +287,24 @@ def test_dense_term_formula_and_credit() -> None:
     assert d.grad is not None and d.grad[2].abs().max() == 0 and d.grad[:2].abs().min() > 0
     with pytest.raises(ValueError, match="dists"):
         sapo_loss(lp, [s], distill=0.5)
+
+
+def test_sapo_card_notes_come_from_the_run_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    from dataclasses import asdict
+
+    from dreamr_stream.sapo.trainer import SapoConfig
+    from dreamr_stream.zoo.cards import sapo_notes
+
+    (tmp_path / "config.json").write_text(json.dumps(asdict(SapoConfig(lr=2e-4, distill=5.0)), default=str))
+    rows = [
+        {"step": 0, "acceptance": 0.5, "step_tokens": 18.0, "judged": 12},
+        {"step": 1, "reward": 0.3, "kl": 0.0, "s": 30.0},
+        {"step": 2, "reward": 0.4, "kl": 0.0, "s": 90.0},
+        {"step": 2, "acceptance": 0.75, "step_tokens": 17.0, "judged": 12},
+    ]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    notes = sapo_notes(tmp_path, command="dreamr sapo train --out runs/x")
+    assert "`dreamr sapo train --out runs/x` (2 updates, about 2 min" in notes
+    assert '"lr": 0.0002' in notes and '"distill": 5.0' in notes
+    assert "by update: 0: 50.0%, 2: 75.0%." in notes

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Stage", "model_card"]
+__all__ = ["Stage", "model_card", "sapo_notes"]
 
 RECIPE = """\
 ## Task and recipe (why it looks like this)
@@ -98,3 +98,39 @@ def model_card(
     if notes:
         lines += ["", "## Notes", "", notes]
     return "\n".join(lines) + "\n"
+
+
+def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> str:
+    """The SAPO part of a draft's card, from its run folder (``config.json`` and ``log.jsonl``):
+    the command, updates and CPU minutes, the settings that differ from nothing, and the
+    validation curve (acceptance of the greedy draft step at the target's prefixes)."""
+    cfg = json.loads((run / "config.json").read_text())
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    updates = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if "acceptance" in r]
+    minutes = sum(r["s"] for r in updates) / 60
+    keys = settings or (
+        "groups_per_step",
+        "group_size",
+        "temperature",
+        "lr",
+        "kl_beta",
+        "distill",
+        "inner_epochs",
+        "clip_eps",
+        "guide",
+        "train_vision",
+    )
+    chosen = {k: cfg[k] for k in keys if k in cfg}
+    curve = ", ".join(f"{r['step']}: {r['acceptance']:.1%}" for r in evals)
+    return (
+        f"Trained from the SFT draft (`draft-sft`) with SAPO against the shipped target:\n"
+        f"`{command}` ({len(updates)} updates, about {minutes:.0f} min of updates on 2 CPU cores; curves in\n"
+        f"`benchmarks/results/sapo_curves.png`). Settings: {json.dumps(chosen)}.\n"
+        "Rewards: TBVM evidence (the mode the target recommends) + exact agreement with the target's step\n"
+        "- 0.5 x length beyond it; group-normalised advantages; credit stops at the first token the target\n"
+        "rejects; the target's own step joins each group; vision tower frozen; the dense term adds\n"
+        "KL(target || draft) per token, from the same scoring forward, up to that first rejected token.\n"
+        f"Validation acceptance at the target's prefixes ({evals[0]['judged'] if evals else 0} prefixes of "
+        f"{cfg.get('eval_prompts')} puzzles), by update: {curve}."
+    )
