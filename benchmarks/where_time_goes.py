@@ -1,6 +1,6 @@
 """Where the time of one request goes: lane busy time, overlap and engine overhead.
 
-    python benchmarks/where_time_goes.py [--draft sapo] [-n 10] [--method fpsr] [--unshared]
+    python benchmarks/where_time_goes.py [--draft sapo] [-n 10] [--method fpsr] [--no-split]
 
 For each request the engine records a timeline of lane spans (prefill, draft writes, target
 verification, the target's own steps, draft resyncs). This script sums them per lane and kind,
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--method", default="fpsr", choices=["fpsr", "sequential"])
     parser.add_argument("-n", type=int, default=10)
     parser.add_argument(
-        "--unshared", action="store_true", help="overlapping calls each take all CPU threads (no ThreadShare)"
+        "--no-split", action="store_true", help="each model's calls keep every CPU thread (engine.threads)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -67,7 +67,7 @@ def main() -> None:
         base.target.backend,
         base.draft.backend,  # type: ignore[union-attr]
         config=config,
-        share_threads=not args.unshared,
+        split_threads=not args.no_split,
     )
     warm = make_puzzle(split_seed("val", 0))
     reasoner.invoke(warm.image, warm.question.text(), method=args.method)
@@ -84,13 +84,13 @@ def main() -> None:
         rows["acceptance"].append(spec.stats.draft_steps_accepted / max(1, spec.stats.draft_steps_judged))
     for key in {k for parts in per_request for k in parts}:  # a part absent from a request counts as 0 s
         rows[key] = [parts.get(key, 0.0) for parts in per_request]
-    tag = "_unshared" if args.unshared else ""
+    tag = "_nosplit" if args.no_split else ""
     command = f"python benchmarks/where_time_goes.py --draft {args.draft} --method {args.method} -n {args.n}" + (
-        " --unshared" if args.unshared else ""
+        " --no-split" if args.no_split else ""
     )
     lines = [
         f"# Where the time of one {args.method} request goes ({args.draft} draft"
-        + (", threads not shared)" if args.unshared else ")"),
+        + (", threads not split)" if args.no_split else ")"),
         "",
         f"`{command}`: medians over {args.n} test puzzles; seconds unless noted. A lane's time",
         "runs from asking for its model to the result, so it includes waiting for the model's",

@@ -8,10 +8,11 @@ machine noise hits all of them alike:
 * ``assisted``          HF assisted generation: ``generate(assistant_model=draft)`` (token level,
                         the SAPO draft when there is one)
 * ``sequential_sft`` / ``sequential_sapo``   SpecReason-style: draft a step, judge it (same TBVM),
-                        fall back; no overlap
-* ``fpsr_sft`` / ``fpsr_sapo``   FPSR with the SFT / SAPO draft
-* ``fpsr_sapo_unshared``  FPSR with the SAPO draft, each overlapping call on all the CPU's
-                        threads (``Reasoner(share_threads=False)``; the ablation of ``engine.threads``)
+                        fall back; no overlap, so the draft runs in this process (no pipe)
+* ``fpsr_sft`` / ``fpsr_sapo``   FPSR with the SFT / SAPO draft, as ``Reasoner.from_pretrained``
+                        runs it on a CPU: the draft in its own process (``ProcessBackend``)
+* ``fpsr_sapo_threads`` FPSR with the SAPO draft in a thread of this process (the ablation: its
+                        calls and the target's wait for one GIL)
 * ``draft_only``        the SFT draft alone, unverified
 
 Ideal speedup (documented formula). With ``t`` the target's seconds per token, ``c`` the draft's
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.zoo.task import make_puzzle, parse_answer, split_seed
@@ -54,18 +56,18 @@ ALL_METHODS = (
     "sequential_sapo",
     "fpsr_sft",
     "fpsr_sapo",
-    "fpsr_sapo_unshared",
+    "fpsr_sapo_threads",
     "draft_only",
 )
-# engine methods: (draft, Reasoner.astream method, threads shared between overlapping calls)
+# engine methods: (draft, Reasoner.astream method, the draft in its own process)
 _ENGINE = {
-    "target_only": ("sft", "target_only", True),
-    "draft_only": ("sft", "draft_only", True),
-    "sequential_sft": ("sft", "sequential", True),
-    "sequential_sapo": ("sapo", "sequential", True),
+    "target_only": ("sft", "target_only", False),
+    "draft_only": ("sft", "draft_only", False),
+    "sequential_sft": ("sft", "sequential", False),
+    "sequential_sapo": ("sapo", "sequential", False),
     "fpsr_sft": ("sft", "fpsr", True),
     "fpsr_sapo": ("sapo", "fpsr", True),
-    "fpsr_sapo_unshared": ("sapo", "fpsr", False),
+    "fpsr_sapo_threads": ("sapo", "fpsr", False),
 }
 
 
@@ -167,13 +169,40 @@ def run_bench(
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
         raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
-    reasoners = {("sft", True): Reasoner(target, sft, config=config)}
-    if sapo is not None:
-        reasoners[("sapo", True)] = Reasoner(target, sapo, config=config)
-        reasoners[("sapo", False)] = Reasoner(target, sapo, config=config, share_threads=False)
-    else:  # no SAPO draft: its rows are left out
-        methods = tuple(m for m in methods if m not in _ENGINE or _ENGINE[m][0] == "sft")
-    with_sft = reasoners[("sft", True)]
+    methods = tuple(m for m in methods if sapo is not None or m not in _ENGINE or _ENGINE[m][0] == "sft")
+    drafts: dict[str, tuple[Path, TransformersBackend]] = {"sft": (sft_dir, sft)}
+    if sapo is not None and sapo_dir is not None:
+        drafts["sapo"] = (sapo_dir, sapo)
+    reasoners: dict[tuple[str, bool], Reasoner] = {}
+    processes: list[ProcessBackend] = []
+    for m in methods:
+        if m in _ENGINE and (_ENGINE[m][0], _ENGINE[m][2]) not in reasoners:
+            name, _, separate = _ENGINE[m]
+            folder, local = drafts[name]
+            backend: TransformersBackend | ProcessBackend = local
+            if separate and target.device.type == "cpu":  # on a GPU the lanes overlap on CUDA streams
+                backend = ProcessBackend.from_pretrained(folder, device=device, name="draft")
+                processes.append(backend)
+            reasoners[(name, separate)] = Reasoner(target, backend, config=config)
+    try:
+        return _measure(target, sft, sapo, reasoners, methods, config, n, device, progress)
+    finally:
+        for proc in processes:
+            proc.shutdown()
+
+
+def _measure(
+    target: TransformersBackend,
+    sft: TransformersBackend,
+    sapo: TransformersBackend | None,
+    reasoners: dict[tuple[str, bool], Reasoner],
+    methods: tuple[str, ...],
+    config: ReasonerConfig,
+    n: int,
+    device: str,
+    progress: Callable[[int, int], None] | None,
+) -> BenchResult:
+    with_sft = reasoners.get(("sft", False)) or Reasoner(target, sft, config=config)
     assistant = sapo or sft
     probe = make_puzzle(split_seed("val", 0))
     # every torch call runs on the Reasoner's model threads, engine or not (see call_model)
@@ -195,8 +224,8 @@ def run_bench(
                 row.correct.append(parse_answer(text) == puzzle.answer)
                 row.tokens += tokens
                 continue
-            draft_name, method, shared = _ENGINE[m]
-            reasoner = reasoners[(draft_name, shared)]
+            draft_name, method, separate = _ENGINE[m]
+            reasoner = reasoners[(draft_name, separate)]
             # the Reasoner's own long-lived loop and worker threads, as in a service (a fresh
             # anyio.run per request would also pay for new threads and their OpenMP teams)
             r = reasoner.invoke(image, question, method=method)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_t
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
 from dreamr_stream.engine.request import CacheContext, RequestContext
 from dreamr_stream.engine.runner import ModelRunner
-from dreamr_stream.engine.threads import CpuThreaded, ThreadShare
+from dreamr_stream.engine.threads import split_threads as _split
 from dreamr_stream.errors import BackendError, ConfigError, DreamrError
 from dreamr_stream.events import Event, FailedEvent, FallbackEvent, FinishedEvent, StartedEvent, VerifiedEvent
 from dreamr_stream.inputs import ImageInput, check_question, load_image
@@ -60,15 +60,6 @@ def _typed_error(e: BaseException) -> DreamrError:
 T = TypeVar("T")
 
 
-def _thread_share(target: ModelBackend[Any], draft: ModelBackend[Any] | None) -> ThreadShare | None:
-    """One share of the CPU's threads when both models run on it (backends that say how many
-    threads they use and can set a worker thread's count; GPU backends say 0)."""
-    if not (isinstance(target, CpuThreaded) and isinstance(draft, CpuThreaded)):
-        return None
-    total = min(target.cpu_threads, draft.cpu_threads)
-    return ThreadShare(total, target.use_threads) if total > 1 else None
-
-
 class Reasoner:
     """Multimodal speculative reasoning over a target and a draft backend.
 
@@ -84,15 +75,16 @@ class Reasoner:
         *,
         config: ReasonerConfig | None = None,
         store: TrajectoryStore | None = None,
-        share_threads: bool = True,
+        split_threads: bool = True,
     ) -> None:
         """``store``: where verified trajectories are cached (default: in-memory, bounded).
-        ``share_threads``: when both models run on the CPU, calls running at once split its
-        intra-op threads instead of each taking all of them (``engine.threads``)."""
+        ``split_threads``: when both models run on the CPU, each model's calls take half of its
+        intra-op threads, so that overlapping calls do not fight over the cores
+        (``engine.threads``); False leaves the threads as they are."""
         self.config = config or ReasonerConfig()
-        threads = _thread_share(target, draft) if share_threads else None
-        self.target = ModelRunner(target, "target", threads)
-        self.draft = ModelRunner(draft, "draft", threads) if draft is not None else None
+        t_threads, d_threads = _split(target, draft) if split_threads else (None, None)
+        self.target = ModelRunner(target, "target", t_threads)
+        self.draft = ModelRunner(draft, "draft", d_threads) if draft is not None else None
         self.store = store if store is not None else MemoryTrajectoryStore()
         self._store_guard = GuardedStore(self.store)
         self._loop: asyncio.AbstractEventLoop | None = None  # for sync invoke, started on first use
@@ -108,24 +100,48 @@ class Reasoner:
         draft: str | Path | None = None,
         config: ReasonerConfig | None = None,
         device: str = "auto",
+        draft_process: bool | None = None,
     ) -> Reasoner:
-        """Load local model folders (no downloads) into transformers backends."""
-        from dreamr_stream.backends.hf import TransformersBackend
+        """Load local model folders (no downloads) into transformers backends.
 
-        t = TransformersBackend.from_pretrained(target, device=device, name="target")
-        d = TransformersBackend.from_pretrained(draft, device=device, name="draft") if draft is not None else None
+        ``draft_process``: serve the draft from its own process (``ProcessBackend``), so that
+        its calls overlap the target's instead of waiting for this process's GIL; default: on
+        when the models run on the CPU (on a GPU the lanes overlap on CUDA streams)."""
+        from dreamr_stream.backends.hf import TransformersBackend, resolve_device
+        from dreamr_stream.backends.process import ProcessBackend
+
+        resolved = resolve_device(device)
+        separate = draft is not None and (draft_process if draft_process is not None else resolved.type == "cpu")
+        d: ModelBackend[Any] | None = None
+        if draft is not None and separate:  # starts loading in the child while the target loads here
+            d = ProcessBackend.from_pretrained(draft, device=str(resolved), name="draft", wait=False)
+        t = TransformersBackend.from_pretrained(target, device=str(resolved), name="target")
+        if isinstance(d, ProcessBackend):
+            d.ready()
+        elif draft is not None:
+            d = TransformersBackend.from_pretrained(draft, device=str(resolved), name="draft")
         if config is None and t.recommended_verification:  # the target knows how it judges best
             config = ReasonerConfig(verification=VerificationConfig.recommended(t.recommended_verification))
         return cls(t, d, config=config)
 
     @classmethod
-    def demo(cls, *, draft: str | None = None, config: ReasonerConfig | None = None, device: str = "cpu") -> Reasoner:
+    def demo(
+        cls,
+        *,
+        draft: str | None = None,
+        config: ReasonerConfig | None = None,
+        device: str = "cpu",
+        draft_process: bool | None = None,
+    ) -> Reasoner:
         """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft (``sft``
-        or ``sapo``; default: the SAPO draft when it ships)."""
+        or ``sapo``; default: the SAPO draft when it ships); ``draft_process`` as in
+        ``from_pretrained``."""
         from dreamr_stream.zoo.shipped import demo_paths
 
         paths = demo_paths(draft)
-        return cls.from_pretrained(target=paths.target, draft=paths.draft, config=config, device=device)
+        return cls.from_pretrained(
+            target=paths.target, draft=paths.draft, config=config, device=device, draft_process=draft_process
+        )
 
     # ------------------------------------------------------------------ state
     @property

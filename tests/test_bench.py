@@ -45,7 +45,7 @@ def test_bench_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> None:
     recommended = json.loads((paths.target / "dreamr.json").read_text())["verification"]
     assert result.config["verification"]["mode"] == recommended["mode"]
     assert result.methods["target_only"]["speedup_median"] == pytest.approx(1.0)
-    for m in ("sequential_sft", "sequential_sapo", "fpsr_sft", "fpsr_sapo", "fpsr_sapo_unshared"):
+    for m in ("sequential_sft", "sequential_sapo", "fpsr_sft", "fpsr_sapo", "fpsr_sapo_threads"):
         rec = result.methods[m]
         assert 0.0 <= rec["acceptance"] <= 1.0 and rec["ideal_speedup"] > 0 and rec["efficiency"] > 0
     for rec in result.methods.values():

@@ -1,4 +1,5 @@
-"""Calls running at once split the CPU's intra-op threads; a call alone keeps them all."""
+"""With a draft on the same CPU each model's calls take half its intra-op threads; a target
+alone keeps them all; each call's worker thread sets its own."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from dreamr_stream.backends.fake import ScriptedBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, SchedulingConfig
-from dreamr_stream.engine.threads import ThreadShare
+from dreamr_stream.engine.threads import split_threads
 from dreamr_stream.reasoner import Reasoner
 
 IMAGE = Image.new("RGB", (32, 32), (10, 200, 10))
@@ -21,53 +22,52 @@ STEPS = [f"a step of several words number {i}" for i in range(4)] + ["Answer: 4"
 class CpuFake(ScriptedBackend):
     """A scripted backend that says it runs on a CPU's threads and records what it is given."""
 
-    cpu_threads = 2
-
-    def __init__(self, *args: Any, log: list[tuple[str, int]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, log: list[tuple[str, str, int]], threads: int = 4, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.log = log
+        self.cpu_threads = threads
 
     def use_threads(self, n: int) -> None:
-        self.log.append((threading.current_thread().name, n))
+        self.log.append((self.name, threading.current_thread().name, n))
 
 
-def make(log: list[tuple[str, int]], *, share: bool = True) -> Reasoner:
+def make(log: list[tuple[str, str, int]], *, split: bool = True, draft: bool = True) -> Reasoner:
     config = ReasonerConfig(cache=CacheConfig(enabled=False), scheduling=SchedulingConfig(lookahead=2, fallback="off"))
-    target = CpuFake(STEPS, name="target", token_delay_s=0.004, log=log)
-    draft = CpuFake(STEPS, name="draft", token_delay_s=0.002, log=log)
-    return Reasoner(target, draft, config=config, share_threads=share)
+    target = CpuFake(STEPS, name="target", token_delay_s=0.002, log=log)
+    d = CpuFake(STEPS, name="draft", token_delay_s=0.001, log=log) if draft else None
+    return Reasoner(target, d, config=config, split_threads=split)
 
 
-def test_share_arithmetic() -> None:
-    share = ThreadShare(4, lambda n: None)
-    assert share.claim() == 4 and share.claim() == 2 and share.claim() == 1
-    share.release()
-    share.release()
-    assert share.claim() == 2
-    with pytest.raises(ValueError):
-        ThreadShare(0, lambda n: None)
+def test_split_arithmetic() -> None:
+    log: list[tuple[str, str, int]] = []
+    t = CpuFake(STEPS, log=log, threads=4)
+    assert split_threads(t, CpuFake(STEPS, log=log, threads=4)) == (2, 2)
+    assert split_threads(t, CpuFake(STEPS, log=log, threads=1)) == (1, 1)  # the smaller count, shared
+    assert split_threads(t, None) == (4, None)  # alone: all of them
+    assert split_threads(t, ScriptedBackend(STEPS)) == (4, None)  # the draft is not on this CPU
+    assert split_threads(ScriptedBackend(STEPS), None) == (None, None)
+    assert split_threads(CpuFake(STEPS, log=log, threads=0), t) == (None, 4)  # threads 0: on a GPU
 
 
 @pytest.mark.asyncio
-async def test_overlapping_lanes_split_the_threads_and_a_lone_lane_keeps_them() -> None:
-    log: list[tuple[str, int]] = []
+@pytest.mark.parametrize("method", ["fpsr", "sequential", "target_only"])
+async def test_every_call_runs_on_its_models_share_set_in_its_worker_thread(method: str) -> None:
+    log: list[tuple[str, str, int]] = []
     r = make(log)
-    await r.ainvoke(IMAGE, "q", method="fpsr")
-    counts = {n for _, n in log}
-    assert 1 in counts, "draft and verification overlap: each should have run on half the threads"
-    assert counts <= {1, 2}
-    assert all(name != threading.main_thread().name for name, _ in log), "set in the worker thread"
+    await r.ainvoke(IMAGE, "q", method=method)  # type: ignore[arg-type]
+    assert log and {n for _, _, n in log} == {2}
+    assert {name for name, _, _ in log} == ({"target"} if method == "target_only" else {"target", "draft"})
+    assert all(thread != threading.main_thread().name for _, thread, _ in log), "set in the worker thread"
+
+
+@pytest.mark.asyncio
+async def test_a_target_alone_keeps_every_thread_and_no_split_leaves_them_alone() -> None:
+    log: list[tuple[str, str, int]] = []
+    await make(log, draft=False).ainvoke(IMAGE, "q", method="target_only")
+    assert log and {n for _, _, n in log} == {4}
     log.clear()
-    await r.ainvoke(IMAGE, "q", method="target_only")
-    assert log and {n for _, n in log} == {2}, "a lane alone keeps every thread"
-    assert r.target.threads is not None and r.target.threads.running == 0  # every claim released
-
-
-def test_no_share_when_disabled_or_a_model_is_not_on_the_cpu() -> None:
-    log: list[tuple[str, int]] = []
-    assert make(log, share=False).target.threads is None
-    plain = Reasoner(ScriptedBackend(STEPS), ScriptedBackend(STEPS))
-    assert plain.target.threads is None  # fakes without cpu_threads: nothing to share
+    await make(log, split=False).ainvoke(IMAGE, "q", method="fpsr")
+    assert log == []
 
 
 def test_a_worker_threads_setting_leaves_other_threads_alone(tiny_pair) -> None:  # type: ignore[no-untyped-def]

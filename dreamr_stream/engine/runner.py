@@ -4,8 +4,7 @@ Every model call goes through ``ModelRunner.call``: it waits for the model's loc
 ``priority`` value first, FIFO within a priority), then runs in a worker thread. Calls are short
 (one step chunk, one scoring forward), so a cancelled request stops within one call, and
 verification (priority 0) overtakes a speculative fallback (priority 1) at the next call.
-Runners on one CPU may share a ``ThreadShare``: each call then runs with its share of the
-cores' intra-op threads (see ``engine.threads``).
+A runner may fix its model's intra-op threads for every call (``engine.threads``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 
 from dreamr_stream.backends.base import ModelBackend
-from dreamr_stream.engine.threads import ThreadShare
+from dreamr_stream.engine.threads import CpuThreaded
 
 __all__ = ["ModelRunner", "Priority", "PriorityLock"]
 
@@ -70,25 +69,26 @@ class PriorityLock:
 class ModelRunner:
     """A backend plus its lock and counters; shared by every request on that model."""
 
-    def __init__(self, backend: ModelBackend[Any], name: str, threads: ThreadShare | None = None) -> None:
+    def __init__(self, backend: ModelBackend[Any], name: str, threads: int | None = None) -> None:
         self.backend = backend
         self.name = name
-        self.threads = threads
+        # intra-op threads of every call (None: as the thread has them); only a backend that
+        # can set them takes them
+        self.threads = threads if isinstance(backend, CpuThreaded) else None
         self.lock = PriorityLock()
         self.in_flight = 0  # model calls running in a thread now
         self.calls = 0
 
     async def call(self, fn: Callable[..., T], *args: Any, priority: int = 0, **kwargs: Any) -> T:
         await self.lock.acquire(priority)
-        share = self.threads
+        threads = self.threads
         try:
             self.in_flight += 1
             self.calls += 1
-            n = share.claim() if share is not None else 0
 
             def run() -> T:
-                if share is not None:
-                    share.apply(n)  # in the worker thread: OpenMP's thread count is per thread
+                if threads is not None:  # in the worker thread: OpenMP's thread count is per thread
+                    self.backend.use_threads(threads)  # type: ignore[attr-defined]
                 return fn(*args, **kwargs)
 
             try:
@@ -96,8 +96,6 @@ class ModelRunner:
                 # its one in-flight call and no model call outlives the request
                 return await anyio.to_thread.run_sync(run)
             finally:
-                if share is not None:
-                    share.release()
                 self.in_flight -= 1
         finally:
             self.lock.release()

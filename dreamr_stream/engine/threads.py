@@ -1,24 +1,26 @@
-"""Share the CPU's intra-op threads between the model calls that run at the same time.
+"""Split the CPU's intra-op threads between the two models, once, for every call.
 
-FPSR overlaps a draft call with a target call. On a CPU each call is a torch op sequence that
-spreads over the intra-op (OpenMP) thread team, by default one thread per core; two such calls
-at once put two full teams on the cores, and on two cores we measured each call 2-3x slower
-than alone, which ate the overlap. A call alone should keep every core, though: the
-target-only and sequential schedules never overlap, and FPSR's lanes idle in turns.
+FPSR overlaps a draft call with a target call. On a CPU each call spreads its torch ops over
+an intra-op (OpenMP) thread team, by default one thread per core. Two teams on the same cores
+do not just share them: between parallel regions OpenMP's idle team threads spin, so each call
+steals cycles the other needed. On the 2-core development machine, FPSR with the draft in its
+own process ran 3.0x target-only with two threads per call and 4.6x with one, while the demo
+target alone decodes as fast on one thread as on two (``benchmarks/results/overlap.md``).
 
-So each call asks, as it starts, how many calls are running (itself included) and takes its
-share, ``max(1, total // running)``. OpenMP's thread count is a per-thread setting, so the
-worker thread that runs the call sets its own (``CpuThreads.apply``) without touching the
-others. A call that started alone keeps its threads until it ends, so two calls can briefly
-overlap with more threads than cores; calls are short (one step chunk, one scoring forward).
+A dynamic split (all threads to a call that starts alone, half once the other lane starts)
+was tried first: a call that started alone kept its team when the other began, which is the
+case to avoid, and it measured no better than no split at all. So the split is static: with
+a draft on the same CPU each model gets ``max(1, total // 2)`` threads for every call; a
+target alone keeps them all. OpenMP's thread count is a per-thread setting, so each call's
+worker thread sets its own (``use_threads``); a backend in its own process
+(``ProcessBackend``) passes the count to its child with the call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CpuThreaded", "ThreadShare"]
+__all__ = ["CpuThreaded", "split_threads"]
 
 
 @runtime_checkable
@@ -31,28 +33,16 @@ class CpuThreaded(Protocol):
         ...
 
     def use_threads(self, n: int) -> None:
-        """Set the calling thread's intra-op thread count."""
+        """Run the next call on ``n`` intra-op threads (called in the thread that makes it)."""
         ...
 
 
-class ThreadShare:
-    """The intra-op threads of ``total`` cores, split between the calls running at once.
-
-    ``claim`` and ``release`` run on the event loop (one thread), so a plain counter is enough;
-    ``apply(n)`` runs in the call's worker thread and sets that thread's intra-op threads.
-    """
-
-    def __init__(self, total: int, apply: Callable[[int], None]) -> None:
-        if total < 1:
-            raise ValueError(f"total threads must be >= 1, got {total}")
-        self.total = total
-        self.apply = apply
-        self.running = 0
-
-    def claim(self) -> int:
-        """A new call starts: its thread count."""
-        self.running += 1
-        return max(1, self.total // self.running)
-
-    def release(self) -> None:
-        self.running -= 1
+def split_threads(target: object, draft: object | None) -> tuple[int | None, int | None]:
+    """Intra-op threads for every call of (target, draft); None: leave that model alone (not
+    on the CPU, or a backend that cannot set them)."""
+    on_cpu = [b for b in (target, draft) if isinstance(b, CpuThreaded) and b.cpu_threads > 0]
+    if not on_cpu:
+        return None, None
+    total = min(b.cpu_threads for b in on_cpu)  # type: ignore[attr-defined]
+    each = max(1, total // len(on_cpu))
+    return (each if target in on_cpu else None), (each if draft is not None and draft in on_cpu else None)

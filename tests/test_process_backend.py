@@ -1,0 +1,98 @@
+"""The draft served from its own process behaves exactly like the same backend in this one."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.process import ProcessBackend, RemoteSession
+from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig, VerificationConfig
+from dreamr_stream.errors import BackendError, ModelLoadError
+from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.zoo.task import make_puzzle
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory, tiny_pair) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    out = {}
+    for name, backend in zip(("target", "draft"), tiny_pair, strict=True):
+        out[name] = tmp_path_factory.mktemp(name)
+        backend.model.save_pretrained(out[name])
+        backend.processor.save_pretrained(out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def remote(folders: dict[str, Path]) -> Iterator[ProcessBackend]:
+    backend = ProcessBackend.from_pretrained(folders["draft"], name="draft")
+    yield backend
+    backend.shutdown()
+    assert not backend.alive
+
+
+def test_every_method_matches_the_in_process_backend(remote: ProcessBackend, folders: dict[str, Path]) -> None:
+    local = TransformersBackend.from_pretrained(folders["draft"], name="draft")
+    assert (remote.name, remote.judge, remote.identity) == (local.name, local.judge, local.identity)
+    assert remote.cpu_threads >= 1
+    puzzle = make_puzzle(4)
+    results = []
+    backends: tuple[Any, ...] = (local, remote)  # the same protocol, two session types
+    for b in backends:
+        s = b.open_session(puzzle.image, puzzle.question.text())
+        out = b.generate_step(s, max_tokens=12, stop="\n", budget=5)
+        more = b.generate_step(s, max_tokens=12, stop="\n")
+        fork = b.fork(s)
+        score = b.score(fork, "Row 2: empty.", stop="\n", judge=b.judge)
+        b.rollback(fork, score.n_tokens)
+        n = b.append(s, "Row 9: red circle.", stop="\n")
+        results.append((out, more, score, n, s.length, fork.length, s.finished))
+        b.close(fork)
+        b.close(s)
+    assert results[0] == results[1]
+    assert isinstance(s, RemoteSession)
+
+
+def test_errors_cross_the_pipe(remote: ProcessBackend, tmp_path: Path) -> None:
+    puzzle = make_puzzle(4)
+    s = remote.open_session(puzzle.image, puzzle.question.text())
+    remote.close(s)
+    with pytest.raises(BackendError, match="no session"):
+        remote.rollback(s, 1)
+    with pytest.raises(ModelLoadError, match="no model folder"):  # raised in the child, typed here
+        ProcessBackend.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.asyncio
+async def test_fpsr_with_the_draft_in_a_process_equals_fpsr_with_it_in_a_thread(
+    remote: ProcessBackend, tiny_pair
+) -> None:  # type: ignore[no-untyped-def]
+    target, draft = tiny_pair
+    config = ReasonerConfig(
+        cache=CacheConfig(enabled=False),
+        verification=VerificationConfig(mode="likelihood", tau=0.01),
+        generation=GenerationConfig(max_steps=3, max_step_tokens=8),
+    )
+    puzzle = make_puzzle(6)
+    runs = []
+    for d in (draft, remote):
+        r = await Reasoner(target, d, config=config).ainvoke(puzzle.image, puzzle.question.text())
+        runs.append([(s.text, s.source) for s in r.steps])
+    assert runs[0] == runs[1] and runs[0]
+
+
+def test_a_dead_child_is_a_clear_error(folders: dict[str, Path]) -> None:
+    backend = ProcessBackend.from_pretrained(folders["draft"], name="draft")
+    puzzle = make_puzzle(4)
+    s = backend.open_session(puzzle.image, puzzle.question.text())
+    os.kill(backend._proc.pid, signal.SIGKILL)
+    backend._proc.wait()
+    with pytest.raises(BackendError, match="not running"):
+        backend.generate_step(s, max_tokens=4, stop="\n")
+    backend.close(s)  # nothing to close: no error
+    backend.shutdown()
