@@ -115,10 +115,15 @@ class Reasoner:
         d: ModelBackend[Any] | None = None
         if draft is not None and separate:  # starts loading in the child while the target loads here
             d = ProcessBackend.from_pretrained(draft, device=str(resolved), name="draft", wait=False)
-        t = TransformersBackend.from_pretrained(target, device=str(resolved), name="target")
-        if isinstance(d, ProcessBackend):
-            d.ready()
-        elif draft is not None:
+        try:
+            t = TransformersBackend.from_pretrained(target, device=str(resolved), name="target")
+            if isinstance(d, ProcessBackend):
+                d.ready()
+        except BaseException:
+            if isinstance(d, ProcessBackend):  # no orphan child when the target fails to load
+                d.shutdown()
+            raise
+        if draft is not None and d is None:
             d = TransformersBackend.from_pretrained(draft, device=str(resolved), name="draft")
         if config is None and t.recommended_verification:  # the target knows how it judges best
             config = ReasonerConfig(verification=VerificationConfig.recommended(t.recommended_verification))
