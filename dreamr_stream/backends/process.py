@@ -3,9 +3,9 @@
 Why: FPSR overlaps a draft call with a target call. In one process the two calls run in two
 threads, and half of a small model's forward is Python (module calls, cache bookkeeping) that
 holds the GIL. On the 2-core development machine the demo target and draft decoding at once
-in two threads ran 2.4x and 2.1x slower than alone: the overlap cost more than it saved. In two
-processes they ran 1.06x and 1.2x slower (``benchmarks/results/overlap.md``). Serving engines
-split the same way (a model worker per process), for the same reason.
+in two threads ran 2.6x and 3.0x slower than alone: the overlap cost more than it saved. In two
+processes (one intra-op thread each) they ran 0.89x and 1.15x (``benchmarks/results/overlap.md``).
+Serving engines split the same way (a model worker per process), for the same reason.
 
 Design: the child builds the backend from a picklable factory and serves its methods over a
 pipe, one request at a time; sessions stay in the child and the parent holds ``RemoteSession``

@@ -3,9 +3,10 @@
 FPSR overlaps a draft call with a target call. On a CPU each call spreads its torch ops over
 an intra-op (OpenMP) thread team, by default one thread per core. Two teams on the same cores
 do not just share them: between parallel regions OpenMP's idle team threads spin, so each call
-steals cycles the other needed. On the 2-core development machine, FPSR with the draft in its
-own process ran 3.0x target-only with two threads per call and 4.6x with one, while the demo
-target alone decodes as fast on one thread as on two (``benchmarks/results/overlap.md``).
+steals cycles the other needed. On the 2-core development machine, with the draft in its own
+process, target and draft decoding at once ran 1.71x and 2.19x slower than alone with two
+threads each and 0.89x and 1.15x with one, while the demo target alone decodes about as fast
+on one thread as on two (``benchmarks/results/overlap.md``).
 
 A dynamic split (all threads to a call that starts alone, half once the other lane starts)
 was tried first: a call that started alone kept its team when the other began, which is the
@@ -37,12 +38,16 @@ class CpuThreaded(Protocol):
         ...
 
 
+def _cpu_threads(backend: object | None) -> int:
+    return backend.cpu_threads if isinstance(backend, CpuThreaded) else 0
+
+
 def split_threads(target: object, draft: object | None) -> tuple[int | None, int | None]:
     """Intra-op threads for every call of (target, draft); None: leave that model alone (not
     on the CPU, or a backend that cannot set them)."""
-    on_cpu = [b for b in (target, draft) if isinstance(b, CpuThreaded) and b.cpu_threads > 0]
+    counts = (_cpu_threads(target), _cpu_threads(draft))
+    on_cpu = [c for c in counts if c > 0]
     if not on_cpu:
         return None, None
-    total = min(b.cpu_threads for b in on_cpu)  # type: ignore[attr-defined]
-    each = max(1, total // len(on_cpu))
-    return (each if target in on_cpu else None), (each if draft is not None and draft in on_cpu else None)
+    each = max(1, min(on_cpu) // len(on_cpu))
+    return (each if counts[0] > 0 else None), (each if counts[1] > 0 else None)

@@ -102,8 +102,9 @@ def model_card(
 
 def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> str:
     """The SAPO part of a draft's card, from its run folder (``config.json`` and ``log.jsonl``):
-    the command, updates and CPU minutes, the settings that differ from nothing, and the
-    validation curve (acceptance of the greedy draft step at the target's prefixes)."""
+    the command, updates and CPU minutes, the chosen settings (``settings``: their names;
+    default: the recipe's main knobs), and the validation curve (acceptance of the greedy draft
+    step at the target's prefixes)."""
     cfg = json.loads((run / "config.json").read_text())
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     updates = [r for r in rows if "reward" in r]
