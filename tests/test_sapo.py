@@ -183,7 +183,7 @@ def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:
     import json
 
     from dreamr_stream.sapo.trainer import SapoConfig, train
-    from dreamr_stream.zoo.task import split_seed
+    from dreamr_stream.zoo.task import Split, split_seed
 
     target, draft = tiny_pair
     folders = {}
@@ -195,7 +195,8 @@ def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:
     out.mkdir()
     # reference trajectories stand in for the target's own (a random tiny target never ends a step)
     with (out / "trajectories.jsonl").open("w") as f:
-        for split, n in (("train", 2), ("val", 1)):
+        splits: tuple[tuple[Split, int], ...] = (("train", 2), ("val", 1))
+        for split, n in splits:
             for i in range(n):
                 f.write(json.dumps({"key": f"{split}:{i}", "steps": make_puzzle(split_seed(split, i)).steps()}) + "\n")
     cfg = SapoConfig(steps=2, groups_per_step=2, group_size=2, pool=2, eval_prompts=1, eval_every=1, threads=1)
