@@ -212,6 +212,44 @@ def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:
     assert [r["step"] for r in rows if "acceptance" in r] == [0, 1, 2, 3]
 
 
+def test_trainer_focus_draws_groups_at_rejected_prefixes(tiny_pair, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from dreamr_stream.sapo import trainer
+    from dreamr_stream.zoo.task import split_seed
+
+    target, draft = tiny_pair
+    for name, backend in (("target", target), ("draft", draft)):
+        backend.model.save_pretrained(tmp_path / name)
+        backend.processor.save_pretrained(tmp_path / name)
+    out = tmp_path / "run"
+    out.mkdir()
+    with (out / "trajectories.jsonl").open("w") as f:
+        for key, seed in (("train:0", split_seed("train", 0)), ("train:1", split_seed("train", 1)), ("val:0", 9)):
+            f.write(json.dumps({"key": key, "steps": make_puzzle(seed).steps()[:3]}) + "\n")
+    drawn: list[int] = []
+    real = trainer.rollout_group
+
+    def spy(target, draft, prompt, k, **kw):  # type: ignore[no-untyped-def]
+        drawn.append(k)
+        return real(target, draft, prompt, k, **kw)
+
+    monkeypatch.setattr(trainer, "rollout_group", spy)
+    # one rejected prefix (k = 1 of the first puzzle): with focus 1 every group is drawn there
+    monkeypatch.setattr(
+        trainer,
+        "greedy_verdicts",
+        lambda t, d, prompts, v: [trainer.PrefixVerdict(i, k, (i, k) != (0, 1), 5) for i in range(2) for k in range(3)],
+    )
+    cfg = trainer.SapoConfig(
+        steps=2, groups_per_step=2, max_tries=2, group_size=2, pool=2, eval_prompts=1, eval_every=1, focus=1.0
+    )
+    trainer.train(cfg, tmp_path / "target", tmp_path / "draft", out)
+    assert drawn and set(drawn) == {1}
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["hard_prefixes"]) for r in rows if "hard_prefixes" in r] == [(0, 1), (1, 1)]
+
+
 def test_credit_stops_at_the_first_token_the_target_rejects() -> None:
     lp = torch.zeros(5, requires_grad=True)
     s = PolicySample(prompt={}, context_ids=[], step_ids=[1, 2, 3, 4, 5], advantage=-1.0, credit=2)
@@ -309,3 +347,76 @@ def test_sapo_card_notes_come_from_the_run_folder(tmp_path) -> None:  # type: ig
     assert "`dreamr sapo train --out runs/x` (2 updates, about 2 min" in notes
     assert '"lr": 0.0002' in notes and '"distill": 5.0' in notes
     assert "by update: 0: 50.0%, 2: 75.0%." in notes
+
+
+def test_off_policy_guide_is_not_clipped(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    """Past the clip range a positive on-policy sample stops pulling; the target's guide step
+    (off-policy) keeps its full gradient."""
+    _, draft = tiny_pair
+    grads = {}
+    for off in (False, True):
+        s = _sample(draft, "Row 2: red circle, empty.", 1.0)
+        s.off_policy = off
+        lp = step_logprobs(draft.model, [s], draft.tokenizer.pad_token_id)
+        # the sampler saw this step as half as likely as now: ratio 2 > 1 + eps
+        s.old_logprobs, s.ref_logprobs = lp[0].detach() - math.log(2.0), lp[0].detach()
+        draft.model.zero_grad(set_to_none=True)
+        loss, stats = sapo_loss(lp, [s], clip_eps=0.2, kl_beta=0.0)
+        loss.backward()
+        grads[off] = sum(float(p.grad.abs().sum()) for p in draft.model.parameters() if p.grad is not None)
+        assert stats.clip_fraction == 1.0  # reported either way
+        assert float(loss.detach()) == pytest.approx(-1.2 if not off else -2.0, rel=1e-5)
+    draft.model.zero_grad(set_to_none=True)
+    assert grads[False] == 0.0 and grads[True] > 0.0
+
+
+def test_greedy_verdicts_are_what_acceptance_counts(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    from dreamr_stream.sapo.trainer import acceptance_at_prefixes, greedy_verdicts
+    from dreamr_stream.verify import LikelihoodVerifier
+
+    target, draft = tiny_pair
+    prompts = []
+    for seed in (3, 4):
+        puzzle = make_puzzle(seed)
+        prompts.append(RolloutPrompt(puzzle.image, puzzle.question.text(), puzzle.steps()[:3]))
+    prompts[1].start = 1
+    # tau chosen so that a random tiny target accepts some steps and rejects others
+    verifier = LikelihoodVerifier(tau=1e-3, aggregate="mean")
+    verdicts = greedy_verdicts(target, draft, prompts, verifier)
+    assert [(v.prompt, v.k) for v in verdicts] == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]
+    acc = acceptance_at_prefixes(target, draft, prompts, verifier)
+    assert acc["judged"] == 5 and acc["acceptance"] == pytest.approx(sum(v.accepted for v in verdicts) / 5)
+    for v in verdicts:  # each verdict is TBVM's on the draft's own greedy step at that prefix
+        p = prompts[v.prompt]
+        ds, ts = draft.open_session(p.image, p.question), target.open_session(p.image, p.question)
+        for step in p.steps[: v.k]:
+            draft.append(ds, step, stop="\n")
+            target.append(ts, step, stop="\n")
+        text = draft.generate_step(ds, max_tokens=64, stop="\n").text
+        score = target.score(ts, text, stop="\n", judge=None)
+        assert verifier.verify(score.p_pos, score.p_neg, score.token_logprobs).accepted == v.accepted
+        assert v.tokens == len(draft.encode(text))
+        draft.close(ds)
+        target.close(ts)
+
+
+def test_greedy_writes_agrees_with_decoding_the_shipped_target() -> None:
+    """The one-forward check says "the target writes the reference" exactly when decoding the
+    target step by step gives the reference (on the shipped target, which mostly does)."""
+    from dreamr_stream.sapo.rollouts import greedy_writes, target_trajectory
+    from dreamr_stream.zoo.shipped import demo_paths
+    from dreamr_stream.zoo.task import split_seed
+
+    target = TransformersBackend.from_pretrained(demo_paths("sft").target, device="cpu", name="target")
+    said = []
+    for i in range(6):
+        puzzle = make_puzzle(split_seed("val", i))
+        image, question, reference = puzzle.image, puzzle.question.text(), puzzle.steps()
+        writes = greedy_writes(target, image, question, reference)
+        assert writes == (target_trajectory(target, image, question) == reference)
+        said.append(writes)
+        # a wrong number in any step, or a missing last step, is not what the target writes
+        wrong = [*reference[:-1], reference[-1] + "1"]
+        assert not greedy_writes(target, image, question, wrong)
+        assert not greedy_writes(target, image, question, reference[:-1])
+    assert any(said)

@@ -17,6 +17,11 @@ group share their context, so their advantages cancel there; after it there is n
 (k3 KL estimator, always >= 0, to the starting SFT draft ``pi_ref``). Only the step's tokens are
 trained; the prompt and the verified prefix are context.
 
+Off-policy samples (the target's own step, which guided groups add) take ``surr_t = rho_t * A_i``
+unclipped, as in LUFFY: the clip exists to keep an update near the policy that sampled, and
+this step was not sampled by the draft. With the clip, a target step the draft finds unlikely
+(say 1e-3) can gain only about 20% of probability per update, however often it wins its group.
+
 Dense faithfulness (``distill > 0``): the same target forward that scores a step also gives the
 target's whole next-token distribution ``q_t`` at each of its positions, and the loss adds::
 
@@ -61,6 +66,8 @@ class PolicySample:
     # the target's next-token log-probs at each step position, (len(step_ids), V); None: no
     # dense term (the two tokenisations do not line up, or judge-only evidence)
     teacher: torch.Tensor | None = None
+    # written by another policy (the target's guide step): its ratio is not clipped
+    off_policy: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,7 +141,10 @@ def sapo_loss(
         assert s.old_logprobs is not None and s.ref_logprobs is not None
         ratio = torch.exp(lp - s.old_logprobs)
         adv = torch.tensor(s.advantage, dtype=lp.dtype)
-        surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+        if s.off_policy:
+            surr = ratio * adv
+        else:
+            surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
         diff = s.ref_logprobs - lp
         kl = torch.exp(diff) - diff - 1
         n = len(lp) if s.credit is None else max(1, min(len(lp), s.credit))

@@ -30,11 +30,17 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.sapo.policy import PolicySample, gather_steps, sapo_loss, step_distributions, step_logprobs
 from dreamr_stream.sapo.rewards import RewardWeights
-from dreamr_stream.sapo.rollouts import RolloutPrompt, TrajectoryCache, rollout_group, target_trajectory
+from dreamr_stream.sapo.rollouts import (
+    RolloutPrompt,
+    TrajectoryCache,
+    greedy_writes,
+    rollout_group,
+    target_trajectory,
+)
 from dreamr_stream.verify import Verifier, make_verifier
-from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.zoo.task import Puzzle, make_puzzle, split_seed
 
-__all__ = ["SapoConfig", "acceptance_at_prefixes", "sapo_update", "train"]
+__all__ = ["PrefixVerdict", "SapoConfig", "acceptance_at_prefixes", "greedy_verdicts", "sapo_update", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,12 @@ class SapoConfig:
     # weight of the dense term, KL(target || draft) per token up to the first rejected one
     # (policy module docstring); 0 is step-level rewards alone
     distill: float = 0.0
+    # share of groups drawn at prefixes where the draft's greedy step is rejected (found by a
+    # pass over the pool, redone every ``eval_every`` updates); the rest are drawn uniformly
+    focus: float = 0.0
+    # the guide is off-policy (the target wrote it): train it on the unclipped ratio, as LUFFY
+    # does, since the clip bounds how far a step the draft finds unlikely can rise per update
+    guide_clip: bool = True
     seed: int = 0
     threads: int = 2
 
@@ -124,28 +136,62 @@ def sapo_update(
     return asdict(stats)
 
 
+@dataclass(frozen=True)
+class PrefixVerdict:
+    """The draft's greedy step at one prefix of a target trajectory, as TBVM judged it."""
+
+    prompt: int  # index into the prompts judged
+    k: int  # steps of the target's trajectory before it
+    accepted: bool
+    tokens: int
+
+
 @torch.no_grad()
-def acceptance_at_prefixes(
+def greedy_verdicts(
     target: TransformersBackend, draft: TransformersBackend, prompts: list[RolloutPrompt], verifier: Verifier
-) -> dict[str, float]:
-    """TBVM acceptance of the draft's greedy step at every prefix of the target's trajectories
-    (the prefix FPSR verifies against), and the mean draft step length in tokens."""
-    judged = accepted = tokens = 0
-    for p in prompts:
+) -> list[PrefixVerdict]:
+    """TBVM's verdict on the draft's greedy step at every prefix of the target's trajectories
+    (the prefix FPSR verifies against), through the engine's own backend calls."""
+    out = []
+    for i, p in enumerate(prompts):
         for k in range(p.start, len(p.steps)):
             ds = draft.open_session(p.image, p.question)
             ts = target.open_session(p.image, p.question)
-            for step in p.steps[:k]:
-                draft.append(ds, step, stop="\n")
-                target.append(ts, step, stop="\n")
-            out = draft.generate_step(ds, max_tokens=64, stop="\n")
-            score = target.score(ts, out.text, stop="\n", judge=target.judge if verifier.needs_judge else None)
-            judged += 1
-            accepted += verifier.verify(score.p_pos, score.p_neg, score.token_logprobs).accepted
-            tokens += len(draft.encode(out.text))
-            draft.close(ds)
-            target.close(ts)
-    return {"acceptance": accepted / max(1, judged), "step_tokens": tokens / max(1, judged), "judged": judged}
+            try:
+                for step in p.steps[:k]:
+                    draft.append(ds, step, stop="\n")
+                    target.append(ts, step, stop="\n")
+                step_out = draft.generate_step(ds, max_tokens=64, stop="\n")
+                score = target.score(ts, step_out.text, stop="\n", judge=target.judge if verifier.needs_judge else None)
+            finally:
+                draft.close(ds)
+                target.close(ts)
+            verdict = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
+            out.append(PrefixVerdict(i, k, verdict.accepted, len(draft.encode(step_out.text))))
+    return out
+
+
+def acceptance_at_prefixes(
+    target: TransformersBackend, draft: TransformersBackend, prompts: list[RolloutPrompt], verifier: Verifier
+) -> dict[str, float]:
+    """TBVM acceptance of the draft's greedy step at every prefix of the target's trajectories,
+    and the mean draft step length in tokens."""
+    vs = greedy_verdicts(target, draft, prompts, verifier)
+    n = max(1, len(vs))
+    return {
+        "acceptance": sum(v.accepted for v in vs) / n,
+        "step_tokens": sum(v.tokens for v in vs) / n,
+        "judged": len(vs),
+    }
+
+
+def _trajectory(target: TransformersBackend, puzzle: Puzzle) -> list[str]:
+    """The target's greedy trajectory: the reference solution where one forward shows the
+    target writes exactly that, else decoded step by step."""
+    image, question, reference = puzzle.image, puzzle.question.text(), puzzle.steps()
+    if greedy_writes(target, image, question, reference):
+        return reference
+    return target_trajectory(target, image, question)
 
 
 def _task_prompts(target: TransformersBackend, cache: TrajectoryCache, split: str, n: int) -> list[RolloutPrompt]:
@@ -153,7 +199,7 @@ def _task_prompts(target: TransformersBackend, cache: TrajectoryCache, split: st
     for i in range(n):
         puzzle = make_puzzle(split_seed(split, i))  # type: ignore[arg-type]
         key = f"{split}:{i}"
-        steps = cache.get(key, partial(target_trajectory, target, puzzle.image, puzzle.question.text()))
+        steps = cache.get(key, partial(_trajectory, target, puzzle))
         prompts.append(RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key=key))
     return prompts
 
@@ -226,7 +272,11 @@ def train(
         logf.write(json.dumps({"step": 0, **acceptance_at_prefixes(target, draft, val, verifier)}) + "\n")
         logf.flush()
     show = sys.stderr.isatty()
+    hard: list[PrefixVerdict] = []
     for step in range(start, cfg.steps):
+        if cfg.focus > 0 and (step == start or step % cfg.eval_every == 0):
+            hard = [v for v in greedy_verdicts(target, draft, pool, verifier) if not v.accepted]
+            logf.write(json.dumps({"step": step, "hard_prefixes": len(hard)}) + "\n")
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
         t0 = time.perf_counter()
@@ -236,8 +286,12 @@ def train(
         # groups_per_step informative groups, so its signal does not shrink as the draft improves
         while informative < cfg.groups_per_step and tries < cfg.max_tries * cfg.groups_per_step:
             tries += 1
-            prompt = rng.choice(pool)
-            k = rng.randrange(prompt.start, len(prompt.steps))
+            if hard and rng.random() < cfg.focus:
+                v = rng.choice(hard)
+                prompt, k = pool[v.prompt], v.k
+            else:
+                prompt = rng.choice(pool)
+                k = rng.randrange(prompt.start, len(prompt.steps))
             group = rollout_group(
                 target,
                 draft,
@@ -251,6 +305,8 @@ def train(
                 guide=cfg.guide,
                 teach=cfg.distill > 0,
             )
+            for member in group:
+                member.off_policy = bool(member.meta.get("guide")) and not cfg.guide_clip
             if any(abs(s.advantage) > 1e-6 for s in group):
                 samples += group
                 informative += 1
