@@ -235,12 +235,9 @@ def test_trainer_focus_draws_groups_at_rejected_prefixes(tiny_pair, tmp_path, mo
         return real(target, draft, prompt, k, **kw)
 
     monkeypatch.setattr(trainer, "rollout_group", spy)
-    # one rejected prefix (k = 1 of the first puzzle): with focus 1 every group is drawn there
-    monkeypatch.setattr(
-        trainer,
-        "greedy_verdicts",
-        lambda t, d, prompts, v: [trainer.PrefixVerdict(i, k, (i, k) != (0, 1), 5) for i in range(2) for k in range(3)],
-    )
+    # one missed prefix (k = 1 of the first puzzle): with focus 1 every group is drawn there
+    first = make_puzzle(split_seed("train", 0)).steps()[:3]
+    monkeypatch.setattr(trainer, "greedy_matches", lambda d, image, question, steps: [True, steps != first, True])
     cfg = trainer.SapoConfig(
         steps=2, groups_per_step=2, max_tries=2, group_size=2, pool=2, eval_prompts=1, eval_every=1, focus=1.0
     )
@@ -400,6 +397,30 @@ def test_greedy_verdicts_are_what_acceptance_counts(tiny_pair) -> None:  # type:
         target.close(ts)
 
 
+def test_greedy_matches_agrees_with_the_drafts_decode_loop() -> None:
+    """One teacher-forced forward says, per prefix, whether decoding the shipped SFT draft
+    writes the step exactly (it does at most prefixes and not at all)."""
+    from dreamr_stream.sapo.rollouts import greedy_matches
+    from dreamr_stream.zoo.shipped import demo_paths
+    from dreamr_stream.zoo.task import split_seed
+
+    draft = TransformersBackend.from_pretrained(demo_paths("sft").draft, device="cpu", name="draft")
+    said = []
+    for i in range(8):
+        puzzle = make_puzzle(split_seed("val", i))
+        image, question, steps = puzzle.image, puzzle.question.text(), puzzle.steps()
+        matches = greedy_matches(draft, image, question, steps)
+        for k, step in enumerate(steps):
+            s = draft.open_session(image, question)
+            for prior in steps[:k]:
+                draft.append(s, prior, stop="\n")
+            out = draft.generate_step(s, max_tokens=96, stop="\n")
+            draft.close(s)
+            assert matches[k] == (out.text == step and out.eos == (k == len(steps) - 1)), (i, k, out.text)
+        said += matches
+    assert any(said) and not all(said)
+
+
 def test_greedy_writes_agrees_with_decoding_the_shipped_target() -> None:
     """The one-forward check says "the target writes the reference" exactly when decoding the
     target step by step gives the reference (on the shipped target, which mostly does)."""
@@ -420,3 +441,20 @@ def test_greedy_writes_agrees_with_decoding_the_shipped_target() -> None:
         assert not greedy_writes(target, image, question, wrong)
         assert not greedy_writes(target, image, question, reference[:-1])
     assert any(said)
+
+
+def test_token_mean_weighs_credited_tokens_not_samples(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    _, draft = tiny_pair
+    good = _sample(draft, "Row 2: red circle, empty.", 1.0)
+    bad = _sample(draft, "Row 2: red square, empty.", -1.0)
+    bad.credit = 2  # the error sits at its second token: nothing after it is credited
+    samples = [good, bad]
+    lps = step_logprobs(draft.model, samples, draft.tokenizer.pad_token_id)
+    for s, lp in zip(samples, lps, strict=True):
+        s.old_logprobs, s.ref_logprobs = lp.detach(), lp.detach()
+    # at the starting point every credited token contributes -A (ratio 1, KL 0)
+    per_sample, _ = sapo_loss(lps, samples, clip_eps=0.2, kl_beta=0.1)
+    per_token, _ = sapo_loss(lps, samples, clip_eps=0.2, kl_beta=0.1, token_mean=True)
+    n = len(good.step_ids)
+    assert float(per_sample.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(per_token.detach()) == pytest.approx(-(n * 1.0 + 2 * -1.0) / (n + 2), rel=1e-5)

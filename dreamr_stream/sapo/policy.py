@@ -17,6 +17,13 @@ group share their context, so their advantages cancel there; after it there is n
 (k3 KL estimator, always >= 0, to the starting SFT draft ``pi_ref``). Only the step's tokens are
 trained; the prompt and the verified prefix are context.
 
+Token mean (``token_mean``, as DAPO and Dr. GRPO argue): replace ``mean_i mean_{t <= e_i}`` by
+one mean over all credited tokens of the batch. Why here: the samples of a group share their
+context up to the error, so a wrong sample credited on its 10 tokens up to a miscount and the
+target's step credited on all its 50 write the same first tokens with opposite advantages; per
+sample means weigh the wrong sample's copy of those (correct) tokens 5x more, and the update
+pushes correct readings down. Per token, the shared tokens' advantages cancel as they should.
+
 Off-policy samples (the target's own step, which guided groups add) take ``surr_t = rho_t * A_i``
 unclipped, as in LUFFY: the clip exists to keep an update near the policy that sampled, and
 this step was not sampled by the draft. With the clip, a target step the draft finds unlikely
@@ -133,10 +140,13 @@ def sapo_loss(
     kl_beta: float = 0.05,
     distill: float = 0.0,
     dists: list[torch.Tensor] | None = None,
+    token_mean: bool = False,
 ) -> tuple[torch.Tensor, UpdateStats]:
     """The loss of the module docstring; ``dists`` (the policy's step distributions) are needed
-    only for the dense term (``distill > 0`` and samples with a ``teacher``)."""
+    only for the dense term (``distill > 0`` and samples with a ``teacher``). ``token_mean``
+    averages over all credited tokens of the batch instead of per sample, then over samples."""
     per_sample, kls, teach, clipped, count = [], [], [], 0, 0
+    weights: list[int] = []
     for i, (lp, s) in enumerate(zip(new, samples, strict=True)):
         assert s.old_logprobs is not None and s.ref_logprobs is not None
         ratio = torch.exp(lp - s.old_logprobs)
@@ -149,6 +159,7 @@ def sapo_loss(
         kl = torch.exp(diff) - diff - 1
         n = len(lp) if s.credit is None else max(1, min(len(lp), s.credit))
         term = -(surr[:n] - kl_beta * kl[:n]).mean()
+        weights.append(n)
         if distill > 0 and s.teacher is not None:
             if dists is None:
                 raise ValueError("the dense term needs the policy's step distributions (dists)")
@@ -160,7 +171,11 @@ def sapo_loss(
         kls.append(kl.mean().detach())
         clipped += int(((ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)).sum())
         count += ratio.numel()
-    loss = torch.stack(per_sample).mean()
+    terms = torch.stack(per_sample)
+    if token_mean:  # each sample's mean weighted by its credited tokens: a mean over tokens
+        loss = (terms * torch.tensor(weights, dtype=terms.dtype)).sum() / sum(weights)
+    else:
+        loss = terms.mean()
     return loss, UpdateStats(
         loss=float(loss.detach()),
         kl=float(torch.stack(kls).mean()),

@@ -32,6 +32,7 @@ __all__ = [
     "RolloutPrompt",
     "StepScore",
     "TrajectoryCache",
+    "greedy_matches",
     "greedy_writes",
     "prompts_from_log",
     "rollout_group",
@@ -69,28 +70,46 @@ def target_trajectory(target: TransformersBackend, image: Image.Image, question:
 
 
 @torch.no_grad()
+def greedy_matches(backend: TransformersBackend, image: Image.Image, question: str, steps: list[str]) -> list[bool]:
+    """For each k, whether the backend's greedy step after ``steps[:k]`` is exactly ``steps[k]``,
+    all from ONE teacher-forced forward: every token of the step, then its delimiter (the end
+    of the answer after the last step), is the argmax where it stands."""
+    if not steps:
+        return []
+    inputs = backend._prompt_inputs(image, question)
+    base = inputs["input_ids"][0].tolist()
+    stop = backend.encode(STOP)
+    ends = [stop] * (len(steps) - 1) + [[]]
+    step_ids = [backend.encode(st) for st in steps]
+    row = base + [t for ids, end in zip(step_ids, ends, strict=True) for t in ids + end]
+    logits = backend.model(**_batched(backend, inputs, [row])).logits[0]
+    picks = logits[len(base) - 1 :].argmax(-1).tolist()  # the greedy token after each position
+    out, at = [], 0
+    for ids, end in zip(step_ids, ends, strict=True):
+        want = ids + end
+        got = picks[at : at + len(want) + (0 if end else 1)]
+        ok = got[: len(want)] == want and (bool(end) or (len(got) > len(want) and got[-1] in backend.eos_ids))
+        out.append(bool(ids) and ok)
+        at += len(want)
+    return out
+
+
 def greedy_writes(
     target: TransformersBackend, image: Image.Image, question: str, steps: list[str], max_steps: int = 16
 ) -> bool:
-    """Whether ``target_trajectory`` would return exactly ``steps``, from ONE teacher-forced
-    forward: every next token is the target's argmax, each step ends at the delimiter and the
-    last (``Answer: ...``) at the end of the answer. A task's reference solution then stands in
+    """Whether ``target_trajectory`` would return exactly ``steps`` (``greedy_matches`` at every
+    step, the last ``Answer: ...`` ending the answer). A task's reference solution then stands in
     for the target's trajectory at about 1% of the cost of decoding it token by token."""
     if not steps or len(steps) > max_steps or not steps[-1].startswith("Answer:"):
         return False
     if any(st.startswith("Answer:") or STOP in st for st in steps[:-1]):
         return False
-    step_ids = [target.encode(st) for st in steps]
     # the step text must survive the round trip, and no step may reach the decode cap
-    if any(not ids or len(ids) >= 96 or target._text(ids) != st for ids, st in zip(step_ids, steps, strict=True)):
-        return False
-    inputs = target._prompt_inputs(image, question)
-    base = inputs["input_ids"][0].tolist()
-    stop = target.encode(STOP)
-    row = base + [t for ids in step_ids[:-1] for t in ids + stop] + step_ids[-1]
-    logits = target.model(**_batched(target, inputs, [row])).logits[0]
-    picks = logits[len(base) - 1 :].argmax(-1).tolist()  # the greedy token after each position
-    return picks[:-1] == row[len(base) :] and picks[-1] in target.eos_ids
+    for st in steps:
+        ids = target.encode(st)
+        if len(ids) >= 96 or target._text(ids) != st:
+            return False
+    return all(greedy_matches(target, image, question, steps))
 
 
 class TrajectoryCache:

@@ -33,6 +33,7 @@ from dreamr_stream.sapo.rewards import RewardWeights
 from dreamr_stream.sapo.rollouts import (
     RolloutPrompt,
     TrajectoryCache,
+    greedy_matches,
     greedy_writes,
     rollout_group,
     target_trajectory,
@@ -90,12 +91,14 @@ class SapoConfig:
     # weight of the dense term, KL(target || draft) per token up to the first rejected one
     # (policy module docstring); 0 is step-level rewards alone
     distill: float = 0.0
-    # share of groups drawn at prefixes where the draft's greedy step is rejected (found by a
-    # pass over the pool, redone every ``eval_every`` updates); the rest are drawn uniformly
+    # share of groups drawn at prefixes where the draft's greedy step is not the target's (found
+    # by one forward per pool trajectory, redone every ``eval_every`` updates); the rest uniform
     focus: float = 0.0
     # the guide is off-policy (the target wrote it): train it on the unclipped ratio, as LUFFY
     # does, since the clip bounds how far a step the draft finds unlikely can rise per update
     guide_clip: bool = True
+    # one mean over the batch's credited tokens instead of a mean per sample (policy docstring)
+    token_mean: bool = False
     seed: int = 0
     threads: int = 2
 
@@ -112,6 +115,7 @@ def sapo_update(
     inner_epochs: int = 1,
     max_grad_norm: float = 1.0,
     distill: float = 0.0,
+    token_mean: bool = False,
 ) -> dict[str, float]:
     """One SAPO update on a batch of scored samples (old and reference log-probs filled here)."""
     policy.eval()
@@ -125,7 +129,13 @@ def sapo_update(
     for _ in range(inner_epochs):
         dists = step_distributions(policy, samples, pad_id)
         loss, stats = sapo_loss(
-            gather_steps(dists, samples), samples, clip_eps=clip_eps, kl_beta=kl_beta, distill=distill, dists=dists
+            gather_steps(dists, samples),
+            samples,
+            clip_eps=clip_eps,
+            kl_beta=kl_beta,
+            distill=distill,
+            dists=dists,
+            token_mean=token_mean,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,6 +193,18 @@ def acceptance_at_prefixes(
         "step_tokens": sum(v.tokens for v in vs) / n,
         "judged": len(vs),
     }
+
+
+def _missed(draft: TransformersBackend, pool: list[RolloutPrompt]) -> list[tuple[int, int]]:
+    """(prompt, k) wherever the draft's greedy step is not the target's: where TBVM rejects it,
+    nearly always (a step that differs by one token is below the likelihood threshold there),
+    found in one teacher-forced forward per trajectory instead of decoding every step."""
+    return [
+        (i, k)
+        for i, p in enumerate(pool)
+        for k, same in enumerate(greedy_matches(draft, p.image, p.question, p.steps))
+        if k >= p.start and not same
+    ]
 
 
 def _trajectory(target: TransformersBackend, puzzle: Puzzle) -> list[str]:
@@ -272,10 +294,10 @@ def train(
         logf.write(json.dumps({"step": 0, **acceptance_at_prefixes(target, draft, val, verifier)}) + "\n")
         logf.flush()
     show = sys.stderr.isatty()
-    hard: list[PrefixVerdict] = []
+    hard: list[tuple[int, int]] = []
     for step in range(start, cfg.steps):
         if cfg.focus > 0 and (step == start or step % cfg.eval_every == 0):
-            hard = [v for v in greedy_verdicts(target, draft, pool, verifier) if not v.accepted]
+            hard = _missed(draft, pool)
             logf.write(json.dumps({"step": step, "hard_prefixes": len(hard)}) + "\n")
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
@@ -287,8 +309,8 @@ def train(
         while informative < cfg.groups_per_step and tries < cfg.max_tries * cfg.groups_per_step:
             tries += 1
             if hard and rng.random() < cfg.focus:
-                v = rng.choice(hard)
-                prompt, k = pool[v.prompt], v.k
+                i, k = rng.choice(hard)
+                prompt = pool[i]
             else:
                 prompt = rng.choice(pool)
                 k = rng.randrange(prompt.start, len(prompt.steps))
@@ -325,6 +347,7 @@ def train(
                 inner_epochs=cfg.inner_epochs,
                 max_grad_norm=cfg.max_grad_norm,
                 distill=cfg.distill,
+                token_mean=cfg.token_mean,
             )
         else:
             rec |= {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
