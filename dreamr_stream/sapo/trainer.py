@@ -91,8 +91,8 @@ class SapoConfig:
     # weight of the dense term, KL(target || draft) per token up to the first rejected one
     # (policy module docstring); 0 is step-level rewards alone
     distill: float = 0.0
-    # share of groups drawn at prefixes where the draft's greedy step is not the target's (found
-    # by one forward per pool trajectory, redone every ``eval_every`` updates); the rest uniform
+    # share of groups drawn at prefixes where the current draft's greedy step is not the
+    # target's (one teacher-forced forward per drawn trajectory); the rest at uniform prefixes
     focus: float = 0.0
     # the guide is off-policy (the target wrote it): train it on the unclipped ratio, as LUFFY
     # does, since the clip bounds how far a step the draft finds unlikely can rise per update
@@ -195,16 +195,37 @@ def acceptance_at_prefixes(
     }
 
 
-def _missed(draft: TransformersBackend, pool: list[RolloutPrompt]) -> list[tuple[int, int]]:
-    """(prompt, k) wherever the draft's greedy step is not the target's: where TBVM rejects it,
-    nearly always (a step that differs by one token is below the likelihood threshold there),
-    found in one teacher-forced forward per trajectory instead of decoding every step."""
-    return [
-        (i, k)
-        for i, p in enumerate(pool)
-        for k, same in enumerate(greedy_matches(draft, p.image, p.question, p.steps))
-        if k >= p.start and not same
-    ]
+class _Pool:
+    """Rollout prompts drawn at random: the task's train split (``size`` puzzles, each target
+    trajectory computed on first draw and cached on disk) or a fixed list (logged prompts)."""
+
+    def __init__(
+        self, target: TransformersBackend, cache: TrajectoryCache, size: int, fixed: list[RolloutPrompt] | None
+    ):
+        self.target, self.cache = target, cache
+        self.size = len(fixed) if fixed else size
+        self.prompts: dict[int, RolloutPrompt] = dict(enumerate(fixed or []))
+
+    def draw(self, rng: random.Random) -> RolloutPrompt:
+        i = rng.randrange(self.size)
+        if i not in self.prompts:
+            self.prompts[i] = _task_prompt(self.target, self.cache, "train", i)
+        return self.prompts[i]
+
+
+def _draw_missed(
+    pool: _Pool, draft: TransformersBackend, rng: random.Random, tries: int = 8
+) -> tuple[RolloutPrompt, int] | None:
+    """A prompt and a prefix where the draft's greedy step is not the target's (where TBVM
+    rejects it, nearly always: a step one token off is below the likelihood threshold there),
+    checked on the current draft with one teacher-forced forward per drawn trajectory."""
+    for _ in range(tries):
+        prompt = pool.draw(rng)
+        matches = greedy_matches(draft, prompt.image, prompt.question, prompt.steps)
+        missed = [k for k, same in enumerate(matches) if k >= prompt.start and not same]
+        if missed:
+            return prompt, rng.choice(missed)
+    return None
 
 
 def _trajectory(target: TransformersBackend, puzzle: Puzzle) -> list[str]:
@@ -216,14 +237,15 @@ def _trajectory(target: TransformersBackend, puzzle: Puzzle) -> list[str]:
     return target_trajectory(target, image, question)
 
 
+def _task_prompt(target: TransformersBackend, cache: TrajectoryCache, split: str, i: int) -> RolloutPrompt:
+    puzzle = make_puzzle(split_seed(split, i))  # type: ignore[arg-type]
+    key = f"{split}:{i}"
+    steps = cache.get(key, partial(_trajectory, target, puzzle))
+    return RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key=key)
+
+
 def _task_prompts(target: TransformersBackend, cache: TrajectoryCache, split: str, n: int) -> list[RolloutPrompt]:
-    prompts = []
-    for i in range(n):
-        puzzle = make_puzzle(split_seed(split, i))  # type: ignore[arg-type]
-        key = f"{split}:{i}"
-        steps = cache.get(key, partial(_trajectory, target, puzzle))
-        prompts.append(RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key=key))
-    return prompts
+    return [_task_prompt(target, cache, split, i) for i in range(n)]
 
 
 def _plot(log_path: Path, png: Path) -> None:
@@ -286,7 +308,7 @@ def train(
         start = state["step"]
         log.info("resumed SAPO at update %d", start)
     cache = TrajectoryCache(out / "trajectories.jsonl")
-    pool = log_prompts or _task_prompts(target, cache, "train", cfg.pool)
+    pool = _Pool(target, cache, cfg.pool, log_prompts)
     val = _task_prompts(target, cache, "val", cfg.eval_prompts)
     pad_id = draft.tokenizer.pad_token_id or 0
     logf = (out / "log.jsonl").open("a")
@@ -294,11 +316,7 @@ def train(
         logf.write(json.dumps({"step": 0, **acceptance_at_prefixes(target, draft, val, verifier)}) + "\n")
         logf.flush()
     show = sys.stderr.isatty()
-    hard: list[tuple[int, int]] = []
     for step in range(start, cfg.steps):
-        if cfg.focus > 0 and (step == start or step % cfg.eval_every == 0):
-            hard = _missed(draft, pool)
-            logf.write(json.dumps({"step": step, "hard_prefixes": len(hard)}) + "\n")
         for g in optimizer.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
         t0 = time.perf_counter()
@@ -308,11 +326,11 @@ def train(
         # groups_per_step informative groups, so its signal does not shrink as the draft improves
         while informative < cfg.groups_per_step and tries < cfg.max_tries * cfg.groups_per_step:
             tries += 1
-            if hard and rng.random() < cfg.focus:
-                i, k = rng.choice(hard)
-                prompt = pool[i]
+            drawn = _draw_missed(pool, draft, rng) if rng.random() < cfg.focus else None
+            if drawn is not None:
+                prompt, k = drawn
             else:
-                prompt = rng.choice(pool)
+                prompt = pool.draw(rng)
                 k = rng.randrange(prompt.start, len(prompt.steps))
             group = rollout_group(
                 target,

@@ -120,18 +120,34 @@ def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> st
         "inner_epochs",
         "clip_eps",
         "guide",
+        "guide_clip",
+        "token_mean",
+        "focus",
+        "pool",
         "train_vision",
     )
     chosen = {k: cfg[k] for k in keys if k in cfg}
     curve = ", ".join(f"{r['step']}: {r['acceptance']:.1%}" for r in evals)
+    parts = [
+        "Rewards: TBVM evidence (the mode the target recommends) + exact agreement with the target's step",
+        "- 0.5 x length beyond it; group-normalised advantages; credit stops at the first token the target",
+        "rejects; the target's own step joins each group"
+        + (" as an off-policy sample, its ratio unclipped" if cfg.get("guide_clip") is False else "")
+        + "; vision tower frozen.",
+    ]
+    if cfg.get("token_mean"):
+        parts.append("The loss is one mean over the batch's credited tokens, not a mean per sample.")
+    if cfg.get("focus"):
+        parts.append(
+            f"{cfg['focus']:.0%} of groups are drawn at prefixes where the current draft's greedy step is not the"
+            f" target's (one teacher-forced forward per drawn puzzle, out of {cfg.get('pool')} train puzzles)."
+        )
+    if cfg.get("distill"):
+        parts.append("The dense term adds KL(target || draft) per token, up to that first rejected token.")
     return (
         f"Trained from the SFT draft (`draft-sft`) with SAPO against the shipped target:\n"
         f"`{command}` ({len(updates)} updates, about {minutes:.0f} min of updates on 2 CPU cores; curves in\n"
-        f"`benchmarks/results/sapo_curves.png`). Settings: {json.dumps(chosen)}.\n"
-        "Rewards: TBVM evidence (the mode the target recommends) + exact agreement with the target's step\n"
-        "- 0.5 x length beyond it; group-normalised advantages; credit stops at the first token the target\n"
-        "rejects; the target's own step joins each group; vision tower frozen; the dense term adds\n"
-        "KL(target || draft) per token, from the same scoring forward, up to that first rejected token.\n"
+        f"`benchmarks/results/sapo_curves.png`). Settings: {json.dumps(chosen)}.\n" + "\n".join(parts) + "\n"
         f"Validation acceptance at the target's prefixes ({evals[0]['judged'] if evals else 0} prefixes of "
         f"{cfg.get('eval_prompts')} puzzles), by update: {curve}."
     )
