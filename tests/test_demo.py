@@ -81,3 +81,25 @@ def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-un
     assert out.returncode == 0, out.stderr
     assert "Answer:" in out.stdout and "first step" in out.stdout
     assert (tmp_path / "p.png").exists()
+
+
+def test_prefix_evaluation_judges_every_step_of_the_targets_trajectories(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`dreamr zoo eval --prefixes`: the shipped SAPO draft's greedy step at every prefix of
+    the target's own trajectories, with both step lengths at those prefixes."""
+    import json
+
+    from dreamr_stream.backends.hf import TransformersBackend
+    from dreamr_stream.sapo.rollouts import TrajectoryCache
+    from dreamr_stream.sapo.trainer import task_prompts
+    from dreamr_stream.zoo.evaluate import main
+
+    paths = demo_paths()
+    out = tmp_path / "eval.json"
+    args = ["--target", str(paths.target), "--draft", str(paths.draft), "--methods", "", "--prefixes", "3"]
+    main([*args, "--json", str(out)])
+    report = json.loads(out.read_text())["prefixes"]
+    target = TransformersBackend.from_pretrained(paths.target, device="cpu", name="target")
+    prompts = task_prompts(target, TrajectoryCache(), "test", 3)
+    assert report["puzzles"] == 3 and report["judged"] == sum(len(p.steps) for p in prompts)
+    assert 0.0 <= report["acceptance"] <= 1.0 and report["acceptance"] > 0.5  # the shipped draft mostly agrees
+    assert report["step_tokens"] > 5 and report["target_step_tokens"] > 5

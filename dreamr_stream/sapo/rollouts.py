@@ -113,12 +113,13 @@ def greedy_writes(
 
 
 class TrajectoryCache:
-    """Target trajectories per prompt key, persisted as JSON lines (resumable, computed once)."""
+    """Target trajectories per prompt key, persisted as JSON lines (resumable, computed once);
+    in memory only when ``path`` is None."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self.items: dict[str, list[str]] = {}
-        if path.exists():
+        if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
                 self.items[rec["key"]] = rec["steps"]
@@ -126,8 +127,9 @@ class TrajectoryCache:
     def get(self, key: str, compute: Callable[[], list[str]]) -> list[str]:
         if key not in self.items:
             self.items[key] = compute()
-            with self.path.open("a") as f:
-                f.write(json.dumps({"key": key, "steps": self.items[key]}) + "\n")
+            if self.path is not None:
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"key": key, "steps": self.items[key]}) + "\n")
         return self.items[key]
 
 

@@ -109,39 +109,70 @@ def evaluate_judge(
     )
 
 
+def evaluate_prefixes(
+    target_dir: Path,
+    draft_dir: Path,
+    split: Split = "test",
+    n: int = 100,
+    overrides: dict[str, object] | None = None,
+) -> dict[str, float]:
+    """TBVM acceptance of the draft's greedy step at every prefix of the target's own
+    trajectories on ``n`` puzzles, with the draft's and the target's mean step lengths there:
+    the same prefixes for every draft, so two drafts compare step for step. TBVM as the target
+    recommends, with ``overrides`` (``mode``, ``tau``) on top."""
+    from dreamr_stream.sapo.rollouts import TrajectoryCache
+    from dreamr_stream.sapo.trainer import acceptance_at_prefixes, task_prompts
+
+    target = TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
+    draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
+    recommended = VerificationConfig.recommended(target.recommended_verification)
+    verifier = make_verifier(recommended.model_copy(update=overrides or {}))
+    prompts = task_prompts(target, TrajectoryCache(), split, n)
+    return {"puzzles": n, **acceptance_at_prefixes(target, draft, prompts, verifier)}
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Evaluate demo models on held-out puzzles.")
     parser.add_argument("--target", type=Path, required=True)
     parser.add_argument("--draft", type=Path)
-    parser.add_argument("--methods", default="target_only", help="comma-separated methods")
+    parser.add_argument("--methods", default="target_only", help="comma-separated methods (may be empty)")
     parser.add_argument("--split", default="test")
     parser.add_argument("-n", type=int, default=100)
     parser.add_argument("--judge-n", type=int, default=0)
+    parser.add_argument(
+        "--prefixes", type=int, default=0, help="also judge the draft's greedy step at every prefix of N puzzles"
+    )
     parser.add_argument("--tau", type=float, help="default: what the target recommends")
     parser.add_argument("--verify", choices=["judge", "likelihood"], help="default: what the target recommends")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
     overrides = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
-    verification = reasoner.config.verification.model_copy(update=overrides)
-    config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
-    reasoner = Reasoner(reasoner.target.backend, reasoner.draft.backend if reasoner.draft else None, config=config)
     report: dict[str, object] = {}
-    for method in args.methods.split(","):
-        r = evaluate_method(reasoner, method, args.split, args.n)  # type: ignore[arg-type]
-        report[method] = asdict(r)
-        print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
-    if args.judge_n:
-        j = evaluate_judge(
-            reasoner.target.backend,  # type: ignore[arg-type]
-            verification.tau,
-            n=args.judge_n,
-            mode=verification.mode,
-        )
-        report["judge"] = asdict(j)
-        print(json.dumps(asdict(j)))
+    methods = [m for m in args.methods.split(",") if m]
+    if methods or args.judge_n:
+        reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
+        verification = reasoner.config.verification.model_copy(update=overrides)
+        config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
+        draft = reasoner.draft.backend if reasoner.draft else None
+        reasoner = Reasoner(reasoner.target.backend, draft, config=config)
+        for method in methods:
+            r = evaluate_method(reasoner, method, args.split, args.n)  # type: ignore[arg-type]
+            report[method] = asdict(r)
+            print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
+        if args.judge_n:
+            j = evaluate_judge(
+                reasoner.target.backend,  # type: ignore[arg-type]
+                verification.tau,
+                n=args.judge_n,
+                mode=verification.mode,
+            )
+            report["judge"] = asdict(j)
+            print(json.dumps(asdict(j)))
+    if args.prefixes and args.draft:
+        report["prefixes"] = evaluate_prefixes(args.target, args.draft, args.split, args.prefixes, overrides)
+        print(json.dumps(report["prefixes"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
