@@ -125,6 +125,7 @@ def test_guided_group_holds_the_target_step_tokenised_as_appended(tiny_pair, k: 
     end = [next(iter(draft.eos_ids))] if k == len(steps) - 1 else draft.encode("\n")
     assert guide.step_ids == draft.encode(steps[k]) + end
     assert guide.meta["agree"] and guide.meta["text"] == steps[k]
+    assert guide.off_policy and not any(s.off_policy for s in group[:-1])
     # the guide agrees exactly and is no longer than itself: its reward is the group's best
     assert guide.meta["reward"] >= max(s.meta["reward"] for s in group[:-1]) - 1.0 + 1e-9
     assert [s.advantage for s in group] == pytest.approx(group_advantages([s.meta["reward"] for s in group]))
@@ -362,13 +363,19 @@ def test_off_policy_guide_is_not_clipped(tiny_pair) -> None:  # type: ignore[no-
         # the sampler saw this step as half as likely as now: ratio 2 > 1 + eps
         s.old_logprobs, s.ref_logprobs = lp[0].detach() - math.log(2.0), lp[0].detach()
         draft.model.zero_grad(set_to_none=True)
-        loss, stats = sapo_loss(lp, [s], clip_eps=0.2, kl_beta=0.0)
+        loss, stats = sapo_loss(lp, [s], clip_eps=0.2, kl_beta=0.0, clip_off_policy=False)
         loss.backward()
         grads[off] = sum(float(p.grad.abs().sum()) for p in draft.model.parameters() if p.grad is not None)
         assert stats.clip_fraction == 1.0  # reported either way
         assert float(loss.detach()) == pytest.approx(-1.2 if not off else -2.0, rel=1e-5)
     draft.model.zero_grad(set_to_none=True)
     assert grads[False] == 0.0 and grads[True] > 0.0
+    # with the default, off-policy samples are clipped like the rest
+    s = _sample(draft, "Row 2: red circle, empty.", 1.0)
+    s.off_policy = True
+    lp = step_logprobs(draft.model, [s], draft.tokenizer.pad_token_id)
+    s.old_logprobs, s.ref_logprobs = lp[0].detach() - math.log(2.0), lp[0].detach()
+    assert float(sapo_loss(lp, [s], clip_eps=0.2, kl_beta=0.0)[0].detach()) == pytest.approx(-1.2, rel=1e-5)
 
 
 def test_greedy_verdicts_are_what_acceptance_counts(tiny_pair) -> None:  # type: ignore[no-untyped-def]
@@ -415,9 +422,7 @@ def test_greedy_matches_agrees_with_the_drafts_decode_loop() -> None:
         image, question, steps = puzzle.image, puzzle.question.text(), puzzle.steps()
         matches = greedy_matches(draft, image, question, steps)
         for k, step in enumerate(steps):
-            s = draft.open_session(image, question)
-            for prior in steps[:k]:
-                draft.append(s, prior, stop="\n")
+            s = _session_at(draft, puzzle, k)
             out = draft.generate_step(s, max_tokens=96, stop="\n")
             draft.close(s)
             assert matches[k] == (out.text == step and out.eos == (k == len(steps) - 1)), (i, k, out.text)

@@ -73,7 +73,8 @@ class PolicySample:
     # the target's next-token log-probs at each step position, (len(step_ids), V); None: no
     # dense term (the two tokenisations do not line up, or judge-only evidence)
     teacher: torch.Tensor | None = None
-    # written by another policy (the target's guide step): its ratio is not clipped
+    # written by another policy (the target's guide step); ``clip_off_policy`` says whether
+    # its ratio is clipped
     off_policy: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -141,17 +142,19 @@ def sapo_loss(
     distill: float = 0.0,
     dists: list[torch.Tensor] | None = None,
     token_mean: bool = False,
+    clip_off_policy: bool = True,
 ) -> tuple[torch.Tensor, UpdateStats]:
     """The loss of the module docstring; ``dists`` (the policy's step distributions) are needed
     only for the dense term (``distill > 0`` and samples with a ``teacher``). ``token_mean``
-    averages over all credited tokens of the batch instead of per sample, then over samples."""
+    averages over all credited tokens of the batch instead of per sample, then over samples.
+    ``clip_off_policy=False`` trains off-policy samples on the unclipped ratio."""
     per_sample, kls, teach, clipped, count = [], [], [], 0, 0
     weights: list[int] = []
     for i, (lp, s) in enumerate(zip(new, samples, strict=True)):
         assert s.old_logprobs is not None and s.ref_logprobs is not None
         ratio = torch.exp(lp - s.old_logprobs)
         adv = torch.tensor(s.advantage, dtype=lp.dtype)
-        if s.off_policy:
+        if s.off_policy and not clip_off_policy:
             surr = ratio * adv
         else:
             surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)

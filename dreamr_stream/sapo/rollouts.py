@@ -43,6 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 STOP = "\n"
+TRAJECTORY_STEP_TOKENS = 96  # the decode cap per step of the target's reference trajectory
 
 
 @dataclass
@@ -60,7 +61,7 @@ def target_trajectory(target: TransformersBackend, image: Image.Image, question:
     steps: list[str] = []
     try:
         while len(steps) < max_steps:
-            out = target.generate_step(s, max_tokens=96, stop=STOP)
+            out = target.generate_step(s, max_tokens=TRAJECTORY_STEP_TOKENS, stop=STOP)
             steps.append(out.text)
             if out.eos or out.text.startswith("Answer:"):
                 break
@@ -107,7 +108,7 @@ def greedy_writes(
     # the step text must survive the round trip, and no step may reach the decode cap
     for st in steps:
         ids = target.encode(st)
-        if len(ids) >= 96 or target._text(ids) != st:
+        if len(ids) >= TRAJECTORY_STEP_TOKENS or target._text(ids) != st:
             return False
     return all(greedy_matches(target, image, question, steps))
 
@@ -380,6 +381,7 @@ def rollout_group(
                 step_ids=step_ids,
                 credit=credit,
                 teacher=_teacher(draft, target, text, step_ids, score) if teach else None,
+                off_policy=guide and i == len(members) - 1,
                 meta={
                     "text": text,
                     "reward": reward,

@@ -143,6 +143,7 @@ def sapo_update(
     max_grad_norm: float = 1.0,
     distill: float = 0.0,
     token_mean: bool = False,
+    clip_off_policy: bool = True,
 ) -> dict[str, float]:
     """One SAPO update on a batch of scored samples (old and reference log-probs filled here)."""
     policy.eval()
@@ -163,6 +164,7 @@ def sapo_update(
             distill=distill,
             dists=dists,
             token_mean=token_mean,
+            clip_off_policy=clip_off_policy,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -378,8 +380,6 @@ def train(
                 guide=cfg.guide,
                 teach=cfg.distill > 0,
             )
-            for member in group:
-                member.off_policy = bool(member.meta.get("guide")) and not cfg.guide_clip
             if any(abs(s.advantage) > 1e-6 for s in group):
                 samples += group
                 informative += 1
@@ -399,6 +399,7 @@ def train(
                 max_grad_norm=cfg.max_grad_norm,
                 distill=cfg.distill,
                 token_mean=cfg.token_mean,
+                clip_off_policy=cfg.guide_clip,
             )
         else:
             rec |= {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
