@@ -232,7 +232,7 @@ class _Pool:
 
     def __init__(
         self, target: TransformersBackend, cache: TrajectoryCache, size: int, fixed: list[RolloutPrompt] | None
-    ):
+    ) -> None:
         self.target, self.cache = target, cache
         self.size = len(fixed) if fixed else size
         self.prompts: dict[int, RolloutPrompt] = dict(enumerate(fixed or []))
