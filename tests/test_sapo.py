@@ -467,3 +467,40 @@ def test_token_mean_weighs_credited_tokens_not_samples(tiny_pair) -> None:  # ty
     n = len(good.step_ids)
     assert float(per_sample.detach()) == pytest.approx(0.0, abs=1e-6)
     assert float(per_token.detach()) == pytest.approx(-(n * 1.0 + 2 * -1.0) / (n + 2), rel=1e-5)
+
+
+def test_trajectory_sample_is_the_trajectory_as_the_backend_appends_it(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    from dreamr_stream.sapo.rollouts import trajectory_sample
+
+    _, draft = tiny_pair
+    puzzle = make_puzzle(5)
+    steps = puzzle.steps()
+    sample = trajectory_sample(draft, RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key="k"))
+    s = _session_at(draft, puzzle, 0)
+    start = len(s.ids)
+    for step in steps[:-1]:
+        draft.append(s, step, stop="\n")
+    expected = s.ids[start:] + draft.encode(steps[-1]) + [next(iter(draft.eos_ids))]
+    assert sample.prompt["input_ids"][0].tolist() == s.ids[:start]
+    draft.close(s)
+    assert sample.context_ids == [] and sample.step_ids == expected and sample.off_policy
+
+
+def test_anchor_term_raises_the_trajectorys_likelihood(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    from dreamr_stream.sapo.rollouts import trajectory_sample
+
+    _, draft = tiny_pair
+    policy = copy.deepcopy(draft.model)
+    backend = TransformersBackend(policy, draft.processor, judge=draft.judge)
+    pad = draft.tokenizer.pad_token_id
+    puzzle = make_puzzle(9)
+    anchor = trajectory_sample(backend, RolloutPrompt(puzzle.image, puzzle.question.text(), puzzle.steps()))
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    with pytest.raises(ValueError, match="needs rollout samples"):
+        sapo_update(policy, policy, opt, [], pad_id=pad, clip_eps=0.2, kl_beta=0.0, anchors=[anchor], anchor=0.0)
+    before = total_logprob(policy, anchor, pad)
+    stats = sapo_update(policy, policy, opt, [], pad_id=pad, clip_eps=0.2, kl_beta=0.0, anchors=[anchor], anchor=1.0)
+    after = total_logprob(policy, anchor, pad)
+    assert after > before
+    # the logged term is the mean NLL per token of the trajectory, before the step
+    assert stats["anchor_nll"] == pytest.approx(-before / len(anchor.step_ids), rel=1e-4)

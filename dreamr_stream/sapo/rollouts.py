@@ -39,6 +39,7 @@ __all__ = [
     "sample_steps",
     "score_steps",
     "target_trajectory",
+    "trajectory_sample",
 ]
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,21 @@ def _credit(
         if lp < floor:
             return t + 1
     return None
+
+
+def trajectory_sample(draft: TransformersBackend, prompt: RolloutPrompt) -> PolicySample:
+    """The target's whole trajectory as one off-policy sample for the draft, tokenised as the
+    backend appends it (each step, then its delimiter; the last ends the answer): the row of
+    SAPO's anchor term, which scores every step of it in one teacher-forced forward."""
+    *body, last = prompt.steps
+    ids = _context(draft, body) + draft.encode(last) + [next(iter(draft.eos_ids))]
+    return PolicySample(
+        prompt=draft._prompt_inputs(prompt.image, prompt.question),
+        context_ids=[],
+        step_ids=ids,
+        off_policy=True,
+        meta={"key": prompt.key, "anchor": True},
+    )
 
 
 @torch.no_grad()

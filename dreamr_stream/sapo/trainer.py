@@ -20,6 +20,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,7 @@ from dreamr_stream.sapo.rollouts import (
     greedy_writes,
     rollout_group,
     target_trajectory,
+    trajectory_sample,
 )
 from dreamr_stream.verify import Verifier, make_verifier
 from dreamr_stream.zoo.task import Puzzle, Split, make_puzzle, split_seed
@@ -126,6 +128,10 @@ class SapoConfig:
     guide_clip: bool = True
     # one mean over the batch's credited tokens instead of a mean per sample (policy docstring)
     token_mean: bool = False
+    # weight of the anchor term: the mean NLL per token of the target's whole trajectory on
+    # ``anchor_puzzles`` puzzles drawn per update (rollouts.trajectory_sample)
+    anchor: float = 0.0
+    anchor_puzzles: int = 0
     seed: int = 0
     threads: int = 2
 
@@ -144,35 +150,50 @@ def sapo_update(
     distill: float = 0.0,
     token_mean: bool = False,
     clip_off_policy: bool = True,
+    anchors: Sequence[PolicySample] = (),
+    anchor: float = 0.0,
 ) -> dict[str, float]:
-    """One SAPO update on a batch of scored samples (old and reference log-probs filled here)."""
+    """One SAPO update on a batch of scored samples (old and reference log-probs filled here).
+
+    ``anchors`` (target trajectories, ``rollouts.trajectory_sample``) add ``anchor`` times their
+    mean negative log-likelihood per token to the loss: the supervised term of ``SapoConfig.anchor``.
+    Either list may be empty, not both."""
+    if not samples and not (anchors and anchor > 0):
+        raise ValueError("an update needs rollout samples or anchored trajectories")
     policy.eval()
-    with torch.no_grad():
-        for s, old, r in zip(
-            samples, step_logprobs(policy, samples, pad_id), step_logprobs(ref, samples, pad_id), strict=True
-        ):
-            s.old_logprobs, s.ref_logprobs = old, r
+    if samples:
+        with torch.no_grad():
+            for s, old, r in zip(
+                samples, step_logprobs(policy, samples, pad_id), step_logprobs(ref, samples, pad_id), strict=True
+            ):
+                s.old_logprobs, s.ref_logprobs = old, r
     policy.train()
-    stats = None
+    rec: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
     for _ in range(inner_epochs):
-        dists = step_distributions(policy, samples, pad_id)
-        loss, stats = sapo_loss(
-            gather_steps(dists, samples),
-            samples,
-            clip_eps=clip_eps,
-            kl_beta=kl_beta,
-            distill=distill,
-            dists=dists,
-            token_mean=token_mean,
-            clip_off_policy=clip_off_policy,
-        )
+        loss = torch.zeros(())
+        if samples:
+            dists = step_distributions(policy, samples, pad_id)
+            loss, stats = sapo_loss(
+                gather_steps(dists, samples),
+                samples,
+                clip_eps=clip_eps,
+                kl_beta=kl_beta,
+                distill=distill,
+                dists=dists,
+                token_mean=token_mean,
+                clip_off_policy=clip_off_policy,
+            )
+            rec = asdict(stats)
+        if anchors and anchor > 0:
+            nll = -torch.cat(step_logprobs(policy, list(anchors), pad_id)).mean()
+            loss = loss + anchor * nll
+            rec["anchor_nll"] = float(nll.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
         optimizer.step()
     policy.eval()
-    assert stats is not None
-    return asdict(stats)
+    return rec
 
 
 @dataclass(frozen=True)
@@ -214,14 +235,17 @@ def acceptance_at_prefixes(
     target: TransformersBackend, draft: TransformersBackend, prompts: list[RolloutPrompt], verifier: Verifier
 ) -> dict[str, float]:
     """TBVM acceptance of the draft's greedy step at every prefix of the target's trajectories,
-    and the mean draft step length in tokens."""
+    the mean draft step length in tokens, the target's there, and the mean excess over it."""
     vs = greedy_verdicts(target, draft, prompts, verifier)
     n = max(1, len(vs))
+    # the target's own step at the same prefixes, in the draft's tokens: the length to match
+    targets = [len(draft.encode(prompts[v.prompt].steps[v.k])) for v in vs]
     return {
         "acceptance": sum(v.accepted for v in vs) / n,
         "step_tokens": sum(v.tokens for v in vs) / n,
-        # the target's own step at the same prefixes, in the draft's tokens: the length to match
-        "target_step_tokens": sum(len(draft.encode(prompts[v.prompt].steps[v.k])) for v in vs) / n,
+        "target_step_tokens": sum(targets) / n,
+        # tokens beyond the target's step: what the reward's conciseness term penalises
+        "excess_tokens": sum(max(0, v.tokens - t) for v, t in zip(vs, targets, strict=True)) / n,
         "judged": len(vs),
     }
 
@@ -383,10 +407,11 @@ def train(
             if any(abs(s.advantage) > 1e-6 for s in group):
                 samples += group
                 informative += 1
+        anchors = [trajectory_sample(draft, pool.draw(rng)) for _ in range(cfg.anchor_puzzles if cfg.anchor else 0)]
         # report the draft's own samples, not the guides
         metas = [s.meta for s in samples if not s.meta.get("guide")] or [{"reward": 0.0, "tokens": 0, "agree": False}]
         rec: dict[str, float] = {"step": step + 1}
-        if samples:
+        if samples or anchors:
             rec |= sapo_update(
                 policy,
                 ref,
@@ -400,6 +425,8 @@ def train(
                 distill=cfg.distill,
                 token_mean=cfg.token_mean,
                 clip_off_policy=cfg.guide_clip,
+                anchors=anchors,
+                anchor=cfg.anchor,
             )
         else:
             rec |= {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
