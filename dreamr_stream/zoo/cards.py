@@ -124,6 +124,8 @@ def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> st
         "token_mean",
         "focus",
         "pool",
+        "anchor",
+        "anchor_puzzles",
         "train_vision",
     )
     chosen = {k: cfg[k] for k in keys if k in cfg}
@@ -144,6 +146,12 @@ def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> st
         )
     if cfg.get("distill"):
         parts.append("The dense term adds KL(target || draft) per token, up to that first rejected token.")
+    if cfg.get("anchor") and cfg.get("anchor_puzzles"):
+        parts.append(
+            f"Each update also draws {cfg['anchor_puzzles']} train puzzles whose whole target trajectory anchors the"
+            f" draft: {cfg['anchor']:g} x its mean negative log-likelihood per token joins the loss (a supervised"
+            " term beside the RL one, as in PPO-ptx and SRFT)."
+        )
     return (
         f"Trained from the SFT draft (`draft-sft`) with SAPO against the shipped target:\n"
         f"`{command}` ({len(updates)} updates, about {minutes:.0f} min of updates on 2 CPU cores; curves in\n"
