@@ -103,10 +103,11 @@ class SapoConfig:
     into RL) gives the rule both kinds of cells at once. On the fresh-puzzle recipe above (same
     300 validation puzzles): anchor 1 on 8 puzzles, 82.6 / 83.2 / 82.8 / 83.6% at updates
     10-40; anchor 5 on 16 puzzles, 83.3 / 83.6 / 84.2 / 84.0 / 84.3 / 84.6 / 85.2 / 84.5% at
-    10-80. The same anchor with no rollouts at all (``groups_per_step`` 0; 1 s per update, not
-    12) reached 81.1 / 83.4 / 83.4 / 84.5% at 10 / 20 / 40 / 80: what the rollouts reached with
-    it. At lr 3e-4 and 32 anchor puzzles: anchor alone 82.9 / 82.6 / 81.4% at 20 / 40 / 60,
-    with rollouts 82.6% at 20. So on this task the step rewards add nothing that imitating the
+    10-80, then 86.3 / 84.0 / 85.3% at 100 / 120 / 140. The same anchor with no rollouts at all
+    (``groups_per_step`` 0; 1 s per update, not 12) reached 81.1 / 83.4 / 83.4 / 84.5 / 84.9 /
+    84.3 / 85.2% at 10 / 20 / 40 / 80 / 100 / 120 / 140: what the rollouts reached with it. At
+    lr 3e-4 and 32 anchor puzzles: anchor alone 82.9 / 82.6 / 81.4% at 20 / 40 / 60, with
+    rollouts 82.6 / 83.1 / 83.3%. So on this task the step rewards add nothing that imitating the
     target's trajectories does not, and why is plain: TBVM's likelihood mode accepts a step when
     each token is likely under the target, the target's greedy step is such a step, and FPSR
     only ever asks the draft for a step after a prefix the target verified, so there are no
@@ -207,6 +208,7 @@ def sapo_update(
             nll = -torch.cat(step_logprobs(policy, list(anchors), pad_id)).mean()
             loss = loss + anchor * nll
             rec["anchor_nll"] = float(nll.detach())
+        rec["loss"] = float(loss.detach())  # the whole loss, the anchor term included
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
