@@ -159,9 +159,15 @@ class _StepEnd(StoppingCriteria):
         return torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
 
 
+def _appended(backend: TransformersBackend, step: str, *, last: bool) -> list[int]:
+    """One step as the backend appends it: ``tok(step) + tok(stop)``, or the end-of-answer token
+    after a trajectory's last step."""
+    return backend.encode(step) + ([next(iter(backend.eos_ids))] if last else backend.encode(STOP))
+
+
 def _context(backend: TransformersBackend, steps: list[str]) -> list[int]:
-    """The verified steps as the backend appends them: ``tok(step) + tok(stop)`` each."""
-    return [t for step in steps for t in backend.encode(step) + backend.encode(STOP)]
+    """The verified steps as the backend appends them."""
+    return [t for step in steps for t in _appended(backend, step, last=False)]
 
 
 def _batched(backend: TransformersBackend, inputs: dict[str, Any], rows: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -314,7 +320,7 @@ def trajectory_sample(draft: TransformersBackend, prompt: RolloutPrompt) -> Poli
     backend appends it (each step, then its delimiter; the last ends the answer): the row of
     SAPO's anchor term, which scores every step of it in one teacher-forced forward."""
     *body, last = prompt.steps
-    ids = _context(draft, body) + draft.encode(last) + [next(iter(draft.eos_ids))]
+    ids = _context(draft, body) + _appended(draft, last, last=True)
     return PolicySample(
         prompt=draft._prompt_inputs(prompt.image, prompt.question),
         context_ids=[],
@@ -368,8 +374,7 @@ def rollout_group(
     )
     if guide:  # the target's step, tokenised as the backend appends it; the trajectory's last step ends the answer
         last = k == len(prompt.steps) - 1
-        ids = draft.encode(target_step) + ([next(iter(draft.eos_ids))] if last else draft.encode(STOP))
-        members.append((ids, target_step, last))
+        members.append((_appended(draft, target_step, last=last), target_step, last))
     needs_judge = verifier is None or verifier.needs_judge
     scores = score_steps(target, t_inputs, t_context, [text for _, text, _ in members], needs_judge)
     samples: list[PolicySample] = []

@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# an update's logged statistics before any loss is computed (and for an update that had none)
+_NO_UPDATE: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
 
 
 @dataclass
@@ -188,7 +190,7 @@ def sapo_update(
             ):
                 s.old_logprobs, s.ref_logprobs = old, r
     policy.train()
-    rec: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
+    rec = dict(_NO_UPDATE)
     for _ in range(inner_epochs):
         loss = torch.zeros(())
         if samples:
@@ -450,7 +452,7 @@ def train(
                 anchor=cfg.anchor,
             )
         else:
-            rec |= {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "distill": 0.0}
+            rec |= _NO_UPDATE
         rec |= {
             "reward": sum(m["reward"] for m in metas) / len(metas),
             "agree": sum(m["agree"] for m in metas) / len(metas),
