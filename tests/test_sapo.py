@@ -508,3 +508,22 @@ def test_anchor_term_raises_the_trajectorys_likelihood(tiny_pair) -> None:  # ty
     assert after > before
     # the logged term is the mean NLL per token of the trajectory, before the step
     assert stats["anchor_nll"] == pytest.approx(-before / len(anchor.step_ids), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"anchor": 5.0}, "both a weight"),
+        ({"anchor_puzzles": 8}, "both a weight"),
+        ({"anchor": -1.0, "anchor_puzzles": 8}, "must not be negative"),
+        ({"groups_per_step": 0}, "needs rollout groups"),
+    ],
+)
+def test_sapo_config_rejects_updates_that_would_train_nothing_or_silently_skip_a_term(
+    options: dict[str, float], message: str
+) -> None:
+    from dreamr_stream.sapo.trainer import SapoConfig
+
+    with pytest.raises(ValueError, match=message):
+        SapoConfig(**options)  # type: ignore[arg-type]
+    SapoConfig(groups_per_step=0, anchor=5.0, anchor_puzzles=16)  # the anchor alone is an update

@@ -157,6 +157,14 @@ class SapoConfig:
     seed: int = 0
     threads: int = 2
 
+    def __post_init__(self) -> None:
+        if self.anchor < 0 or self.anchor_puzzles < 0 or self.groups_per_step < 0:
+            raise ValueError("anchor, anchor_puzzles and groups_per_step must not be negative")
+        if (self.anchor > 0) != (self.anchor_puzzles > 0):
+            raise ValueError("the anchor term needs both a weight (anchor) and puzzles (anchor_puzzles)")
+        if self.groups_per_step == 0 and self.anchor == 0:
+            raise ValueError("an update needs rollout groups (groups_per_step) or the anchor term")
+
 
 def sapo_update(
     policy: torch.nn.Module,
