@@ -31,7 +31,7 @@ class MethodReport:
     acceptance: float | None
     mean_steps: float
     mean_wall_s: float
-    mean_draft_step_tokens: float | None = None
+    mean_draft_step_words: float | None = None
     wrong: list[int] = field(default_factory=list)
 
 
@@ -47,7 +47,7 @@ class JudgeReport:
 async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, start: int = 0) -> MethodReport:
     correct = judged = accepted = steps = 0
     wall = 0.0
-    draft_tokens = draft_steps = 0
+    draft_words = draft_steps = 0
     wrong = []
     for i in range(start, start + n):
         puzzle = make_puzzle(split_seed(split, i), hard=split == "hard")
@@ -64,7 +64,7 @@ async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, star
         for s in result.steps:
             if s.source.value == "draft":
                 draft_steps += 1
-                draft_tokens += len(s.text.split())
+                draft_words += len(s.text.split())
     return MethodReport(
         method=method,
         n=n,
@@ -72,7 +72,7 @@ async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, star
         acceptance=accepted / judged if judged else None,
         mean_steps=steps / n,
         mean_wall_s=wall / n,
-        mean_draft_step_tokens=draft_tokens / draft_steps if draft_steps else None,
+        mean_draft_step_words=draft_words / draft_steps if draft_steps else None,
         wrong=wrong,
     )
 
@@ -115,15 +115,17 @@ def evaluate_prefixes(
     split: Split = "test",
     n: int = 100,
     overrides: dict[str, object] | None = None,
+    target: TransformersBackend | None = None,
 ) -> dict[str, float]:
     """TBVM acceptance of the draft's greedy step at every prefix of the target's own
     trajectories on ``n`` puzzles, with the draft's and the target's mean step lengths there:
     the same prefixes for every draft, so two drafts compare step for step. TBVM as the target
-    recommends, with ``overrides`` (``mode``, ``tau``) on top."""
+    recommends, with ``overrides`` (``mode``, ``tau``) on top. ``target``: the target already
+    loaded from ``target_dir``, if it is."""
     from dreamr_stream.sapo.rollouts import TrajectoryCache
     from dreamr_stream.sapo.trainer import acceptance_at_prefixes, task_prompts
 
-    target = TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
+    target = target or TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
     draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
     recommended = VerificationConfig.recommended(target.recommended_verification)
     verifier = make_verifier(recommended.model_copy(update=overrides or {}))
@@ -151,12 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
     report: dict[str, object] = {}
     methods = [m for m in args.methods.split(",") if m]
+    loaded: TransformersBackend | None = None
     if methods or args.judge_n:
         reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
         verification = reasoner.config.verification.model_copy(update=overrides)
         config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
         draft = reasoner.draft.backend if reasoner.draft else None
         reasoner = Reasoner(reasoner.target.backend, draft, config=config)
+        if isinstance(reasoner.target.backend, TransformersBackend):
+            loaded = reasoner.target.backend
         for method in methods:
             r = evaluate_method(reasoner, method, args.split, args.n)  # type: ignore[arg-type]
             report[method] = asdict(r)
@@ -171,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
             report["judge"] = asdict(j)
             print(json.dumps(asdict(j)))
     if args.prefixes and args.draft:
-        report["prefixes"] = evaluate_prefixes(args.target, args.draft, args.split, args.prefixes, overrides)
+        report["prefixes"] = evaluate_prefixes(
+            args.target, args.draft, args.split, args.prefixes, overrides, target=loaded
+        )
         print(json.dumps(report["prefixes"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
