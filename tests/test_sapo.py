@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 
@@ -517,6 +518,8 @@ def test_anchor_term_raises_the_trajectorys_likelihood(tiny_pair) -> None:  # ty
         ({"anchor_puzzles": 8}, "both a weight"),
         ({"anchor": -1.0, "anchor_puzzles": 8}, "must not be negative"),
         ({"groups_per_step": 0}, "needs rollout groups"),
+        ({"warmup": 10, "decay": 10}, "after the warm-up"),
+        ({"decay": -1}, "after the warm-up"),
     ],
 )
 def test_sapo_config_rejects_updates_that_would_train_nothing_or_silently_skip_a_term(
@@ -527,3 +530,16 @@ def test_sapo_config_rejects_updates_that_would_train_nothing_or_silently_skip_a
     with pytest.raises(ValueError, match=message):
         SapoConfig(**options)  # type: ignore[arg-type]
     SapoConfig(groups_per_step=0, anchor=5.0, anchor_puzzles=16)  # the anchor alone is an update
+
+
+def test_learning_rate_warms_up_then_stays_or_falls_on_a_cosine() -> None:
+    from dreamr_stream.sapo.trainer import SapoConfig, lr_at
+
+    flat = SapoConfig(lr=1e-3, warmup=4)
+    assert [lr_at(flat, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    cosine = SapoConfig(lr=1e-3, warmup=4, decay=14)
+    rates = [lr_at(cosine, s) for s in range(20)]
+    assert rates[:4] == pytest.approx([lr_at(flat, s) for s in range(4)])  # the same warm-up
+    assert rates[3] == pytest.approx(1e-3) and rates[8] == pytest.approx(5e-4)  # peak, then half way down
+    assert all(a > b for a, b in itertools.pairwise(rates[3:14]))  # falling all the way
+    assert rates[13:] == pytest.approx([0.0] * 7)  # at update `decay` it is 0 and stays there

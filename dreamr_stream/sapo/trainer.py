@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -48,6 +49,7 @@ __all__ = [
     "SapoConfig",
     "acceptance_at_prefixes",
     "greedy_verdicts",
+    "lr_at",
     "sapo_update",
     "task_prompt",
     "task_prompts",
@@ -138,6 +140,9 @@ class SapoConfig:
     guide: bool = True  # the target's own step joins each group (see rollout_group)
     train_vision: bool = False  # vision tower + projector frozen (see above)
     warmup: int = 10  # updates of linear learning-rate warm-up (Adam's first steps are sign-sized)
+    # updates over which the learning rate then falls to 0 on a cosine (``lr_at``); 0 keeps it
+    # constant. Its own field, not ``steps``, so a run trained in stages keeps one schedule
+    decay: int = 0
     verify_mode: str = ""  # "judge" | "likelihood"; empty: what the target recommends
     # weight of the dense term, KL(target || draft) per token up to the first rejected one
     # (policy module docstring); 0 is step-level rewards alone
@@ -164,6 +169,23 @@ class SapoConfig:
             raise ValueError("the anchor term needs both a weight (anchor) and puzzles (anchor_puzzles)")
         if self.groups_per_step == 0 and self.anchor == 0:
             raise ValueError("an update needs rollout groups (groups_per_step) or the anchor term")
+        if self.decay < 0 or (self.decay and self.decay <= self.warmup):
+            raise ValueError("decay counts updates from the start and must end after the warm-up (or be 0)")
+
+
+def lr_at(cfg: SapoConfig, step: int) -> float:
+    """The learning rate of update ``step`` (0-based): linear warm-up to ``cfg.lr``, then constant
+    or, with ``cfg.decay``, a cosine down to 0 at update ``decay`` (and 0 after it)::
+
+        lr(s) = lr * (s + 1) / warmup                                   s < warmup
+        lr(s) = lr * (1 + cos(pi * (s + 1 - warmup) / (decay - warmup))) / 2
+    """
+    if step + 1 < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if not cfg.decay:
+        return cfg.lr
+    done = min(1.0, (step + 1 - cfg.warmup) / (cfg.decay - cfg.warmup))
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def sapo_update(
@@ -266,17 +288,29 @@ def acceptance_at_prefixes(
     target: TransformersBackend, draft: TransformersBackend, prompts: list[RolloutPrompt], verifier: Verifier
 ) -> dict[str, float]:
     """TBVM acceptance of the draft's greedy step at every prefix of the target's trajectories,
-    the mean draft step length in tokens, the target's there, and the mean excess over it."""
+    and where the draft's step length comes from. Lengths are in tokens, means over all judged
+    prefixes, so that::
+
+        step_tokens = target_step_tokens + excess_tokens - shortfall_tokens
+
+    ``excess_tokens`` is what the reward's conciseness term penalises (tokens beyond the
+    target's step), ``shortfall_tokens`` what the draft leaves out of it; ``accepted_*`` are
+    the same means over the accepted steps alone, against the target's steps there."""
     vs = greedy_verdicts(target, draft, prompts, verifier)
     n = max(1, len(vs))
     # the target's own step at the same prefixes, in the draft's tokens: the length to match
     targets = [len(draft.encode(prompts[v.prompt].steps[v.k])) for v in vs]
+    pairs = list(zip(vs, targets, strict=True))
+    accepted = [(v, t) for v, t in pairs if v.accepted]
+    m = max(1, len(accepted))
     return {
-        "acceptance": sum(v.accepted for v in vs) / n,
+        "acceptance": len(accepted) / n,
         "step_tokens": sum(v.tokens for v in vs) / n,
         "target_step_tokens": sum(targets) / n,
-        # tokens beyond the target's step: what the reward's conciseness term penalises
-        "excess_tokens": sum(max(0, v.tokens - t) for v, t in zip(vs, targets, strict=True)) / n,
+        "excess_tokens": sum(max(0, v.tokens - t) for v, t in pairs) / n,
+        "shortfall_tokens": sum(max(0, t - v.tokens) for v, t in pairs) / n,
+        "accepted_step_tokens": sum(v.tokens for v, _ in accepted) / m,
+        "accepted_target_step_tokens": sum(t for _, t in accepted) / m,
         "judged": len(vs),
     }
 
@@ -408,7 +442,7 @@ def train(
     show = sys.stderr.isatty()
     for step in range(start, cfg.steps):
         for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            g["lr"] = lr_at(cfg, step)
         t0 = time.perf_counter()
         samples: list[PolicySample] = []
         informative = tries = 0
@@ -441,7 +475,7 @@ def train(
         anchors = [trajectory_sample(draft, pool.draw(rng)) for _ in range(cfg.anchor_puzzles if cfg.anchor else 0)]
         # report the draft's own samples, not the guides
         metas = [s.meta for s in samples if not s.meta.get("guide")] or [{"reward": 0.0, "tokens": 0, "agree": False}]
-        rec: dict[str, float] = {"step": step + 1}
+        rec: dict[str, float] = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"]}
         if samples or anchors:
             rec |= sapo_update(
                 policy,
