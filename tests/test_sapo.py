@@ -350,10 +350,13 @@ def test_sapo_card_notes_come_from_the_run_folder(tmp_path) -> None:  # type: ig
     notes = sapo_notes(tmp_path, command="dreamr sapo train --out runs/x")
     assert "90% of groups are drawn at prefixes" in notes and "out of 500 train puzzles" in notes
     assert "ratio unclipped" in notes and "credited tokens" in notes and "dense term" not in notes
-    assert "anchors the draft" not in notes
+    assert "anchors the draft" not in notes and "cosine" not in notes
     (tmp_path / "config.json").write_text(json.dumps(asdict(SapoConfig(anchor=5.0, anchor_puzzles=16)), default=str))
     notes = sapo_notes(tmp_path, command="dreamr sapo train --out runs/x")
     assert "draws 16 train puzzles whose whole target trajectory anchors the draft: 5 x its mean" in notes
+    (tmp_path / "config.json").write_text(json.dumps(asdict(SapoConfig(warmup=5, decay=100)), default=str))
+    notes = sapo_notes(tmp_path, command="dreamr sapo train --out runs/x")
+    assert "warms up over 5 updates, then falls on a cosine to 0 at update 100." in notes
 
 
 def test_off_policy_guide_is_not_clipped(tiny_pair) -> None:  # type: ignore[no-untyped-def]

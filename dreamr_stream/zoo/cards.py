@@ -126,6 +126,8 @@ def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> st
         "pool",
         "anchor",
         "anchor_puzzles",
+        "warmup",
+        "decay",
         "train_vision",
     )
     chosen = {k: cfg[k] for k in keys if k in cfg}
@@ -151,6 +153,11 @@ def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> st
             f"Each update also draws {cfg['anchor_puzzles']} train puzzles whose whole target trajectory anchors the"
             f" draft: {cfg['anchor']:g} x its mean negative log-likelihood per token joins the loss (a supervised"
             " term beside the RL one, as in PPO-ptx and SRFT)."
+        )
+    if cfg.get("decay"):
+        parts.append(
+            f"The learning rate warms up over {cfg.get('warmup')} updates, then falls on a cosine to 0 at update"
+            f" {cfg['decay']}."
         )
     return (
         f"Trained from the SFT draft (`draft-sft`) with SAPO against the shipped target:\n"
