@@ -10,6 +10,7 @@ import io
 import os
 from pathlib import Path
 
+import anyio
 import pytest
 from PIL import Image
 from ws_support import serving
@@ -108,4 +109,4 @@ async def test_page_streams_verified_steps_then_the_answer(
     assert shown_answer == (expected.answer or "(no answer)")
     assert [s.strip() for s in shown_steps] == [s.text.strip() for s in expected.steps]
     assert not problems, problems
-    assert Image.open(io.BytesIO(screenshot.read_bytes())).width >= 1000
+    assert Image.open(io.BytesIO(await anyio.Path(screenshot).read_bytes())).width >= 1000
