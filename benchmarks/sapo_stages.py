@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.rollouts import RolloutPrompt, TrajectoryCache, greedy_matches
-from dreamr_stream.sapo.trainer import SapoConfig, task_prompts, train
+from dreamr_stream.sapo.trainer import task_prompts, train
 from dreamr_stream.zoo.shipped import WEIGHTS
 
 

@@ -137,8 +137,9 @@ def _sapo(args: argparse.Namespace) -> int:
 
     import anyio
 
+    from dreamr_stream.sapo.config import SapoConfig
     from dreamr_stream.sapo.rollouts import prompts_from_log
-    from dreamr_stream.sapo.trainer import SapoConfig, train
+    from dreamr_stream.sapo.trainer import train
     from dreamr_stream.zoo.shipped import demo_paths
 
     cfg = SapoConfig(**json.loads(Path(args.config).read_text())) if args.config else SapoConfig()

@@ -184,7 +184,8 @@ def test_batched_greedy_sampling_equals_the_backends_decode_loop(tiny_pair, k: i
 def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from dreamr_stream.sapo.trainer import SapoConfig, train
+    from dreamr_stream.sapo.config import SapoConfig
+    from dreamr_stream.sapo.trainer import train
     from dreamr_stream.zoo.task import Split, split_seed
 
     target, draft = tiny_pair
@@ -328,7 +329,7 @@ def test_sapo_card_notes_come_from_the_run_folder(tmp_path) -> None:  # type: ig
     import json
     from dataclasses import asdict
 
-    from dreamr_stream.sapo.trainer import SapoConfig
+    from dreamr_stream.sapo.config import SapoConfig
     from dreamr_stream.zoo.cards import sapo_notes
 
     (tmp_path / "config.json").write_text(json.dumps(asdict(SapoConfig(lr=2e-4, distill=5.0)), default=str))
@@ -528,7 +529,7 @@ def test_anchor_term_raises_the_trajectorys_likelihood(tiny_pair) -> None:  # ty
 def test_sapo_config_rejects_updates_that_would_train_nothing_or_silently_skip_a_term(
     options: dict[str, float], message: str
 ) -> None:
-    from dreamr_stream.sapo.trainer import SapoConfig
+    from dreamr_stream.sapo.config import SapoConfig
 
     with pytest.raises(ValueError, match=message):
         SapoConfig(**options)  # type: ignore[arg-type]
@@ -536,7 +537,7 @@ def test_sapo_config_rejects_updates_that_would_train_nothing_or_silently_skip_a
 
 
 def test_learning_rate_warms_up_then_stays_or_falls_on_a_cosine() -> None:
-    from dreamr_stream.sapo.trainer import SapoConfig, lr_at
+    from dreamr_stream.sapo.config import SapoConfig, lr_at
 
     flat = SapoConfig(lr=1e-3, warmup=4)
     assert [lr_at(flat, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
