@@ -342,7 +342,8 @@ def train(
             if any(abs(s.advantage) > 1e-6 for s in group):
                 samples += group
                 informative += 1
-        anchors = [trajectory_sample(draft, pool.draw(rng)) for _ in range(cfg.anchor_puzzles if cfg.anchor else 0)]
+        # SapoConfig keeps anchor_puzzles at 0 unless the anchor has a weight
+        anchors = [trajectory_sample(draft, pool.draw(rng)) for _ in range(cfg.anchor_puzzles)]
         # report the draft's own samples, not the guides
         metas = [s.meta for s in samples if not s.meta.get("guide")] or [{"reward": 0.0, "tokens": 0, "agree": False}]
         rec: dict[str, float] = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"]}
