@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
-from dreamr_stream.backends.base import ModelBackend
+from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend
 from dreamr_stream.config import ReasonerConfig, VerificationConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
@@ -60,6 +60,19 @@ def _typed_error(e: BaseException) -> DreamrError:
 T = TypeVar("T")
 
 
+def _is_url(path: str | Path) -> bool:
+    return isinstance(path, str) and path.startswith(("http://", "https://"))
+
+
+def _served(url: str, *, name: str, settings_from: str | Path | None) -> AsyncModelBackend[Any]:
+    """A backend for a model served by vLLM at ``url``."""
+    try:
+        from dreamr_vllm import VLLMBackend
+    except ImportError as e:  # httpx missing
+        raise ConfigError(f"serving {name} from {url} needs the vllm extra: pip install 'dreamr-stream[vllm]'") from e
+    return VLLMBackend.connect(url, name=name, settings_from=settings_from)
+
+
 class Reasoner:
     """Multimodal speculative reasoning over a target and a draft backend.
 
@@ -70,8 +83,8 @@ class Reasoner:
 
     def __init__(
         self,
-        target: ModelBackend[Any],
-        draft: ModelBackend[Any] | None = None,
+        target: ModelBackend[Any] | AsyncModelBackend[Any],
+        draft: ModelBackend[Any] | AsyncModelBackend[Any] | None = None,
         *,
         config: ReasonerConfig | None = None,
         store: TrajectoryStore | None = None,
@@ -101,22 +114,34 @@ class Reasoner:
         config: ReasonerConfig | None = None,
         device: str = "auto",
         draft_process: bool | None = None,
+        settings_from: str | Path | None = None,
     ) -> Reasoner:
-        """Load local model folders (no downloads) into transformers backends.
+        """Load local model folders (no downloads) into transformers backends, or reach models
+        served by vLLM: a ``target`` or ``draft`` that is a URL (``http://host:8000/v1``) is
+        driven over the server's OpenAI-compatible API (``dreamr_vllm``).
 
-        ``draft_process``: serve the draft from its own process (``ProcessBackend``), so that
+        ``draft_process``: serve a local draft from its own process (``ProcessBackend``), so that
         its calls overlap the target's instead of waiting for this process's GIL; default: on
-        when the models run on the CPU (on a GPU the lanes overlap on CUDA streams)."""
+        when the models run on the CPU (on a GPU the lanes overlap on CUDA streams).
+        ``settings_from``: a local folder whose ``dreamr.json`` (judge template, recommended
+        verification) applies to a served target (a local target folder has its own)."""
         from dreamr_stream.backends.hf import TransformersBackend, resolve_device
         from dreamr_stream.backends.process import ProcessBackend
 
         resolved = resolve_device(device)
-        separate = draft is not None and (draft_process if draft_process is not None else resolved.type == "cpu")
-        d: ModelBackend[Any] | None = None
-        if draft is not None and separate:  # starts loading in the child while the target loads here
+        local_draft = draft is not None and not _is_url(draft)
+        separate = local_draft and (draft_process if draft_process is not None else resolved.type == "cpu")
+        d: ModelBackend[Any] | AsyncModelBackend[Any] | None = None
+        if draft is not None and _is_url(draft):
+            d = _served(str(draft), name="draft", settings_from=None)
+        elif draft is not None and separate:  # starts loading in the child while the target loads here
             d = ProcessBackend.from_pretrained(draft, device=str(resolved), name="draft", wait=False)
         try:
-            t = TransformersBackend.from_pretrained(target, device=str(resolved), name="target")
+            t: Any
+            if _is_url(target):
+                t = _served(str(target), name="target", settings_from=settings_from)
+            else:
+                t = TransformersBackend.from_pretrained(target, device=str(resolved), name="target")
             if isinstance(d, ProcessBackend):
                 d.ready()
         except BaseException:
@@ -137,15 +162,23 @@ class Reasoner:
         config: ReasonerConfig | None = None,
         device: str = "cpu",
         draft_process: bool | None = None,
+        target_url: str | None = None,
+        draft_url: str | None = None,
     ) -> Reasoner:
         """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft (``sft``
         or ``sapo``; default: the SAPO draft when it ships); ``draft_process`` as in
-        ``from_pretrained``."""
+        ``from_pretrained``. ``target_url`` / ``draft_url``: the same models served by vLLM
+        (``python -m dreamr_vllm.server``), reached over HTTP."""
         from dreamr_stream.zoo.shipped import demo_paths
 
         paths = demo_paths(draft)
         return cls.from_pretrained(
-            target=paths.target, draft=paths.draft, config=config, device=device, draft_process=draft_process
+            target=target_url or paths.target,
+            draft=draft_url or paths.draft,
+            config=config,
+            device=device,
+            draft_process=draft_process,
+            settings_from=paths.target,
         )
 
     # ------------------------------------------------------------------ state

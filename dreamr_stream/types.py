@@ -57,6 +57,11 @@ class Step(_Model):
     source: StepSource
     verdict: Verdict | None = Field(default=None, description="TBVM verdict; None for target-written steps")
     rejected_draft: str | None = Field(default=None, description="the draft this step replaced, if any")
+    kept: str | None = Field(
+        default=None,
+        description="a repaired step: the start of the rejected draft that the target kept (its own greedy "
+        "prefix); the rest of the text the target wrote",
+    )
     is_final: bool = False
     elapsed_s: float = Field(default=0.0, ge=0.0, description="seconds since the request started")
 
@@ -82,6 +87,13 @@ class ReasoningStats(_Model):
     time_to_first_step_s: float | None = None
     wall_s: float = 0.0
     timeline: list[LaneSpan] = Field(default_factory=list)
+    steps_repaired: int = Field(default=0, description="target steps continued from a rejected draft's start")
+    target_alone_from: int | None = Field(
+        default=None, description="a speculative request went on with the target alone from this step"
+    )
+    target_alone_reason: str | None = Field(
+        default=None, description="why: the draft failed (its error), or the load-aware switch (the load seen)"
+    )
 
     @property
     def acceptance_rate(self) -> float | None:

@@ -1,8 +1,17 @@
-"""The ModelBackend protocol: per-request sessions that own their KV cache.
+"""The backend protocols: per-request sessions that own their model state.
 
 Text crosses the draft/target boundary, never token ids: the two models may have different
-tokenizers. Every method is synchronous and may block; the engine calls them from worker
-threads (one limiter per model), never on the event loop.
+tokenizers. Two flavours of one interface:
+
+* ``ModelBackend``: every method is synchronous and may block (a model computing in this
+  process or in a child); the engine calls them from worker threads, one call at a time per
+  model (``engine.runner``), never on the event loop;
+* ``AsyncModelBackend``: the same operations as coroutines, for a model that a server computes
+  (``dreamr_vllm``): calls from many requests run at once and the server batches them.
+
+A session's ``length`` counts whatever unit its backend rolls back by: tokens for an
+in-process model, characters for a session held on the client of a remote one. The engine only
+ever subtracts lengths of one session and passes them back to ``rollback``.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from PIL import Image
 
 from dreamr_stream.config import JudgeTemplate
 
-__all__ = ["ModelBackend", "ScoreOutput", "Session", "SessionT", "StepOutput"]
+__all__ = ["AsyncModelBackend", "ModelBackend", "ScoreOutput", "Session", "SessionT", "StepOutput"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,10 @@ class ScoreOutput:
     token_logprobs: list[float] = field(default_factory=list)  # log p(candidate token | prefix)
     n_tokens: int = 0
     forwards: int = 1
+    # the longest start of the candidate whose every token is the judging model's greedy choice
+    # (None: this backend cannot tell). A rejected step is repaired from it: the model continues
+    # its own step from there (``begin_step``), which is exactly the step it would have written.
+    agreed: str | None = None
 
 
 @runtime_checkable
@@ -53,7 +66,7 @@ class Session(Protocol):
 
     @property
     def length(self) -> int:
-        """Tokens in the cache."""
+        """Tokens in the cache (characters for a client-side session: the backend's rollback unit)."""
         ...
 
     @property
@@ -109,3 +122,43 @@ class ModelBackend(Protocol[SessionT]):
     def close(self, session: SessionT) -> None:
         """Free the session's memory."""
         ...
+
+
+@runtime_checkable
+class AsyncModelBackend(Protocol[SessionT]):
+    """A model served elsewhere: ``ModelBackend``'s operations as coroutines.
+
+    Calls may run concurrently (on different sessions); cancelling one aborts its work on the
+    server. ``budget`` is accepted for symmetry and ignored: a cancellable call needs no
+    chunking. ``close`` stays synchronous and cheap (cleanup paths call it on the event loop).
+    """
+
+    name: str
+    judge: JudgeTemplate
+
+    async def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> SessionT: ...
+
+    async def generate_step(
+        self,
+        session: SessionT,
+        *,
+        max_tokens: int,
+        stop: str,
+        temperature: float = 0.0,
+        budget: int | None = None,
+    ) -> StepOutput: ...
+
+    async def score(self, session: SessionT, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput: ...
+
+    async def append(self, session: SessionT, text: str, *, stop: str) -> int: ...
+
+    async def rollback(self, session: SessionT, n_tokens: int) -> None: ...
+
+    async def fork(self, session: SessionT) -> SessionT: ...
+
+    async def begin_step(self, session: SessionT, text: str) -> None:
+        """Start the next step with ``text`` (no delimiter); ``generate_step`` continues it and
+        returns the whole step, ``text`` included. Used to repair a rejected step."""
+        ...
+
+    def close(self, session: SessionT) -> None: ...

@@ -26,7 +26,7 @@ async def _solo(ctx: RequestContext, runner: ModelRunner, image: Any, source: St
             out = await ctx.write_step(runner, session, index=len(ctx.steps), lane=runner.name)
             await ctx.accept(out.text, source, eos=out.eos)
     finally:
-        runner.backend.close(session)
+        runner.close(session)
 
 
 async def run_target_only(ctx: RequestContext, image: Any) -> None:
@@ -60,12 +60,12 @@ async def run_sequential(ctx: RequestContext, image: Any) -> None:
                     await ctx.accept(out.text, StepSource.DRAFT, eos=out.eos, verdict=verdict)
                     continue
                 await ctx.emit(RejectedEvent(index=index, text=out.text, verdict=verdict, elapsed_s=ctx.now()))
-                await target.call(target.backend.rollback, T, score.n_tokens)
+                await target.rollback(T, score.n_tokens)
             own = await ctx.write_step(target, T, index=index, lane="target")
             await ctx.accept(own.text, StepSource.TARGET, eos=own.eos, rejected_draft=out.text)
             if not ctx.done():
-                await draft.call(draft.backend.rollback, D, D.length - before)
-                await draft.call(draft.backend.append, D, own.text, stop=delimiter)
+                await draft.rollback(D, D.length - before)
+                await draft.append(D, own.text, stop=delimiter)
     finally:
         for runner, session in zip((target, draft), sessions, strict=False):
-            runner.backend.close(session)
+            runner.close(session)

@@ -16,10 +16,15 @@ On a reject the target's step is yielded (from the fallback when it ran, else wr
 ``T`` after rolling back the candidate), the draft lane is cancelled and awaited, ``D`` is
 rolled back to the verified boundary and the target's step is appended to it; the next
 epoch begins. Greedy decisions do not depend on timing, so results are deterministic.
+
+The draft is an optimisation, not a dependency: when one of its calls fails (its process died,
+its server errors), the request goes on with the target alone from the verified prefix, says
+so once in a warning and in its stats (``target_alone_from``, ``target_alone_reason``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -32,6 +37,7 @@ from anyio.abc import TaskGroup
 from dreamr_stream.backends.base import Session
 from dreamr_stream.engine.request import RequestContext
 from dreamr_stream.engine.runner import ModelRunner, Priority
+from dreamr_stream.errors import BackendError
 from dreamr_stream.events import CacheHitEvent, DraftedEvent, RejectedEvent
 from dreamr_stream.store import Trajectory, image_png
 from dreamr_stream.types import StepSource
@@ -97,6 +103,11 @@ class _Fallback:
         self.scope.cancel()
 
 
+def _draft_failed(ctx: RequestContext, e: BackendError) -> None:
+    log.warning("the draft failed; the target goes on alone: %s", e)
+    ctx.go_alone(f"draft failed: {e}")
+
+
 async def _draft_lane(
     ctx: RequestContext,
     draft_session: Session,
@@ -107,15 +118,18 @@ async def _draft_lane(
 ) -> None:
     draft = ctx.draft
     assert draft is not None
-    async with send:
-        for index in range(start, ctx.config.generation.max_steps):
-            await permits.acquire()
-            bounds.append(draft_session.length)
-            out = await ctx.write_step(draft, draft_session, index=index, lane="draft")
-            await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
-            await send.send(_Draft(index, out.text, out.eos))
-            if ctx.is_final(out.text, out.eos):
-                return
+    async with send:  # closing it tells the verification lane that no more drafts come
+        try:
+            for index in range(start, ctx.config.generation.max_steps):
+                await permits.acquire()
+                bounds.append(draft_session.length)
+                out = await ctx.write_step(draft, draft_session, index=index, lane="draft")
+                await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
+                await send.send(_Draft(index, out.text, out.eos))
+                if ctx.is_final(out.text, out.eos):
+                    return
+        except BackendError as e:
+            _draft_failed(ctx, e)
 
 
 class _FPSR:
@@ -133,7 +147,7 @@ class _FPSR:
         """Free every fallback fork not adopted as ``T`` (their tasks have all ended)."""
         for fb in self.fallbacks:
             if fb.session is not None:
-                self.target.backend.close(fb.session)
+                self.target.close(fb.session)
                 fb.session = None
         self.fallbacks.clear()
 
@@ -144,7 +158,7 @@ class _FPSR:
         ):
             return None
         # fork in the verification lane, before anything else touches T
-        fork = await self.target.call(self.target.backend.fork, self.T, priority=Priority.FALLBACK)
+        fork = await self.target.fork(self.T, priority=Priority.FALLBACK)
         fb = _Fallback(index, session=fork)
         self.fallbacks.append(fb)  # owned by the epoch: closed there unless adopted
         tg.start_soon(fb.run, self.ctx, fork)
@@ -154,9 +168,14 @@ class _FPSR:
         if fb is not None:
             fb.cancel()
 
-    async def _target_step(self, fb: _Fallback | None, index: int, reject_tokens: int) -> tuple[str, bool]:
-        """The target's own step ``index``: from the fallback lane, else written on ``T``."""
-        if fb is not None:
+    async def _target_step(
+        self, fb: _Fallback | None, index: int, reject_tokens: int, agreed: str | None = None
+    ) -> tuple[str, bool, str | None]:
+        """The target's own step ``index`` and the part of the rejected draft it kept: from a
+        finished fallback; else repaired from the draft's agreed start (``ScoreOutput.agreed``)
+        when the backend can; else from the fallback lane; else written on ``T``."""
+        repair = agreed is not None and self.target.can_repair
+        if fb is not None and (fb.finished.is_set() or not repair):
             fb.priority = Priority.VERIFY  # now on the critical path
             await fb.finished.wait()
             if fb.failure is not None:
@@ -164,12 +183,15 @@ class _FPSR:
             assert fb.session is not None
             old, self.T = self.T, fb.session
             fb.session = None
-            self.target.backend.close(old)
-            return fb.text, fb.eos
+            self.target.close(old)
+            return fb.text, fb.eos, None
+        self._drop(fb)
         if reject_tokens:
-            await self.target.call(self.target.backend.rollback, self.T, reject_tokens)
+            await self.target.rollback(self.T, reject_tokens)
+        if repair and agreed:
+            await self.target.begin_step(self.T, agreed)
         out = await self.ctx.write_step(self.target, self.T, index=index, lane="target")
-        return out.text, out.eos
+        return out.text, out.eos, agreed if repair else None
 
     async def epoch(self) -> None:
         ctx = self.ctx
@@ -179,7 +201,7 @@ class _FPSR:
             resync = await self._lanes(start, bounds)
         finally:
             self.close_fallbacks()
-        if resync is not None and not ctx.done():
+        if resync is not None and not ctx.done() and not ctx.alone:
             await self._resync_draft(resync, bounds[len(ctx.steps) - 1 - start :])
 
     async def _lanes(self, start: int, bounds: list[int]) -> str | None:
@@ -208,15 +230,17 @@ class _FPSR:
                         continue
                     if verdict is not None:
                         await ctx.emit(RejectedEvent(index=d.index, text=d.text, verdict=verdict, elapsed_s=ctx.now()))
-                    text, eos = await self._target_step(fb, d.index, score.n_tokens if score else 0)
+                    text, eos, kept = await self._target_step(
+                        fb, d.index, score.n_tokens if score else 0, score.agreed if score else None
+                    )
                     fb = None
-                    await ctx.accept(text, StepSource.TARGET, eos=eos, rejected_draft=d.text)
+                    await ctx.accept(text, StepSource.TARGET, eos=eos, rejected_draft=d.text, kept=kept)
                     resync = text
                     break
                 else:
                     # the draft lane ended without a final verified step: the target writes one
                     if not ctx.done():
-                        text, eos = await self._target_step(fb, len(ctx.steps), 0)
+                        text, eos, _ = await self._target_step(fb, len(ctx.steps), 0)
                         fb = None
                         await ctx.accept(text, StepSource.TARGET, eos=eos)
                         resync = text
@@ -237,31 +261,37 @@ class _FPSR:
                 break
             index = len(ctx.steps)
             if ctx.cache.trust:
-                await self.target.call(self.target.backend.append, self.T, text, stop=stop)
+                await self.target.append(self.T, text, stop=stop)
                 ctx.count(self.target, 1)
                 await ctx.accept(text, StepSource.CACHE)
             else:
                 verdict, score = await ctx.judge(self.T, text, index, source=StepSource.CACHE)
                 if not verdict.accepted:
                     await ctx.emit(RejectedEvent(index=index, text=text, verdict=verdict, elapsed_s=ctx.now()))
-                    await self.target.call(self.target.backend.rollback, self.T, score.n_tokens)
+                    await self.target.rollback(self.T, score.n_tokens)
                     break
                 await ctx.accept(text, StepSource.CACHE, verdict=verdict)
             adopted.append(text)
-        if not ctx.done():
-            for text in adopted:  # the draft continues from the verified prefix
-                await draft.call(draft.backend.append, self.D, text, stop=stop)
+        try:
+            for text in adopted if not ctx.done() else []:  # the draft continues from the verified prefix
+                await draft.append(self.D, text, stop=stop)
                 ctx.count(draft, 1)
+        except BackendError as e:
+            _draft_failed(ctx, e)
 
     async def _resync_draft(self, text: str, bounds: list[int]) -> None:
         """Roll ``D`` back to the verified boundary and append the target's step."""
         ctx, draft = self.ctx, self.ctx.draft
         assert draft is not None
         drop = self.D.length - bounds[0] if bounds else 0
-        if drop:
-            await draft.call(draft.backend.rollback, self.D, drop)
-        async with ctx.span("draft", "resync", len(ctx.steps) - 1):
-            n = await draft.call(draft.backend.append, self.D, text, stop=ctx.config.generation.step_delimiter)
+        try:
+            if drop:
+                await draft.rollback(self.D, drop)
+            async with ctx.span("draft", "resync", len(ctx.steps) - 1):
+                n = await draft.append(self.D, text, stop=ctx.config.generation.step_delimiter)
+        except BackendError as e:
+            _draft_failed(ctx, e)
+            return
         ctx.count(draft, 1, n)
 
 
@@ -271,14 +301,23 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
     assert target is not None and draft is not None
     sessions: dict[str, Session] = {}
 
-    async def open_one(runner: ModelRunner) -> None:
-        sessions[runner.name] = await ctx.open(runner, image)
+    async def open_target() -> None:
+        sessions["target"] = await ctx.open(target, image)
+
+    async def open_draft() -> None:
+        try:
+            sessions["draft"] = await ctx.open(draft, image)
+        except BackendError as e:
+            _draft_failed(ctx, e)
 
     try:
         async with anyio.create_task_group() as tg:  # prefill both models at once
-            tg.start_soon(open_one, target)
-            tg.start_soon(open_one, draft)
-        run = _FPSR(ctx, sessions.pop(target.name), sessions.pop(draft.name))
+            tg.start_soon(open_target)
+            tg.start_soon(open_draft)
+        if "draft" not in sessions:
+            await ctx.target_alone(sessions["target"])
+            return
+        run = _FPSR(ctx, sessions.pop("target"), sessions.pop("draft"))
         try:
             if ctx.cache is not None:
                 hit = await ctx.cache.store.get(ctx.cache.key, timeout_s=ctx.cache.timeout_s)
@@ -286,16 +325,21 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
                     await ctx.emit(CacheHitEvent(steps=len(hit.steps), elapsed_s=ctx.now()))
                     await run.replay(list(hit.steps))
             while not ctx.done():
-                await run.epoch()
+                if ctx.alone:
+                    await ctx.target_alone(run.T)
+                else:
+                    await run.epoch()
             if inspect is not None:
                 inspect(run.T, run.D)
         finally:
-            target.backend.close(run.T)  # T may be an adopted fallback fork by now
-            draft.backend.close(run.D)
+            target.close(run.T)  # T may be an adopted fallback fork by now
+            with contextlib.suppress(BackendError):  # a failed draft may fail to free, too
+                draft.close(run.D)
     finally:
-        for name, runner in ((target.name, target), (draft.name, draft)):
+        for name, runner in (("target", target), ("draft", draft)):
             if name in sessions:
-                runner.backend.close(sessions[name])
+                with contextlib.suppress(BackendError):
+                    runner.close(sessions[name])
         if ctx.cache is not None and ctx.cache.entries:
             with anyio.CancelScope(shield=True):  # a cancelled request still logs what it verified
                 await ctx.cache.store.append_log(ctx.cache.entries, timeout_s=ctx.cache.timeout_s)

@@ -77,6 +77,9 @@ class RequestContext:
             "draft_tokens": 0,
         }
         self.first_step_s: float | None = None
+        # speculation stopped (draft failure, load): from which step, and why
+        self.alone_from: int | None = None
+        self.alone_reason: str | None = None
 
     # ------------------------------------------------------------------ time and events
     def now(self) -> float:
@@ -101,8 +104,8 @@ class RequestContext:
 
     async def open(self, runner: ModelRunner, image: Any, priority: int = 0) -> Session:
         async with self.span(runner.name, "prefill", 0):
-            session = await runner.call(
-                runner.backend.open_session, image, self.question, seed=self.config.generation.seed, priority=priority
+            session = await runner.open_session(
+                image, self.question, seed=self.config.generation.seed, priority=priority
             )
         self.count(runner, 1)
         return session
@@ -126,8 +129,7 @@ class RequestContext:
         budget = chunk or DRAFT_CHUNK_TOKENS
         async with self.span(lane, "write", index):
             while True:
-                out = await runner.call(
-                    runner.backend.generate_step,
+                out = await runner.generate_step(
                     session,
                     max_tokens=gen.max_step_tokens,
                     stop=gen.step_delimiter,
@@ -147,9 +149,7 @@ class RequestContext:
         if self.verifier.needs_judge:
             judge = self.config.verification.judge or self.target.backend.judge
         async with self.span("verify", "judge", index):
-            score = await self.target.call(
-                self.target.backend.score, session, text, stop=self.config.generation.step_delimiter, judge=judge
-            )
+            score = await self.target.score(session, text, stop=self.config.generation.step_delimiter, judge=judge)
         self.count(self.target, score.forwards)
         verdict = self.verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
         if source is StepSource.DRAFT:  # acceptance rate is about the draft model's steps
@@ -170,6 +170,22 @@ class RequestContext:
             )
         return verdict, score
 
+    def go_alone(self, reason: str) -> None:
+        """The rest of this request is written by the target alone (said once, in the stats)."""
+        if self.alone_from is None:
+            self.alone_from, self.alone_reason = len(self.steps), reason
+
+    @property
+    def alone(self) -> bool:
+        return self.alone_from is not None
+
+    async def target_alone(self, session: Session) -> None:
+        """Write the remaining steps with the target alone on ``session``."""
+        assert self.target is not None
+        while not self.done():
+            out = await self.write_step(self.target, session, index=len(self.steps), lane="target")
+            await self.accept(out.text, StepSource.TARGET, eos=out.eos)
+
     # ------------------------------------------------------------------ steps
     def is_final(self, text: str, eos: bool) -> bool:
         return eos or text.lstrip().startswith(self.config.generation.answer_prefix)
@@ -185,6 +201,7 @@ class RequestContext:
         eos: bool = False,
         verdict: Verdict | None = None,
         rejected_draft: str | None = None,
+        kept: str | None = None,
     ) -> Step:
         elapsed = self.now()
         step = Step(
@@ -193,6 +210,7 @@ class RequestContext:
             source=source,
             verdict=verdict,
             rejected_draft=rejected_draft,
+            kept=kept,
             is_final=self.is_final(text, eos),
             elapsed_s=elapsed,
         )
@@ -226,6 +244,9 @@ class RequestContext:
             time_to_first_step_s=self.first_step_s,
             wall_s=self.now(),
             timeline=sorted(self.timeline, key=lambda s: s.start_s),
+            steps_repaired=sum(s.kept is not None for s in self.steps),
+            target_alone_from=self.alone_from,
+            target_alone_reason=self.alone_reason,
         )
         final = self.steps[-1].text if self.steps else ""
         return ReasoningResult(

@@ -1,22 +1,31 @@
-"""Run blocking model calls off the event loop: one priority lock per model.
+"""The engine's one async interface to a model, whatever serves it.
 
-Every model call goes through ``ModelRunner.call``: it waits for the model's lock (lower
-``priority`` value first, FIFO within a priority), then runs in a worker thread. Calls are short
-(one step chunk, one scoring forward), so a cancelled request stops within one call, and
-verification (priority 0) overtakes a speculative fallback (priority 1) at the next call.
-A runner may fix its model's intra-op threads for every call (``engine.threads``).
+``ModelRunner`` offers the backend operations as coroutines (``open_session``, ``generate_step``,
+``score``, ``append``, ``rollback``, ``fork``, ``close``) and hides how the model is reached:
+
+* a blocking, in-process backend (``ModelBackend``: transformers, a child process) computes one
+  call at a time: every call waits for the model's lock (lower ``priority`` value first, FIFO
+  within a priority), then runs in a worker thread. Calls are short (one step chunk, one scoring
+  forward), so a cancelled request stops within one call, and verification (priority 0)
+  overtakes a speculative fallback (priority 1) at the next call. A runner may fix its model's
+  intra-op threads for every call (``engine.threads``);
+* an async backend (``AsyncModelBackend``: a model behind a serving engine such as vLLM) is
+  awaited directly, with no lock: the server batches concurrent calls, which is the point of
+  serving there, and cancelling a call closes its connection, so the server stops at once.
 """
 
 from __future__ import annotations
 
 import heapq
+import inspect
 import itertools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 
-from dreamr_stream.backends.base import ModelBackend
+from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend, ScoreOutput, Session, StepOutput
+from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.engine.threads import CpuThreaded
 
 __all__ = ["ModelRunner", "Priority", "PriorityLock"]
@@ -69,9 +78,14 @@ class PriorityLock:
 class ModelRunner:
     """A backend plus its lock and counters; shared by every request on that model."""
 
-    def __init__(self, backend: ModelBackend[Any], name: str, threads: int | None = None) -> None:
+    def __init__(
+        self, backend: ModelBackend[Any] | AsyncModelBackend[Any], name: str, threads: int | None = None
+    ) -> None:
         self.backend = backend
         self.name = name
+        # an async backend is awaited as it is; a blocking one goes through ``call`` (the two
+        # protocols have the same attribute names, so ask the method itself)
+        self.concurrent = inspect.iscoroutinefunction(backend.generate_step)
         # intra-op threads of every call (None: as the thread has them); only a backend that
         # can set them takes them
         self.threads = threads if isinstance(backend, CpuThreaded) else None
@@ -99,3 +113,66 @@ class ModelRunner:
                 self.in_flight -= 1
         finally:
             self.lock.release()
+
+    async def _op(self, op: str, *args: Any, priority: int = 0, **kwargs: Any) -> Any:
+        fn = getattr(self.backend, op)
+        if not self.concurrent:
+            return await self.call(fn, *args, priority=priority, **kwargs)
+        self.in_flight += 1
+        self.calls += 1
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            self.in_flight -= 1
+
+    # ------------------------------------------------------------------ the backend operations
+    async def open_session(self, image: Any, question: str, *, seed: int = 0, priority: int = 0) -> Session:
+        return await self._op("open_session", image, question, seed=seed, priority=priority)  # type: ignore[no-any-return]
+
+    async def generate_step(
+        self,
+        session: Session,
+        *,
+        max_tokens: int,
+        stop: str,
+        temperature: float = 0.0,
+        budget: int | None = None,
+        priority: int = 0,
+    ) -> StepOutput:
+        if self.concurrent:  # a cancellable call needs no chunking: one call writes the whole step
+            budget = None
+        return await self._op(  # type: ignore[no-any-return]
+            "generate_step",
+            session,
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=temperature,
+            budget=budget,
+            priority=priority,
+        )
+
+    async def score(
+        self, session: Session, text: str, *, stop: str, judge: JudgeTemplate | None, priority: int = 0
+    ) -> ScoreOutput:
+        return await self._op("score", session, text, stop=stop, judge=judge, priority=priority)  # type: ignore[no-any-return]
+
+    async def append(self, session: Session, text: str, *, stop: str, priority: int = 0) -> int:
+        return await self._op("append", session, text, stop=stop, priority=priority)  # type: ignore[no-any-return]
+
+    async def rollback(self, session: Session, n_tokens: int, *, priority: int = 0) -> None:
+        await self._op("rollback", session, n_tokens, priority=priority)
+
+    async def fork(self, session: Session, *, priority: int = 0) -> Session:
+        return await self._op("fork", session, priority=priority)  # type: ignore[no-any-return]
+
+    @property
+    def can_repair(self) -> bool:
+        """The backend can start a step from a given text (``begin_step``)."""
+        return hasattr(self.backend, "begin_step")
+
+    async def begin_step(self, session: Session, text: str, *, priority: int = 0) -> None:
+        await self._op("begin_step", session, text, priority=priority)
+
+    def close(self, session: Session) -> None:
+        """Free a session (never blocks: called from cleanup paths on the event loop)."""
+        self.backend.close(session)

@@ -1,0 +1,15 @@
+"""FPSR over models served by vLLM: an async backend for its OpenAI-compatible API, and a
+launcher for a local server.
+
+    from dreamr_stream import Reasoner
+    reasoner = Reasoner.from_pretrained(target="http://127.0.0.1:8000/v1", draft="path/to/draft")
+
+The target (or the draft, or both) is reached over HTTP; the server batches the calls of every
+request (continuous batching). Needs the ``vllm`` extra (``httpx``) on the client side; the
+server is vLLM itself, in its own environment (``dreamr_vllm.server.ensure_venv``).
+"""
+
+from dreamr_vllm.backend import VLLMBackend, VLLMError, VLLMSession
+from dreamr_vllm.server import VLLMServer, VLLMServerError, ensure_venv
+
+__all__ = ["VLLMBackend", "VLLMError", "VLLMServer", "VLLMServerError", "VLLMSession", "ensure_venv"]
