@@ -154,7 +154,7 @@ async def storm_client(url: str, index: int, bank: list[Puzzle]) -> str:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]  # other processes on the machine skew the latencies
     t0 = time.perf_counter()
-    reasoner = Reasoner.demo()
+    reasoner = Reasoner.demo(target_url=args.target_url)
     load_s = time.perf_counter() - t0
     bank = puzzles(args.puzzles)
     no_cache = reasoner.config.model_copy(update={"cache": CacheConfig(enabled=False)})
@@ -244,10 +244,12 @@ def to_markdown(r: dict[str, Any]) -> str:
         v == 0 for k, v in st["after"].items() if k in ("active_requests", "queued", "engine_requests", "in_flight")
     )
     lines = [
-        "# `dreamr serve` under load (demo models, loopback)",
+        "# `dreamr serve` under load (demo models, loopback"
+        + (", the target served by vLLM)" if a.get("target_url") else ")"),
         "",
         f"`python benchmarks/ws_load.py --clients {a['clients']} --requests {a['requests']} --puzzles {a['puzzles']} "
-        f"--storm {a['storm']} --max-active {a['max_active']}` on {r['machine']}; models loaded in "
+        f"--storm {a['storm']} --max-active {a['max_active']}"
+        f"{' --target-url ' + a['target_url'] if a.get('target_url') else ''}` on {r['machine']}; models loaded in "
         f"{r['model_load_s']:.1f} s; 1-minute load average before the run {r['loadavg_before']:.2f}"
         f"{' (another process was using the CPUs: latencies are pessimistic)' if r['loadavg_before'] > 0.5 else ''}. "
         "Every request runs with the trajectory cache off (full model work).",
@@ -306,6 +308,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-active", type=int, default=4)
     ap.add_argument("--max-waiting", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ws_load.md"))
+    ap.add_argument("--target-url", help="the demo target served by vLLM (python -m dreamr_vllm.server)")
     arguments = ap.parse_args()
     result = asyncio.run(main(arguments))
     arguments.out.write_text(to_markdown(result))

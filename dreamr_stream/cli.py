@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from dreamr_stream.reasoner import Reasoner
+
+__all__ = ["load_reasoner", "main"]
 
 
 def _quiet_libraries() -> None:
@@ -23,6 +28,36 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.disable_progress_bar()  # no "Loading weights" bars in a CLI
+
+
+def load_reasoner(args: argparse.Namespace) -> Reasoner:
+    """The Reasoner the model flags describe: local folders, served models (``--target-url``,
+    ``--draft-url``: vLLM's OpenAI-compatible API), or the shipped demo."""
+    from dreamr_stream.reasoner import Reasoner
+
+    target_url, draft_url = getattr(args, "target_url", None), getattr(args, "draft_url", None)
+    if args.target or (draft_url and not target_url):
+        from dreamr_stream.zoo.shipped import demo_paths
+
+        target = target_url or args.target or demo_paths(args.demo_draft).target
+        settings = args.target if target_url and args.target else None
+        return Reasoner.from_pretrained(
+            target=target, draft=draft_url or args.draft, device=args.device, settings_from=settings
+        )
+    return Reasoner.demo(draft=args.demo_draft, device=args.device, target_url=target_url, draft_url=draft_url)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="local target model folder (default: shipped demo)")
+    p.add_argument("--draft", help="local draft model folder")
+    p.add_argument("--demo-draft", help="which shipped draft the demo uses (default: sapo if shipped, else sft)")
+    p.add_argument(
+        "--target-url",
+        help="the target served by vLLM (http://host:8000/v1); --target then names a local folder whose "
+        "dreamr.json (judge, recommended verification) applies to it",
+    )
+    p.add_argument("--draft-url", help="the draft served by vLLM")
+    p.add_argument("--device", default="cpu")
 
 
 def _reason(args: argparse.Namespace) -> int:
@@ -39,7 +74,6 @@ def _reason(args: argparse.Namespace) -> int:
         RejectedEvent,
         VerifiedEvent,
     )
-    from dreamr_stream.reasoner import Reasoner
     from dreamr_stream.zoo.task import make_puzzle, split_seed
 
     console = Console(highlight=False)
@@ -60,10 +94,7 @@ def _reason(args: argparse.Namespace) -> int:
             return 2
     t0 = time.perf_counter()
     try:
-        if args.target:
-            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device=args.device)
-        else:
-            reasoner = Reasoner.demo(draft=args.demo_draft, device=args.device)
+        reasoner = load_reasoner(args)
         # the target's recommended verification (dreamr.json), then the flags given
         flags = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
         reasoner.config = ReasonerConfig(
@@ -167,7 +198,46 @@ def _sapo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_served(args: argparse.Namespace) -> int:
+    """``dreamr bench --target-url``: FPSR over the served target against it alone."""
+    import anyio
+
+    from dreamr_stream.config import CacheConfig
+
+    try:
+        from dreamr_vllm.bench import run_levels, to_markdown
+    except ImportError as e:
+        print(f"--target-url needs the vllm extra: pip install 'dreamr-stream[vllm]' ({e})", file=sys.stderr)
+        return 2
+    reasoner = load_reasoner(args)
+    # every request does its full model work: no trajectory cache (the rounds repeat puzzles)
+    config = reasoner.config.model_copy(update={"cache": CacheConfig(enabled=False)})
+    if args.tau is not None:
+        config = config.model_copy(update={"verification": config.verification.model_copy(update={"tau": args.tau})})
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    rows = anyio.run(
+        lambda: run_levels(
+            {"target_only": reasoner, "fpsr": reasoner},
+            config,
+            puzzles=args.n,
+            concurrency=concurrency,
+            rounds=args.rounds,
+        )
+    )
+    meta = {"command": "dreamr bench " + " ".join(sys.argv[2:]), "when": time.strftime("%Y-%m-%d")}
+    meta |= {"machine": f"{os.cpu_count()} cores", "puzzles": args.n, "rounds": args.rounds}
+    table = to_markdown(rows, meta)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_served.md").write_text(table)
+        (Path(args.out) / "bench_served.json").write_text(json.dumps({"meta": meta, "levels": rows}, indent=2))
+    print(table)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.target_url:
+        return _bench_served(args)
     import torch
     from rich.progress import Progress
 
@@ -225,10 +295,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--send-timeout", type=float, default=10.0, help="abort a client that stops reading (s)")
     s.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")
     s.add_argument("--max-steps", type=int, default=24)
-    s.add_argument("--target", help="local target model folder (default: shipped demo)")
-    s.add_argument("--draft", help="local draft model folder")
-    s.add_argument("--demo-draft", help="which shipped draft the demo uses (default: sapo if shipped, else sft)")
-    s.add_argument("--device", default="cpu")
+    _add_model_flags(s)
     s.add_argument("--print-schema", action="store_true", help="print the protocol's JSON Schema and exit")
     s.set_defaults(fn=_serve)
 
@@ -251,10 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lookahead", type=int, default=2)
     r.add_argument("--fallback", default="auto", choices=["on", "off", "auto"])
     r.add_argument("--max-steps", type=int, default=24)
-    r.add_argument("--target", help="local target model folder (default: shipped demo)")
-    r.add_argument("--draft", help="local draft model folder")
-    r.add_argument("--demo-draft", help="which shipped draft the demo uses (default: sapo if shipped, else sft)")
-    r.add_argument("--device", default="cpu")
+    _add_model_flags(r)
     r.set_defaults(fn=_reason)
 
     s = sub.add_parser("sapo", help="train the draft with SAPO (RL towards the target)")
@@ -280,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sapo", help="SAPO draft folder (default: shipped, if any)")
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--tag", help="file name tag (default: the device)")
+    b.add_argument("--target-url", help="bench FPSR over this served target (vLLM) against it alone")
+    b.add_argument("--draft-url", help="with --target-url: the draft served by vLLM too")
+    b.add_argument("--demo-draft", help="with --target-url: which shipped draft (default: sapo if shipped)")
+    b.add_argument("--concurrency", default="1", help="with --target-url: requests in flight, e.g. 1,16")
+    b.add_argument("--rounds", type=int, default=2, help="with --target-url: rounds per method and load")
     b.set_defaults(fn=_bench)
 
     _add_serve(sub)

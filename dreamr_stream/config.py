@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dreamr_stream.errors import ConfigError
 
 __all__ = [
+    "SERVED_TARGET_SPECULATING",
     "CacheConfig",
     "GenerationConfig",
     "InputLimits",
@@ -76,12 +77,32 @@ class VerificationConfig(_Config):
         return v
 
 
+# A served target batches requests, so under load its own decoding is cheap per request, while
+# a draft computing in one process serves requests one call at a time and each speculative step
+# costs the server a verification request: beyond a couple of requests in flight the target
+# alone is faster (benchmarks/results/vllm_load.md measures where, on a 2-core CPU).
+SERVED_TARGET_SPECULATING = 2
+
+
 class SchedulingConfig(_Config):
     lookahead: int = Field(default=2, ge=1, le=16, description="draft steps allowed ahead of the last verified one")
     fallback: Literal["on", "off", "auto"] = Field(
         default="auto", description="write the target's own step in parallel with verification"
     )
     fallback_chunk_tokens: int = Field(default=4, ge=1, le=256, description="target tokens per fallback model call")
+    max_speculating: int | Literal["auto"] | None = Field(
+        default="auto",
+        description="load-aware switch: an FPSR request that starts while more than this many requests are in "
+        "flight on the Reasoner (itself included) is written by the target alone (None: no limit; auto: no limit "
+        "for a target computing in this process, SERVED_TARGET_SPECULATING for a served one)",
+    )
+
+    @field_validator("max_speculating")
+    @classmethod
+    def _positive(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("max_speculating must be >= 1, 'auto' or None")
+        return v
 
 
 class CacheConfig(_Config):

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 
 from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend
-from dreamr_stream.config import ReasonerConfig, VerificationConfig
+from dreamr_stream.config import SERVED_TARGET_SPECULATING, ReasonerConfig, VerificationConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
 from dreamr_stream.engine.request import CacheContext, RequestContext
@@ -103,6 +103,7 @@ class Reasoner:
         self._loop: asyncio.AbstractEventLoop | None = None  # for sync invoke, started on first use
         self._loop_lock = threading.Lock()
         self.active_requests = 0
+        self.speculating = 0  # FPSR requests speculating now
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -186,6 +187,12 @@ class Reasoner:
     def in_flight(self) -> int:
         """Model calls running in worker threads right now (all requests)."""
         return self.target.in_flight + (self.draft.in_flight if self.draft else 0)
+
+    def _speculation_limit(self, config: ReasonerConfig) -> int | None:
+        limit = config.scheduling.max_speculating
+        if limit != "auto":
+            return limit
+        return SERVED_TARGET_SPECULATING if self.target.concurrent else None
 
     def _verifier(self, config: ReasonerConfig) -> Verifier:
         return make_verifier(config.verification)
@@ -322,6 +329,11 @@ class Reasoner:
                     cache=cache,
                 )
                 await emit(StartedEvent(question=text, method=method))
+                limit = self._speculation_limit(cfg)
+                speculate = method == "fpsr" and (limit is None or self.active_requests <= limit)
+                if method == "fpsr" and not speculate:
+                    ctx.go_alone(f"load: {self.active_requests} requests in flight (max_speculating {limit})")
+                self.speculating += speculate
                 try:
                     if method == "fpsr":
                         await run_fpsr(ctx, pil, inspect=inspect)
@@ -334,6 +346,8 @@ class Reasoner:
                         (FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error)
                     )
                     return
+                finally:
+                    self.speculating -= speculate
                 await emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
 
         # The request runs in its own task, not in a task group spanning our yields: a consumer

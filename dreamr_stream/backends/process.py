@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import pickle
 import socket
 import subprocess
@@ -202,6 +203,14 @@ class ProcessBackend:
         self._cpu_threads: int = info["cpu_threads"]
         self._ready = True
         return self
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def pin(self, cpus: set[int]) -> None:
+        """Run the child on these cores only (e.g. the ones a local model server leaves free)."""
+        os.sched_setaffinity(self._proc.pid, cpus)
 
     @classmethod
     def from_pretrained(

@@ -313,7 +313,8 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
     try:
         async with anyio.create_task_group() as tg:  # prefill both models at once
             tg.start_soon(open_target)
-            tg.start_soon(open_draft)
+            if not ctx.alone:  # the load-aware switch may have sent this request to the target alone
+                tg.start_soon(open_draft)
         if "draft" not in sessions:
             await ctx.target_alone(sessions["target"])
             return

@@ -203,3 +203,37 @@ class VLLMServer:
 
     def __exit__(self, *exc: object | TracebackType) -> None:
         self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dreamr_vllm.server``: serve a local model folder on a local vLLM (CPU build),
+    building its venv first when needed; runs until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", help="model folder (default: the shipped demo target)")
+    parser.add_argument("--name", default="target", help="served model name")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--cpus", help="pin the server to these cores, e.g. 0 (leave the draft the others)")
+    parser.add_argument("--venv", default=".venv-vllm", help="the server's venv (built once)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.model is None:
+        from dreamr_stream.zoo.shipped import demo_paths
+
+        args.model = demo_paths().target
+    cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else None
+    server = VLLMServer(ensure_venv(args.venv), args.model, name=args.name, port=args.port, cpus=cpus)
+    log.info("starting vLLM on %s (%s), about 2 minutes on a small CPU ...", server.url, " ".join(server.command()))
+    with server:
+        log.info("ready: %s  (Ctrl-C stops it)", server.url)
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

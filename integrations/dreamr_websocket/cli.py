@@ -43,7 +43,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from dreamr_stream.reasoner import Reasoner
+    from dreamr_stream.cli import load_reasoner
     from dreamr_websocket.protocol import protocol_schema
     from dreamr_websocket.server import DreamrServer, run
 
@@ -54,10 +54,7 @@ def serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         token = settings.token
         t0 = time.perf_counter()
-        if args.target:
-            reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device=args.device)
-        else:
-            reasoner = Reasoner.demo(draft=args.demo_draft, device=args.device)
+        reasoner = load_reasoner(args)
         # start from what the target recommends (dreamr.json), then apply the flags given
         base = reasoner.config
         verification = base.verification if args.tau is None else base.verification.model_copy(update={"tau": args.tau})

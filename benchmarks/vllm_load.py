@@ -1,0 +1,123 @@
+"""FPSR over vLLM against vLLM serving the target alone: single requests and concurrent load.
+
+    python benchmarks/vllm_load.py [--puzzles 16] [--concurrency 1,4,16] [--rounds 2]
+                                   [--url http://127.0.0.1:8000/v1] [--venv .venv-vllm]
+                                   [--out benchmarks/results/vllm_load]
+
+Without ``--url`` it starts the shipped demo target on a local vLLM server (``dreamr_vllm.server``,
+its venv built once). Both methods use that one server with its default threads, which is what
+a user who runs vLLM alone would have; FPSR's draft (the shipped SAPO draft) computes in its own
+process on one intra-op thread. What is measured and reported: ``dreamr_vllm.bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from dreamr_vllm.bench import run_levels, to_markdown
+
+from dreamr_stream.backends.process import ProcessBackend
+from dreamr_stream.config import CacheConfig
+from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.zoo.shipped import demo_paths
+
+
+def _start(args: argparse.Namespace, cpus: list[int] | None, log: str | None) -> Any:
+    from dreamr_vllm.server import VLLMServer, ensure_venv
+
+    server = VLLMServer(ensure_venv(args.venv), demo_paths().target, name="target", cpus=cpus, log_path=log)
+    t0 = time.perf_counter()
+    server.start()
+    print(f"vLLM server (cpus {cpus or 'vLLM default'}) ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    return server
+
+
+async def _main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    servers = []
+    try:
+        if args.url is None:
+            servers.append(await anyio.to_thread.run_sync(_start, args, None, args.server_log))
+            args.url = servers[-1].url
+        if args.fpsr_url is None and args.server_cpus:
+            servers.append(await anyio.to_thread.run_sync(_start, args, args.server_cpus, args.server_log))
+            args.fpsr_url = servers[-1].url
+        fpsr = Reasoner.demo(target_url=args.fpsr_url or args.url)
+        if args.draft_cpus and isinstance(fpsr.draft.backend if fpsr.draft else None, ProcessBackend):
+            fpsr.draft.backend.pin(set(args.draft_cpus))  # type: ignore[union-attr]
+            if args.draft_nice:
+                os.setpriority(os.PRIO_PROCESS, fpsr.draft.backend.pid, args.draft_nice)  # type: ignore[union-attr]
+        alone = Reasoner.demo(target_url=args.url) if args.fpsr_url else fpsr
+        reasoners: dict[str, Reasoner] = {"target_only": alone, "fpsr": fpsr}
+        # every request does its full model work: no trajectory cache (puzzles repeat across rounds)
+        scheduling = fpsr.config.scheduling.model_copy(
+            update={"max_speculating": args.max_speculating, "fallback": args.fallback}
+        )
+        config = fpsr.config.model_copy(update={"cache": CacheConfig(enabled=False), "scheduling": scheduling})
+        rows = await run_levels(
+            reasoners,
+            config,
+            puzzles=args.puzzles,
+            concurrency=args.concurrency,
+            rounds=args.rounds,
+            seed0=args.seed0,
+            report=lambda row: print(json.dumps(row), flush=True),
+        )
+    finally:
+        for server in servers:
+            server.stop()
+    meta = {
+        "command": "python benchmarks/vllm_load.py " + " ".join(args.argv),
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+        "puzzles": args.puzzles,
+        "rounds": args.rounds,
+        "max_speculating": args.max_speculating,
+        "fallback": args.fallback,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "levels": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(rows, meta))
+    print(to_markdown(rows, meta))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main() -> None:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--puzzles", type=int, default=16)
+    parser.add_argument("--seed0", type=int, default=0, help="first test-split puzzle (dreamr bench's are 0..n-1)")
+    parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--fallback", choices=["auto", "on", "off"], default="auto", help="FPSR's target lane")
+    parser.add_argument("--url", default=None, help="a running server for vLLM alone (default: start one)")
+    parser.add_argument("--fpsr-url", default=None, help="FPSR's server (default: the same, or one on --server-cpus)")
+    parser.add_argument("--server-cpus", type=_ints, default=None, help="start FPSR's server pinned to these cores")
+    parser.add_argument("--draft-cpus", type=_ints, default=None, help="pin FPSR's draft process to these cores")
+    parser.add_argument("--draft-nice", type=int, default=0, help="scheduling priority of FPSR's draft process")
+    parser.add_argument(
+        "--max-speculating", type=lambda s: None if s == "none" else s if s == "auto" else int(s), default="auto"
+    )
+    parser.add_argument("--venv", default=".venv-vllm", help="where the server's venv is (built once)")
+    parser.add_argument("--server-log", default=None)
+    parser.add_argument("--out", default="benchmarks/results/vllm_load")
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    anyio.run(_main, args)
+
+
+if __name__ == "__main__":
+    main()
