@@ -82,12 +82,22 @@ async def _main(args: argparse.Namespace) -> None:
         "rounds": args.rounds,
         "max_speculating": args.max_speculating,
         "fallback": args.fallback,
+        "setup": _setup(args),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "levels": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(rows, meta))
     print(to_markdown(rows, meta))
+
+
+def _setup(args: argparse.Namespace) -> str:
+    alone = "vLLM alone: a server with vLLM's default thread binding"
+    if args.fpsr_url is None:
+        return f"{alone}; FPSR over the same server, its draft in its own process, one thread, unpinned."
+    where = f"cores {args.server_cpus}" if args.server_cpus else f"{args.fpsr_url}, pinned to one core"
+    draft = f"pinned to cores {args.draft_cpus}" if args.draft_cpus else "unpinned"
+    return f"{alone}; FPSR over a second server ({where}), its draft in its own process, one thread, {draft}."
 
 
 def _ints(text: str) -> list[int]:

@@ -96,13 +96,14 @@ class ModelRunner:
     async def call(self, fn: Callable[..., T], *args: Any, priority: int = 0, **kwargs: Any) -> T:
         await self.lock.acquire(priority)
         threads = self.threads
+        threaded = self.backend if isinstance(self.backend, CpuThreaded) else None
         try:
             self.in_flight += 1
             self.calls += 1
 
             def run() -> T:
-                if threads is not None:  # in the worker thread: OpenMP's thread count is per thread
-                    self.backend.use_threads(threads)  # type: ignore[attr-defined]
+                if threads is not None and threaded is not None:  # in the worker thread: OpenMP's count is per thread
+                    threaded.use_threads(threads)
                 return fn(*args, **kwargs)
 
             try:

@@ -1,4 +1,4 @@
-"""FPSR over a served target against the same server alone, on demo puzzles, at given loads.
+"""FPSR over a served target against the target served alone, on demo puzzles, at given loads.
 
 Per concurrency level ``C``, each round runs every puzzle once per method with ``C`` requests
 in flight (a semaphore); methods alternate round by round so that drift hits both. Reported per
@@ -94,10 +94,10 @@ def _summary(level: Level, n: int) -> dict[str, Any]:
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        "# FPSR over vLLM vs vLLM alone (the same server)",
+        "# FPSR over vLLM vs vLLM alone",
         "",
         f"`{meta['command']}`, {meta['when']}, {meta['machine']}; {meta['puzzles']} test puzzles, "
-        f"{meta['rounds']} rounds per method, methods alternating.",
+        f"{meta['rounds']} rounds per method, methods alternating. {meta.get('setup', '')}".rstrip(),
         "",
         "| requests in flight | vLLM alone req/s | FPSR over vLLM req/s | throughput ratio | median latency ratio "
         "| accuracy (alone / FPSR) | acceptance | repaired steps per request | sent to target alone |",

@@ -143,18 +143,16 @@ class VLLMServer:
             return self
         if not (self.model / "config.json").exists():
             raise VLLMServerError(f"no model folder at {self.model}")
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         cpus = self.cpus
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.environment(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() ends the engine core too
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
-        if out is not subprocess.DEVNULL:
-            out.close()
+        with open(self.log_path or os.devnull, "ab") as out:  # the child keeps its own handle
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() ends the engine core too
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+            )
         try:
             self.wait_ready()
         except BaseException:
