@@ -1,10 +1,13 @@
-"""A scripted fake ModelBackend for fast, deterministic engine tests (no torch).
+"""Scripted fake backends for fast, deterministic engine tests (no torch).
 
 A ``ScriptedBackend`` "writes" whatever ``policy(question, prefix_steps)`` returns, one word
 per token, and judges a candidate with ``judge_fn(question, prefix_steps, candidate)`` (by
 default: positive when the candidate equals what this backend would write itself). Tokens are
 words, so rollbacks and forks have real, checkable token arithmetic. ``token_delay_s`` makes
 each decoded token sleep (in the worker thread), to exercise overlap and cancellation.
+``AsyncScriptedBackend`` is the same model behind the ``AsyncModelBackend`` protocol, as a
+served model is: calls run concurrently, a token's delay is a cancellable ``anyio.sleep``, and
+scoring reports the candidate's agreed start, so that rejected steps are repaired.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import anyio
 from PIL import Image
 
 from dreamr_stream.backends.base import ScoreOutput, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
 
-__all__ = ["FakeSession", "ScriptedBackend", "script_policy"]
+__all__ = ["AsyncScriptedBackend", "FakeSession", "ScriptedBackend", "script_policy"]
 
 EOS = "<eos>"
 Policy = Callable[[str, Sequence[str]], str | None]  # None = end of sequence
@@ -192,3 +196,72 @@ class ScriptedBackend:
         if not session.closed:
             session.closed = True
             self.open_sessions -= 1
+
+
+class AsyncScriptedBackend:
+    """A ``ScriptedBackend`` served as an ``AsyncModelBackend`` (like a model behind vLLM)."""
+
+    def __init__(self, policy: Policy | Sequence[str], *, token_delay_s: float = 0.0, **kwargs: object) -> None:
+        self.inner = ScriptedBackend(policy, **kwargs)  # type: ignore[arg-type]
+        self.name = self.inner.name
+        self.judge = self.inner.judge
+        self.identity = self.inner.identity
+        self.token_delay_s = token_delay_s
+        self.active = 0  # calls in progress now
+        self.peak_active = 0  # the most calls ever in progress at once
+
+    def _enter(self) -> None:
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+
+    async def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> FakeSession:
+        return self.inner.open_session(image, question, seed=seed)
+
+    async def generate_step(
+        self, session: FakeSession, *, max_tokens: int, stop: str, temperature: float = 0.0, budget: int | None = None
+    ) -> StepOutput:
+        self._enter()
+        try:
+            new = 0
+            while True:  # one token per call of the inner model, each after a cancellable delay
+                await anyio.sleep(self.token_delay_s)
+                out = self.inner.generate_step(session, max_tokens=max_tokens, stop=stop, budget=1)
+                new += out.new_tokens
+                if out.done:
+                    return StepOutput(out.text, done=True, eos=out.eos, new_tokens=new, forwards=new)
+        finally:
+            self.active -= 1
+
+    async def score(self, session: FakeSession, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
+        self._enter()
+        try:
+            await anyio.sleep(self.token_delay_s)
+            own = (self.inner.policy(session.question, session.steps(stop)) or "").split(" ")
+            out = self.inner.score(session, text, stop=stop, judge=judge)
+            agreed: list[str] = []
+            for mine, theirs in zip(own, text.split(" "), strict=False):
+                if mine != theirs:
+                    break
+                agreed.append(mine)
+            # the agreed start ends where the model's own next word differs (a word and its space)
+            kept = " ".join(agreed) + (" " if agreed and len(agreed) < len(own) else "")
+            return ScoreOutput(out.p_pos, out.p_neg, out.token_logprobs, n_tokens=out.n_tokens, agreed=kept)
+        finally:
+            self.active -= 1
+
+    async def begin_step(self, session: FakeSession, text: str) -> None:
+        words = text.rstrip(" ").split(" ") if text.strip() else []
+        session.partial = list(words)
+        session.tokens.extend(words)
+
+    async def append(self, session: FakeSession, text: str, *, stop: str) -> int:
+        return self.inner.append(session, text, stop=stop)
+
+    async def rollback(self, session: FakeSession, n_tokens: int) -> None:
+        self.inner.rollback(session, n_tokens)
+
+    async def fork(self, session: FakeSession) -> FakeSession:
+        return self.inner.fork(session)
+
+    def close(self, session: FakeSession) -> None:
+        self.inner.close(session)

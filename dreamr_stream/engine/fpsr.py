@@ -191,7 +191,7 @@ class _FPSR:
         if repair and agreed:
             await self.target.begin_step(self.T, agreed)
         out = await self.ctx.write_step(self.target, self.T, index=index, lane="target")
-        return out.text, out.eos, agreed if repair else None
+        return out.text, out.eos, (agreed or None) if repair else None  # nothing kept: a rewrite
 
     async def epoch(self) -> None:
         ctx = self.ctx
