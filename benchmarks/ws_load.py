@@ -308,7 +308,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-active", type=int, default=4)
     ap.add_argument("--max-waiting", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ws_load.md"))
-    ap.add_argument("--target-url", help="the demo target served by vLLM (python -m dreamr_vllm.server)")
+    ap.add_argument("--target-url", help="the demo target served by vLLM (python -m dreamr_vllm)")
     arguments = ap.parse_args()
     result = asyncio.run(main(arguments))
     arguments.out.write_text(to_markdown(result))

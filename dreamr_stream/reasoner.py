@@ -169,7 +169,7 @@ class Reasoner:
         """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft (``sft``
         or ``sapo``; default: the SAPO draft when it ships); ``draft_process`` as in
         ``from_pretrained``. ``target_url`` / ``draft_url``: the same models served by vLLM
-        (``python -m dreamr_vllm.server``), reached over HTTP."""
+        (``python -m dreamr_vllm``), reached over HTTP."""
         from dreamr_stream.zoo.shipped import demo_paths
 
         paths = demo_paths(draft)

@@ -315,27 +315,10 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
             tg.start_soon(open_target)
             if not ctx.alone:  # the load-aware switch may have sent this request to the target alone
                 tg.start_soon(open_draft)
-        if "draft" not in sessions:
+        if "draft" not in sessions:  # the target alone; what it writes is cached all the same
             await ctx.target_alone(sessions["target"])
-            return
-        run = _FPSR(ctx, sessions.pop("target"), sessions.pop("draft"))
-        try:
-            if ctx.cache is not None:
-                hit = await ctx.cache.store.get(ctx.cache.key, timeout_s=ctx.cache.timeout_s)
-                if hit is not None:
-                    await ctx.emit(CacheHitEvent(steps=len(hit.steps), elapsed_s=ctx.now()))
-                    await run.replay(list(hit.steps))
-            while not ctx.done():
-                if ctx.alone:
-                    await ctx.target_alone(run.T)
-                else:
-                    await run.epoch()
-            if inspect is not None:
-                inspect(run.T, run.D)
-        finally:
-            target.close(run.T)  # T may be an adopted fallback fork by now
-            with contextlib.suppress(BackendError):  # a failed draft may fail to free, too
-                draft.close(run.D)
+        else:
+            await _speculate(ctx, sessions, inspect)
     finally:
         for name, runner in (("target", target), ("draft", draft)):
             if name in sessions:
@@ -346,6 +329,30 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
                 await ctx.cache.store.append_log(ctx.cache.entries, timeout_s=ctx.cache.timeout_s)
             ctx.cache.entries = []
     await _store_trajectory(ctx)
+
+
+async def _speculate(ctx: RequestContext, sessions: dict[str, Session], inspect: Inspect | None) -> None:
+    """FPSR proper, on the opened sessions (which it takes over): cached drafts, then epochs."""
+    target, draft = ctx.target, ctx.draft
+    assert target is not None and draft is not None
+    run = _FPSR(ctx, sessions.pop("target"), sessions.pop("draft"))
+    try:
+        if ctx.cache is not None:
+            hit = await ctx.cache.store.get(ctx.cache.key, timeout_s=ctx.cache.timeout_s)
+            if hit is not None:
+                await ctx.emit(CacheHitEvent(steps=len(hit.steps), elapsed_s=ctx.now()))
+                await run.replay(list(hit.steps))
+        while not ctx.done():
+            if ctx.alone:
+                await ctx.target_alone(run.T)
+            else:
+                await run.epoch()
+        if inspect is not None:
+            inspect(run.T, run.D)
+    finally:
+        target.close(run.T)  # T may be an adopted fallback fork by now
+        with contextlib.suppress(BackendError):  # a failed draft may fail to free, too
+            draft.close(run.D)
 
 
 async def _store_trajectory(ctx: RequestContext) -> None:

@@ -204,7 +204,7 @@ class VLLMServer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dreamr_vllm.server``: serve a local model folder on a local vLLM (CPU build),
+    """``python -m dreamr_vllm``: serve a local model folder on a local vLLM (CPU build),
     building its venv first when needed; runs until interrupted."""
     import argparse
 
@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--venv", default=".venv-vllm", help="the server's venv (built once)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
     if args.model is None:
         from dreamr_stream.zoo.shipped import demo_paths
 
@@ -231,7 +232,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
