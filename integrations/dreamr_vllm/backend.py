@@ -92,7 +92,9 @@ class VLLMBackend:
         connect_timeout_s: float = 5.0,
         max_connections: int = 256,
         api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport``: replaces the pooled HTTP transport (``httpx.MockTransport`` in tests)."""
         if not url.startswith(("http://", "https://")):
             raise ModelLoadError(f"not a server URL: {url!r} (expected http://host:port/v1)")
         self.url = url.rstrip("/")
@@ -103,6 +105,7 @@ class VLLMBackend:
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
         # one client per event loop: a pooled connection belongs to the loop that opened it
         self._clients: dict[int, httpx.AsyncClient] = {}
 
@@ -144,7 +147,7 @@ class VLLMBackend:
         client = self._clients.get(key)
         if client is None:
             # retries=2 repeats only a failed connect, which is safe for any request
-            transport = httpx.AsyncHTTPTransport(retries=2, limits=self._limits)
+            transport = self._transport or httpx.AsyncHTTPTransport(retries=2, limits=self._limits)
             client = httpx.AsyncClient(transport=transport, timeout=self._timeout, headers=self._headers)
             self._clients[key] = client
         return client
