@@ -90,6 +90,11 @@ class SchedulingConfig(_Config):
         default="auto", description="write the target's own step in parallel with verification"
     )
     fallback_chunk_tokens: int = Field(default=4, ge=1, le=256, description="target tokens per fallback model call")
+    repair: bool = Field(
+        default=True,
+        description="continue a rejected step from the start of the draft that the target agrees with "
+        "(exactly the target's own step, fewer tokens to write); False rewrites the whole step",
+    )
     max_speculating: int | Literal["auto"] | None = Field(
         default="auto",
         description="load-aware switch: an FPSR request that starts while more than this many requests are in "

@@ -57,6 +57,11 @@ async def test_extreme_taus_on_demo_models(demo: Reasoner) -> None:
     assert [s.text for s in got_inf.steps] == target
     assert all(s.source is StepSource.TARGET for s in got_inf.steps)
     assert [s.text for s in got_zero.steps] == draft
+    # every rejected draft was repaired from the start the target agreed with, to the target's own step
+    assert got_inf.stats.steps_repaired >= len(target) // 2
+    for step in got_inf.steps:
+        if step.kept is not None:
+            assert step.kept and step.text.startswith(step.kept) and (step.rejected_draft or "").startswith(step.kept)
 
 
 def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -239,6 +239,11 @@ class TransformersBackend:
 
         def decode() -> StepOutput:
             forwards = new = 0
+            if s.partial and len(s.partial) >= max_tokens:  # a begun step already at the cap
+                text = self._text(s.partial)
+                self._forward(s, self.encode(stop))
+                s.partial = []
+                return StepOutput(text, done=True, forwards=1)
             while budget is None or new < budget:
                 if s.eos:
                     return StepOutput(self._text(s.partial), done=True, eos=True, new_tokens=new, forwards=forwards)
@@ -303,16 +308,37 @@ class TransformersBackend:
             # log p(candidate[i] | prefix, candidate[:i]) from [first, logits[0..n-2]]: (n, vocab)
             n = len(candidate)
             preds = torch.cat([first[None], logits[: n - 1]], dim=0)
-            logprobs = torch.log_softmax(preds, dim=-1).gather(1, torch.tensor(candidate, device=preds.device)[:, None])
+            ids = torch.tensor(candidate, device=preds.device)
+            logprobs = torch.log_softmax(preds, dim=-1).gather(1, ids[:, None])
+            # the candidate's start that is this model's own greedy choice, token by token
+            differs = (preds.argmax(-1) != ids)[: len(text_ids)].nonzero()
+            agreed = len(text_ids) if len(differs) == 0 else int(differs[0])
             p_pos = p_neg = 0.0
             if suffix:
                 probs = torch.softmax(logits[-1], dim=-1)
                 p_pos, p_neg = float(probs[pos_id]), float(probs[neg_id])
                 self._crop(s, before + n)  # drop the judge suffix, keep the candidate
                 s.logits_at[before + n] = logits[n - 1]
-            return ScoreOutput(p_pos, p_neg, logprobs[:, 0].tolist()[: len(text_ids)], n_tokens=n)
+            return ScoreOutput(
+                p_pos, p_neg, logprobs[:, 0].tolist()[: len(text_ids)], n_tokens=n, agreed=self._text(text_ids[:agreed])
+            )
 
         return self._run(forward)
+
+    def begin_step(self, session: HFSession, text: str) -> None:
+        """Start the next step with ``text``: ``generate_step`` continues it (repairs a step)."""
+        s = session
+        ids = self.encode(text) if text else []
+
+        def forward() -> None:
+            if s.partial:
+                raise BackendError(f"{self.name}: a step is already under way; roll it back first")
+            if ids:
+                self._ensure_logits(s)
+                self._forward(s, ids)
+                s.partial = list(ids)
+
+        self._run(forward)
 
     def append(self, session: HFSession, text: str, *, stop: str) -> int:
         s = session

@@ -52,7 +52,7 @@ __all__ = ["ProcessBackend", "RemoteSession"]
 log = logging.getLogger(__name__)
 
 # methods whose first argument is a session (sent as its id)
-_SESSION_OPS = frozenset({"generate_step", "score", "append", "rollback", "fork", "close"})
+_SESSION_OPS = frozenset({"generate_step", "score", "append", "begin_step", "rollback", "fork", "close"})
 
 
 @dataclass
@@ -282,6 +282,9 @@ class ProcessBackend:
     def append(self, session: RemoteSession, text: str, *, stop: str) -> int:
         n, _ = self._call("append", session.id, text, stop=stop)
         return n  # type: ignore[no-any-return]
+
+    def begin_step(self, session: RemoteSession, text: str) -> None:
+        self._call("begin_step", session.id, text)
 
     def rollback(self, session: RemoteSession, n_tokens: int) -> None:
         self._call("rollback", session.id, n_tokens)

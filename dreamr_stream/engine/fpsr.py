@@ -174,7 +174,7 @@ class _FPSR:
         """The target's own step ``index`` and the part of the rejected draft it kept: from a
         finished fallback; else repaired from the draft's agreed start (``ScoreOutput.agreed``)
         when the backend can; else from the fallback lane; else written on ``T``."""
-        repair = agreed is not None and self.target.can_repair
+        repair = agreed is not None and self.target.can_repair and self.ctx.config.scheduling.repair
         if fb is not None and (fb.finished.is_set() or not repair):
             fb.priority = Priority.VERIFY  # now on the critical path
             await fb.finished.wait()
