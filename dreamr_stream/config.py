@@ -80,7 +80,7 @@ class VerificationConfig(_Config):
 # A served target batches requests, so under load its own decoding is cheap per request, while
 # a draft computing in one process serves requests one call at a time and each speculative step
 # costs the server a verification request: beyond a couple of requests in flight the target
-# alone is faster (benchmarks/results/vllm_load.md measures where, on a 2-core CPU).
+# alone is faster (benchmarks/results/vllm_load_{pinned,shared}.md measure where, on a 2-core CPU).
 SERVED_TARGET_SPECULATING = 2
 
 

@@ -103,7 +103,6 @@ class Reasoner:
         self._loop: asyncio.AbstractEventLoop | None = None  # for sync invoke, started on first use
         self._loop_lock = threading.Lock()
         self.active_requests = 0
-        self.speculating = 0  # FPSR requests speculating now
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -329,11 +328,9 @@ class Reasoner:
                     cache=cache,
                 )
                 await emit(StartedEvent(question=text, method=method))
-                limit = self._speculation_limit(cfg)
-                speculate = method == "fpsr" and (limit is None or self.active_requests <= limit)
-                if method == "fpsr" and not speculate:
+                limit = self._speculation_limit(cfg)  # the load-aware switch
+                if method == "fpsr" and limit is not None and self.active_requests > limit:
                     ctx.go_alone(f"load: {self.active_requests} requests in flight (max_speculating {limit})")
-                self.speculating += speculate
                 try:
                     if method == "fpsr":
                         await run_fpsr(ctx, pil, inspect=inspect)
@@ -346,8 +343,6 @@ class Reasoner:
                         (FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error)
                     )
                     return
-                finally:
-                    self.speculating -= speculate
                 await emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
 
         # The request runs in its own task, not in a task group spanning our yields: a consumer

@@ -22,9 +22,7 @@ __all__ = ["run_draft_only", "run_sequential", "run_target_only"]
 async def _solo(ctx: RequestContext, runner: ModelRunner, image: Any, source: StepSource) -> None:
     session = await ctx.open(runner, image)
     try:
-        while not ctx.done():
-            out = await ctx.write_step(runner, session, index=len(ctx.steps), lane=runner.name)
-            await ctx.accept(out.text, source, eos=out.eos)
+        await ctx.write_alone(runner, session, source)
     finally:
         runner.close(session)
 

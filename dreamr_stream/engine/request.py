@@ -179,12 +179,17 @@ class RequestContext:
     def alone(self) -> bool:
         return self.alone_from is not None
 
+    async def write_alone(self, runner: ModelRunner, session: Session, source: StepSource) -> None:
+        """Write the remaining steps with one model alone on ``session`` (the single-model
+        baselines, and FPSR once speculation stopped)."""
+        while not self.done():
+            out = await self.write_step(runner, session, index=len(self.steps), lane=runner.name)
+            await self.accept(out.text, source, eos=out.eos)
+
     async def target_alone(self, session: Session) -> None:
         """Write the remaining steps with the target alone on ``session``."""
         assert self.target is not None
-        while not self.done():
-            out = await self.write_step(self.target, session, index=len(self.steps), lane="target")
-            await self.accept(out.text, StepSource.TARGET, eos=out.eos)
+        await self.write_alone(self.target, session, StepSource.TARGET)
 
     # ------------------------------------------------------------------ steps
     def is_final(self, text: str, eos: bool) -> bool:
