@@ -1,8 +1,15 @@
-"""RedisTrajectoryStore against a real Redis: the shared server (own prefix) and private ones."""
+"""RedisTrajectoryStore against a real Redis server that the tests start and stop themselves.
+
+``redis_url`` is one server for the session (each test on its own prefix, as replicas share one
+Redis); ``private_redis`` is a server of its own for the test that kills it. Both need the
+``redis-server`` program (``scripts/test.sh`` installs Debian's package); nothing needs to listen on
+6379.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import subprocess
 import time
@@ -25,13 +32,57 @@ from dreamr_stream.types import StepSource
 TARGET = ["read row one", "read row two", "count them up", "Answer: 4"]
 DRAFT = ["read row one", "read row 2 wrongly", "count them up", "Answer: 4"]
 IMAGE = Image.new("RGB", (32, 32), (10, 10, 200))
-SHARED = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], int]:
+    """A fresh ``redis-server`` on a free loopback port, once it accepts connections."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is missing: apt-get install -y redis-server (or run scripts/test.sh)", pytrace=False)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    stop_redis(proc)
+    pytest.fail(f"redis-server did not accept connections on port {port} within 5 s", pytrace=False)
+
+
+def stop_redis(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    proc, port = start_redis()
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_redis(proc)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    proc, port = start_redis()
+    yield proc, port
+    stop_redis(proc)
 
 
 @pytest_asyncio.fixture
-async def store() -> AsyncIterator[RedisTrajectoryStore]:
-    s = RedisTrajectoryStore(SHARED, prefix=f"dreamr-test:{uuid.uuid4().hex[:8]}:", timeout_s=1.0)
-    await s.client.ping()  # CI must have Redis: a failure here is a failure, not a skip
+async def store(redis_url: str) -> AsyncIterator[RedisTrajectoryStore]:
+    s = RedisTrajectoryStore(redis_url, prefix=f"dreamr-test:{uuid.uuid4().hex[:8]}:", timeout_s=1.0)
+    await s.client.ping()  # the server above answers: a failure here is a failure, not a skip
     yield s
     await s.clear()
     await s.aclose()
@@ -47,13 +98,13 @@ def reasoner(store: RedisTrajectoryStore, delay: float = 0.0) -> Reasoner:
 
 
 @pytest.mark.asyncio
-async def test_round_trip_miss_and_ttl(store: RedisTrajectoryStore) -> None:
+async def test_round_trip_miss_and_ttl(store: RedisTrajectoryStore, redis_url: str) -> None:
     t = Trajectory(steps=["Row 1: empty.", "Answer: 0"], image="abc", question="q")
     assert await store.get("k") is None
     await store.put("k", t, b"\x89PNG...")
     assert await store.get("k") == t
     assert await store.get_image("abc") == b"\x89PNG..."
-    short = RedisTrajectoryStore(SHARED, prefix=store.prefix, ttl_s=0.2)
+    short = RedisTrajectoryStore(redis_url, prefix=store.prefix, ttl_s=0.2)
     await short.put("brief", t)
     assert await short.get("brief") == t
     await anyio.sleep(0.35)
@@ -74,13 +125,13 @@ async def test_engine_hit_equals_miss(store: RedisTrajectoryStore) -> None:
 
 
 @pytest.mark.asyncio
-async def test_log_is_readable_and_bounded(store: RedisTrajectoryStore) -> None:
+async def test_log_is_readable_and_bounded(store: RedisTrajectoryStore, redis_url: str) -> None:
     await reasoner(store).ainvoke(IMAGE, "how many?")
     entries = await store.read_log()
     assert [e.draft for e in entries] == DRAFT
     assert [e.target_step for e in entries if e.target_step] == [TARGET[1]]
     assert await store.get_image(entries[0].image) is not None
-    small = RedisTrajectoryStore(SHARED, prefix=store.prefix + "small:", max_log=10)
+    small = RedisTrajectoryStore(redis_url, prefix=store.prefix + "small:", max_log=10)
     for _ in range(5):
         await small.append_log(entries * 40)
     assert len(await small.read_log(limit=10_000)) < 200  # approximate MAXLEN trims
@@ -101,31 +152,6 @@ async def test_foreign_and_corrupt_values_are_ignored(store: RedisTrajectoryStor
     assert [s.text for s in result.steps] == TARGET
     assert StepSource.CACHE not in {s.source for s in result.steps}
     assert all(isinstance(e, LogEntry) for e in await store.read_log())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def private_redis() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield proc, port
-    proc.kill()
-    proc.wait()
 
 
 @pytest.mark.asyncio
