@@ -92,8 +92,9 @@ class SchedulingConfig(_Config):
     fallback_chunk_tokens: int = Field(default=4, ge=1, le=256, description="target tokens per fallback model call")
     repair: bool = Field(
         default=True,
-        description="continue a rejected step from the start of the draft that the target agrees with "
-        "(exactly the target's own step, fewer tokens to write); False rewrites the whole step",
+        description="repair a rejected step (FPSR and the sequential schedule): the target keeps the start of the "
+        "draft it agrees with and checks the draft's rest several tokens per forward (exactly the target's own "
+        "step, a fraction of its forwards); False rewrites the whole step (SpecReason's schedule)",
     )
     max_speculating: int | Literal["auto"] | None = Field(
         default="auto",

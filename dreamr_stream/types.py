@@ -13,6 +13,7 @@ __all__ = [
     "ReasoningResult",
     "ReasoningStats",
     "Step",
+    "StepCost",
     "StepSource",
     "Verdict",
 ]
@@ -49,6 +50,25 @@ class Verdict(_Model):
     mode: str = Field(default="judge", description="'judge' (verdict tokens) or 'likelihood'")
 
 
+class StepCost(_Model):
+    """What a target-written step cost the target: how much of it came for free.
+
+    A rejected draft step is repaired: the target keeps the draft's start that is its own greedy
+    choice (``kept_tokens``, no forward beyond the one feeding them), checks the draft's rest
+    several tokens per forward (``proposed_tokens``) and decodes the remainder one token per
+    forward (``written_tokens``). Writing the step whole would take about one forward per token.
+    """
+
+    kept_tokens: int = Field(default=0, ge=0)
+    proposed_tokens: int = Field(default=0, ge=0)
+    written_tokens: int = Field(default=0, ge=0)
+    target_forwards: int = Field(default=0, ge=0, description="forwards after the verdict, to finish the step")
+
+    @property
+    def tokens(self) -> int:
+        return self.kept_tokens + self.proposed_tokens + self.written_tokens
+
+
 class Step(_Model):
     """One verified reasoning step, as the user sees it."""
 
@@ -62,6 +82,7 @@ class Step(_Model):
         description="a repaired step: the start of the rejected draft that the target kept (its own greedy "
         "prefix); the rest of the text the target wrote",
     )
+    cost: StepCost | None = Field(default=None, description="a target-written step's cost to the target")
     is_final: bool = False
     elapsed_s: float = Field(default=0.0, ge=0.0, description="seconds since the request started")
 

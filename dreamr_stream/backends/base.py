@@ -39,6 +39,7 @@ class StepOutput:
     eos: bool = False
     new_tokens: int = 0
     forwards: int = 0
+    proposed: int = 0  # of ``new_tokens``, how many a proposal guessed and one forward verified
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,11 @@ class AsyncModelBackend(Protocol[SessionT]):
 
     async def fork(self, session: SessionT) -> SessionT: ...
 
-    async def begin_step(self, session: SessionT, text: str) -> None:
+    async def begin_step(self, session: SessionT, text: str, *, proposal: str = "") -> int:
         """Start the next step with ``text`` (no delimiter); ``generate_step`` continues it and
-        returns the whole step, ``text`` included. Used to repair a rejected step."""
+        returns the whole step, ``text`` included. Used to repair a rejected step. ``proposal``
+        guesses the rest (the rejected step's rest); a backend may verify it several tokens per
+        forward, keeping only its own greedy choices, or ignore it. Returns ``text``'s tokens."""
         ...
 
     def close(self, session: SessionT) -> None: ...

@@ -249,10 +249,11 @@ class AsyncScriptedBackend:
         finally:
             self.active -= 1
 
-    async def begin_step(self, session: FakeSession, text: str) -> None:
+    async def begin_step(self, session: FakeSession, text: str, *, proposal: str = "") -> int:
         words = text.rstrip(" ").split(" ") if text.strip() else []
         session.partial = list(words)
         session.tokens.extend(words)
+        return len(words)
 
     async def append(self, session: FakeSession, text: str, *, stop: str) -> int:
         return self.inner.append(session, text, stop=stop)

@@ -50,6 +50,10 @@ class HFSession:
     inputs: dict[str, Any] = field(default_factory=dict)  # the processor's prompt tensors
     eos: bool = False
     generator: torch.Generator | None = None
+    # tokens proposed for the rest of the step under way (``begin_step``), verified several per
+    # forward; ``proposal_at`` is where the next token is expected in them
+    proposal: list[int] = field(default_factory=list)
+    proposal_at: int = 0
 
     @property
     def length(self) -> int:
@@ -238,37 +242,82 @@ class TransformersBackend:
         s = session
 
         def decode() -> StepOutput:
-            forwards = new = 0
             if s.partial and len(s.partial) >= max_tokens:  # a begun step already at the cap
                 text = self._text(s.partial)
                 self._forward(s, self.encode(stop))
-                s.partial = []
-                return StepOutput(text, done=True, forwards=1)
+                return self._end_step(s, StepOutput(text, done=True, forwards=1))
+            forwards = new = proposed = 0
             while budget is None or new < budget:
                 if s.eos:
-                    return StepOutput(self._text(s.partial), done=True, eos=True, new_tokens=new, forwards=forwards)
+                    text = self._text(s.partial)
+                    return self._end_step(s, StepOutput(text, True, True, new, forwards, proposed))
                 token = self._pick(s, s.logits_at[len(s.ids)], temperature)
-                new += 1
                 if token in self.eos_ids:
                     s.eos = True  # not fed: nothing follows the end of the answer
                     text = self._text(s.partial)
-                    s.partial = []
-                    return StepOutput(text, done=True, eos=True, new_tokens=new, forwards=forwards)
-                self._forward(s, [token])
+                    return self._end_step(s, StepOutput(text, True, True, new + 1, forwards, proposed))
+                guesses = self._guesses(s, token, max_tokens - len(s.partial) - 1) if temperature <= 0.0 else []
+                tokens = self._verify(s, token, guesses)
                 forwards += 1
-                s.partial.append(token)
-                text = self._text(s.partial)
-                if stop in text:
-                    forwards += self._canonicalise(s, text, stop)
-                    s.partial = []
-                    return StepOutput(text[: text.index(stop)], done=True, new_tokens=new, forwards=forwards)
-                if len(s.partial) >= max_tokens:  # step cap: end the step with a delimiter
-                    self._forward(s, self.encode(stop))
-                    s.partial = []
-                    return StepOutput(text, done=True, new_tokens=new, forwards=forwards + 1)
-            return StepOutput(self._text(s.partial), done=False, new_tokens=new, forwards=forwards)
+                for j, tok in enumerate(tokens):
+                    new += 1
+                    proposed += j > 0
+                    s.partial.append(tok)
+                    text = self._text(s.partial)
+                    if stop in text or len(s.partial) >= max_tokens:
+                        self._crop(s, len(s.ids) - (len(tokens) - 1 - j))  # tokens past the step's end
+                        if stop in text:
+                            forwards += self._canonicalise(s, text, stop)
+                            text = text[: text.index(stop)]
+                        else:  # step cap: end the step with a delimiter
+                            self._forward(s, self.encode(stop))
+                            forwards += 1
+                        return self._end_step(s, StepOutput(text, True, False, new, forwards, proposed))
+            return StepOutput(self._text(s.partial), False, False, new, forwards, proposed)
 
         return self._run(decode)
+
+    @staticmethod
+    def _end_step(s: HFSession, out: StepOutput) -> StepOutput:
+        s.partial = []
+        s.proposal, s.proposal_at = [], 0
+        return out
+
+    @staticmethod
+    def _guesses(s: HFSession, token: int, limit: int) -> list[int]:
+        """The proposal's tokens expected after ``token``, the model's next one.
+
+        The proposal is a rejected step's rest; the model departs from it where it corrects the
+        step. Where ``token`` is not the expected one it replaces it (a substitution, e.g. a
+        corrected count), or, when it equals the one after, the expected token was dropped.
+        """
+        S, p = s.proposal, s.proposal_at
+        if p >= len(S) or limit <= 0:
+            return []
+        if S[p] == token or p + 1 >= len(S) or S[p + 1] != token:
+            p += 1  # matched, or substituted
+        else:
+            p += 2  # S[p] dropped
+        s.proposal_at = p
+        return S[p : p + limit]
+
+    def _verify(self, s: HFSession, token: int, guesses: list[int]) -> list[int]:
+        """Feed ``token`` and the guessed tokens after it in one forward; keep ``token`` and the
+        longest run of guesses that are each the model's greedy choice (speculative decoding,
+        exact for greedy decoding). Returns the kept tokens; the cache holds exactly them."""
+        logits = self._forward(s, [token, *guesses])
+        if not guesses:
+            return [token]
+        greedy = logits[: len(guesses)].argmax(-1).tolist()
+        m = 0
+        while m < len(guesses) and greedy[m] == guesses[m] and guesses[m] not in self.eos_ids:
+            m += 1
+        s.proposal_at += m
+        before = len(s.ids) - len(guesses) - 1
+        self._crop(s, len(s.ids) - (len(guesses) - m))
+        for j in range(m + 1):  # the logits after each kept token: a step may end at any of them
+            s.logits_at[before + 1 + j] = logits[j]
+        return [token, *guesses[:m]]
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -325,20 +374,27 @@ class TransformersBackend:
 
         return self._run(forward)
 
-    def begin_step(self, session: HFSession, text: str) -> None:
-        """Start the next step with ``text``: ``generate_step`` continues it (repairs a step)."""
+    def begin_step(self, session: HFSession, text: str, *, proposal: str = "") -> int:
+        """Start the next step with ``text``: ``generate_step`` continues it (repairs a step).
+
+        ``proposal`` guesses the rest of the step (a rejected draft's rest): with greedy decoding
+        the continuation checks it several tokens per forward and keeps only the model's own
+        choices, so the step is the same, only cheaper. Returns the tokens fed (``text``'s).
+        """
         s = session
         ids = self.encode(text) if text else []
 
-        def forward() -> None:
+        def forward() -> int:
             if s.partial:
                 raise BackendError(f"{self.name}: a step is already under way; roll it back first")
             if ids:
                 self._ensure_logits(s)
                 self._forward(s, ids)
                 s.partial = list(ids)
+            s.proposal, s.proposal_at = (self.encode(proposal) if proposal else []), 0
+            return len(ids)
 
-        self._run(forward)
+        return self._run(forward)  # type: ignore[no-any-return]
 
     def append(self, session: HFSession, text: str, *, stop: str) -> int:
         s = session
@@ -356,6 +412,7 @@ class TransformersBackend:
         if n_tokens < 0 or n_tokens > len(s.ids) - s.prompt_len:
             raise BackendError(f"{self.name}: cannot roll back {n_tokens} tokens past the prompt")
         s.partial = []
+        s.proposal, s.proposal_at = [], 0
         s.eos = False
         self._run(self._crop, s, len(s.ids) - n_tokens)
 
@@ -385,6 +442,8 @@ class TransformersBackend:
             pos_dims=s.pos_dims,
             partial=list(s.partial),
             eos=s.eos,
+            proposal=list(s.proposal),
+            proposal_at=s.proposal_at,
             inputs=s.inputs,
             generator=copy.deepcopy(s.generator),
         )

@@ -283,8 +283,9 @@ class ProcessBackend:
         n, _ = self._call("append", session.id, text, stop=stop)
         return n  # type: ignore[no-any-return]
 
-    def begin_step(self, session: RemoteSession, text: str) -> None:
-        self._call("begin_step", session.id, text)
+    def begin_step(self, session: RemoteSession, text: str, *, proposal: str = "") -> int:
+        n, _ = self._call("begin_step", session.id, text, proposal=proposal)
+        return n  # type: ignore[no-any-return]
 
     def rollback(self, session: RemoteSession, n_tokens: int) -> None:
         self._call("rollback", session.id, n_tokens)

@@ -2,8 +2,10 @@
 
 * ``target_only``: the target writes every step (the accuracy and speed reference);
 * ``draft_only``: the draft writes every step, unverified;
-* ``sequential``: SpecReason-style speculative reasoning with no overlap: draft one step,
-  judge it with the same TBVM, on rejection roll back and let the target write the step.
+* ``sequential``: speculative reasoning with no overlap: draft one step, judge it with the
+  same TBVM, on rejection let the target write the step; with ``scheduling.repair=False`` it
+  rewrites the whole step (SpecReason's schedule, the peer ``dreamr bench`` compares with), by
+  default it repairs the step as FPSR does (``engine.repair``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from dreamr_stream.backends.base import Session
+from dreamr_stream.engine.repair import write_target_step
 from dreamr_stream.engine.request import RequestContext
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.events import DraftedEvent, RejectedEvent
@@ -52,15 +55,17 @@ async def run_sequential(ctx: RequestContext, image: Any) -> None:
             before = D.length
             out = await ctx.write_step(draft, D, index=index, lane="draft")
             await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
+            score = None
             if out.text.strip():
                 verdict, score = await ctx.judge(T, out.text, index)
                 if verdict.accepted:
                     await ctx.accept(out.text, StepSource.DRAFT, eos=out.eos, verdict=verdict)
                     continue
                 await ctx.emit(RejectedEvent(index=index, text=out.text, verdict=verdict, elapsed_s=ctx.now()))
-                await target.rollback(T, score.n_tokens)
-            own = await ctx.write_step(target, T, index=index, lane="target")
-            await ctx.accept(own.text, StepSource.TARGET, eos=own.eos, rejected_draft=out.text)
+            own = await write_target_step(ctx, target, T, index=index, rejected=out.text, score=score)
+            await ctx.accept(
+                own.text, StepSource.TARGET, eos=own.eos, rejected_draft=out.text, kept=own.kept, cost=own.cost
+            )
             if not ctx.done():
                 await draft.rollback(D, D.length - before)
                 await draft.append(D, own.text, stop=delimiter)

@@ -34,13 +34,14 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from dreamr_stream.backends.base import Session
-from dreamr_stream.engine.request import RequestContext
+from dreamr_stream.backends.base import ScoreOutput, Session
+from dreamr_stream.engine.repair import TargetStep, can_repair, write_target_step
+from dreamr_stream.engine.request import RequestContext, step_cost
 from dreamr_stream.engine.runner import ModelRunner, Priority
 from dreamr_stream.errors import BackendError
 from dreamr_stream.events import CacheHitEvent, DraftedEvent, RejectedEvent
 from dreamr_stream.store import Trajectory, image_png
-from dreamr_stream.types import StepSource
+from dreamr_stream.types import StepCost, StepSource
 
 __all__ = ["fallback_enabled", "run_fpsr"]
 
@@ -74,6 +75,7 @@ class _Fallback:
     session: Session | None = None
     text: str = ""
     eos: bool = False
+    cost: StepCost = field(default_factory=StepCost)
     priority: int = Priority.FALLBACK
     finished: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
@@ -93,7 +95,7 @@ class _Fallback:
                     priority=lambda: self.priority,  # raised to verification's once it is awaited
                     chunk=ctx.config.scheduling.fallback_chunk_tokens,
                 )
-                self.text, self.eos = out.text, out.eos
+                self.text, self.eos, self.cost = out.text, out.eos, step_cost(out)
         except Exception as e:  # handed to the verification lane, which raises it
             self.failure = e
         finally:
@@ -169,13 +171,12 @@ class _FPSR:
             fb.cancel()
 
     async def _target_step(
-        self, fb: _Fallback | None, index: int, reject_tokens: int, agreed: str | None = None
-    ) -> tuple[str, bool, str | None]:
-        """The target's own step ``index`` and the part of the rejected draft it kept: from a
-        finished fallback; else repaired from the draft's agreed start (``ScoreOutput.agreed``)
-        when the backend can; else from the fallback lane; else written on ``T``."""
-        repair = agreed is not None and self.target.can_repair and self.ctx.config.scheduling.repair
-        if fb is not None and (fb.finished.is_set() or not repair):
+        self, fb: _Fallback | None, index: int, rejected: str = "", score: ScoreOutput | None = None
+    ) -> TargetStep:
+        """The target's own step ``index``: from a finished fallback; else repaired from the
+        rejected draft (``engine.repair``) when it can be; else from the fallback lane; else
+        written on ``T``."""
+        if fb is not None and (fb.finished.is_set() or not can_repair(self.ctx, self.target, score)):
             fb.priority = Priority.VERIFY  # now on the critical path
             await fb.finished.wait()
             if fb.failure is not None:
@@ -184,14 +185,9 @@ class _FPSR:
             old, self.T = self.T, fb.session
             fb.session = None
             self.target.close(old)
-            return fb.text, fb.eos, None
+            return TargetStep(fb.text, fb.eos, None, fb.cost)
         self._drop(fb)
-        if reject_tokens:
-            await self.target.rollback(self.T, reject_tokens)
-        if repair and agreed:
-            await self.target.begin_step(self.T, agreed)
-        out = await self.ctx.write_step(self.target, self.T, index=index, lane="target")
-        return out.text, out.eos, (agreed or None) if repair else None  # nothing kept: a rewrite
+        return await write_target_step(self.ctx, self.target, self.T, index=index, rejected=rejected, score=score)
 
     async def epoch(self) -> None:
         ctx = self.ctx
@@ -230,20 +226,20 @@ class _FPSR:
                         continue
                     if verdict is not None:
                         await ctx.emit(RejectedEvent(index=d.index, text=d.text, verdict=verdict, elapsed_s=ctx.now()))
-                    text, eos, kept = await self._target_step(
-                        fb, d.index, score.n_tokens if score else 0, score.agreed if score else None
-                    )
+                    own = await self._target_step(fb, d.index, d.text, score)
                     fb = None
-                    await ctx.accept(text, StepSource.TARGET, eos=eos, rejected_draft=d.text, kept=kept)
-                    resync = text
+                    await ctx.accept(
+                        own.text, StepSource.TARGET, eos=own.eos, rejected_draft=d.text, kept=own.kept, cost=own.cost
+                    )
+                    resync = own.text
                     break
                 else:
                     # the draft lane ended without a final verified step: the target writes one
                     if not ctx.done():
-                        text, eos, _ = await self._target_step(fb, len(ctx.steps), 0)
+                        own = await self._target_step(fb, len(ctx.steps))
                         fb = None
-                        await ctx.accept(text, StepSource.TARGET, eos=eos)
-                        resync = text
+                        await ctx.accept(own.text, StepSource.TARGET, eos=own.eos, cost=own.cost)
+                        resync = own.text
             self._drop(fb)
             tg.cancel_scope.cancel()  # stop the draft lane; the task group awaits it
         return resync

@@ -12,10 +12,10 @@ from dreamr_stream.config import JudgeTemplate, ReasonerConfig
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.events import Event, FallbackEvent, VerifiedEvent
 from dreamr_stream.store import GuardedStore, LogEntry
-from dreamr_stream.types import LaneSpan, ReasoningResult, ReasoningStats, Step, StepSource, Verdict
+from dreamr_stream.types import LaneSpan, ReasoningResult, ReasoningStats, Step, StepCost, StepSource, Verdict
 from dreamr_stream.verify import Verifier
 
-__all__ = ["CacheContext", "Emit", "RequestContext", "extract_answer"]
+__all__ = ["CacheContext", "Emit", "RequestContext", "extract_answer", "step_cost"]
 
 Emit = Callable[[Event], Awaitable[None]]
 DRAFT_CHUNK_TOKENS = 8  # draft tokens per model call: bounds how long a cancelled lane lingers
@@ -24,6 +24,16 @@ DRAFT_CHUNK_TOKENS = 8  # draft tokens per model call: bounds how long a cancell
 def extract_answer(text: str, prefix: str) -> str | None:
     idx = text.rfind(prefix)
     return text[idx + len(prefix) :].strip() if idx >= 0 else None
+
+
+def step_cost(out: StepOutput, *, kept_tokens: int = 0, extra_forwards: int = 0) -> StepCost:
+    """A written step's cost from its ``write_step`` output (plus a begun step's kept tokens)."""
+    return StepCost(
+        kept_tokens=kept_tokens,
+        proposed_tokens=out.proposed,
+        written_tokens=out.new_tokens - out.proposed,
+        target_forwards=out.forwards + extra_forwards,
+    )
 
 
 class CacheContext:
@@ -120,13 +130,15 @@ class RequestContext:
         priority: int | Callable[[], int] = 0,
         chunk: int | None = None,
     ) -> StepOutput:
-        """Decode one whole step in short calls (so cancellation is prompt).
+        """Decode one whole step in short calls (so cancellation is prompt); the output counts
+        the tokens and forwards of all of them.
 
         ``priority`` may be a callable, read before every call: a speculative fallback step
         is raised to verification's priority once the engine waits on it.
         """
         gen = self.config.generation
         budget = chunk or DRAFT_CHUNK_TOKENS
+        new = forwards = proposed = 0
         async with self.span(lane, "write", index):
             while True:
                 out = await runner.generate_step(
@@ -138,8 +150,9 @@ class RequestContext:
                     priority=priority() if callable(priority) else priority,
                 )
                 self.count(runner, out.forwards, out.new_tokens)
-                if out.done:
-                    return out
+                new, forwards, proposed = new + out.new_tokens, forwards + out.forwards, proposed + out.proposed
+                if out.done:  # the whole step's counts, over all its calls
+                    return StepOutput(out.text, True, out.eos, new, forwards, proposed)
 
     async def judge(
         self, session: Session, text: str, index: int, *, source: StepSource = StepSource.DRAFT
@@ -184,7 +197,8 @@ class RequestContext:
         baselines, and FPSR once speculation stopped)."""
         while not self.done():
             out = await self.write_step(runner, session, index=len(self.steps), lane=runner.name)
-            await self.accept(out.text, source, eos=out.eos)
+            cost = step_cost(out) if source is StepSource.TARGET else None
+            await self.accept(out.text, source, eos=out.eos, cost=cost)
 
     async def target_alone(self, session: Session) -> None:
         """Write the remaining steps with the target alone on ``session``."""
@@ -207,6 +221,7 @@ class RequestContext:
         verdict: Verdict | None = None,
         rejected_draft: str | None = None,
         kept: str | None = None,
+        cost: StepCost | None = None,
     ) -> Step:
         elapsed = self.now()
         step = Step(
@@ -216,6 +231,7 @@ class RequestContext:
             verdict=verdict,
             rejected_draft=rejected_draft,
             kept=kept,
+            cost=cost,
             is_final=self.is_final(text, eos),
             elapsed_s=elapsed,
         )

@@ -171,8 +171,8 @@ class ModelRunner:
         """The backend can start a step from a given text (``begin_step``)."""
         return hasattr(self.backend, "begin_step")
 
-    async def begin_step(self, session: Session, text: str, *, priority: int = 0) -> None:
-        await self._op("begin_step", session, text, priority=priority)
+    async def begin_step(self, session: Session, text: str, *, proposal: str = "", priority: int = 0) -> int:
+        return await self._op("begin_step", session, text, proposal=proposal, priority=priority)  # type: ignore[no-any-return]
 
     def close(self, session: Session) -> None:
         """Free a session (never blocks: called from cleanup paths on the event loop)."""

@@ -383,8 +383,10 @@ class VLLMBackend:
         session.partial = ""
         session.eos = False
 
-    async def begin_step(self, session: VLLMSession, text: str) -> None:
+    async def begin_step(self, session: VLLMSession, text: str, *, proposal: str = "") -> int:
+        """``proposal`` is not sent: a server speculates (or not) as it was started to."""
         session.partial = text
+        return len(text)
 
     async def fork(self, session: VLLMSession) -> VLLMSession:
         return replace(session)
