@@ -3,27 +3,37 @@
 Methods run on the same test prompts, interleaved per prompt in a rotating order so that
 machine noise hits all of them alike:
 
-* ``target_only``       our cached decode loop, target writes every step
+* ``target_only``       our cached decode loop, target writes every step; on a Reasoner with no
+                        draft, so it holds every CPU thread (so do the two ``generate()`` rows)
 * ``target_generate``   the same target through ``transformers`` ``generate()``
 * ``assisted``          HF assisted generation: ``generate(assistant_model=draft)`` (token level,
                         the SAPO draft when there is one)
-* ``sequential_sft`` / ``sequential_sapo``   SpecReason-style: draft a step, judge it (same TBVM),
-                        fall back; no overlap, so the draft runs in this process (no pipe)
+* ``sequential_sft`` / ``sequential_sapo``   SpecReason's schedule: draft a step, judge it (same
+                        TBVM), on a rejection the target rewrites the step; no overlap, so the
+                        draft runs in this process (no pipe)
+* ``sequential_sapo_repair``  the same schedule repairing rejected steps (``engine.repair``)
 * ``fpsr_sft`` / ``fpsr_sapo``   FPSR with the SFT / SAPO draft, as ``Reasoner.from_pretrained``
-                        runs it on a CPU: the draft in its own process (``ProcessBackend``)
+                        runs it on a CPU: the draft in its own process (``ProcessBackend``),
+                        rejected steps repaired
+* ``fpsr_sapo_rewrite`` FPSR with rejected steps rewritten whole (``scheduling.repair=False``)
 * ``fpsr_sapo_threads`` FPSR with the SAPO draft in a thread of this process (the ablation: its
                         calls and the target's wait for one GIL)
 * ``draft_only``        the SFT draft alone, unverified
 
+A rejected step's cost is the target forwards spent after the verdict to finish it, over the
+forwards of writing it whole (one per token): ``rejected_step_cost`` (aggregate over the rows'
+rejected steps, from ``Step.cost``).
+
 Ideal speedup (documented formula). With ``t`` the target's seconds per token, ``c`` the draft's
 per-token cost as a fraction of ``t``, ``v`` one scoring forward in target-token units, ``L`` the
 mean step length in tokens and ``a`` the step acceptance rate, a perfectly pipelined FPSR spends
-per step ``max(c*L, v) * t`` while drafts are accepted and additionally ``L * t`` (the target's own
-step) for the ``1 - a`` rejected ones, against ``L * t`` for target-only; the sequential schedule
-pays for drafting and scoring one after the other::
+per step ``max(c*L, v) * t`` while drafts are accepted and additionally ``r * L * t`` (the target
+finishing its own step) for the ``1 - a`` rejected ones, against ``L * t`` for target-only, where
+``r`` is the measured rejected-step cost (1 for a rewrite, the row's ``rejected_step_cost`` for a
+repair); the sequential schedule pays for drafting and scoring one after the other::
 
-    ideal_fpsr       = L / (max(c * L, v) + (1 - a) * L)
-    ideal_sequential = L / (c * L + v + (1 - a) * L)
+    ideal_fpsr       = L / (max(c * L, v) + (1 - a) * r * L)
+    ideal_sequential = L / (c * L + v + (1 - a) * r * L)
 
 Efficiency is achieved / ideal, both as aggregates: the speedup in total time over the same
 prompts (``speedup_total``), since the ideal comes from aggregate acceptance and step length.
@@ -57,27 +67,45 @@ ALL_METHODS = (
     "assisted",
     "sequential_sft",
     "sequential_sapo",
+    "sequential_sapo_repair",
     "fpsr_sft",
     "fpsr_sapo",
+    "fpsr_sapo_rewrite",
     "fpsr_sapo_threads",
     "draft_only",
 )
-# engine methods: (draft, Reasoner.astream method, the draft in its own process)
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """How an engine method runs: its draft (None: the target alone, with every CPU thread),
+    the Reasoner method, the draft in its own process, rejected steps repaired."""
+
+    draft: str | None
+    method: str
+    separate: bool = False
+    repair: bool = True
+
+
 _ENGINE = {
-    "target_only": ("sft", "target_only", False),
-    "draft_only": ("sft", "draft_only", False),
-    "sequential_sft": ("sft", "sequential", False),
-    "sequential_sapo": ("sapo", "sequential", False),
-    "fpsr_sft": ("sft", "fpsr", True),
-    "fpsr_sapo": ("sapo", "fpsr", True),
-    "fpsr_sapo_threads": ("sapo", "fpsr", False),
+    "target_only": _Engine(None, "target_only"),
+    "draft_only": _Engine("sft", "draft_only"),
+    "sequential_sft": _Engine("sft", "sequential", repair=False),
+    "sequential_sapo": _Engine("sapo", "sequential", repair=False),
+    "sequential_sapo_repair": _Engine("sapo", "sequential"),
+    "fpsr_sft": _Engine("sft", "fpsr", separate=True),
+    "fpsr_sapo": _Engine("sapo", "fpsr", separate=True),
+    "fpsr_sapo_rewrite": _Engine("sapo", "fpsr", separate=True, repair=False),
+    "fpsr_sapo_threads": _Engine("sapo", "fpsr"),
 }
 
 
-def ideal_speedup(*, c: float, v: float, step_tokens: float, acceptance: float, overlap: bool = True) -> float:
+def ideal_speedup(
+    *, c: float, v: float, step_tokens: float, acceptance: float, overlap: bool = True, rejected_cost: float = 1.0
+) -> float:
     L = max(step_tokens, 1e-9)
     speculate = max(c * L, v) if overlap else c * L + v
-    return L / (speculate + (1.0 - acceptance) * L)
+    return L / (speculate + (1.0 - acceptance) * rejected_cost * L)
 
 
 @dataclass
@@ -91,6 +119,8 @@ class MethodRows:
     target_forwards: int = 0
     draft_forwards: int = 0
     tokens: int = 0
+    rejected_forwards: int = 0  # after the verdict, to finish the rejected steps
+    rejected_tokens: int = 0  # of those steps: one forward each, written whole
 
 
 @dataclass
@@ -172,25 +202,31 @@ def run_bench(
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
         raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
-    methods = tuple(m for m in methods if sapo is not None or m not in _ENGINE or _ENGINE[m][0] == "sft")
+    methods = tuple(m for m in methods if sapo is not None or _ENGINE.get(m, _Engine(None, "")).draft != "sapo")
     drafts: dict[str, tuple[Path, TransformersBackend]] = {"sft": (sft_dir, sft)}
     if sapo is not None and sapo_dir is not None:
         drafts["sapo"] = (sapo_dir, sapo)
-    reasoners: dict[tuple[str, bool], Reasoner] = {}
-    processes: list[ProcessBackend] = []
-    for m in methods:
-        if m in _ENGINE and (_ENGINE[m][0], _ENGINE[m][2]) not in reasoners:
-            name, _, separate = _ENGINE[m]
-            folder, local = drafts[name]
-            backend: TransformersBackend | ProcessBackend = local
-            if separate and target.device.type == "cpu":  # on a GPU the lanes overlap on CUDA streams
-                backend = ProcessBackend.from_pretrained(folder, device=device, name="draft")
-                processes.append(backend)
-            reasoners[(name, separate)] = Reasoner(target, backend, config=config)
+    reasoners: dict[_Engine, Reasoner] = {}
+    processes: dict[str, ProcessBackend] = {}  # one child per draft, shared by its Reasoners
+    for m in ("target_only", *methods):  # the target alone always: it runs the generate() rows too
+        engine = _ENGINE.get(m)
+        if engine is None or engine in reasoners:
+            continue
+        backend: TransformersBackend | ProcessBackend | None = None
+        if engine.draft is not None:
+            folder, backend = drafts[engine.draft]
+            if engine.separate and target.device.type == "cpu":  # on a GPU the lanes overlap on CUDA streams
+                if engine.draft not in processes:
+                    processes[engine.draft] = ProcessBackend.from_pretrained(folder, device=device, name="draft")
+                backend = processes[engine.draft]
+        scheduling = config.scheduling.model_copy(update={"repair": engine.repair})
+        reasoners[engine] = Reasoner(target, backend, config=config.model_copy(update={"scheduling": scheduling}))
     try:
         return _measure(target, sft, sapo, reasoners, methods, config, n, device, progress)
     finally:
-        for proc in processes:
+        for reasoner in reasoners.values():
+            reasoner.close()
+        for proc in processes.values():
             proc.shutdown()
 
 
@@ -198,21 +234,21 @@ def _measure(
     target: TransformersBackend,
     sft: TransformersBackend,
     sapo: TransformersBackend | None,
-    reasoners: dict[tuple[str, bool], Reasoner],
+    reasoners: dict[_Engine, Reasoner],
     methods: tuple[str, ...],
     config: ReasonerConfig,
     n: int,
     device: str,
     progress: Callable[[int, int], None] | None,
 ) -> BenchResult:
-    with_sft = reasoners.get(("sft", False)) or Reasoner(target, sft, config=config)
+    alone = reasoners[_ENGINE["target_only"]]
     assistant = sapo or sft
     probe = make_puzzle(split_seed("val", 0))
-    # every torch call runs on the Reasoner's model threads, engine or not (see call_model)
-    costs = with_sft.call_model(measure_costs, target, sft, probe.image, probe.question.text())
+    # every torch call runs on a Reasoner's model threads, engine or not (see call_model)
+    costs = alone.call_model(measure_costs, target, sft, probe.image, probe.question.text())
     rows = {m: MethodRows() for m in methods}
-    for warm in reasoners.values():  # warm-up every path once
-        warm.invoke(probe.image, probe.question.text())
+    for engine, warm in reasoners.items():  # warm-up every path once
+        warm.invoke(probe.image, probe.question.text(), method=engine.method)  # type: ignore[arg-type]
     for i in range(n):
         puzzle = make_puzzle(split_seed("test", i))
         image, question = puzzle.image, puzzle.question.text()
@@ -222,16 +258,15 @@ def _measure(
             if m in ("target_generate", "assisted"):
                 t = time.perf_counter()
                 helper = assistant if m == "assisted" else None
-                text, tokens = with_sft.call_model(_generate_text, target, image, question, helper)
+                text, tokens = alone.call_model(_generate_text, target, image, question, helper)
                 row.wall.append(time.perf_counter() - t)
                 row.correct.append(parse_answer(text) == puzzle.answer)
                 row.tokens += tokens
                 continue
-            draft_name, method, separate = _ENGINE[m]
-            reasoner = reasoners[(draft_name, separate)]
+            engine = _ENGINE[m]
             # the Reasoner's own long-lived loop and worker threads, as in a service (a fresh
             # anyio.run per request would also pay for new threads and their OpenMP teams)
-            r = reasoner.invoke(image, question, method=method)  # type: ignore[arg-type]
+            r = reasoners[engine].invoke(image, question, method=engine.method)  # type: ignore[arg-type]
             s = r.stats
             row.wall.append(s.wall_s)
             row.first.append(s.time_to_first_step_s or s.wall_s)
@@ -241,6 +276,10 @@ def _measure(
             row.steps += len(r.steps)
             row.target_forwards += s.target_forwards
             row.draft_forwards += s.draft_forwards
+            for st in r.steps:
+                if st.rejected_draft is not None and st.cost is not None:
+                    row.rejected_forwards += st.cost.target_forwards
+                    row.rejected_tokens += st.cost.tokens
             row.tokens += (
                 s.target_tokens + s.draft_tokens
                 if m == "draft_only"
@@ -262,6 +301,7 @@ def _measure(
             "target_forwards_per_prompt": row.target_forwards / n if row.steps else None,
             "draft_forwards_per_prompt": row.draft_forwards / n if row.steps else None,
             "tokens_per_s": row.tokens / sum(row.wall),
+            "rejected_step_cost": row.rejected_forwards / row.rejected_tokens if row.rejected_tokens else None,
             "wall_s": row.wall,  # per prompt, in prompt order
         }
         if base is not None:
@@ -276,7 +316,8 @@ def _measure(
                 v=costs["v"],
                 step_tokens=step_tokens,
                 acceptance=rec["acceptance"],
-                overlap=_ENGINE[m][1] == "fpsr",
+                overlap=_ENGINE[m].method == "fpsr",
+                rejected_cost=rec["rejected_step_cost"] if rec["rejected_step_cost"] is not None else 1.0,
             )
             if "speedup_total" in rec:
                 rec["efficiency"] = rec["speedup_total"] / rec["ideal_speedup"]
@@ -308,6 +349,7 @@ def to_markdown(result: BenchResult) -> str:
         "first step s",
         "target fwd",
         "draft fwd",
+        "rejected step cost",
         "tok/s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -325,6 +367,7 @@ def to_markdown(result: BenchResult) -> str:
             f(r["first_step_median_s"]),
             f(r["target_forwards_per_prompt"], "{:.0f}"),
             f(r["draft_forwards_per_prompt"], "{:.0f}"),
+            f(r.get("rejected_step_cost"), "{:.0%}"),
             f"{r['tokens_per_s']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
