@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -17,6 +15,7 @@ from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend
 from dreamr_stream.config import SERVED_TARGET_SPECULATING, ReasonerConfig, VerificationConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
+from dreamr_stream.engine.owner import LoopBackend, OwnerLoop
 from dreamr_stream.engine.request import CacheContext, RequestContext
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.engine.threads import split_threads as _split
@@ -60,6 +59,11 @@ def _typed_error(e: BaseException) -> DreamrError:
 T = TypeVar("T")
 
 
+def _is_terminal(event: Event) -> bool:
+    """A request's last event, told once the request has ended (``Reasoner._events``)."""
+    return isinstance(event, (FinishedEvent, FailedEvent))
+
+
 def _is_url(path: str | Path) -> bool:
     return isinstance(path, str) and path.startswith(("http://", "https://"))
 
@@ -79,6 +83,12 @@ class Reasoner:
     >>> reasoner = Reasoner.demo()
     >>> async for step in reasoner.astream(image, "How many red shapes are there?"):
     ...     print(step.index, step.source.value, step.text)
+
+    One Reasoner serves every caller at once: async code on any event loop (asyncio or trio),
+    sync code in any thread (``invoke``, ``stream``), in any mix. Its requests all run on one
+    event loop that it owns, in a thread of its own (``engine.owner``): the per-model locks,
+    counters and store connections they share belong to that loop, and every entry point routes
+    its caller there, so no two loops ever touch them. ``close()`` stops that loop.
     """
 
     def __init__(
@@ -89,19 +99,20 @@ class Reasoner:
         config: ReasonerConfig | None = None,
         store: TrajectoryStore | None = None,
         split_threads: bool = True,
+        loop_backend: LoopBackend = "asyncio",
     ) -> None:
         """``store``: where verified trajectories are cached (default: in-memory, bounded).
         ``split_threads``: when both models run on the CPU, each model's calls take half of its
         intra-op threads, so that overlapping calls do not fight over the cores
-        (``engine.threads``); False leaves the threads as they are."""
+        (``engine.threads``); False leaves the threads as they are. ``loop_backend``: the anyio
+        backend of the Reasoner's own event loop, where its requests run (callers may use either)."""
         self.config = config or ReasonerConfig()
         t_threads, d_threads = _split(target, draft) if split_threads else (None, None)
         self.target = ModelRunner(target, "target", t_threads)
         self.draft = ModelRunner(draft, "draft", d_threads) if draft is not None else None
         self.store = store if store is not None else MemoryTrajectoryStore()
         self._store_guard = GuardedStore(self.store)
-        self._loop: asyncio.AbstractEventLoop | None = None  # for sync invoke, started on first use
-        self._loop_lock = threading.Lock()
+        self.loop = OwnerLoop(name="dreamr-reasoner", backend=loop_backend)  # started on first use
         self.active_requests = 0
 
     # ------------------------------------------------------------------ construction
@@ -227,47 +238,45 @@ class Reasoner:
         """Every engine event of one request; ends with ``finished`` or ``failed``.
 
         Leaving the loop early (break, cancellation, a closed client) cancels the request and
-        waits for its lanes, so no model call of it outlives the stream.
+        waits for its lanes, so no model call of it outlives the stream. ``inspect`` is called
+        on the Reasoner's own loop thread.
         """
-        async with aclosing(self._events(image, question, method=method, config=config, inspect=inspect)) as events:
-            async for event, _ in events:
+
+        async def events() -> AsyncGenerator[Event, None]:
+            async with aclosing(self._events(image, question, method=method, config=config, inspect=inspect)) as out:
+                async for event, _ in out:
+                    yield event
+
+        async with aclosing(self.loop.aiterate(events, last=_is_terminal)) as stream:
+            async for event in stream:
                 yield event
 
     async def astream(
         self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
     ) -> AsyncGenerator[Step, None]:
         """Verified steps only, each as soon as it is verified. Raises the request's error."""
-        async with aclosing(self._events(image, question, method=method, config=config)) as events:
-            async for event, error in events:
-                if error is not None:
-                    raise error
-                if isinstance(event, (VerifiedEvent, FallbackEvent)):
-                    yield event.step
+        async with aclosing(self.loop.aiterate(lambda: self._steps(image, question, method, config))) as steps:
+            async for step in steps:
+                yield step
 
     async def ainvoke(
         self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
     ) -> ReasoningResult:
-        async with aclosing(self._events(image, question, method=method, config=config)) as events:
-            async for event, error in events:
-                if error is not None:
-                    raise error
-                if isinstance(event, FinishedEvent):
-                    return event.result
-        raise BackendError("the request ended without a result")  # pragma: no cover - defensive
+        return await self.loop.acall(self._result, image, question, method, config)
 
     def invoke(
         self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
     ) -> ReasoningResult:
-        """Synchronous ``ainvoke``: from any thread, also inside a running event loop.
+        """Synchronous ``ainvoke``, from any thread (also one running an event loop: it blocks
+        that loop meanwhile), but not from the Reasoner's own loop (``inspect`` callbacks)."""
+        return self.loop.call(self._result, image, question, method, config)
 
-        Sync calls share one background event loop per Reasoner: the per-model locks are
-        loop-bound, so concurrent ``invoke`` calls from many threads queue on the same locks
-        instead of each spinning up a loop of its own (which would deadlock them).
-        """
-        future = asyncio.run_coroutine_threadsafe(
-            self.ainvoke(image, question, method=method, config=config), self._background_loop()
-        )
-        return future.result()
+    def stream(
+        self, image: ImageInput, question: str, *, method: Method = "fpsr", config: ReasonerConfig | None = None
+    ) -> Generator[Step, None, None]:
+        """Synchronous ``astream``, from any thread; ``close()`` on the generator (or leaving a
+        ``with contextlib.closing(...)`` block) cancels the request and waits for its lanes."""
+        return self.loop.iterate(lambda: self._steps(image, question, method, config))
 
     def call_model(self, fn: Callable[..., T], *args: Any, model: Literal["target", "draft"] = "target") -> T:
         """Run ``fn(*args)`` as one call of the named model, on the threads and behind the lock
@@ -281,14 +290,33 @@ class Reasoner:
         async def run() -> T:
             return await runner.call(fn, *args)
 
-        return asyncio.run_coroutine_threadsafe(run(), self._background_loop()).result()
+        return self.loop.call(run)
 
-    def _background_loop(self) -> asyncio.AbstractEventLoop:
-        with self._loop_lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="dreamr-invoke", daemon=True).start()
-            return self._loop
+    def close(self) -> None:
+        """Stop the Reasoner's event loop (a later call starts a new one); the backends stay."""
+        self.loop.close()
+
+    # ------------------------------------------------------------------ on the Reasoner's loop
+    async def _steps(
+        self, image: ImageInput, question: str, method: Method, config: ReasonerConfig | None
+    ) -> AsyncGenerator[Step, None]:
+        async with aclosing(self._events(image, question, method=method, config=config)) as events:
+            async for event, error in events:
+                if error is not None:
+                    raise error
+                if isinstance(event, (VerifiedEvent, FallbackEvent)):
+                    yield event.step
+
+    async def _result(
+        self, image: ImageInput, question: str, method: Method, config: ReasonerConfig | None
+    ) -> ReasoningResult:
+        async with aclosing(self._events(image, question, method=method, config=config)) as events:
+            async for event, error in events:
+                if error is not None:
+                    raise error
+                if isinstance(event, FinishedEvent):
+                    return event.result
+        raise BackendError("the request ended without a result")  # pragma: no cover - defensive
 
     async def _events(
         self,
@@ -345,23 +373,37 @@ class Reasoner:
                     return
                 await emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
 
-        # The request runs in its own task, not in a task group spanning our yields: a consumer
-        # that breaks out lets this generator be closed from another task, and the cleanup
-        # below (cancel, then wait) is valid from any task.
-        task = asyncio.get_running_loop().create_task(produce())
+        # The request runs in a task of the loop's own, not in a task group spanning our yields:
+        # a consumer that breaks out lets this generator be closed from another task (asyncio
+        # finalises a dropped generator in a task of its own), and the cleanup below (cancel,
+        # then wait) is valid from any task of the loop.
+        finished = anyio.Event()
+        crashed: list[BaseException] = []
+
+        async def request() -> None:
+            try:
+                await produce()
+            except Exception as e:  # a bug in the engine itself: raised to the consumer below
+                crashed.append(e)
+            finally:
+                self.active_requests -= 1
+                finished.set()
+
         self.active_requests += 1
+        self.loop.start_soon(request)
         try:
             async with recv:
                 async for item in recv:
+                    if isinstance(item[0], (FinishedEvent, FailedEvent)):
+                        # the request's end is told once it has ended: its sessions closed and
+                        # its counters down, wherever the consumer reads them
+                        await finished.wait()
                     yield item
         finally:
-            # anyio cancellation (not task.cancel()): it honours the shielded waits for model
-            # calls already running in threads, so when the task ends no call is left behind
+            # anyio cancellation: it honours the shielded waits for model calls already running
+            # in threads, so when the task ends no call is left behind
             scope.cancel()
-            try:
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait([task])
-            finally:  # even if a second, native cancellation cuts the wait short
-                self.active_requests -= 1
-            if not task.cancelled() and task.exception() is not None:  # a bug in the engine itself
-                raise BackendError("the engine crashed") from task.exception()
+            with anyio.CancelScope(shield=True):
+                await finished.wait()
+            if crashed:
+                raise BackendError("the engine crashed") from crashed[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import inspect
 import itertools
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ import anyio
 from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend, ScoreOutput, Session, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.engine.threads import CpuThreaded
+from dreamr_stream.errors import BackendError, DreamrError
 
 __all__ = ["ModelRunner", "Priority", "PriorityLock"]
 
@@ -40,18 +42,35 @@ class Priority:
 
 
 class PriorityLock:
-    """An async lock whose waiters are served by priority, then arrival order."""
+    """An async lock whose waiters are served by priority, then arrival order.
+
+    It belongs to the thread whose event loop first acquires it (a Reasoner's own loop,
+    ``engine.owner``): its waiters are that loop's events, which no other loop can wake, so a
+    second loop that waited on it would hang. That use raises at once instead.
+    """
 
     def __init__(self) -> None:
         self._held = False
         self._waiters: list[tuple[int, int, anyio.Event]] = []
         self._counter = itertools.count()
+        self._thread: threading.Thread | None = None
 
     @property
     def locked(self) -> bool:
         return self._held
 
+    def _check_thread(self) -> None:
+        here = threading.current_thread()
+        if self._thread is None:
+            self._thread = here
+        elif here is not self._thread:
+            raise RuntimeError(
+                f"a model lock of one event loop (thread {self._thread.name!r}) was used from another "
+                f"({here.name!r}); reach a Reasoner through its public methods, which route every caller to its loop"
+            )
+
     async def acquire(self, priority: int = 0) -> None:
+        self._check_thread()
         if not self._held and not self._waiters:
             self._held = True
             return
@@ -117,14 +136,25 @@ class ModelRunner:
 
     async def _op(self, op: str, *args: Any, priority: int = 0, **kwargs: Any) -> Any:
         fn = getattr(self.backend, op)
-        if not self.concurrent:
-            return await self.call(fn, *args, priority=priority, **kwargs)
-        self.in_flight += 1
-        self.calls += 1
         try:
-            return await fn(*args, **kwargs)
-        finally:
-            self.in_flight -= 1
+            if not self.concurrent:
+                return await self.call(fn, *args, priority=priority, **kwargs)
+            self.in_flight += 1
+            self.calls += 1
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self.in_flight -= 1
+        except DreamrError:
+            raise
+        except Exception as e:
+            raise self._failed(op, e) from e
+
+    def _failed(self, op: str, e: Exception) -> BackendError:
+        """Any other exception from a backend (a torch error, a child's traceback, a broken
+        connection) as a BackendError: the engine treats a failing draft as optional
+        (``go_alone``) by that type, whatever the backend raised."""
+        return BackendError(f"{self.name}: {op} failed: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ the backend operations
     async def open_session(self, image: Any, question: str, *, seed: int = 0, priority: int = 0) -> Session:

@@ -12,11 +12,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, cast
+
+import anyio
 
 import dreamr_stream
 from dreamr_langchain.types import ImageLike, VerdictEvent
@@ -99,18 +100,18 @@ async def reason_updates(
 ) -> AsyncGenerator[Update, None]:
     """Updates of one request; closing the generator early cancels the request and its lanes."""
     effective = config or reasoner.config
-    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+    deadline = None if timeout_s is None else anyio.current_time() + timeout_s
     held: Step | None = None
     stream = reasoner.astream_events(image, question, method=method, config=config)
     async with aclosing(cast(AsyncGenerator[Event, None], stream)) as events:
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
+                with anyio.fail_after(None if deadline is None else deadline - anyio.current_time()):
                     event = await anext(events)
             except StopAsyncIteration:
                 break
             except TimeoutError as e:
-                if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                if deadline is not None and anyio.current_time() >= deadline:
                     raise TimeoutError(f"the reasoner did not finish within {timeout_s} s") from e
                 raise
             if event.type == "verified" or event.type == "fallback":

@@ -146,7 +146,8 @@ class ReasonerRunnable(Runnable[ReasoningInput, ReasoningChunk]):
         self, inputs: Iterator[ReasoningInput], config: RunnableConfig, options: dict[str, Any]
     ) -> Iterator[ReasoningChunk]:
         image, question = self._request(list(inputs))
-        with closing(iterate_sync(lambda: reason_updates(self.reasoner, image, question, **options))) as updates:
+        updates = iterate_sync(lambda: reason_updates(self.reasoner, image, question, **options), self.reasoner)
+        with closing(updates):
             for update in updates:
                 if isinstance(update, VerdictUpdate):
                     dispatch_custom_event(VERDICT_EVENT, update.event, config=config)
