@@ -1,9 +1,17 @@
 """``ChatDreamr``: the reasoner as a LangChain chat model, one ``AIMessageChunk`` per verified step.
 
-A HumanMessage carries the image (a standard image content block) and the question; each
-verified step streams as one chunk whose ``additional_kwargs["dreamr_steps"]`` holds that step
-(source, TBVM verdict, the draft it replaced), so the summed message lists every step. The last
-chunk also carries ``usage_metadata``, the answer, ``finish_reason`` and the request's statistics.
+A HumanMessage carries the image (a standard image content block) and the question. The reply is
+what LangChain 1.x expects of a reasoning model:
+
+* each verified step is reasoning, not text: ``message.content_blocks`` lists one standard
+  ``{"type": "reasoning", "reasoning": step, "extras": {"source", "verdict", "timing"}}`` block
+  per step (``output_version="v1"`` stores those blocks in ``content``); older readers find the
+  steps joined by newlines in ``additional_kwargs["reasoning_content"]``, and every step's full
+  record (TBVM verdict, the draft it replaced) is in ``additional_kwargs["dreamr_steps"]``;
+* the answer is the text (``message.text``, and ``content`` by default), on the last chunk, which
+  also carries ``usage_metadata``, ``finish_reason`` and the request's statistics.
+
+The streamed chunks add up to the message that ``invoke`` returns.
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.messages import AIMessageChunk, BaseMessage, UsageMetadata
+from langchain_core.messages.block_translators import register_translator
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, field_validator
 
 from dreamr_langchain._bridge import iterate_sync
 from dreamr_langchain._updates import StepUpdate, reason_updates, with_generation
-from dreamr_langchain.messages import parse_messages
+from dreamr_langchain.messages import STEPS_KEY, parse_messages, reply_blocks, reply_chunk_blocks
 from dreamr_stream import Method, Reasoner, ReasonerConfig, ReasoningResult, Step
 
 __all__ = ["MODEL_NAMES", "ChatDreamr"]
@@ -34,6 +43,10 @@ log = logging.getLogger(__name__)
 #: ``model`` names: the reasoning method to run, e.g. ``"dreamr-fpsr"`` or ``"dreamr-target_only"``.
 MODEL_NAMES: dict[str, Method] = {f"dreamr-{m}": m for m in get_args(Method)}
 _CALL_OPTIONS = frozenset({"model", "temperature", "max_tokens", "max_steps", "timeout", "image", "stream"})
+PROVIDER = "dreamr"
+# ``content_blocks`` of a message whose response_metadata names this provider reads its steps as
+# reasoning blocks (and ``output_version="v1"`` writes those blocks into ``content``)
+register_translator(PROVIDER, reply_blocks, reply_chunk_blocks)
 
 
 @functools.cache
@@ -51,34 +64,44 @@ def _method(model: str) -> Method:
 
 @dataclass
 class _Chunker:
-    """Turns step updates into message chunks (pure): separators, stop sequences, the last chunk."""
+    """Turns step updates into message chunks (pure): reasoning, stop sequences, the answer, the last chunk."""
 
     model_name: str
     stops: Sequence[str]
     emitted: str = ""
     steps: int = 0
+    last_elapsed_s: float = 0.0
     done: bool = field(default=False, init=False)
 
     def chunk(self, update: StepUpdate) -> ChatGenerationChunk:
-        step = update.step
-        content = "" if step is None else ("\n" if self.steps else "") + step.text  # steps joined by newlines
+        step, result = update.step, update.result
+        reasoning = "" if step is None else ("\n" if self.steps else "") + step.text  # steps joined by newlines
         self.steps += step is not None
-        content, hit = self._cut(content)
-        self.emitted += content
-        last = hit is not None or update.result is not None
-        extra = {"dreamr_steps": [step.model_dump(mode="json")]} if step is not None else {}
+        reasoning, hit = self._cut(reasoning)
+        self.emitted += reasoning
+        last = hit is not None or result is not None
+        extra: dict[str, Any] = {}
+        if step is not None:
+            extra = {"reasoning_content": reasoning, STEPS_KEY: [self._record(step)]}
+        answer = result.answer if result is not None and hit is None and result.answer is not None else ""
         message = AIMessageChunk(
-            content=content,
+            content=answer,
             additional_kwargs=extra,
-            response_metadata=self._final_metadata(step, update.result, hit) if last else {},
-            usage_metadata=_usage(update.result) if update.result is not None else None,
+            response_metadata=self._final_metadata(step, result, hit) if last else {"model_provider": PROVIDER},
+            usage_metadata=_usage(result) if result is not None else None,
             chunk_position="last" if last else None,
         )
         self.done = last
         return ChatGenerationChunk(message=message)
 
+    def _record(self, step: Step) -> dict[str, Any]:
+        """The step as JSON, with ``step_s``: seconds since the previous step (or the request's start)."""
+        step_s = max(0.0, step.elapsed_s - self.last_elapsed_s)
+        self.last_elapsed_s = step.elapsed_s
+        return {**step.model_dump(mode="json"), "step_s": round(step_s, 6)}
+
     def _cut(self, content: str) -> tuple[str, str | None]:
-        """``content`` up to the first stop sequence in the whole text, and that sequence."""
+        """``content`` up to the first stop sequence in the whole reasoning, and that sequence."""
         text = self.emitted + content
         found = [(text.find(s, max(0, len(self.emitted) - len(s) + 1)), s) for s in self.stops if s]
         hits = sorted((i, s) for i, s in found if i >= 0)
@@ -89,7 +112,7 @@ class _Chunker:
 
     def _final_metadata(self, step: Step | None, result: ReasoningResult | None, hit: str | None) -> dict[str, Any]:
         reason = "stop" if hit is not None or (step is not None and step.is_final) else "length"
-        meta: dict[str, Any] = {"model_name": self.model_name, "model_provider": "dreamr", "finish_reason": reason}
+        meta: dict[str, Any] = {"model_name": self.model_name, "model_provider": PROVIDER, "finish_reason": reason}
         if hit is not None:
             meta["stop_sequence"] = hit
         if result is not None:
@@ -113,7 +136,8 @@ class ChatDreamr(BaseChatModel):
     ...     {"type": "image", "base64": b64_png, "mime_type": "image/png"},
     ... ])
     >>> for chunk in chat.stream([msg]):
-    ...     print(chunk.content, chunk.additional_kwargs["dreamr_steps"][0]["source"])
+    ...     for block in chunk.content_blocks:
+    ...         print(block["type"], block.get("reasoning") or block.get("text"))
 
     ``model`` picks the method (:data:`MODEL_NAMES`). Parameters map onto the reasoner's
     ``GenerationConfig``: ``temperature``; ``max_tokens`` caps each *step*

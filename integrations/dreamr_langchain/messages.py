@@ -1,4 +1,6 @@
-"""Chat messages -> one (image, question) request, with a clear error for anything else.
+"""Chat messages -> one (image, question) request; the reply's steps -> standard reasoning blocks.
+
+Input side:
 
 The reasoner answers one question about one image; it has no notion of a conversation. So:
 
@@ -13,22 +15,40 @@ The reasoner answers one question about one image; it has no notion of a convers
 
 Image data is decoded here to bytes, never passed on as a string: the core would try a short
 string as a file path first, and message content must never be able to read local files.
+
+Output side: a reply carries its verified steps in ``additional_kwargs["dreamr_steps"]`` and the
+answer as its text. :func:`reply_blocks` and :func:`reply_chunk_blocks` are the content
+translator registered for the ``dreamr`` provider, so ``message.content_blocks`` (and
+``output_version="v1"``, which stores those blocks in ``content``) shows each step as a standard
+``{"type": "reasoning", "reasoning": ..., "extras": {"source", "verdict", "timing"}}`` block
+before the answer's text block.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.content import ContentBlock, ReasoningContentBlock, TextContentBlock
 
 from dreamr_langchain.types import ImageLike, UnsupportedContentError
 from dreamr_stream import InvalidImageError, InvalidQuestionError
 
-__all__ = ["ChatRequest", "parse_messages"]
+__all__ = [
+    "STEPS_KEY",
+    "ChatRequest",
+    "parse_messages",
+    "reasoning_block",
+    "reply_blocks",
+    "reply_chunk_blocks",
+]
+
+#: ``additional_kwargs`` key of a reply's verified steps (each a ``Step`` as JSON, plus ``step_s``).
+STEPS_KEY = "dreamr_steps"
 
 
 @dataclass(frozen=True)
@@ -110,3 +130,51 @@ def parse_messages(messages: Sequence[BaseMessage], default_image: ImageLike | N
     if not text:
         raise InvalidQuestionError(f"message {last} (the last HumanMessage) has no question text")
     return ChatRequest(image=image, question=text)
+
+
+# ---------------------------------------------------------------------------------- replies
+def reasoning_block(step: Mapping[str, Any], *, index: int | None = None) -> ReasoningContentBlock:
+    """One verified step (a ``dreamr_steps`` entry) as a standard reasoning block."""
+    timing = {"elapsed_s": step.get("elapsed_s"), "step_s": step.get("step_s")}
+    extras = {"source": step.get("source"), "verdict": step.get("verdict"), "timing": timing}
+    if step.get("rejected_draft") is not None:
+        extras["rejected_draft"] = step["rejected_draft"]
+    block = ReasoningContentBlock(type="reasoning", reasoning=str(step.get("text", "")), extras=extras)
+    if index is not None:
+        block["index"] = index
+    return block
+
+
+def _steps(message: BaseMessage) -> list[Mapping[str, Any]]:
+    steps = message.additional_kwargs.get(STEPS_KEY) or []
+    return [s for s in steps if isinstance(s, Mapping)]
+
+
+def _text_blocks(content: str | list[Any]) -> list[ContentBlock]:
+    if isinstance(content, str):
+        return [TextContentBlock(type="text", text=content)] if content else []
+    blocks: list[ContentBlock] = []
+    for item in content:
+        if isinstance(item, str):
+            blocks.append(TextContentBlock(type="text", text=item))
+        elif isinstance(item, dict) and item.get("type") != "reasoning":
+            blocks.append(cast(ContentBlock, item))
+    return blocks
+
+
+def reply_blocks(message: AIMessage) -> list[ContentBlock]:
+    """A whole reply: one reasoning block per verified step, then the answer's text block."""
+    reasoning: list[ContentBlock] = [reasoning_block(s) for s in _steps(message)]
+    return reasoning + _text_blocks(message.content)
+
+
+def reply_chunk_blocks(chunk: AIMessageChunk) -> list[ContentBlock]:
+    """One streamed chunk's blocks, each with an ``index`` so that summed chunks keep one block per
+    step: a step's block is indexed by the step, the answer's text by the step after the last."""
+    steps = _steps(chunk)
+    blocks: list[ContentBlock] = [reasoning_block(s, index=int(s.get("index", 0))) for s in steps]
+    after = max((int(s.get("index", 0)) for s in steps), default=-1) + 1
+    for block in _text_blocks(chunk.content):
+        block.setdefault("index", after)  # type: ignore[typeddict-item]
+        blocks.append(block)
+    return blocks

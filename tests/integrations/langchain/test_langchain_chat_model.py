@@ -99,7 +99,8 @@ async def test_astream_yields_one_chunk_per_step_with_its_verdict_and_source(rea
     chat = ChatDreamr(reasoner=reasoner)
     chunks = [c async for c in chat.astream([ask(IMAGE_BLOCKS["openai_image_url"])])]
     assert len(chunks) == len(TARGET)
-    assert [c.content for c in chunks] == [TARGET[0], *("\n" + t for t in TARGET[1:])]
+    assert [c.content for c in chunks] == ["", "", "", "4"]  # the steps are reasoning; the answer is the text
+    assert [c.additional_kwargs["reasoning_content"] for c in chunks] == [TARGET[0], *("\n" + t for t in TARGET[1:])]
     steps = [c.additional_kwargs["dreamr_steps"] for c in chunks]
     assert all(len(s) == 1 for s in steps)
     assert [s[0]["source"] for s in steps] == ["draft", "target", "draft", "draft"]
@@ -112,7 +113,8 @@ async def test_astream_yields_one_chunk_per_step_with_its_verdict_and_source(rea
     assert last.response_metadata["finish_reason"] == "stop" and last.response_metadata["answer"] == "4"
     full = sum(chunks[1:], chunks[0])
     assert isinstance(full, AIMessageChunk)
-    assert full.text == "\n".join(TARGET)
+    assert full.text == "4"
+    assert full.additional_kwargs["reasoning_content"] == "\n".join(TARGET)
     assert [s["text"] for s in full.additional_kwargs["dreamr_steps"]] == TARGET
 
 
@@ -125,7 +127,8 @@ async def test_invoke_ainvoke_and_stream_agree(reasoner: Reasoner) -> None:
     streamed = await asyncio.to_thread(lambda: list(chat.stream(message)))
     for result in (async_result, sync_result):
         assert isinstance(result, AIMessage)
-        assert result.content == "\n".join(TARGET)
+        assert result.content == "4"
+        assert result.additional_kwargs["reasoning_content"] == "\n".join(TARGET)
         assert len(result.additional_kwargs["dreamr_steps"]) == len(TARGET)
         assert result.usage_metadata is not None and result.response_metadata["model_name"] == "dreamr-fpsr"
     assert "".join(str(c.content) for c in streamed) == async_result.content
@@ -134,14 +137,16 @@ async def test_invoke_ainvoke_and_stream_agree(reasoner: Reasoner) -> None:
 def test_batch_runs_every_conversation(reasoner: Reasoner) -> None:
     chat = ChatDreamr(reasoner=reasoner)
     results = chat.batch([[ask(IMAGE_BLOCKS["v1_base64"], f"q{i}")] for i in range(3)])
-    assert [r.content for r in results] == ["\n".join(TARGET)] * 3
+    assert [r.content for r in results] == ["4"] * 3
+    assert [r.additional_kwargs["reasoning_content"] for r in results] == ["\n".join(TARGET)] * 3
 
 
 def test_stop_sequence_ends_the_stream_and_the_request() -> None:
     reasoner = make_reasoner(delay=0.005)
     chat = ChatDreamr(reasoner=reasoner)
     chunks = list(chat.stream([ask(IMAGE_BLOCKS["v1_base64"])], stop=["two"]))
-    assert "".join(str(c.content) for c in chunks) == f"{TARGET[0]}\nread row "
+    assert "".join(c.additional_kwargs["reasoning_content"] for c in chunks) == f"{TARGET[0]}\nread row "
+    assert all(c.content == "" for c in chunks)  # stopped before any answer
     assert chunks[-1].chunk_position == "last"
     assert chunks[-1].response_metadata["finish_reason"] == "stop"
     assert chunks[-1].response_metadata["stop_sequence"] == "two"
@@ -149,7 +154,7 @@ def test_stop_sequence_ends_the_stream_and_the_request() -> None:
     wait_idle(reasoner)
     # constructor-level stop sequences work the same way
     result = ChatDreamr(reasoner=make_reasoner(), stop=["count"]).invoke([ask(IMAGE_BLOCKS["v1_base64"])])
-    assert result.content == f"{TARGET[0]}\n{TARGET[1]}\n"
+    assert result.additional_kwargs["reasoning_content"] == f"{TARGET[0]}\n{TARGET[1]}\n"
 
 
 def test_model_name_selects_the_method(reasoner: Reasoner) -> None:
@@ -167,17 +172,18 @@ def test_model_name_selects_the_method(reasoner: Reasoner) -> None:
 def test_generation_parameters_reach_the_reasoner(reasoner: Reasoner) -> None:
     chat = ChatDreamr(reasoner=reasoner, max_steps=2, temperature=0.0, max_tokens=50)
     result = chat.invoke([ask(IMAGE_BLOCKS["v1_base64"])])
-    assert result.content == f"{TARGET[0]}\n{TARGET[1]}"
+    assert result.additional_kwargs["reasoning_content"] == f"{TARGET[0]}\n{TARGET[1]}"
+    assert result.content == ""  # no answer within two steps
     assert result.response_metadata["finish_reason"] == "length"
     shorter = chat.invoke([ask(IMAGE_BLOCKS["v1_base64"])], max_steps=1)
-    assert shorter.content == TARGET[0]
+    assert shorter.additional_kwargs["reasoning_content"] == TARGET[0]
     with pytest.raises(TypeError, match="unexpected keyword"):
         chat.invoke([ask(IMAGE_BLOCKS["v1_base64"])], top_k=3)
 
 
 def test_default_image_serves_text_only_conversations(reasoner: Reasoner) -> None:
     chat = ChatDreamr(reasoner=reasoner, default_image=PNG)
-    assert chat.invoke("how many?").content == "\n".join(TARGET)
+    assert chat.invoke("how many?").content == "4"
     with pytest.raises(InvalidImageError, match="no image"):
         ChatDreamr(reasoner=reasoner).invoke("how many?")
 
@@ -211,3 +217,57 @@ async def test_astream_events_show_one_stream_event_per_step(reasoner: Reasoner)
     events = [e async for e in chat.astream_events([ask(IMAGE_BLOCKS["v1_base64"])], version="v2")]
     streamed = [e["data"]["chunk"] for e in events if e["event"] == "on_chat_model_stream"]
     assert [c.additional_kwargs["dreamr_steps"][0]["text"] for c in streamed] == TARGET
+
+
+def _reasoning(blocks: list[Any]) -> list[tuple[str, str]]:
+    return [(b["reasoning"], b["extras"]["source"]) for b in blocks if b["type"] == "reasoning"]
+
+
+def _untimed(blocks: Any) -> list[dict[str, Any]]:
+    """Blocks without what differs between two runs (timing) or between streamed and whole (index)."""
+    out = []
+    for block in blocks:
+        block = {k: v for k, v in block.items() if k != "index"}
+        if "extras" in block:
+            block["extras"] = {k: v for k, v in block["extras"].items() if k != "timing"}
+        out.append(block)
+    return out
+
+
+def test_steps_are_standard_reasoning_blocks_and_the_answer_is_the_text(reasoner: Reasoner) -> None:
+    result = ChatDreamr(reasoner=reasoner).invoke([ask(IMAGE_BLOCKS["v1_base64"])])
+    blocks = result.content_blocks
+    assert [b["type"] for b in blocks] == ["reasoning"] * len(TARGET) + ["text"]
+    assert _reasoning(blocks) == list(zip(TARGET, ["draft", "target", "draft", "draft"], strict=True))
+    assert blocks[-1]["text"] == "4" and result.text == "4"
+    first, repaired = blocks[0]["extras"], blocks[1]["extras"]  # type: ignore[typeddict-item]
+    assert first["verdict"]["accepted"] is True and repaired["rejected_draft"] == DRAFT[1]
+    timing = [b["extras"]["timing"] for b in blocks[:-1]]  # type: ignore[typeddict-item]
+    assert all(t["step_s"] >= 0 for t in timing)
+    assert sum(t["step_s"] for t in timing) == pytest.approx(timing[-1]["elapsed_s"], abs=1e-5)
+
+
+@pytest.mark.parametrize("version", ["v0", "v1"])
+def test_streamed_chunks_add_up_to_the_invoked_message(reasoner: Reasoner, version: str) -> None:
+    chat = ChatDreamr(reasoner=reasoner, output_version=version)
+    message = [ask(IMAGE_BLOCKS["v1_base64"])]
+    invoked = chat.invoke(message)
+    chunks = list(chat.stream(message))
+    full = sum(chunks[1:], chunks[0])
+    assert full.text == invoked.text == "4"
+    assert _untimed(full.content_blocks) == _untimed(invoked.content_blocks)
+    assert len(_reasoning(full.content_blocks)) == len(TARGET)
+    assert full.additional_kwargs["reasoning_content"] == invoked.additional_kwargs["reasoning_content"]
+    if version == "v1":  # the blocks are the content itself, one per step, then the answer
+        assert isinstance(invoked.content, list) and _untimed(full.content) == _untimed(invoked.content)
+        assert len(invoked.content) == len(TARGET) + 1
+        assert [b["type"] for b in chunks[0].content] == ["reasoning"]  # type: ignore[index]
+
+
+def test_older_readers_find_the_steps_in_reasoning_content(reasoner: Reasoner) -> None:
+    """A reader that knows no dreamr translator (a message rebuilt from plain fields) still sees the
+    steps as reasoning, through LangChain's reading of ``additional_kwargs["reasoning_content"]``."""
+    result = ChatDreamr(reasoner=reasoner).invoke([ask(IMAGE_BLOCKS["v1_base64"])])
+    plain = AIMessage(content=result.content, additional_kwargs={"reasoning_content": "\n".join(TARGET)})
+    assert [b["type"] for b in plain.content_blocks] == ["reasoning", "text"]
+    assert plain.content_blocks[0]["reasoning"] == result.additional_kwargs["reasoning_content"]

@@ -54,7 +54,10 @@ async def test_chat_model_output_equals_reasoner_ainvoke(demo_reasoner: Reasoner
     chunks = [c async for c in chat.astream([message])]
     assert len(chunks) == len(expected.steps)
     result = await chat.ainvoke([message])
-    assert result.content == "\n".join(s.text for s in expected.steps)
+    assert result.text == expected.answer
+    assert result.additional_kwargs["reasoning_content"] == "\n".join(s.text for s in expected.steps)
+    reasoning = [b for b in result.content_blocks if b["type"] == "reasoning"]
+    assert [b.get("reasoning") for b in reasoning] == [s.text for s in expected.steps]
     assert comparable(expected.steps) == [
         (s["index"], s["text"], s["source"], s["is_final"], s["rejected_draft"], (s["verdict"] or {}).get("accepted"))
         for s in result.additional_kwargs["dreamr_steps"]
