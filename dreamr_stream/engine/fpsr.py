@@ -6,16 +6,18 @@ three lanes at once:
 
 * draft lane: writes steps k, k+1, ... on ``D``, at most ``lookahead`` steps ahead of the
   last verified one (a semaphore), and hands each to the verification lane in order;
-* verification lane (this coroutine): scores each drafted step on ``T`` in one forward
-  (candidate + judge suffix); TBVM decides. Accept: the step is yielded and its tokens stay
-  in ``T`` (the suffix is already rolled back). Reject: the epoch ends;
-* target lane (the fallback): writes the target's own step k on a fork of ``T``, at lower
+* verification lane (the driver, this module): scores each drafted step on ``T`` in one
+  forward (candidate + judge suffix); TBVM decides. Accept: the step is yielded and its tokens
+  stay in ``T``. Reject: the target's own step replaces it and the epoch ends;
+* target lane (the fallback): writes the target's own step on a fork of ``T``, at lower
   priority than verification, so that a rejection costs only what is left of that step.
 
-On a reject the target's step is yielded (from the fallback when it ran, else written on
-``T`` after rolling back the candidate), the draft lane is cancelled and awaited, ``D`` is
-rolled back to the verified boundary and the target's step is appended to it; the next
-epoch begins. Greedy decisions do not depend on timing, so results are deterministic.
+What to do when is decided by ``engine.policy.EpochPolicy``, a pure state machine; this module
+performs its actions (model calls, tasks, cancel scopes, events, counts) and feeds back what
+happened. A rejected step is repaired (``engine.repair``) unless its fallback finished first.
+At the end of an epoch the draft lane is cancelled and awaited, ``D`` is rolled back to the
+verified boundary and the target's step is appended to it; the next epoch begins. Greedy
+decisions do not depend on timing, so results are deterministic.
 
 The draft is an optimisation, not a dependency: when one of its calls fails (its process died,
 its server errors), the request goes on with the target alone from the verified prefix, says
@@ -29,24 +31,26 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dreamr_stream.backends.base import ScoreOutput, Session
-from dreamr_stream.engine.repair import TargetStep, can_repair, write_target_step
+from dreamr_stream.engine import policy as P
+from dreamr_stream.engine.repair import can_repair, write_target_step
 from dreamr_stream.engine.request import RequestContext, step_cost
 from dreamr_stream.engine.runner import ModelRunner, Priority
 from dreamr_stream.errors import BackendError
 from dreamr_stream.events import CacheHitEvent, DraftedEvent, RejectedEvent
 from dreamr_stream.store import Trajectory, image_png
-from dreamr_stream.types import StepCost, StepSource
+from dreamr_stream.types import StepCost, StepSource, Verdict
 
 __all__ = ["fallback_enabled", "run_fpsr"]
 
 log = logging.getLogger(__name__)
 Inspect = Callable[[Session, Session], None]
+fallback_enabled = P.fallback_enabled  # re-exported: the policy owns it
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,7 @@ class _Draft:
     eos: bool
 
 
-def fallback_enabled(mode: str, *, on_gpu: bool, judged: int, accepted: int) -> bool:
-    """``auto``: on a GPU always (lanes truly overlap); on a CPU only while this request's
-    drafts are mostly rejected (>= 2 judged, acceptance < 50%), since there a speculative
-    target step competes with the draft for the same cores."""
-    if mode != "auto":
-        return mode == "on"
-    if on_gpu:
-        return True
-    return judged >= 2 and accepted / judged < 0.5
+Lane = MemoryObjectSendStream[P.Observation | _Draft]  # what the lanes tell the driver
 
 
 @dataclass
@@ -81,7 +77,7 @@ class _Fallback:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     failure: BaseException | None = None
 
-    async def run(self, ctx: RequestContext, fork: Session) -> None:
+    async def run(self, ctx: RequestContext, fork: Session, lane: Lane) -> None:
         target = ctx.target
         assert target is not None
         self.session = fork
@@ -96,10 +92,12 @@ class _Fallback:
                     chunk=ctx.config.scheduling.fallback_chunk_tokens,
                 )
                 self.text, self.eos, self.cost = out.text, out.eos, step_cost(out)
-        except Exception as e:  # handed to the verification lane, which raises it
+        except Exception as e:  # handed to the driver, which raises it
             self.failure = e
         finally:
             self.finished.set()
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                lane.send_nowait(P.FallbackDone(self.index))
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -111,30 +109,27 @@ def _draft_failed(ctx: RequestContext, e: BackendError) -> None:
 
 
 async def _draft_lane(
-    ctx: RequestContext,
-    draft_session: Session,
-    send: anyio.abc.ObjectSendStream[_Draft],
-    permits: anyio.Semaphore,
-    bounds: list[int],
-    start: int,
+    ctx: RequestContext, draft_session: Session, lane: Lane, permits: anyio.Semaphore, bounds: list[int], start: int
 ) -> None:
     draft = ctx.draft
     assert draft is not None
-    async with send:  # closing it tells the verification lane that no more drafts come
-        try:
-            for index in range(start, ctx.config.generation.max_steps):
-                await permits.acquire()
-                bounds.append(draft_session.length)
-                out = await ctx.write_step(draft, draft_session, index=index, lane="draft")
-                await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
-                await send.send(_Draft(index, out.text, out.eos))
-                if ctx.is_final(out.text, out.eos):
-                    return
-        except BackendError as e:
-            _draft_failed(ctx, e)
+    try:
+        for index in range(start, ctx.config.generation.max_steps):
+            await permits.acquire()
+            bounds.append(draft_session.length)
+            out = await ctx.write_step(draft, draft_session, index=index, lane="draft")
+            await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
+            lane.send_nowait(_Draft(index, out.text, out.eos))
+            if ctx.is_final(out.text, out.eos):
+                break
+    except BackendError as e:
+        _draft_failed(ctx, e)
+    lane.send_nowait(P.DraftsEnded())  # not reached when cancelled: the epoch has ended then
 
 
 class _FPSR:
+    """The driver: performs one request's epochs as ``EpochPolicy`` decides them."""
+
     def __init__(self, ctx: RequestContext, target_session: Session, draft_session: Session) -> None:
         self.ctx = ctx
         self.T = target_session
@@ -153,96 +148,16 @@ class _FPSR:
                 fb.session = None
         self.fallbacks.clear()
 
-    async def _start_fallback(self, tg: TaskGroup, index: int) -> _Fallback | None:
-        c = self.ctx.counts
-        if index >= self.ctx.config.generation.max_steps or not fallback_enabled(
-            self.ctx.config.scheduling.fallback, on_gpu=self.on_gpu, judged=c["judged"], accepted=c["accepted"]
-        ):
-            return None
-        # fork in the verification lane, before anything else touches T
-        fork = await self.target.fork(self.T, priority=Priority.FALLBACK)
-        fb = _Fallback(index, session=fork)
-        self.fallbacks.append(fb)  # owned by the epoch: closed there unless adopted
-        tg.start_soon(fb.run, self.ctx, fork)
-        return fb
-
-    def _drop(self, fb: _Fallback | None) -> None:
-        if fb is not None:
-            fb.cancel()
-
-    async def _target_step(
-        self, fb: _Fallback | None, index: int, rejected: str = "", score: ScoreOutput | None = None
-    ) -> TargetStep:
-        """The target's own step ``index``: from a finished fallback; else repaired from the
-        rejected draft (``engine.repair``) when it can be; else from the fallback lane; else
-        written on ``T``."""
-        if fb is not None and (fb.finished.is_set() or not can_repair(self.ctx, self.target, score)):
-            fb.priority = Priority.VERIFY  # now on the critical path
-            await fb.finished.wait()
-            if fb.failure is not None:
-                raise fb.failure
-            assert fb.session is not None
-            old, self.T = self.T, fb.session
-            fb.session = None
-            self.target.close(old)
-            return TargetStep(fb.text, fb.eos, None, fb.cost)
-        self._drop(fb)
-        return await write_target_step(self.ctx, self.target, self.T, index=index, rejected=rejected, score=score)
-
     async def epoch(self) -> None:
         ctx = self.ctx
         start = len(ctx.steps)
         bounds: list[int] = []  # D's length before each step drafted in this epoch
         try:
-            resync = await self._lanes(start, bounds)
+            resync = await _Epoch(self, start, bounds).run()
         finally:
             self.close_fallbacks()
         if resync is not None and not ctx.done() and not ctx.alone:
             await self._resync_draft(resync, bounds[len(ctx.steps) - 1 - start :])
-
-    async def _lanes(self, start: int, bounds: list[int]) -> str | None:
-        """Run the lanes until a rejection or the end; returns the target step the draft
-        must adopt, if any."""
-        ctx = self.ctx
-        resync: str | None = None
-        send, recv = anyio.create_memory_object_stream[_Draft](math.inf)
-        permits = anyio.Semaphore(ctx.config.scheduling.lookahead)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_draft_lane, ctx, self.D, send, permits, bounds, start)
-            fb = await self._start_fallback(tg, start)
-            async with recv:
-                async for d in recv:
-                    if d.text.strip():
-                        verdict, score = await ctx.judge(self.T, d.text, d.index)
-                    else:  # an empty draft is no evidence: the target writes this step
-                        verdict, score = None, None
-                    if verdict is not None and verdict.accepted:
-                        self._drop(fb)
-                        await ctx.accept(d.text, StepSource.DRAFT, eos=d.eos, verdict=verdict)
-                        permits.release()
-                        if ctx.done():
-                            break
-                        fb = await self._start_fallback(tg, d.index + 1)
-                        continue
-                    if verdict is not None:
-                        await ctx.emit(RejectedEvent(index=d.index, text=d.text, verdict=verdict, elapsed_s=ctx.now()))
-                    own = await self._target_step(fb, d.index, d.text, score)
-                    fb = None
-                    await ctx.accept(
-                        own.text, StepSource.TARGET, eos=own.eos, rejected_draft=d.text, kept=own.kept, cost=own.cost
-                    )
-                    resync = own.text
-                    break
-                else:
-                    # the draft lane ended without a final verified step: the target writes one
-                    if not ctx.done():
-                        own = await self._target_step(fb, len(ctx.steps))
-                        fb = None
-                        await ctx.accept(own.text, StepSource.TARGET, eos=own.eos, cost=own.cost)
-                        resync = own.text
-            self._drop(fb)
-            tg.cancel_scope.cancel()  # stop the draft lane; the task group awaits it
-        return resync
 
     async def replay(self, cached: list[str]) -> None:
         """Cached steps as free drafts: TBVM verifies each (one target forward, no decoding),
@@ -289,6 +204,157 @@ class _FPSR:
             _draft_failed(ctx, e)
             return
         ctx.count(draft, 1, n)
+
+
+class _Epoch:
+    """One epoch's lanes and the actions ``EpochPolicy`` asks for, performed in order."""
+
+    def __init__(self, run: _FPSR, start: int, bounds: list[int]) -> None:
+        self.run_ = run
+        self.ctx = run.ctx
+        self.start = start
+        self.bounds = bounds
+        self.drafts: dict[int, _Draft] = {}
+        self.judged: dict[int, tuple[Verdict, ScoreOutput]] = {}
+        self.fallback: _Fallback | None = None
+        self.resync: str | None = None
+        self.permits = anyio.Semaphore(self.ctx.config.scheduling.lookahead)
+        c = self.ctx.counts
+        self.policy = P.EpochPolicy(
+            start,
+            max_steps=self.ctx.config.generation.max_steps,
+            fallback=self.ctx.config.scheduling.fallback,
+            on_gpu=run.on_gpu,
+            judged=c["judged"],
+            accepted=c["accepted"],
+        )
+
+    async def run(self) -> str | None:
+        """Run the lanes until the policy ends the epoch; returns the target step the draft
+        must adopt, if any."""
+        send, recv = anyio.create_memory_object_stream[P.Observation | _Draft](math.inf)
+        async with send, recv, anyio.create_task_group() as tg:
+            self.tg = tg
+            tg.start_soon(_draft_lane, self.ctx, self.run_.D, send, self.permits, self.bounds, self.start)
+            await self._drive(send, recv)
+            if self.fallback is not None:
+                self.fallback.cancel()
+            tg.cancel_scope.cancel()  # stop the draft lane; the task group awaits it
+        return self.resync
+
+    async def _drive(self, lane: Lane, recv: MemoryObjectReceiveStream[P.Observation | _Draft]) -> None:
+        actions = self.policy.begin()
+        while True:
+            outcome: P.Observation | None = None
+            for action in actions:
+                done = await self._perform(action, lane)
+                if done is not None:
+                    assert outcome is None, "the policy asked for two outcomes at once"
+                    outcome = done
+            if self.policy.ended:
+                return
+            # what the lanes reported meanwhile comes first: the outcome is decided in that state
+            news = [self._observe(m) for m in _drain(recv)]
+            if outcome is not None:
+                news.append(outcome)
+            if not news:
+                news = [self._observe(await recv.receive())]
+            actions = [a for obs in news for a in self.policy.on(obs)]
+
+    def _observe(self, message: P.Observation | _Draft) -> P.Observation:
+        if not isinstance(message, _Draft):
+            return message
+        self.drafts[message.index] = message
+        final = self.ctx.is_final(message.text, message.eos)
+        return P.Drafted(message.index, empty=not message.text.strip(), final=final)
+
+    async def _perform(self, action: P.Action, lane: Lane) -> P.Observation | None:
+        ctx = self.ctx
+        match action:
+            case P.Judge(index=i):
+                verdict, score = await ctx.judge(self.run_.T, self.drafts[i].text, i)
+                self.judged[i] = (verdict, score)
+                return P.Judged(i, verdict.accepted, can_repair(ctx, self.run_.target, score))
+            case P.Accept(index=i):
+                d, (verdict, _) = self.drafts[i], self.judged[i]
+                await ctx.accept(d.text, StepSource.DRAFT, eos=d.eos, verdict=verdict)
+                self.permits.release()
+            case P.Reject(index=i):
+                verdict, _ = self.judged[i]
+                await ctx.emit(RejectedEvent(index=i, text=self.drafts[i].text, verdict=verdict, elapsed_s=ctx.now()))
+            case P.StartFallback(index=i):
+                await self._start_fallback(i, lane)
+            case P.DropFallback():
+                if self.fallback is not None:
+                    self.fallback.cancel()
+                    self.fallback = None
+            case P.UseFallback(index=i):
+                return await self._use_fallback(i)
+            case P.WriteTarget(index=i):
+                return await self._write_target(i)
+            case P.EndEpoch(resync=resync):
+                if not resync:
+                    self.resync = None
+            case _:
+                assert_never(action)
+        return None
+
+    async def _start_fallback(self, index: int, lane: Lane) -> None:
+        # fork in the verification lane, before anything else touches T
+        fork = await self.run_.target.fork(self.run_.T, priority=Priority.FALLBACK)
+        fb = _Fallback(index, session=fork)
+        self.run_.fallbacks.append(fb)  # owned by the epoch: closed there unless adopted
+        self.fallback = fb
+        self.tg.start_soon(fb.run, self.ctx, fork, lane)
+
+    async def _write_target(self, index: int) -> P.Observation:
+        """The target's step on ``T``: a judged candidate (still in ``T``) is rolled back and,
+        where the policy found it repairable, repaired (``engine.repair``)."""
+        d = self.drafts.get(index)
+        scored = self.judged.get(index)
+        own = await write_target_step(
+            self.ctx,
+            self.run_.target,
+            self.run_.T,
+            index=index,
+            rejected=d.text if d else "",
+            score=scored[1] if scored else None,
+        )
+        rejected = d.text if d else None
+        await self.ctx.accept(
+            own.text, StepSource.TARGET, eos=own.eos, rejected_draft=rejected, kept=own.kept, cost=own.cost
+        )
+        self.resync = own.text
+        return P.TargetWrote(index, final=self.ctx.is_final(own.text, own.eos))
+
+    async def _use_fallback(self, index: int) -> P.Observation:
+        fb = self.fallback
+        assert fb is not None and fb.index == index
+        self.fallback = None
+        fb.priority = Priority.VERIFY  # now on the critical path
+        await fb.finished.wait()
+        if fb.failure is not None:
+            raise fb.failure
+        assert fb.session is not None
+        run = self.run_
+        old, run.T = run.T, fb.session  # a rejected candidate's tokens go with the old T
+        fb.session = None
+        run.target.close(old)
+        d = self.drafts.get(index)
+        await self.ctx.accept(
+            fb.text, StepSource.TARGET, eos=fb.eos, rejected_draft=d.text if d else None, cost=fb.cost
+        )
+        self.resync = fb.text
+        return P.TargetWrote(index, final=self.ctx.is_final(fb.text, fb.eos))
+
+
+def _drain(recv: MemoryObjectReceiveStream[P.Observation | _Draft]) -> list[P.Observation | _Draft]:
+    out: list[P.Observation | _Draft] = []
+    while True:
+        try:
+            out.append(recv.receive_nowait())
+        except anyio.WouldBlock:
+            return out
 
 
 async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None = None) -> None:
