@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,9 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import transformers
-
-    transformers.logging.disable_progress_bar()  # no "Loading weights" bars in a CLI
+    # no "Loading weights" bars in a CLI; by environment, so that importing transformers waits
+    # until a model is loaded (input errors come first) and the draft's child process inherits it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def load_reasoner(args: argparse.Namespace) -> Reasoner:
@@ -61,90 +60,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _reason(args: argparse.Namespace) -> int:
-    import anyio
     from rich.console import Console
 
-    from dreamr_stream.config import GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
-    from dreamr_stream.errors import DreamrError
-    from dreamr_stream.events import (
-        DraftedEvent,
-        FailedEvent,
-        FallbackEvent,
-        FinishedEvent,
-        RejectedEvent,
-        VerifiedEvent,
-    )
-    from dreamr_stream.zoo.task import make_puzzle, split_seed
+    from dreamr_stream.cli_reason import UsageError, reason
 
     console = Console(highlight=False)
-    expected: int | None = None
-    if args.random or args.image is None:
-        seed = args.seed if args.seed is not None else random.randrange(10**6)
-        puzzle = make_puzzle(split_seed("test", seed))
-        image: object = puzzle.image
-        question = args.question or puzzle.question.text()
-        expected = puzzle.answer if args.question is None else None
-        saved = Path(args.save_image or "dreamr-puzzle.png")
-        puzzle.image.save(saved)
-        console.print(f"[dim]puzzle test#{seed} saved to {saved}[/dim]")
-    else:
-        image, question = Path(args.image), args.question
-        if not question:
-            console.print("[red]a question is required with an image[/red]")
-            return 2
-    t0 = time.perf_counter()
     try:
-        reasoner = load_reasoner(args)
-        # the target's recommended verification (dreamr.json), then the flags given
-        flags = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
-        reasoner.config = ReasonerConfig(
-            generation=GenerationConfig(max_steps=args.max_steps),
-            verification=VerificationConfig(**{**reasoner.config.verification.model_dump(), **flags}),
-            scheduling=SchedulingConfig(lookahead=args.lookahead, fallback=args.fallback),
-        )
-    except DreamrError as e:
-        console.print(f"[red]{e}[/red]")
-        return 1
-    console.print(f"[dim]models loaded in {time.perf_counter() - t0:.2f}s[/dim]")
-    console.print(f"[bold]Q:[/bold] {question}")
-
-    async def run() -> int:
-        async for event in reasoner.astream_events(image, question, method=args.method):  # type: ignore[arg-type]
-            t = f"[dim]{event.elapsed_s:6.2f}s[/dim]"
-            if isinstance(event, DraftedEvent) and args.events:
-                console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
-            elif isinstance(event, RejectedEvent) and args.events:
-                ratio = f"ratio {event.verdict.ratio:.3g}"
-                console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{event.text}[/strike][/red]")
-            elif isinstance(event, VerifiedEvent):
-                v = event.step.verdict
-                why = f" [dim](ratio {v.ratio:.3g})[/dim]" if v is not None and args.events else ""
-                console.print(f"{t} [green]✓ {event.step.source.value:6}[/green] {event.step.text}{why}")
-            elif isinstance(event, FallbackEvent):
-                console.print(f"{t} [yellow]● target[/yellow] {event.step.text}")
-            elif isinstance(event, FailedEvent):
-                console.print(f"[red]failed: {event.error}: {event.message}[/red]")
-                return 1
-            elif isinstance(event, FinishedEvent):
-                r = event.result
-                s = r.stats
-                verdict = ""
-                if expected is not None:
-                    ok = r.answer is not None and r.answer.strip() == str(expected)
-                    verdict = " [green](correct)[/green]" if ok else f" [red](expected {expected})[/red]"
-                console.print(f"[bold]Answer: {r.answer}[/bold]{verdict}")
-                acc = f"{s.acceptance_rate:.0%}" if s.acceptance_rate is not None else "n/a"
-                console.print(
-                    f"[dim]{len(r.steps)} steps in {s.wall_s:.2f}s, first step {s.time_to_first_step_s or 0:.2f}s, "
-                    f"acceptance {acc}, target forwards {s.target_forwards}, draft forwards {s.draft_forwards}[/dim]"
-                )
-        return 0
-
-    try:
-        return anyio.run(run)
-    except DreamrError as e:
-        console.print(f"[red]{type(e).__name__}: {e}[/red]")
-        return 1
+        return reason(args, console)
+    except UsageError as e:  # bad input: one line, before any model is loaded
+        Console(stderr=True, highlight=False).print(f"[red]dreamr reason: error: {e}[/red]", soft_wrap=True)
+        return 2
 
 
 def _zoo(args: argparse.Namespace) -> int:
@@ -318,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lookahead", type=int, default=2)
     r.add_argument("--fallback", default="auto", choices=["on", "off", "auto"])
     r.add_argument("--max-steps", type=int, default=24)
+    r.add_argument(
+        "--compare",
+        action="store_true",
+        help="then run the target alone on the same input and print the measured speed-up "
+        "(default: an estimate from the target's first step timed alone)",
+    )
     _add_model_flags(r)
     r.set_defaults(fn=_reason)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -85,6 +86,11 @@ def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-un
     )
     assert out.returncode == 0, out.stderr
     assert "Answer:" in out.stdout and "first step" in out.stdout
+    last = out.stdout.strip().splitlines()[-1]  # the comparison with the target alone, said to be an estimate
+    assert re.fullmatch(
+        r"FPSR \d+\.\d\d s, the target alone ≈\d+\.\d\d s: ≈\d+\.\d\dx (faster|slower) \(estimate: .*\)", last
+    )
+    assert "warning" not in out.stdout  # a demo puzzle is what the demo models know
     assert (tmp_path / "p.png").exists()
 
 

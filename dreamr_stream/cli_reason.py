@@ -1,0 +1,269 @@
+"""``dreamr reason``: check the input, load the models, stream the verified steps, compare with the target alone.
+
+Everything a user can get wrong (a missing file, a file that is no image, an empty question, a
+device this torch cannot use) is checked before any model loads, and reported in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from dreamr_stream.errors import DreamrError, InputError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from dreamr_stream.config import ReasonerConfig
+    from dreamr_stream.events import Event
+    from dreamr_stream.reasoner import Reasoner
+    from dreamr_stream.types import ReasoningResult
+
+__all__ = ["Comparison", "Request", "UsageError", "check_device", "reason"]
+
+
+class UsageError(Exception):
+    """Bad input on the command line: reported in one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Request:
+    image: Image.Image
+    question: str
+    expected: int | None = None  # a demo puzzle's answer
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The request's wall time against the target alone, measured or estimated."""
+
+    wall_s: float
+    target_alone_s: float
+    how: str  # what the target-alone time is: "measured" or how it was estimated
+
+    @property
+    def speedup(self) -> float:
+        return self.target_alone_s / max(self.wall_s, 1e-9)
+
+    def line(self, method: str) -> str:
+        approx = "" if self.how == "measured" else "≈"
+        ratio = f"{self.speedup:.2f}x faster" if self.speedup >= 1 else f"{1 / self.speedup:.2f}x slower"
+        return (
+            f"{method} {self.wall_s:.2f} s, the target alone {approx}{self.target_alone_s:.2f} s: "
+            f"{approx}{ratio} ({self.how})"
+        )
+
+
+# ---------------------------------------------------------------------------------- input
+def random_request(args: argparse.Namespace, console: Console) -> Request:
+    """A fresh demo puzzle (saved, so the user can look at it)."""
+    from dreamr_stream.zoo.task import make_puzzle, split_seed
+
+    seed = args.seed if args.seed is not None else random.randrange(10**6)
+    puzzle = make_puzzle(split_seed("test", seed))
+    saved = Path(args.save_image or "dreamr-puzzle.png")
+    puzzle.image.save(saved)
+    console.print(f"[dim]puzzle test#{seed} saved to {saved}[/dim]")
+    question = check_question_arg(args.question or puzzle.question.text())
+    return Request(puzzle.image, question, puzzle.answer if args.question is None else None)
+
+
+def file_request(args: argparse.Namespace) -> Request:
+    from dreamr_stream.inputs import load_image
+
+    if not args.question:
+        raise UsageError('a question is required with an image: dreamr reason IMAGE "QUESTION"')
+    question = check_question_arg(args.question)
+    path = Path(args.image)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        image = load_image(path)
+    except InputError as e:
+        raise UsageError(f"{args.image}: {e}") from e
+    return Request(image, question)
+
+
+def check_question_arg(question: str) -> str:
+    from dreamr_stream.inputs import check_question
+
+    try:
+        return check_question(question)
+    except InputError as e:
+        raise UsageError(str(e)) from e
+
+
+def check_device(device: str) -> None:
+    """A device this torch build can use, or a UsageError that says what to do instead."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise UsageError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {device}: this torch {torch.__version__} sees no CUDA GPU "
+            "(a CPU-only build, or no GPU here); use --device cpu, or install a CUDA build of torch"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+def uses_demo_models(args: argparse.Namespace) -> bool:
+    return not (args.target or args.draft or args.target_url or args.draft_url)
+
+
+# ---------------------------------------------------------------------------------- models
+def load(args: argparse.Namespace, console: Console) -> Reasoner:
+    """The models, with a spinner while they load, configured by the flags."""
+    from dreamr_stream.cli import load_reasoner
+    from dreamr_stream.config import GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
+
+    t0 = time.perf_counter()
+    with console.status("loading the models…", spinner="dots"):
+        reasoner = load_reasoner(args)
+    # the target's recommended verification (dreamr.json), then the flags given
+    flags = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
+    reasoner.config = ReasonerConfig(
+        generation=GenerationConfig(max_steps=args.max_steps),
+        verification=VerificationConfig(**{**reasoner.config.verification.model_dump(), **flags}),
+        scheduling=SchedulingConfig(lookahead=min(args.lookahead, args.max_steps), fallback=args.fallback),
+    )
+    console.print(f"[dim]models loaded in {time.perf_counter() - t0:.2f}s[/dim]")
+    return reasoner
+
+
+# ---------------------------------------------------------------------------------- output
+def show(event: Event, args: argparse.Namespace, console: Console) -> None:
+    """One line per event worth showing: verified and fallback steps; drafts and rejections with --events."""
+    from dreamr_stream.events import DraftedEvent, FailedEvent, FallbackEvent, RejectedEvent, VerifiedEvent
+
+    t = f"[dim]{event.elapsed_s:6.2f}s[/dim]"
+    if isinstance(event, DraftedEvent) and args.events:
+        console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
+    elif isinstance(event, RejectedEvent) and args.events:
+        ratio = f"ratio {event.verdict.ratio:.3g}"
+        console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{event.text}[/strike][/red]")
+    elif isinstance(event, VerifiedEvent):
+        v = event.step.verdict
+        why = f" [dim](ratio {v.ratio:.3g})[/dim]" if v is not None and args.events else ""
+        console.print(f"{t} [green]✓ {event.step.source.value:6}[/green] {event.step.text}{why}")
+    elif isinstance(event, FallbackEvent):
+        console.print(f"{t} [yellow]● target[/yellow] {event.step.text}")
+    elif isinstance(event, FailedEvent):
+        console.print(f"[red]failed: {event.error}: {event.message}[/red]")
+
+
+def summary(result: ReasoningResult, expected: int | None, console: Console) -> None:
+    s = result.stats
+    verdict = ""
+    if expected is not None:
+        ok = result.answer is not None and result.answer.strip() == str(expected)
+        verdict = " [green](correct)[/green]" if ok else f" [red](expected {expected})[/red]"
+    console.print(f"[bold]Answer: {result.answer}[/bold]{verdict}")
+    acc = f"{s.acceptance_rate:.0%}" if s.acceptance_rate is not None else "n/a"
+    console.print(
+        f"[dim]{len(result.steps)} steps in {s.wall_s:.2f}s, first step {s.time_to_first_step_s or 0:.2f}s, "
+        f"acceptance {acc}, target forwards {s.target_forwards}, draft forwards {s.draft_forwards}[/dim]"
+    )
+
+
+# ---------------------------------------------------------------------------------- the target alone
+def _alone_config(base: ReasonerConfig, max_steps: int | None = None) -> ReasonerConfig:
+    """``base`` without the trajectory cache (the request just filled it), optionally fewer steps."""
+    from dreamr_stream.config import CacheConfig, GenerationConfig, SchedulingConfig
+
+    update: dict[str, object] = {"cache": CacheConfig(enabled=False)}
+    if max_steps is not None:
+        update["generation"] = GenerationConfig(**{**base.generation.model_dump(), "max_steps": max_steps})
+        update["scheduling"] = SchedulingConfig(**{**base.scheduling.model_dump(), "lookahead": max_steps})
+    return base.model_copy(update=update)
+
+
+def _prefill_s(result: ReasoningResult) -> float:
+    return sum(s.end_s - s.start_s for s in result.stats.timeline if s.lane == "target" and s.what == "prefill")
+
+
+async def measure_alone(reasoner: Reasoner, request: Request, result: ReasoningResult) -> Comparison:
+    """The target alone on the same input, timed whole."""
+    alone = await reasoner.ainvoke(
+        request.image, request.question, method="target_only", config=_alone_config(reasoner.config)
+    )
+    return Comparison(result.stats.wall_s, alone.stats.wall_s, "measured")
+
+
+async def estimate_alone(reasoner: Reasoner, request: Request, result: ReasoningResult) -> Comparison:
+    """The target alone, estimated: its first step timed alone gives its prefill and its cost per token
+    (per character, for the token count of the request's own steps); the rest is that cost times
+    the length of the steps this request verified."""
+    first = await reasoner.ainvoke(
+        request.image, request.question, method="target_only", config=_alone_config(reasoner.config, 1)
+    )
+    prefill = _prefill_s(first)
+    chars = max(1, len(first.steps[0].text) if first.steps else 1)
+    tokens = max(1, first.stats.target_tokens)
+    per_token = max(0.0, first.stats.wall_s - prefill) / tokens
+    total_tokens = tokens * sum(len(s.text) for s in result.steps) / chars
+    how = (
+        f"estimate: ~{total_tokens:.0f} tokens at the target's {per_token * 1e3:.1f} ms/token, "
+        "timed on its first step; --compare measures it"
+    )
+    return Comparison(result.stats.wall_s, prefill + total_tokens * per_token, how)
+
+
+# ---------------------------------------------------------------------------------- the command
+def prepare(args: argparse.Namespace, console: Console) -> Request:
+    """Everything checked that can be checked before loading a model."""
+    request = random_request(args, console) if args.random or args.image is None else file_request(args)
+    check_device(args.device)
+    if uses_demo_models(args):
+        from dreamr_stream.inputs import demo_task_warnings
+
+        for warning in demo_task_warnings(request.image, request.question):
+            console.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
+    return request
+
+
+async def run(reasoner: Reasoner, request: Request, args: argparse.Namespace, console: Console) -> int:
+    from dreamr_stream.events import FailedEvent, FinishedEvent
+
+    result: ReasoningResult | None = None
+    async for event in reasoner.astream_events(request.image, request.question, method=args.method):
+        show(event, args, console)
+        if isinstance(event, FailedEvent):
+            return 1
+        if isinstance(event, FinishedEvent):
+            result = event.result
+            summary(result, request.expected, console)
+    if result is None:
+        return 1
+    if args.method != "target_only":
+        compare = measure_alone if args.compare else estimate_alone
+        with console.status("timing the target alone…", spinner="dots"):
+            comparison = await compare(reasoner, request, result)
+        console.print(f"[bold]{comparison.line(args.method.upper())}[/bold]", soft_wrap=True)
+    return 0
+
+
+def reason(args: argparse.Namespace, console: Console) -> int:
+    import anyio
+
+    request = prepare(args, console)
+    try:
+        reasoner = load(args, console)
+    except DreamrError as e:
+        console.print(f"[red]{e}[/red]")
+        return 1
+    console.print(f"[bold]Q:[/bold] {request.question}")
+    try:
+        return anyio.run(run, reasoner, request, args, console)
+    except DreamrError as e:
+        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        return 1

@@ -1,0 +1,140 @@
+"""``dreamr reason``: bad input reported in one line before any model loads; demo-task warnings; the comparison line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from dreamr_stream import cli
+from dreamr_stream.cli_reason import Comparison
+from dreamr_stream.inputs import demo_task_warnings
+from dreamr_stream.zoo.task import make_puzzle, split_seed
+
+QUESTION = "How many red shapes are there?"
+
+
+@pytest.fixture
+def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model fails the test: every error below must come first."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "load_reasoner", refuse)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.main(["reason", *args])
+    return code, capsys.readouterr().err
+
+
+def png(path: Path, size: tuple[int, int] = (112, 112)) -> Path:
+    Image.new("RGB", size, (250, 250, 250)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "question", "message"),
+    [
+        (lambda d: d / "missing.png", QUESTION, "missing.png: no such file"),
+        (lambda d: d, QUESTION, ": not a file"),
+        (lambda d: (d / "text.png").write_text("hello") and d / "text.png", QUESTION, "text.png: not a readable image"),
+        (lambda d: png(d / "ok.png"), None, "a question is required"),
+        (lambda d: png(d / "ok.png"), "   ", "the question is empty"),
+        (lambda d: png(d / "tiny.png", (2, 2)), QUESTION, "each side must be at least"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_model(
+    make: Any, question: str | None, message: str, tmp_path: Path, no_models: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [str(make(tmp_path))] + ([question] if question is not None else [])
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("dreamr reason: error: ") and message in err
+    assert "BytesIO" not in err and "Traceback" not in err
+
+
+def test_cuda_without_cuda_is_one_line(
+    tmp_path: Path, no_models: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run_cli([str(png(tmp_path / "ok.png")), QUESTION, "--device", "cuda"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "--device cuda: this torch" in err and "sees no CUDA GPU" in err and "--device cpu" in err
+
+
+def test_unknown_device_is_one_line(tmp_path: Path, no_models: None, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli([str(png(tmp_path / "ok.png")), QUESTION, "--device", "tpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device tpu: not a device torch knows" in err
+
+
+def test_input_errors_come_fast_in_a_fresh_process(tmp_path: Path) -> None:
+    """A mistyped path is reported without importing torch or transformers, let alone loading a model."""
+    code = (
+        "import sys; from dreamr_stream.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import'; sys.exit(rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "reason", str(tmp_path / "typo.png"), QUESTION],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"dreamr reason: error: {tmp_path / 'typo.png'}: no such file"
+
+
+def test_demo_puzzles_raise_no_warning() -> None:
+    for i in range(200):
+        puzzle = make_puzzle(split_seed("test", i), hard=i % 2 == 1)
+        assert demo_task_warnings(puzzle.image, puzzle.question.text()) == [], puzzle.question.text()
+
+
+def test_photos_and_other_questions_are_warned_about() -> None:
+    puzzle = make_puzzle(split_seed("test", 1))
+    photo = Image.new("RGB", (640, 480), (30, 90, 40))
+    grey_grid = Image.new("RGB", (112, 112), (90, 90, 90))
+    assert len(demo_task_warnings(photo, "What animal is this?")) == 2
+    assert "not a demo grid puzzle" in demo_task_warnings(photo, puzzle.question.text())[0]
+    assert "not a demo grid puzzle" in demo_task_warnings(grey_grid, puzzle.question.text())[0]
+    assert "not one the demo task asks" in demo_task_warnings(puzzle.image, "Is this a cat?")[0]
+    # the same question typed differently is still the demo's question
+    assert demo_task_warnings(puzzle.image, "  " + puzzle.question.text().lower().rstrip("?") + " ") == []
+
+
+def test_comparison_line_says_measured_or_estimate() -> None:
+    measured = Comparison(wall_s=0.5, target_alone_s=1.25, how="measured")
+    assert measured.line("FPSR") == "FPSR 0.50 s, the target alone 1.25 s: 2.50x faster (measured)"
+    slower = Comparison(wall_s=2.0, target_alone_s=1.0, how="estimate: ...")
+    assert slower.line("FPSR") == "FPSR 2.00 s, the target alone ≈1.00 s: ≈2.00x slower (estimate: ...)"
+
+
+@pytest.mark.slow
+def test_compare_measures_the_target_alone(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dreamr_stream.cli",
+            "reason",
+            "--random",
+            "--seed",
+            "2",
+            "--compare",
+            "--save-image",
+            str(tmp_path / "p.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("FPSR ") and last.endswith("(measured)") and "≈" not in last
