@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from dreamr_stream.backends.base import Session
+from dreamr_stream.engine import calls
 from dreamr_stream.engine.repair import write_target_step
 from dreamr_stream.engine.request import RequestContext
 from dreamr_stream.engine.runner import ModelRunner
@@ -23,9 +24,9 @@ __all__ = ["run_draft_only", "run_sequential", "run_target_only"]
 
 
 async def _solo(ctx: RequestContext, runner: ModelRunner, image: Any, source: StepSource) -> None:
-    session = await ctx.open(runner, image)
+    session = await calls.open_session(ctx, runner, image)
     try:
-        await ctx.write_alone(runner, session, source)
+        await calls.write_alone(ctx, runner, session, source)
     finally:
         runner.close(session)
 
@@ -46,18 +47,18 @@ async def run_sequential(ctx: RequestContext, image: Any) -> None:
     delimiter = ctx.config.generation.step_delimiter
     sessions: list[Session] = []
     try:
-        T = await ctx.open(target, image)
+        T = await calls.open_session(ctx, target, image)
         sessions.append(T)
-        D = await ctx.open(draft, image)
+        D = await calls.open_session(ctx, draft, image)
         sessions.append(D)
         while not ctx.done():
             index = len(ctx.steps)
             before = D.length
-            out = await ctx.write_step(draft, D, index=index, lane="draft")
+            out = await calls.write_step(ctx, draft, D, index=index, lane="draft")
             await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
             score = None
             if out.text.strip():
-                verdict, score = await ctx.judge(T, out.text, index)
+                verdict, score = await calls.judge(ctx, T, out.text, index)
                 if verdict.accepted:
                     await ctx.accept(out.text, StepSource.DRAFT, eos=out.eos, verdict=verdict)
                     continue

@@ -37,9 +37,10 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dreamr_stream.backends.base import ScoreOutput, Session
+from dreamr_stream.engine import calls
 from dreamr_stream.engine import policy as P
 from dreamr_stream.engine.repair import can_repair, write_target_step
-from dreamr_stream.engine.request import RequestContext, step_cost
+from dreamr_stream.engine.request import RequestContext
 from dreamr_stream.engine.runner import ModelRunner, Priority
 from dreamr_stream.errors import BackendError
 from dreamr_stream.events import CacheHitEvent, DraftedEvent, RejectedEvent
@@ -83,7 +84,8 @@ class _Fallback:
         self.session = fork
         try:
             with self.scope:
-                out = await ctx.write_step(
+                out = await calls.write_step(
+                    ctx,
                     target,
                     fork,
                     index=self.index,
@@ -91,7 +93,7 @@ class _Fallback:
                     priority=lambda: self.priority,  # raised to verification's once it is awaited
                     chunk=ctx.config.scheduling.fallback_chunk_tokens,
                 )
-                self.text, self.eos, self.cost = out.text, out.eos, step_cost(out)
+                self.text, self.eos, self.cost = out.text, out.eos, calls.step_cost(out)
         except Exception as e:  # handed to the driver, which raises it
             self.failure = e
         finally:
@@ -117,7 +119,7 @@ async def _draft_lane(
         for index in range(start, ctx.config.generation.max_steps):
             await permits.acquire()
             bounds.append(draft_session.length)
-            out = await ctx.write_step(draft, draft_session, index=index, lane="draft")
+            out = await calls.write_step(ctx, draft, draft_session, index=index, lane="draft")
             await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
             lane.send_nowait(_Draft(index, out.text, out.eos))
             if ctx.is_final(out.text, out.eos):
@@ -176,7 +178,7 @@ class _FPSR:
                 ctx.count(self.target, 1)
                 await ctx.accept(text, StepSource.CACHE)
             else:
-                verdict, score = await ctx.judge(self.T, text, index, source=StepSource.CACHE)
+                verdict, score = await calls.judge(ctx, self.T, text, index, source=StepSource.CACHE)
                 if not verdict.accepted:
                     await ctx.emit(RejectedEvent(index=index, text=text, verdict=verdict, elapsed_s=ctx.now()))
                     await self.target.rollback(self.T, score.n_tokens)
@@ -272,7 +274,7 @@ class _Epoch:
         ctx = self.ctx
         match action:
             case P.Judge(index=i):
-                verdict, score = await ctx.judge(self.run_.T, self.drafts[i].text, i)
+                verdict, score = await calls.judge(ctx, self.run_.T, self.drafts[i].text, i)
                 self.judged[i] = (verdict, score)
                 return P.Judged(i, verdict.accepted, can_repair(ctx, self.run_.target, score))
             case P.Accept(index=i):
@@ -364,11 +366,11 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
     sessions: dict[str, Session] = {}
 
     async def open_target() -> None:
-        sessions["target"] = await ctx.open(target, image)
+        sessions["target"] = await calls.open_session(ctx, target, image)
 
     async def open_draft() -> None:
         try:
-            sessions["draft"] = await ctx.open(draft, image)
+            sessions["draft"] = await calls.open_session(ctx, draft, image)
         except BackendError as e:
             _draft_failed(ctx, e)
 
@@ -378,7 +380,7 @@ async def run_fpsr(ctx: RequestContext, image: Any, *, inspect: Inspect | None =
             if not ctx.alone:  # the load-aware switch may have sent this request to the target alone
                 tg.start_soon(open_draft)
         if "draft" not in sessions:  # the target alone; what it writes is cached all the same
-            await ctx.target_alone(sessions["target"])
+            await calls.target_alone(ctx, sessions["target"])
         else:
             await _speculate(ctx, sessions, inspect)
     finally:
@@ -406,7 +408,7 @@ async def _speculate(ctx: RequestContext, sessions: dict[str, Session], inspect:
                 await run.replay(list(hit.steps))
         while not ctx.done():
             if ctx.alone:
-                await ctx.target_alone(run.T)
+                await calls.target_alone(ctx, run.T)
             else:
                 await run.epoch()
         if inspect is not None:

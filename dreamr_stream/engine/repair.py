@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dreamr_stream.backends.base import ScoreOutput, Session
-from dreamr_stream.engine.request import RequestContext, step_cost
+from dreamr_stream.engine import calls
+from dreamr_stream.engine.request import RequestContext
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.types import StepCost
 
@@ -56,6 +57,6 @@ async def write_target_step(
         proposal = rest + ctx.config.generation.step_delimiter if rest else ""
         kept_tokens = await runner.begin_step(session, agreed, proposal=proposal)
         ctx.count(runner, 1 if kept_tokens else 0)
-    out = await ctx.write_step(runner, session, index=index, lane="target")
-    cost = step_cost(out, kept_tokens=kept_tokens, extra_forwards=1 if kept_tokens else 0)
+    out = await calls.write_step(ctx, runner, session, index=index, lane="target")
+    cost = calls.step_cost(out, kept_tokens=kept_tokens, extra_forwards=1 if kept_tokens else 0)
     return TargetStep(out.text, out.eos, agreed or None, cost)

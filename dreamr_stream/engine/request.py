@@ -1,4 +1,8 @@
-"""Per-request bookkeeping shared by FPSR and the baselines: steps, stats, timeline, events."""
+"""Per-request state shared by FPSR and the baselines: steps, counts, timeline, events.
+
+It calls no model: the calls a request makes, with their spans and counts, are
+``engine.calls``; what to do when is ``engine.policy`` (FPSR) or a baseline's loop.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +11,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from dreamr_stream.backends.base import ScoreOutput, Session, StepOutput
-from dreamr_stream.config import JudgeTemplate, ReasonerConfig
+from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.events import Event, FallbackEvent, VerifiedEvent
 from dreamr_stream.store import GuardedStore, LogEntry
 from dreamr_stream.types import LaneSpan, ReasoningResult, ReasoningStats, Step, StepCost, StepSource, Verdict
 from dreamr_stream.verify import Verifier
 
-__all__ = ["CacheContext", "Emit", "RequestContext", "extract_answer", "step_cost"]
+__all__ = ["CacheContext", "Emit", "RequestContext", "extract_answer"]
 
 Emit = Callable[[Event], Awaitable[None]]
-DRAFT_CHUNK_TOKENS = 8  # draft tokens per model call: bounds how long a cancelled lane lingers
 
 
 def extract_answer(text: str, prefix: str) -> str | None:
     idx = text.rfind(prefix)
     return text[idx + len(prefix) :].strip() if idx >= 0 else None
-
-
-def step_cost(out: StepOutput, *, kept_tokens: int = 0, extra_forwards: int = 0) -> StepCost:
-    """A written step's cost from its ``write_step`` output (plus a begun step's kept tokens)."""
-    return StepCost(
-        kept_tokens=kept_tokens,
-        proposed_tokens=out.proposed,
-        written_tokens=out.new_tokens - out.proposed,
-        target_forwards=out.forwards + extra_forwards,
-    )
 
 
 class CacheContext:
@@ -106,66 +98,15 @@ class RequestContext:
         finally:
             self.timeline.append(LaneSpan(lane=lane, what=what, step=step, start_s=start, end_s=self.now()))
 
-    # ------------------------------------------------------------------ model calls
+    # ------------------------------------------------------------------ counts
     def count(self, runner: ModelRunner, forwards: int, tokens: int = 0) -> None:
         key = "target" if runner is self.target else "draft"
         self.counts[f"{key}_forwards"] += forwards
         self.counts[f"{key}_tokens"] += tokens
 
-    async def open(self, runner: ModelRunner, image: Any, priority: int = 0) -> Session:
-        async with self.span(runner.name, "prefill", 0):
-            session = await runner.open_session(
-                image, self.question, seed=self.config.generation.seed, priority=priority
-            )
-        self.count(runner, 1)
-        return session
-
-    async def write_step(
-        self,
-        runner: ModelRunner,
-        session: Session,
-        *,
-        index: int,
-        lane: str,
-        priority: int | Callable[[], int] = 0,
-        chunk: int | None = None,
-    ) -> StepOutput:
-        """Decode one whole step in short calls (so cancellation is prompt); the output counts
-        the tokens and forwards of all of them.
-
-        ``priority`` may be a callable, read before every call: a speculative fallback step
-        is raised to verification's priority once the engine waits on it.
-        """
-        gen = self.config.generation
-        budget = chunk or DRAFT_CHUNK_TOKENS
-        new = forwards = proposed = 0
-        async with self.span(lane, "write", index):
-            while True:
-                out = await runner.generate_step(
-                    session,
-                    max_tokens=gen.max_step_tokens,
-                    stop=gen.step_delimiter,
-                    temperature=gen.temperature,
-                    budget=budget,
-                    priority=priority() if callable(priority) else priority,
-                )
-                self.count(runner, out.forwards, out.new_tokens)
-                new, forwards, proposed = new + out.new_tokens, forwards + out.forwards, proposed + out.proposed
-                if out.done:  # the whole step's counts, over all its calls
-                    return StepOutput(out.text, True, out.eos, new, forwards, proposed)
-
-    async def judge(
-        self, session: Session, text: str, index: int, *, source: StepSource = StepSource.DRAFT
-    ) -> tuple[Verdict, ScoreOutput]:
-        assert self.target is not None and self.verifier is not None
-        judge: JudgeTemplate | None = None
-        if self.verifier.needs_judge:
-            judge = self.config.verification.judge or self.target.backend.judge
-        async with self.span("verify", "judge", index):
-            score = await self.target.score(session, text, stop=self.config.generation.step_delimiter, judge=judge)
-        self.count(self.target, score.forwards)
-        verdict = self.verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
-        if source is StepSource.DRAFT:  # acceptance rate is about the draft model's steps
+    def record_verdict(self, verdict: Verdict, *, index: int, text: str, source: StepSource) -> None:
+        """Count a verdict (acceptance is about the draft model's steps) and log it for the store."""
+        if source is StepSource.DRAFT:
             self.counts["judged"] += 1
             self.counts["accepted"] += verdict.accepted
         if self.cache is not None and self.cache.log:
@@ -181,7 +122,6 @@ class RequestContext:
                     source=source.value,
                 )
             )
-        return verdict, score
 
     def go_alone(self, reason: str) -> None:
         """The rest of this request is written by the target alone (said once, in the stats)."""
@@ -191,19 +131,6 @@ class RequestContext:
     @property
     def alone(self) -> bool:
         return self.alone_from is not None
-
-    async def write_alone(self, runner: ModelRunner, session: Session, source: StepSource) -> None:
-        """Write the remaining steps with one model alone on ``session`` (the single-model
-        baselines, and FPSR once speculation stopped)."""
-        while not self.done():
-            out = await self.write_step(runner, session, index=len(self.steps), lane=runner.name)
-            cost = step_cost(out) if source is StepSource.TARGET else None
-            await self.accept(out.text, source, eos=out.eos, cost=cost)
-
-    async def target_alone(self, session: Session) -> None:
-        """Write the remaining steps with the target alone on ``session``."""
-        assert self.target is not None
-        await self.write_alone(self.target, session, StepSource.TARGET)
 
     # ------------------------------------------------------------------ steps
     def is_final(self, text: str, eos: bool) -> bool:

@@ -1,0 +1,102 @@
+"""The model calls one request makes, each inside its timeline span and counted on its
+``RequestContext``: prefill, a whole step in short calls, a verdict, a model writing alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dreamr_stream.backends.base import ScoreOutput, Session, StepOutput
+from dreamr_stream.config import JudgeTemplate
+from dreamr_stream.engine.request import RequestContext
+from dreamr_stream.engine.runner import ModelRunner
+from dreamr_stream.types import StepCost, StepSource, Verdict
+
+__all__ = ["DRAFT_CHUNK_TOKENS", "judge", "open_session", "step_cost", "target_alone", "write_alone", "write_step"]
+
+DRAFT_CHUNK_TOKENS = 8  # tokens per model call: bounds how long a cancelled lane lingers
+
+
+def step_cost(out: StepOutput, *, kept_tokens: int = 0, extra_forwards: int = 0) -> StepCost:
+    """A written step's cost from its ``write_step`` output (plus a begun step's kept tokens)."""
+    return StepCost(
+        kept_tokens=kept_tokens,
+        proposed_tokens=out.proposed,
+        written_tokens=out.new_tokens - out.proposed,
+        target_forwards=out.forwards + extra_forwards,
+    )
+
+
+async def open_session(ctx: RequestContext, runner: ModelRunner, image: Any, priority: int = 0) -> Session:
+    async with ctx.span(runner.name, "prefill", 0):
+        session = await runner.open_session(image, ctx.question, seed=ctx.config.generation.seed, priority=priority)
+    ctx.count(runner, 1)
+    return session
+
+
+async def write_step(
+    ctx: RequestContext,
+    runner: ModelRunner,
+    session: Session,
+    *,
+    index: int,
+    lane: str,
+    priority: int | Callable[[], int] = 0,
+    chunk: int | None = None,
+) -> StepOutput:
+    """Decode one whole step in short calls (so cancellation is prompt); the output counts
+    the tokens and forwards of all of them.
+
+    ``priority`` may be a callable, read before every call: a speculative fallback step
+    is raised to verification's priority once the engine waits on it.
+    """
+    gen = ctx.config.generation
+    budget = chunk or DRAFT_CHUNK_TOKENS
+    new = forwards = proposed = 0
+    async with ctx.span(lane, "write", index):
+        while True:
+            out = await runner.generate_step(
+                session,
+                max_tokens=gen.max_step_tokens,
+                stop=gen.step_delimiter,
+                temperature=gen.temperature,
+                budget=budget,
+                priority=priority() if callable(priority) else priority,
+            )
+            ctx.count(runner, out.forwards, out.new_tokens)
+            new, forwards, proposed = new + out.new_tokens, forwards + out.forwards, proposed + out.proposed
+            if out.done:  # the whole step's counts, over all its calls
+                return StepOutput(out.text, True, out.eos, new, forwards, proposed)
+
+
+async def judge(
+    ctx: RequestContext, session: Session, text: str, index: int, *, source: StepSource = StepSource.DRAFT
+) -> tuple[Verdict, ScoreOutput]:
+    """Score ``text`` as step ``index`` on the target's ``session`` (its tokens stay there) and
+    let TBVM decide."""
+    target, verifier = ctx.target, ctx.verifier
+    assert target is not None and verifier is not None
+    template: JudgeTemplate | None = None
+    if verifier.needs_judge:
+        template = ctx.config.verification.judge or target.backend.judge
+    async with ctx.span("verify", "judge", index):
+        score = await target.score(session, text, stop=ctx.config.generation.step_delimiter, judge=template)
+    ctx.count(target, score.forwards)
+    verdict = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
+    ctx.record_verdict(verdict, index=index, text=text, source=source)
+    return verdict, score
+
+
+async def write_alone(ctx: RequestContext, runner: ModelRunner, session: Session, source: StepSource) -> None:
+    """Write the remaining steps with one model alone on ``session`` (the single-model
+    baselines, and FPSR once speculation stopped)."""
+    while not ctx.done():
+        out = await write_step(ctx, runner, session, index=len(ctx.steps), lane=runner.name)
+        cost = step_cost(out) if source is StepSource.TARGET else None
+        await ctx.accept(out.text, source, eos=out.eos, cost=cost)
+
+
+async def target_alone(ctx: RequestContext, session: Session) -> None:
+    """Write the remaining steps with the target alone on ``session``."""
+    assert ctx.target is not None
+    await write_alone(ctx, ctx.target, session, StepSource.TARGET)
