@@ -44,9 +44,10 @@ class Priority:
 class PriorityLock:
     """An async lock whose waiters are served by priority, then arrival order.
 
-    It belongs to the thread whose event loop first acquires it (a Reasoner's own loop,
-    ``engine.owner``): its waiters are that loop's events, which no other loop can wake, so a
-    second loop that waited on it would hang. That use raises at once instead.
+    While it is held it belongs to the event loop (thread) that took it, a Reasoner's own loop
+    (``engine.owner``): its waiters wait on that loop's events, which no other loop can wake, so
+    a second loop that waited on it would hang. That use raises at once instead. A free lock
+    holds no loop's state, so a Reasoner whose loop was closed and started again keeps its locks.
     """
 
     def __init__(self) -> None:
@@ -61,9 +62,10 @@ class PriorityLock:
 
     def _check_thread(self) -> None:
         here = threading.current_thread()
-        if self._thread is None:
+        if not self._held:
             self._thread = here
         elif here is not self._thread:
+            assert self._thread is not None
             raise RuntimeError(
                 f"a model lock of one event loop (thread {self._thread.name!r}) was used from another "
                 f"({here.name!r}); reach a Reasoner through its public methods, which route every caller to its loop"
