@@ -65,6 +65,27 @@ async def test_extreme_taus_on_demo_models(demo: Reasoner) -> None:
             assert step.kept and step.text.startswith(step.kept) and (step.rejected_draft or "").startswith(step.kept)
 
 
+@pytest.mark.asyncio
+async def test_repaired_steps_are_the_targets_own_at_a_fraction_of_its_forwards(demo: Reasoner) -> None:
+    """tau=inf rejects every draft: FPSR and the sequential schedule, both repairing, give the
+    target's own steps token for token; the repairs cost far fewer forwards than writing them."""
+    inf = ReasonerConfig(verification=VerificationConfig(tau=math.inf))
+    forwards = tokens = 0
+    for i in (0, 5):
+        p = make_puzzle(split_seed("test", i))
+        q = p.question.text()
+        target = [s.text for s in (await demo.ainvoke(p.image, q, method="target_only")).steps]
+        for method in ("fpsr", "sequential"):
+            got = await demo.ainvoke(p.image, q, method=method, config=inf)  # type: ignore[arg-type]
+            assert [s.text for s in got.steps] == target, method
+            for step in got.steps:
+                assert step.source is StepSource.TARGET and step.cost is not None
+                if step.rejected_draft:
+                    forwards += step.cost.target_forwards
+                    tokens += step.cost.tokens
+    assert tokens and forwards / tokens < 0.5, (forwards, tokens)
+
+
 def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = subprocess.run(
         [
