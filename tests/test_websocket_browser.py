@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 from pathlib import Path
 
 import anyio
@@ -33,18 +34,26 @@ CHROMIUM_ARGS = [
 # committed picture to refresh (benchmarks/results/ws_page.png), so a test run leaves the tree clean
 SCREENSHOT_ENV = "DREAMR_SCREENSHOT"
 
-# Records, at every DOM change, how many steps are verified and whether the answer is shown:
-# each WebSocket message is its own task, so each step's arrival is its own observation.
+# Records, at every DOM change, how many steps are verified and whether the answer is shown, and
+# the states each step index went through (pending, done): each WebSocket message is its own
+# task, so each step's arrival is its own observation.
 OBSERVE = """
 window.__log = [];
+window.__states = {};
 new MutationObserver(() => {
   const steps = document.querySelectorAll('#steps .step.verified, #steps .step.fallback').length;
   const answer = document.getElementById('answer');
   const entry = [steps, !!answer && getComputedStyle(answer).display !== 'none'];  // what the user sees
   const last = window.__log[window.__log.length - 1];
   if (!last || last[0] !== entry[0] || last[1] !== entry[1]) window.__log.push(entry);
+  for (const li of document.querySelectorAll('#steps .step[data-index]')) {
+    if (li.classList.contains('rejected')) continue;  // a turned-down draft; its step goes on pending
+    const seen = (window.__states[li.dataset.index] ||= []);
+    if (seen[seen.length - 1] !== li.dataset.state) seen.push(li.dataset.state);
+  }
 }).observe(document, {subtree: true, childList: true, attributes: true});
 """
+BADGES = {"draft", "rejected", "target", "repaired", "cache"}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +100,21 @@ async def test_page_streams_verified_steps_then_the_answer(
             await expect(page.locator("#answer")).to_be_visible(timeout=120_000)
             await expect(page.locator("#stats")).to_be_visible()
             await expect(page.locator("#status")).to_contain_text("Done")
+            # the answer collapses the reasoning to one line; one click on it shows the steps again
+            thoughts = page.locator("#thoughts")
+            await expect(page.locator("#thoughts-summary")).to_have_text(
+                re.compile(r"^Thought for \d+(\.\d)? s · \d+ steps")
+            )
+            assert not await thoughts.evaluate("d => d.open")
+            await expect(page.locator("#steps")).to_be_hidden()
+            await page.locator("#thoughts-summary").click()
+            await expect(page.locator("#steps")).to_be_visible()
+            badges = await page.locator("#steps .step .badge").evaluate_all(
+                "els => els.map(b => [...b.classList].filter(c => c !== 'badge')[0])"
+            )
+            legend = set(await page.locator(".legend .badge").evaluate_all("els => els.map(b => b.classList[1])"))
+            states = await page.evaluate("window.__states")
+            summary = await page.locator("#thoughts-summary").inner_text()
             shown_answer = (await page.locator("#answer-text").text_content() or "").strip()
             shown_steps = await page.locator(
                 "#steps .step.verified .text, #steps .step.fallback .text"
@@ -105,6 +129,12 @@ async def test_page_streams_verified_steps_then_the_answer(
     counts_before_answer = [n for n, answer_shown in log if not answer_shown and n > 0]
     assert counts_before_answer == list(range(1, len(shown_steps) + 1)), log
     assert len(shown_steps) >= 2 and "Answer" in announced
+    # each step was pending (thinking or drafting) before it was done, and none is left pending
+    assert {int(i) for i in states} == set(range(len(shown_steps))), states
+    assert all(seen[0] == "pending" and seen[-1] == "done" for seen in states.values()), states
+    # every step kept its badge, from the legend's set; the summary counts the steps shown
+    assert set(badges) <= BADGES and len(badges) >= len(shown_steps) and legend >= BADGES, badges
+    assert f"{len(shown_steps)} steps" in summary
     # the page's answer is the library's answer on the same image and question
     expected = await demo_reasoner.ainvoke(base64.b64decode(image_url.split(",", 1)[1]), question)
     assert shown_answer == (expected.answer or "(no answer)")

@@ -7,6 +7,7 @@
   const state = {
     ws: null, ready: false, running: null, image: null, expected: null,
     limits: null, retries: 0, seq: 0, pending: new Map(), tau: 1,
+    startedAt: 0, ticker: null, counts: { steps: 0, draft: 0, target: 0, repaired: 0, cache: 0, rejected: 0 },
   };
 
   // ------------------------------------------------------------------ connection
@@ -72,6 +73,7 @@
     const li = document.createElement("li");
     li.className = `step ${kind}`;
     li.dataset.index = String(index);
+    li.dataset.state = kind.startsWith("pending") ? "pending" : "done";
     li.dataset.t = String(performance.now());
     const num = document.createElement("span");
     num.className = "num";
@@ -100,6 +102,61 @@
     return `ratio ${fmtRatio(v.ratio)} ${cmp} τ ${fmtRatio(v.tau)} · ${secs(t)}`;
   }
 
+  // every step shows as pending until it is done: a "thinking" row until a draft (or the target) replaces it
+  function ensurePending(index) {
+    if (state.pending.has(index)) return;
+    const li = row(index, "pending thinking", { cls: "pending", text: "thinking" }, "…");
+    $("steps").append(li);
+    state.pending.set(index, li);
+  }
+
+  function settle(index) {
+    state.pending.delete(index);
+  }
+
+  // ------------------------------------------------------------------ "Thinking…" / "Thought for N s"
+  const duration = (s) => (s < 10 ? `${s.toFixed(1)} s` : `${Math.round(s)} s`);
+
+  function tally() {
+    const c = state.counts;
+    const parts = [`${c.steps} step${c.steps === 1 ? "" : "s"}`];
+    for (const [key, label] of [["draft", "draft ✓"], ["target", "target"], ["repaired", "repaired"], ["cache", "cache ✓"], ["rejected", "rejected"]]) {
+      if (c[key]) parts.push(`${c[key]} ${label}`);
+    }
+    return parts.join(" · ");
+  }
+
+  function thinking() {
+    const s = (performance.now() - state.startedAt) / 1000;
+    $("thoughts-title").textContent = `Thinking… ${duration(s)} · ${tally()}`;
+  }
+
+  function startThoughts() {
+    state.counts = { steps: 0, draft: 0, target: 0, repaired: 0, cache: 0, rejected: 0 };
+    state.startedAt = performance.now();
+    const box = $("thoughts");
+    box.hidden = false;
+    box.open = true;
+    box.dataset.state = "thinking";
+    thinking();
+    clearInterval(state.ticker);
+    state.ticker = setInterval(thinking, 250);
+  }
+
+  function stopThoughts(title, collapse) {
+    clearInterval(state.ticker);
+    state.ticker = null;
+    const box = $("thoughts");
+    box.dataset.state = collapse ? "thought" : "stopped";
+    $("thoughts-title").textContent = title;
+    if (collapse) box.open = false; // the answer is what matters now; one click shows the steps again
+  }
+
+  function count(key) {
+    state.counts[key] += 1;
+    if (key !== "rejected") state.counts.steps += 1;
+  }
+
   function dropStaleDrafts(after) {
     for (const [i, li] of state.pending) {
       if (i > after) { li.remove(); state.pending.delete(i); }
@@ -126,6 +183,8 @@
         break;
       case "started":
         status("Reasoning…");
+        state.startedAt = performance.now();
+        ensurePending(0);
         break;
       case "drafted": {
         const li = row(msg.index, "pending", { cls: "pending", text: "drafting" }, msg.text, secs(msg.elapsed_s));
@@ -140,7 +199,9 @@
           { cls: cache ? "cache" : "draft", text: cache ? "cache ✓" : "draft ✓" }, s.text, verdictMeta(s.verdict, msg.elapsed_s));
         li.dataset.verifiedAt = String(performance.now());
         place(li, state.pending.get(s.index));
-        state.pending.delete(s.index);
+        settle(s.index);
+        count(cache ? "cache" : "draft");
+        if (!s.is_final) ensurePending(s.index + 1);
         announce(`Step ${s.index + 1} verified: ${s.text}`);
         break;
       }
@@ -150,19 +211,26 @@
         del.textContent = msg.text;
         li.querySelector(".text").append(del);
         place(li, state.pending.get(msg.index));
-        state.pending.delete(msg.index);
+        settle(msg.index);
         dropStaleDrafts(msg.index);
+        count("rejected");
+        ensurePending(msg.index); // the target writes (or repairs) this step now
         announce(`Draft for step ${msg.index + 1} rejected`);
         break;
       }
       case "fallback": {
         const s = msg.step;
-        const li = row(s.index, `fallback ${s.is_final ? "final" : ""}`, { cls: "target", text: "target" }, s.text, secs(msg.elapsed_s));
+        const repaired = s.kept != null;
+        const badge = repaired ? { cls: "repaired", text: "repaired" } : { cls: "target", text: "target" };
+        const meta = repaired ? `kept ${s.kept.length} chars of the draft · ${secs(msg.elapsed_s)}` : secs(msg.elapsed_s);
+        const li = row(s.index, `fallback ${repaired ? "repaired" : ""} ${s.is_final ? "final" : ""}`, badge, s.text, meta);
         li.dataset.verifiedAt = String(performance.now());
         place(li, state.pending.get(s.index));
-        state.pending.delete(s.index);
+        settle(s.index);
         dropStaleDrafts(s.index);
-        announce(`Step ${s.index + 1} written by the target: ${s.text}`);
+        count(repaired ? "repaired" : "target");
+        if (!s.is_final) ensurePending(s.index + 1);
+        announce(`Step ${s.index + 1} ${repaired ? "repaired" : "written"} by the target: ${s.text}`);
         break;
       }
       case "cache_hit": {
@@ -173,6 +241,8 @@
         break;
       }
       case "answer":
+        dropStaleDrafts(-1);
+        stopThoughts(`Thought for ${duration(msg.elapsed_s)} · ${tally()}`, true);
         showAnswer(msg.answer);
         break;
       case "stats":
@@ -235,6 +305,7 @@
   function reset() {
     $("steps").replaceChildren();
     state.pending.clear();
+    startThoughts();
     $("answer").hidden = true;
     $("stats").hidden = true;
     showFormError("");
@@ -243,6 +314,7 @@
   function finish(kind, text) {
     state.running = null;
     dropStaleDrafts(-1); // drafts never verified (stopped, failed, or drafted past the answer)
+    if (state.ticker) stopThoughts(`${kind === "error" ? "Failed" : "Stopped"} after ${duration((performance.now() - state.startedAt) / 1000)} · ${tally()}`, false);
     status(text, kind === "error" ? "error" : "");
     if (kind !== "done") announce(text);
     updateButtons();
