@@ -17,11 +17,13 @@ PUZZLE = make_puzzle(7)
 IMAGE, QUESTION = PUZZLE.image, PUZZLE.question.text()
 
 
-def reasoner(pair: tuple[TransformersBackend, TransformersBackend], tau: float, fallback: str = "off") -> Reasoner:
+def reasoner(
+    pair: tuple[TransformersBackend, TransformersBackend], tau: float, fallback: str = "off", mode: str = "judge"
+) -> Reasoner:
     config = ReasonerConfig(
         cache=CacheConfig(enabled=False),
         generation=GenerationConfig(max_steps=5, max_step_tokens=6),
-        verification=VerificationConfig(tau=tau),
+        verification=VerificationConfig(tau=tau, mode=mode),  # type: ignore[arg-type]
         scheduling=SchedulingConfig(fallback=fallback, lookahead=2, fallback_chunk_tokens=2),
     )
     return Reasoner(*pair, config=config)
@@ -33,9 +35,10 @@ async def texts(r: Reasoner, method: str = "fpsr") -> list[str]:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("fallback", ["off", "on"])
-async def test_tau_inf_equals_target_only(tiny_pair, fallback: str) -> None:  # type: ignore[no-untyped-def]
-    r = reasoner(tiny_pair, math.inf, fallback)
-    assert await texts(r) == await texts(r, "target_only")
+@pytest.mark.parametrize("mode", ["judge", "likelihood"])
+async def test_tau_inf_equals_target_only(tiny_pair, fallback: str, mode: str) -> None:  # type: ignore[no-untyped-def]
+    r = reasoner(tiny_pair, math.inf, fallback, mode)
+    assert await texts(r) == await texts(r, "target_only") == await texts(r, "sequential")
 
 
 @pytest.mark.asyncio
