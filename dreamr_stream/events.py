@@ -58,7 +58,12 @@ class RejectedEvent(_Event):
 
 
 class FallbackEvent(_Event):
-    """The target wrote step ``step.index`` itself (after a rejection, or with no draft)."""
+    """The target wrote step ``step.index`` itself (after a rejection, or with no draft).
+
+    A repaired step has ``step.kept``: the start of the rejected draft (``step.rejected_draft``)
+    that the target kept; the rest of ``step.text`` is its correction. ``step.cost`` says how
+    many tokens were kept, checked from the draft's rest, or written, and the forwards spent.
+    """
 
     type: Literal["fallback"] = "fallback"
     step: Step
