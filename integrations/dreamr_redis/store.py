@@ -14,10 +14,12 @@ time; the core's ``GuardedStore`` turns every failure into a cache miss and logs
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from redis import asyncio as aioredis
@@ -50,11 +52,34 @@ class RedisTrajectoryStore:
         self.max_log = max_log
         self.max_image_bytes = max_image_bytes
         self.max_backoff_s = max_backoff_s
-        self.client = client or aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+        self._url = url
+        self._options: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry_on_timeout": False,
+        }
+        self._given = client
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+            weakref.WeakKeyDictionary()
         )
         self._backoff_s = 0.0
         self._retry_at = 0.0
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The client of the running event loop (a ``client`` passed in is used as it is).
+
+        redis.asyncio connections belong to the loop that opened them, and one store serves
+        several loops: a Reasoner runs its requests on a loop of its own, while its caller may read
+        the store (or clear it) from theirs.
+        """
+        if self._given is not None:
+            return self._given
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = aioredis.Redis.from_url(self._url, **self._options)
+        return client
 
     # ------------------------------------------------------------------ keys and health
     def _k(self, kind: str, name: str = "") -> str:
@@ -147,4 +172,7 @@ class RedisTrajectoryStore:
         return n
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        """Close the running loop's client (a client another loop opened goes with that loop)."""
+        client = self._given if self._given is not None else self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
