@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -93,9 +96,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     processor = build_processor(build_tokenizer())
-    report = {name: bench(name, processor, args.tokens, args.repeats) for name in ("draft", "target")}
+    report: dict[str, object] = {
+        "command": "python benchmarks/backend.py " + " ".join(sys.argv[1:]),
+        "date": date.today().isoformat(),
+        "models": f"random weights in the shipped demo shapes: target {TARGET_SHAPE}, draft {DRAFT_SHAPE}",
+        "loadavg_before": os.getloadavg()[0],
+    }
+    report |= {name: bench(name, processor, args.tokens, args.repeats) for name in ("draft", "target")}
     report["target_over_draft_token_cost"] = (
-        report["target"]["loop_ms_per_token"] / report["draft"]["loop_ms_per_token"]
+        report["target"]["loop_ms_per_token"] / report["draft"]["loop_ms_per_token"]  # type: ignore[index]
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

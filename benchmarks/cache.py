@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import uuid
+from datetime import date
 from pathlib import Path
 
 import anyio
@@ -24,6 +27,7 @@ from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 
 async def run(n: int, redis_url: str | None) -> dict[str, object]:
+    load_before = os.getloadavg()[0]  # other processes on the machine skew the times
     if redis_url:
         from dreamr_redis import RedisTrajectoryStore
 
@@ -43,7 +47,14 @@ async def run(n: int, redis_url: str | None) -> dict[str, object]:
     if redis_url:
         await store.clear()  # type: ignore[attr-defined]
         await store.aclose()  # type: ignore[attr-defined]
-    report: dict[str, object] = {"n": n, "store": "redis" if redis_url else "memory"}
+    report: dict[str, object] = {
+        "command": "python benchmarks/cache.py " + " ".join(sys.argv[1:]),
+        "date": date.today().isoformat(),
+        "models": "shipped demo target and SAPO draft (Reasoner.demo())",
+        "loadavg_before": load_before,
+        "n": n,
+        "store": "redis" if redis_url else "memory",
+    }
     for name, vals in rows.items():
         report[name] = {
             "median_wall_s": statistics.median(v[0] for v in vals),

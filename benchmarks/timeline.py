@@ -9,6 +9,7 @@ that lane was working on ("." = idle). Written to benchmarks/results/timeline.md
 from __future__ import annotations
 
 import argparse
+from datetime import date
 from pathlib import Path
 
 from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
@@ -65,7 +66,8 @@ def main() -> None:
     text = render(result, args.width)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = f"python benchmarks/timeline.py --seed {args.seed} --fallback {args.fallback}"
-    args.out.write_text(f"# One FPSR request on the demo models\n\n`{command}`\n\n```\n{text}\n```\n")
+    when = f"{date.today().isoformat()}, shipped target and SAPO draft (`Reasoner.demo()`), after one warm-up request"
+    args.out.write_text(f"# One FPSR request on the demo models\n\n`{command}`, {when}\n\n```\n{text}\n```\n")
     print(text)
 
 

@@ -1,23 +1,28 @@
 """Where the time of one request goes: lane busy time, overlap and engine overhead.
 
     python benchmarks/where_time_goes.py [--draft sapo] [-n 10] [--method fpsr] [--no-split]
+                                         [--fallback on|off|auto]
 
 For each request the engine records a timeline of lane spans (prefill, draft writes, target
 verification, the target's own steps, draft resyncs). This script sums them per lane and kind,
 measures how much of the wall time at least one lane was busy (the union) and how much two
 lanes ran at once (overlap), and reports the rest as engine overhead (scheduling, thread hops,
 Python between model calls). Medians over ``n`` test puzzles, beside target-only on the same
-puzzles, written to ``benchmarks/results/profile_<method>_<draft>.md``.
+puzzles, written to ``benchmarks/results/where_time_goes_<method>_<draft>[_nosplit][_fallback-<mode>].md``.
+``--fallback on`` forces the target's speculative fallback lane (``SchedulingConfig(fallback="on")``;
+by default it runs only on a GPU), to measure what it costs or saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from collections import defaultdict
+from datetime import date
 from pathlib import Path
 
-from dreamr_stream import CacheConfig, Reasoner
+from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
 from dreamr_stream.types import LaneSpan, ReasoningResult
 from dreamr_stream.zoo.shipped import default_draft
 from dreamr_stream.zoo.task import make_puzzle, split_seed
@@ -58,11 +63,20 @@ def main() -> None:
     parser.add_argument(
         "--no-split", action="store_true", help="each model's calls keep every CPU thread (engine.threads)"
     )
+    parser.add_argument(
+        "--fallback",
+        choices=["on", "off", "auto"],
+        help="force the target's speculative fallback lane on or off (default: the Reasoner's, auto)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # other processes on the machine skew the times
     base = Reasoner.demo(draft=args.draft)
     args.draft = args.draft or default_draft()
-    config = base.config.model_copy(update={"cache": CacheConfig(enabled=False)})
+    update: dict[str, object] = {"cache": CacheConfig(enabled=False)}
+    if args.fallback:
+        update["scheduling"] = SchedulingConfig(**{**base.config.scheduling.model_dump(), "fallback": args.fallback})
+    config = base.config.model_copy(update=update)
     reasoner = Reasoner(
         base.target.backend,
         base.draft.backend,  # type: ignore[union-attr]
@@ -84,15 +98,21 @@ def main() -> None:
         rows["acceptance"].append(spec.stats.draft_steps_accepted / max(1, spec.stats.draft_steps_judged))
     for key in {k for parts in per_request for k in parts}:  # a part absent from a request counts as 0 s
         rows[key] = [parts.get(key, 0.0) for parts in per_request]
-    tag = "_nosplit" if args.no_split else ""
-    command = f"python benchmarks/where_time_goes.py --draft {args.draft} --method {args.method} -n {args.n}" + (
-        " --no-split" if args.no_split else ""
+    tag = ("_nosplit" if args.no_split else "") + (f"_fallback-{args.fallback}" if args.fallback else "")
+    command = (
+        f"python benchmarks/where_time_goes.py --draft {args.draft} --method {args.method} -n {args.n}"
+        + (" --no-split" if args.no_split else "")
+        + (f" --fallback {args.fallback}" if args.fallback else "")
     )
     lines = [
         f"# Where the time of one {args.method} request goes ({args.draft} draft"
-        + (", threads not split)" if args.no_split else ")"),
+        + (", threads not split" if args.no_split else "")
+        + (f", fallback {args.fallback}" if args.fallback else "")
+        + ")",
         "",
-        f"`{command}`: medians over {args.n} test puzzles; seconds unless noted. A lane's time",
+        f"`{command}`, {date.today().isoformat()}, shipped target and {args.draft} draft, "
+        f"1-minute load average before the run {load_before:.2f}: medians over {args.n} test puzzles; "
+        "seconds unless noted. A lane's time",
         "runs from asking for its model to the result, so it includes waiting for the model's",
         "priority lock while another lane computes; overlap is time two lanes were both in a call.",
         "",
@@ -104,7 +124,12 @@ def main() -> None:
         med = statistics.median(rows[key])
         share = f"{med / wall:.0%}" if key not in ("acceptance", "target-only wall") else ""
         lines.append(f"| {key} | {med:.3f} | {share} |")
-    lines += ["", f"Speedup vs target-only on the same puzzles (median of ratios): {statistics.median(ratio):.2f}x."]
+    total = sum(rows["target-only wall"]) / sum(rows["wall"])
+    lines += [
+        "",
+        f"Speedup vs target-only on the same puzzles (median of ratios): {statistics.median(ratio):.2f}x; "
+        f"in total time: {total:.2f}x.",
+    ]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"where_time_goes_{args.method}_{args.draft}{tag}.md").write_text(text)
