@@ -4,17 +4,18 @@
 #   scripts/test.sh                   every test (what CI runs)
 #   scripts/test.sh -m "not slow"     any pytest arguments pass through
 #
-# 1. Python: the active virtual environment, else ./.venv (created when missing: CPU-pinned torch and
-#    the package); the test extra is installed into it when any of its requirements is missing.
-# 2. Programs the tests drive: redis-server (each Redis test starts and stops its own server on a
+# 1. Programs the tests drive: redis-server (each Redis test starts and stops its own server on a
 #    free port, so nothing needs to listen on 6379) and Debian chromium (the browser test, through
-#    Playwright; never `playwright install`), from Debian's packages when missing.
+#    Playwright; never `playwright install`), from Debian's packages when missing (python3-venv too,
+#    when a venv is to be made and Debian's python3 cannot).
+# 2. Python: the active virtual environment, else ./.venv (created when missing: CPU-pinned torch and
+#    the package); the test extra is installed into it when any of its requirements is missing.
 # 3. python -m pytest. A test whose program is still missing fails with one line naming the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_PIN="torch==2.13.0"
-DEBIAN_PACKAGES=(redis-server chromium)
+DEBIAN_PACKAGES=(redis-server chromium python3-venv)
 
 log() { echo "scripts/test.sh: $*" >&2; }
 
@@ -68,6 +69,10 @@ install_test_extra() {
 missing_packages() {
   command -v redis-server >/dev/null || echo redis-server
   [ -x /usr/bin/chromium ] || echo chromium
+  # Debian's python3 makes venvs only with python3-venv (ensurepip); needed when .venv is to be made
+  if [ -z "${VIRTUAL_ENV:-}" ] && [ ! -x .venv/bin/python ] && ! python3 -c "import ensurepip" 2>/dev/null; then
+    echo python3-venv
+  fi
 }
 
 # Debian's packages for what is missing; where they cannot be installed the tests say what to install.
@@ -93,7 +98,7 @@ install_debian_packages() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 }
 
+install_debian_packages
 select_python
 install_test_extra
-install_debian_packages
 exec "$PYTHON" -m pytest "$@"
