@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,13 +87,45 @@ async def test_fpsr_with_the_draft_in_a_process_equals_fpsr_with_it_in_a_thread(
     assert runs[0] == runs[1] and runs[0]
 
 
-def test_a_dead_child_is_a_clear_error(folders: dict[str, Path]) -> None:
+def _kill(backend: ProcessBackend) -> None:
+    os.kill(backend.pid, signal.SIGKILL)
+    backend._child.proc.wait()
+
+
+def test_a_dead_child_is_a_clear_error_and_the_next_session_opens_in_a_restarted_one(
+    folders: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     backend = ProcessBackend.from_pretrained(folders["draft"], name="draft")
     puzzle = make_puzzle(4)
     s = backend.open_session(puzzle.image, puzzle.question.text())
-    os.kill(backend._proc.pid, signal.SIGKILL)
-    backend._proc.wait()
-    with pytest.raises(BackendError, match="not running"):
+    before = backend.generate_step(s, max_tokens=4, stop="\n")
+    first_pid = backend.pid
+    _kill(backend)
+    with caplog.at_level("WARNING"), pytest.raises(BackendError, match="not running"):
         backend.generate_step(s, max_tokens=4, stop="\n")
+    assert any("restarting it" in r.message for r in caplog.records)
     backend.close(s)  # nothing to close: no error
+    fresh = backend.open_session(puzzle.image, puzzle.question.text())  # waits for the new child
+    assert backend.pid != first_pid and backend.restarts == 1 and backend.alive
+    assert backend.generate_step(fresh, max_tokens=4, stop="\n") == before
+    with pytest.raises(BackendError, match="lost"):  # an old handle never reaches a new session
+        backend.rollback(s, 1)
+    backend.shutdown()
+    with pytest.raises(BackendError, match="shut down"):  # shut down for good: no restart
+        backend.open_session(puzzle.image, puzzle.question.text())
+
+
+def test_a_replacement_that_cannot_load_backs_off(tmp_path: Path, folders: dict[str, Path]) -> None:
+    folder = tmp_path / "draft"
+    shutil.copytree(folders["draft"], folder)
+    backend = ProcessBackend.from_pretrained(folder, name="draft")
+    puzzle = make_puzzle(4)
+    shutil.rmtree(folder)  # the model cannot load any more
+    _kill(backend)
+    with pytest.raises(BackendError, match="failed to start"):  # a BackendError: a draft's request goes on
+        backend.open_session(puzzle.image, puzzle.question.text())
+    pid = backend.pid
+    with pytest.raises(BackendError, match="next restart in"):  # at once, no new child meanwhile
+        backend.open_session(puzzle.image, puzzle.question.text())
+    assert backend.pid == pid and backend.restarts == 1
     backend.shutdown()

@@ -12,11 +12,17 @@ pipe, one request at a time; sessions stay in the child and the parent holds ``R
 handles whose ``length`` and ``finished`` every reply refreshes, so reading them costs no round
 trip. The backend protocol already keeps token ids inside each model (text crosses between
 draft and target), so only text, images and small results cross the pipe. ``close`` is
-fire-and-forget, since the engine calls it from the event loop. A child that dies makes every
-later call raise ``BackendError``; the child exits on ``shutdown`` or when its parent goes (the
-pipe closes).
+fire-and-forget, since the engine calls it from the event loop. The child exits on ``shutdown``
+or when its parent goes (the pipe closes).
 
-The child is a fresh interpreter (``python -m dreamr_stream.backends.process``) over a socket
+A child that dies (killed, out of memory, a crash in native code) fails the calls on its sessions
+with ``BackendError``, which for a draft means its request goes on with the target alone
+(``engine.fpsr``), and is replaced at once by a fresh child (one warning in the log), so the next
+request opens its session in a restarted model. Session ids carry the child's generation, so a
+handle from a dead child can never reach a session of its successor. A replacement that fails to
+build its backend is retried only after a back-off, so a model that cannot load costs no time.
+
+The child is a fresh interpreter (``python -m dreamr_stream.backends._process_child``) over a socket
 pair, not a ``multiprocessing`` spawn: spawn re-imports the parent's main script in the child,
 which breaks any script without an ``if __name__ == "__main__"`` guard (the quick start has
 none, and needs none).
@@ -24,15 +30,14 @@ none, and needs none).
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
 import threading
-import traceback
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +48,7 @@ from typing import Any
 
 from PIL import Image
 
+from dreamr_stream.backends._process_child import SESSION_OPS
 from dreamr_stream.backends.base import ModelBackend, ScoreOutput, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
@@ -50,9 +56,6 @@ from dreamr_stream.errors import BackendError
 __all__ = ["ProcessBackend", "RemoteSession"]
 
 log = logging.getLogger(__name__)
-
-# methods whose first argument is a session (sent as its id)
-_SESSION_OPS = frozenset({"generate_step", "score", "append", "begin_step", "rollback", "fork", "close"})
 
 
 @dataclass
@@ -62,83 +65,6 @@ class RemoteSession:
     id: int
     length: int = 0
     finished: bool = False
-
-
-def _portable(e: BaseException) -> BaseException:
-    """The exception itself when it survives pickling, else a BackendError carrying its text."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return BackendError(f"{type(e).__name__}: {e}")
-
-
-def _serve(conn: Connection, factory: Callable[[], ModelBackend[Any]]) -> None:
-    """The child's loop: build the backend, then answer requests until shutdown or EOF."""
-    try:
-        backend = factory()
-    except BaseException as e:
-        conn.send(("error", _portable(e), traceback.format_exc()))
-        return
-    conn.send(
-        (
-            "ok",
-            {
-                "name": backend.name,
-                "judge": backend.judge,
-                "identity": getattr(backend, "identity", backend.name),
-                "recommended_verification": getattr(backend, "recommended_verification", {}),
-                "cpu_threads": getattr(backend, "cpu_threads", 0),
-            },
-            None,
-        )
-    )
-    sessions: dict[int, Any] = {}
-    ids = itertools.count(1)
-
-    def state(sid: int) -> tuple[int, int, bool]:
-        s = sessions[sid]
-        return sid, s.length, s.finished
-
-    while True:
-        try:
-            op, threads, args, kwargs = conn.recv()
-        except (EOFError, OSError):
-            break
-        if op == "shutdown":
-            break
-        try:
-            if threads and hasattr(backend, "use_threads"):
-                backend.use_threads(threads)
-            if op == "open_session":
-                sid = next(ids)
-                sessions[sid] = backend.open_session(*args, **kwargs)
-                reply: Any = (None, [state(sid)])
-            elif op in _SESSION_OPS:
-                sid, *rest = args
-                if sid not in sessions:
-                    raise BackendError(f"{op}: no session {sid} in the backend process (closed?)")
-                session = sessions[sid]
-                if op == "close":
-                    del sessions[sid]
-                    backend.close(session)
-                    continue  # fire-and-forget: no reply
-                value = getattr(backend, op)(session, *rest, **kwargs)
-                touched = [state(sid)]
-                if op == "fork":
-                    new = next(ids)
-                    sessions[new] = value
-                    value = None
-                    touched.append(state(new))
-                reply = (value, touched)
-            else:
-                raise BackendError(f"unknown backend operation {op!r}")
-            conn.send(("ok", reply, None))
-        except BaseException as e:
-            if op == "close":
-                log.warning("closing a session in the backend process failed: %s", e)
-                continue
-            conn.send(("error", _portable(e), traceback.format_exc()))
 
 
 def _stop(proc: subprocess.Popen[bytes], conn: Connection) -> None:
@@ -154,8 +80,43 @@ def _stop(proc: subprocess.Popen[bytes], conn: Connection) -> None:
     conn.close()
 
 
+_ID_BITS = 32  # a session id is (child generation << _ID_BITS) + n
+_BACKOFF_S = (5.0, 300.0)  # after a replacement failed to start: first wait, longest wait
+
+
+@dataclass
+class _Child:
+    """One child process serving the backend, and the pipe to it."""
+
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    generation: int
+    stop: weakref.finalize[Any, Any]  # stops it; also at exit, or when the backend is collected
+    ready: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.stop.alive
+
+    def holds(self, session_id: int) -> bool:
+        return session_id >> _ID_BITS == self.generation
+
+
+def _spawn(owner: object, factory: Callable[[], ModelBackend[Any]], generation: int) -> _Child:
+    """Start a child that builds ``factory()`` (without waiting for it)."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dreamr_stream.backends._process_child", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+    )
+    theirs.close()
+    conn = Connection(ours.detach())
+    conn.send((factory, (generation << _ID_BITS) + 1))
+    return _Child(proc, conn, generation, weakref.finalize(owner, _stop, proc, conn))
+
+
 class ProcessBackend:
-    """A ``ModelBackend`` served from a child process.
+    """A ``ModelBackend`` served from a child process, restarted when it dies.
 
     >>> draft = ProcessBackend.from_pretrained("dreamr_stream/zoo/weights/draft-sapo", name="draft")
     >>> reasoner = Reasoner(target, draft)
@@ -166,51 +127,69 @@ class ProcessBackend:
     ) -> None:
         """``factory``: a picklable callable that builds the backend in the child. ``wait``:
         block until it is built; else call ``ready()`` before use (load something meanwhile)."""
-        ours, theirs = socket.socketpair()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "dreamr_stream.backends.process", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),),
-        )
-        theirs.close()
-        self._conn = Connection(ours.detach())
-        self._conn.send(factory)
+        self._factory = factory
         self._lock = threading.Lock()  # one request/reply at a time
         self._send_lock = threading.Lock()  # fire-and-forget closes may interleave with a request
         self._threads = 0  # intra-op threads for the next call (0: leave as is)
         self._sessions: weakref.WeakValueDictionary[int, RemoteSession] = weakref.WeakValueDictionary()
-        self._finalizer = weakref.finalize(self, _stop, self._proc, self._conn)
         self._start_timeout_s = start_timeout_s
-        self._ready = False
+        self._cpus: set[int] | None = None
+        self._shut_down = False
+        self._failed_starts = 0
+        self._retry_at = 0.0  # no replacement before this time (monotonic), after failed starts
+        self.restarts = 0
+        self.name = "model"  # until the child tells its backend's
+        self._child = _spawn(self, factory, 1)
         if wait:
             self.ready()
 
     def ready(self) -> ProcessBackend:
-        """Wait until the child has built the backend (raises its error if it failed)."""
-        if self._ready:
+        """Wait until the child has built the backend. Its error if it failed: on the first
+        start as it is (the backend is shut down), for a replacement as a ``BackendError``."""
+        child = self._child
+        if child.ready:
             return self
-        if not self._conn.poll(self._start_timeout_s):
-            self.shutdown()
-            raise BackendError(f"the backend process did not start within {self._start_timeout_s:.0f} s")
         try:
-            info = self._reply("start")
-        except BaseException:
-            self.shutdown()
-            raise
-        self.name: str = info["name"]
+            info = self._await_start(child)
+        except BaseException as e:
+            if child.generation == 1:
+                self.shutdown()
+                raise
+            raise self._start_failed(e) from e
+        self.name = info["name"]
         self.judge: JudgeTemplate = info["judge"]
         self.identity: str = info["identity"]
         self.recommended_verification: dict[str, Any] = info["recommended_verification"]
         self._cpu_threads: int = info["cpu_threads"]
-        self._ready = True
+        child.ready, self._failed_starts = True, 0
         return self
+
+    def _await_start(self, child: _Child) -> Any:
+        if not child.conn.poll(self._start_timeout_s):
+            raise BackendError(f"the backend process did not start within {self._start_timeout_s:.0f} s")
+        try:
+            return self._reply(child)
+        except (EOFError, OSError) as e:
+            raise BackendError(f"the backend process died while starting (exit code {child.proc.poll()})") from e
+
+    def _start_failed(self, e: BaseException) -> BackendError:
+        """A replacement that could not build its backend: retry only after a back-off."""
+        self._child.stop()
+        self._failed_starts += 1
+        wait = min(_BACKOFF_S[1], _BACKOFF_S[0] * 2 ** (self._failed_starts - 1))
+        self._retry_at = time.monotonic() + wait
+        log.warning("%s: the restarted backend process failed to start (%s); next try in %.0f s", self.name, e, wait)
+        return BackendError(f"{self.name}: the restarted backend process failed to start: {e}")
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._child.proc.pid
 
     def pin(self, cpus: set[int]) -> None:
-        """Run the child on these cores only (e.g. the ones a local model server leaves free)."""
-        os.sched_setaffinity(self._proc.pid, cpus)
+        """Run the child on these cores only (e.g. the ones a local model server leaves free);
+        a restarted child is pinned the same way."""
+        self._cpus = set(cpus)
+        os.sched_setaffinity(self._child.proc.pid, cpus)
 
     @classmethod
     def from_pretrained(
@@ -222,23 +201,26 @@ class ProcessBackend:
         return cls(partial(TransformersBackend.from_pretrained, Path(path), device=device, name=name), wait=wait)
 
     # ------------------------------------------------------------------ plumbing
-    def _reply(self, op: str) -> Any:
-        try:
-            status, value, trace = self._conn.recv()
-        except (EOFError, OSError) as e:
-            raise BackendError(f"the backend process died during {op} (exit code {self._proc.poll()})") from e
+    def _reply(self, child: _Child) -> Any:
+        """The child's answer (EOFError or OSError: the child is gone)."""
+        status, value, trace = child.conn.recv()
         if status == "error":
             log.debug("backend process traceback:\n%s", trace)
             raise value
         return value
 
     def _call(self, op: str, *args: Any, **kwargs: Any) -> Any:
-        if not self.alive:
-            raise BackendError(f"the backend process is not running (exit code {self._proc.poll()})")
         with self._lock:
-            with self._send_lock:
-                self._conn.send((op, self._threads, args, kwargs))
-            value, touched = self._reply(op)
+            child = self._child_for(op, args)
+            try:
+                with self._send_lock:
+                    child.conn.send((op, self._threads, args, kwargs))
+                value, touched = self._reply(child)
+            except (EOFError, OSError) as e:  # the pipe broke: the child is gone
+                self._replace(child, f"died during {op}")
+                raise BackendError(
+                    f"{self.name}: the backend process died during {op} (exit code {child.proc.returncode})"
+                ) from e
         handles = []
         for sid, length, finished in touched:
             handle = self._sessions.get(sid) or RemoteSession(sid)
@@ -246,6 +228,49 @@ class ProcessBackend:
             self._sessions[sid] = handle
             handles.append(handle)
         return value, handles
+
+    def _child_for(self, op: str, args: tuple[Any, ...]) -> _Child:
+        """The child to send ``op`` to, built and running: a dead one is replaced first (a new
+        session opens in the replacement; one of the dead child's cannot be served)."""
+        if self._shut_down:
+            raise BackendError(f"{self.name}: the backend process was shut down")
+        child = self._child
+        if not child.alive:
+            child = self._replace(child, f"was found dead before {op}")
+        if op in SESSION_OPS and not child.holds(args[0]):
+            raise BackendError(
+                f"{self.name}: {op}: session {args[0]} was lost with its backend process, which is not running "
+                f"(a new one serves new sessions)"
+            )
+        if not child.ready:
+            self.ready()
+        return child
+
+    def _replace(self, dead: _Child, why: str) -> _Child:
+        """Start a fresh child in place of ``dead`` (once: a caller that finds it replaced
+        already gets the replacement)."""
+        if self._child is not dead:
+            return self._child
+        dead.stop()  # reaped (killed if it still ran with a broken pipe), its pipe closed
+        if time.monotonic() < self._retry_at:
+            raise BackendError(
+                f"{self.name}: the backend process is not running; next restart in "
+                f"{self._retry_at - time.monotonic():.0f} s"
+            )
+        log.warning(
+            "%s: the backend process (pid %d, exit code %s) %s; restarting it",
+            self.name,
+            dead.proc.pid,
+            dead.proc.returncode,
+            why,
+        )
+        child = _spawn(self, self._factory, dead.generation + 1)
+        if self._cpus is not None:
+            os.sched_setaffinity(child.proc.pid, self._cpus)
+        with self._send_lock:
+            self._child = child
+        self.restarts += 1
+        return child
 
     # ------------------------------------------------------------------ CPU threads (engine.threads)
     @property
@@ -296,32 +321,20 @@ class ProcessBackend:
 
     def close(self, session: RemoteSession) -> None:
         """Fire-and-forget (the engine closes sessions from the event loop)."""
-        if not self.alive:
-            return
         with self._send_lock:
-            try:
-                self._conn.send(("close", 0, (session.id,), {}))
-            except OSError:  # the child is gone: so is the session
-                pass
+            child = self._child
+            if self._shut_down or not child.alive or not child.holds(session.id):
+                return  # its child is gone: so is the session
+            with contextlib.suppress(OSError):
+                child.conn.send(("close", 0, (session.id,), {}))
 
     # ------------------------------------------------------------------ lifecycle
     @property
     def alive(self) -> bool:
-        return self._proc.poll() is None and self._finalizer.alive
+        """The current child runs (a dead one is replaced at the next call)."""
+        return not self._shut_down and self._child.alive
 
     def shutdown(self) -> None:
-        """Stop the child process (also done when this object is collected, or at exit)."""
-        self._finalizer()
-
-
-def _child_main(fd: int) -> None:
-    conn = Connection(fd)
-    try:
-        factory = conn.recv()
-    except (EOFError, OSError):
-        return
-    _serve(conn, factory)
-
-
-if __name__ == "__main__":
-    _child_main(int(sys.argv[1]))
+        """Stop the child process for good (also done when this object is collected, or at exit)."""
+        self._shut_down = True
+        self._child.stop()

@@ -1,0 +1,119 @@
+"""The child's side of ``ProcessBackend``: build a backend, then serve its methods over a pipe.
+
+Run as ``python -m dreamr_stream.backends._process_child FD`` by ``ProcessBackend``: the first
+message on the socket ``FD`` is ``(factory, first_id)``; each later one is ``(op, threads, args,
+kwargs)``, answered by ``("ok", (value, touched sessions), None)`` or ``("error", exception,
+traceback)``, except ``close`` (fire-and-forget) and ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import sys
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from dreamr_stream.backends.base import ModelBackend
+from dreamr_stream.errors import BackendError
+
+__all__ = ["SESSION_OPS"]
+
+log = logging.getLogger(__name__)
+
+# methods whose first argument is a session (sent as its id)
+SESSION_OPS = frozenset({"generate_step", "score", "append", "begin_step", "rollback", "fork", "close"})
+
+
+def _portable(e: BaseException) -> BaseException:
+    """The exception itself when it survives pickling, else a BackendError carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return BackendError(f"{type(e).__name__}: {e}")
+
+
+def _serve(conn: Connection, factory: Callable[[], ModelBackend[Any]], first_id: int) -> None:
+    """The child's loop: build the backend, then answer requests until shutdown or EOF.
+    Session ids count from ``first_id`` (the parent's numbering of its children)."""
+    try:
+        backend = factory()
+    except BaseException as e:
+        conn.send(("error", _portable(e), traceback.format_exc()))
+        return
+    conn.send(
+        (
+            "ok",
+            {
+                "name": backend.name,
+                "judge": backend.judge,
+                "identity": getattr(backend, "identity", backend.name),
+                "recommended_verification": getattr(backend, "recommended_verification", {}),
+                "cpu_threads": getattr(backend, "cpu_threads", 0),
+            },
+            None,
+        )
+    )
+    sessions: dict[int, Any] = {}
+    ids = itertools.count(first_id)
+
+    def state(sid: int) -> tuple[int, int, bool]:
+        s = sessions[sid]
+        return sid, s.length, s.finished
+
+    while True:
+        try:
+            op, threads, args, kwargs = conn.recv()
+        except (EOFError, OSError):
+            break
+        if op == "shutdown":
+            break
+        try:
+            if threads and hasattr(backend, "use_threads"):
+                backend.use_threads(threads)
+            if op == "open_session":
+                sid = next(ids)
+                sessions[sid] = backend.open_session(*args, **kwargs)
+                reply: Any = (None, [state(sid)])
+            elif op in SESSION_OPS:
+                sid, *rest = args
+                if sid not in sessions:
+                    raise BackendError(f"{op}: no session {sid} in the backend process (closed?)")
+                session = sessions[sid]
+                if op == "close":
+                    del sessions[sid]
+                    backend.close(session)
+                    continue  # fire-and-forget: no reply
+                value = getattr(backend, op)(session, *rest, **kwargs)
+                touched = [state(sid)]
+                if op == "fork":
+                    new = next(ids)
+                    sessions[new] = value
+                    value = None
+                    touched.append(state(new))
+                reply = (value, touched)
+            else:
+                raise BackendError(f"unknown backend operation {op!r}")
+            conn.send(("ok", reply, None))
+        except BaseException as e:
+            if op == "close":
+                log.warning("closing a session in the backend process failed: %s", e)
+                continue
+            conn.send(("error", _portable(e), traceback.format_exc()))
+
+
+def _child_main(fd: int) -> None:
+    conn = Connection(fd)
+    try:
+        factory, first_id = conn.recv()
+    except (EOFError, OSError):
+        return
+    _serve(conn, factory, first_id)
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]))
