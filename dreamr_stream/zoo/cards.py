@@ -1,13 +1,30 @@
-"""Model cards for the shipped demo models, filled from a training log and an evaluation report."""
+"""Model cards for the shipped demo models, filled from their training stages and an evaluation report.
+
+    python -m dreamr_stream.zoo.cards [--models target,draft-sft,draft-sapo] [--check]
+
+writes ``README.md`` in each shipped model's folder from three committed inputs: the card's spec
+(``zoo/configs/cards/<model>.json``: name, training stages, which eval file), its notes
+(``zoo/configs/cards/<model>.md``) and the eval report under ``benchmarks/results/``, which
+``dreamr zoo eval ... --json benchmarks/results/zoo_eval_<model>.json`` writes (the commands are
+in ``benchmarks/README.md``). ``--check`` writes nothing and fails when a card differs.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Stage", "model_card", "sapo_notes"]
+__all__ = ["Stage", "card_from_spec", "model_card", "sapo_notes"]
+
+ZOO = Path(__file__).parent
+SPECS = ZOO / "configs" / "cards"
+RESULTS = ZOO.parent.parent / "benchmarks" / "results"
+MODELS = ("target", "draft-sft", "draft-sapo")
+# what a card keeps of a method's report: wall times belong to the benchmarks, not to a card
+_DROPPED = ("mean_wall_s", "wrong")
 
 RECIPE = """\
 ## Task and recipe (why it looks like this)
@@ -166,3 +183,83 @@ def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> st
         f"Validation acceptance at the target's prefixes ({evals[0]['judged'] if evals else 0} prefixes of "
         f"{cfg.get('eval_prompts')} puzzles), by update: {curve}."
     )
+
+
+def _evaluation(spec: dict[str, Any], results: Path) -> dict[str, Any]:
+    """The card's "Measured" block from the eval report(s) its spec names."""
+    report = json.loads((results / spec["eval"]).read_text())
+    out: dict[str, Any] = {"command": report["command"], "date": report["date"]}
+    if v := report.get("verification"):
+        out["verification"] = f"{v['mode']} mode, tau {v['tau']:g} (the target folder's dreamr.json)"
+    for key, value in report.items():
+        if isinstance(value, dict) and "method" in value:
+            out[key] = {k: x for k, x in value.items() if k not in _DROPPED}
+    if "judge" in report:
+        out["judge_set"] = report["judge"]
+    if "prefixes" in report:
+        out["acceptance_at_the_targets_prefixes"] = report["prefixes"]
+    for key, other_file in spec.get("compare", {}).items():
+        other = json.loads((results / other_file).read_text())
+        out[key] = {
+            "command": other["command"],
+            "fpsr_acceptance": other["fpsr"]["acceptance"],
+            "fpsr_accuracy": other["fpsr"]["accuracy"],
+            "acceptance_at_the_targets_prefixes": other["prefixes"],
+        }
+    if recorded := spec.get("recorded"):
+        out["recorded_not_re_measured"] = {"source": spec["recorded_from"], **recorded}
+    return out
+
+
+def card_from_spec(model: str, *, weights: Path | None = None, specs: Path = SPECS, results: Path = RESULTS) -> str:
+    """The card of shipped model ``model`` (a folder name under ``zoo/weights``) from its spec,
+    notes and eval report."""
+    from dreamr_stream.zoo.shipped import WEIGHTS
+
+    spec = json.loads((specs / f"{model}.json").read_text())
+    stages = [
+        Stage(
+            config=json.loads((ZOO / "configs" / f"{st['config']}.json").read_text()),
+            log=None,
+            step=st["step"],
+            known_minutes=st.get("minutes"),
+        )
+        for st in spec["stages"]
+    ]
+    notes_file = specs / f"{model}.md"
+    return model_card(
+        name=spec["name"],
+        role=spec["role"],
+        folder=(weights or WEIGHTS) / model,
+        stages=stages,
+        evaluation=_evaluation(spec, results),
+        notes=notes_file.read_text().strip() if notes_file.exists() else "",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from dreamr_stream.zoo.shipped import WEIGHTS
+
+    parser = argparse.ArgumentParser(description="Write the shipped demo models' cards from their eval reports.")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated folders under zoo/weights")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the zoo_eval_*.json reports are")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="the models' folders (the cards go there)")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a card differs")
+    args = parser.parse_args(argv)
+    stale = []
+    for model in [m for m in args.models.split(",") if m]:
+        text = card_from_spec(model, weights=args.weights, results=args.results)
+        path = args.weights / model / "README.md"
+        if path.exists() and path.read_text() == text:
+            continue
+        stale.append(str(path))
+        if not args.check:
+            path.write_text(text)
+    print(("differ: " if args.check else "written: ") + (", ".join(stale) or "none"))
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
+import sys
 from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
 
 import anyio
@@ -149,14 +152,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tau", type=float, help="default: what the target recommends")
     parser.add_argument("--verify", choices=["judge", "likelihood"], help="default: what the target recommends")
     parser.add_argument("--json", type=Path)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
-    report: dict[str, object] = {}
+    report: dict[str, object] = {
+        "command": shlex.join(["dreamr", "zoo", "eval", *argv]),
+        "date": date.today().isoformat(),
+        "split": args.split,
+        "models": {"target": str(args.target), "draft": str(args.draft) if args.draft else None},
+    }
     methods = [m for m in args.methods.split(",") if m]
     loaded: TransformersBackend | None = None
     if methods or args.judge_n:
         reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
         verification = reasoner.config.verification.model_copy(update=overrides)
+        report["verification"] = {"mode": verification.mode, "tau": verification.tau}
         config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
         draft = reasoner.draft.backend if reasoner.draft else None
         reasoner = Reasoner(reasoner.target.backend, draft, config=config)
