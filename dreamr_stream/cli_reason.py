@@ -267,3 +267,5 @@ def reason(args: argparse.Namespace, console: Console) -> int:
     except DreamrError as e:
         console.print(f"[red]{type(e).__name__}: {e}[/red]")
         return 1
+    finally:
+        reasoner.close()
