@@ -147,6 +147,7 @@ class Tally:
     errors: list[str] = field(default_factory=list)
     answers: dict[int, str | None] = field(default_factory=dict)  # puzzle -> the first answer given
     latencies: list[float] = field(default_factory=list)
+    late: list[str] = field(default_factory=list)  # messages of a request after its terminal one
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -179,9 +180,14 @@ class Client:
         await ws.send(json.dumps({**ask, "options": options}))
         return ws, rid, k
 
-    async def read(self, ws: ClientConnection) -> dict[str, Any]:
-        message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 300))
-        return message
+    async def read(self, ws: ClientConnection, rid: str) -> dict[str, Any]:
+        """The next message of request ``rid``; one of an earlier request is counted and skipped
+        (a request must end in exactly one of stats, error or cancelled)."""
+        while True:
+            message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 300))
+            if message.get("id") in (None, rid):
+                return message
+            self.tally.late.append(f"{message['type']} for {message['id']} while {rid} ran")
 
     def terminal(self, message: dict[str, Any], rid: str, k: int, allowed: set[str]) -> None:
         kind = message["type"]
@@ -192,7 +198,7 @@ class Client:
     async def ask(self) -> None:
         ws, rid, k = await self.send_ask()
         t0, answer = time.perf_counter(), None
-        while (m := await self.read(ws))["type"] not in TERMINAL:
+        while (m := await self.read(ws, rid))["type"] not in TERMINAL:
             if m["type"] == "answer":
                 answer = m["answer"]
         self.terminal(m, rid, k, {"stats"})
@@ -205,19 +211,19 @@ class Client:
     async def cancel(self) -> None:
         ws, rid, k = await self.send_ask()
         for _ in range(self.rng.randrange(5)):
-            m = await self.read(ws)
+            m = await self.read(ws, rid)
             if m["type"] in TERMINAL:  # it finished before we cancelled
                 self.terminal(m, rid, k, {"stats"})
                 return
         await ws.send(json.dumps({"v": 1, "type": "cancel"}))
-        while (m := await self.read(ws))["type"] not in TERMINAL:
+        while (m := await self.read(ws, rid))["type"] not in TERMINAL:
             pass
         self.terminal(m, rid, k, {"cancelled", "stats"})
 
     async def leave(self) -> None:
         ws, rid, k = await self.send_ask()
         for _ in range(self.rng.randrange(5)):
-            m = await self.read(ws)
+            m = await self.read(ws, rid)
             if m["type"] in TERMINAL:
                 self.terminal(m, rid, k, {"stats"})
                 break
@@ -336,6 +342,7 @@ async def soak(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
         "actions": tally.actions,
         "outcomes": tally.outcomes,
         "errors": tally.errors,
+        "late_messages": tally.late,
         "completed": len(tally.latencies),
         "latency_p50_s": statistics.median(tally.latencies) if tally.latencies else None,
         "puzzles_answered": len(tally.answers),
@@ -376,7 +383,7 @@ def summarise(r: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "connections": r["stats_after"]["connections"],
     }
     server_errors = r["server_log"]["tracebacks"] + sum(r["totals"].get(k, 0) for k in ("failed", "internal_errors"))
-    errors = len(r["errors"]) + server_errors
+    errors = len(r["errors"]) + len(r["late_messages"]) + server_errors
     verdict = (
         errors == 0
         and growth["total_rss"]["growth"] <= 0.10
@@ -437,6 +444,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"| answered requests / distinct puzzles / median latency | {r['completed']} / {r['puzzles_answered']} / "
         f"{r['latency_p50_s'] or 0:.2f} s |",
         f"| errors (clients, events, answers differing between runs) | {len(r['errors'])} |",
+        f"| messages of a request after its terminal message | {len(r['late_messages'])} |",
         f"| server log: tracebacks / other lines | {r['server_log']['tracebacks']} / {r['server_log']['lines']} |",
         f"| server totals | `{json.dumps(r['totals'])}` |",
         f"| peak connections / active / queued / in-flight model calls | {s['peak']['connections']} / "
@@ -474,8 +482,8 @@ def to_markdown(r: dict[str, Any]) -> str:
             f"  connections {x['stats']['connections']}"
         )
     lines += ["```"]
-    if r["errors"] or r["server_log"]["excerpt"]:
-        lines += ["", "## Problems", "", *[f"- {e}" for e in r["errors"][:20]]]
+    if r["errors"] or r["late_messages"] or r["server_log"]["excerpt"]:
+        lines += ["", "## Problems", "", *[f"- {e}" for e in (r["errors"] + r["late_messages"])[:20]]]
         if r["server_log"]["excerpt"]:
             lines += ["", "Server log (first lines):", "", "```", *r["server_log"]["excerpt"], "```"]
     return "\n".join(lines) + "\n"
