@@ -419,7 +419,8 @@ def to_markdown(r: dict[str, Any]) -> str:
     lines = [
         "# `dreamr serve` soak: clients asking, cancelling and leaving at random",
         "",
-        f"`{r['command']}`, {r['date']}, on {r['machine']}; server `{r['server_command']}` (loopback, the "
+        f"`{r['command']}`, {r['date']}, code {r['code']}, on {r['machine']}; server `{r['server_command']}` "
+        "(loopback, the "
         f"shipped demo target and SAPO draft, the draft in its own process); 1-minute load average before "
         f"the run {r['loadavg_before']:.2f}.",
         "",
@@ -489,6 +490,23 @@ def to_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def code_version() -> str:
+    """The commit the server ran, and the library files that differed from it, if any."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dreamr_stream", "integrations"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return "unknown"
+    changed = [line[3:] for line in dirty.stdout.splitlines()]
+    return head.stdout.strip() + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="load duration, warm-up included")
@@ -503,7 +521,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.minutes > 60 or args.minutes <= args.warmup_minutes + 1:
         ap.error("--minutes must exceed the warm-up by more than a minute, and be at most 60")
-    loadavg = os.getloadavg()[0]
+    loadavg, version = os.getloadavg()[0], code_version()
     log = args.out.with_suffix(".server.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     proc, port, server_command = start_server(args, log)
@@ -527,6 +545,7 @@ def main() -> int:
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "loadavg_before": loadavg,
+            "code": version,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "server_exit": {"code": code, "stop_s": stop_s},
             "server_log": {
