@@ -45,7 +45,7 @@ def bench(shape_name: str, processor: LlavaProcessor, tokens: int, repeats: int)
     backend.eos_ids = set()  # decode exactly `tokens` tokens
     puzzle = make_puzzle(0)
     image, question = puzzle.image, puzzle.question.text()
-    inputs = backend._prompt_inputs(image, question)
+    inputs = backend.prompt_inputs(image, question)
     candidate = " red" * 20  # 20 tokens in the demo tokenizer
     n_cand = len(backend.encode(candidate))
     results: dict[str, list[float]] = {

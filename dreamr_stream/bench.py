@@ -138,7 +138,7 @@ def _q(values: list[float], p: float) -> float:
 def _generate_text(
     backend: TransformersBackend, image: Any, question: str, assistant: TransformersBackend | None
 ) -> tuple[str, int]:
-    inputs = backend._prompt_inputs(image, question)
+    inputs = backend.prompt_inputs(image, question)
     kwargs: dict[str, Any] = {"max_new_tokens": 400, "do_sample": False}
     if assistant is not None:
         kwargs["assistant_model"] = assistant.model

@@ -247,7 +247,7 @@ def _pieces(be: TransformersBackend, tokens: list[int]) -> list[tuple[str, str]]
     """(text before token i, text token i adds) for each generated token."""
     out = []
     for i in range(len(tokens)):
-        prev, full = be._text(tokens[:i]), be._text(tokens[: i + 1])
+        prev, full = be.decode(tokens[:i]), be.decode(tokens[: i + 1])
         out.append((prev, full[len(prev) :] if full.startswith(prev) else ""))
     return out
 

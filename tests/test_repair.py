@@ -32,9 +32,9 @@ def variants(ids: list[int], k: int, vocab: int) -> dict[str, list[int]]:
     i = len(rest) // 2
     return {
         "exact": rest,
-        "substituted": rest[:i] + [(rest[i] + 1) % vocab] + rest[i + 1 :] if rest else [],
+        "substituted": [*rest[:i], (rest[i] + 1) % vocab, *rest[i + 1 :]] if rest else [],
         "dropped": rest[:i] + rest[i + 1 :],
-        "inserted": rest[:i] + [rng.randrange(vocab)] + rest[i:],
+        "inserted": [*rest[:i], rng.randrange(vocab), *rest[i:]],
         "noise": [rng.randrange(vocab) for _ in range(len(rest))],
         "none": [],
     }
@@ -48,8 +48,8 @@ def test_repair_with_any_proposal_is_the_greedy_step(tiny_pair, keep: int) -> No
     forwards: dict[str, int] = {}
     for name, proposal in variants(ids, keep, len(target.tokenizer)).items():
         s = target.open_session(PUZZLE.image, PUZZLE.question.text())
-        kept = target.begin_step(s, target._text(ids[:keep]), proposal=target._text(proposal))
-        assert kept == len(target.encode(target._text(ids[:keep])))
+        kept = target.begin_step(s, target.decode(ids[:keep]), proposal=target.decode(proposal))
+        assert kept == len(target.encode(target.decode(ids[:keep])))
         out = target.generate_step(s, max_tokens=CAP, stop=STOP, budget=3)  # chunked, as the engine calls it
         total = out.forwards
         while not out.done:

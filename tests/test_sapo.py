@@ -41,7 +41,7 @@ def test_group_advantages_formula() -> None:
 
 def _sample(backend: TransformersBackend, text: str, advantage: float) -> PolicySample:
     puzzle = make_puzzle(3)
-    prompt = backend._prompt_inputs(puzzle.image, puzzle.question.text())
+    prompt = backend.prompt_inputs(puzzle.image, puzzle.question.text())
     ids = backend.encode(text) + backend.encode("\n")
     return PolicySample(prompt=prompt, context_ids=backend.encode("Row 1: empty.\n"), step_ids=ids, advantage=advantage)
 
@@ -146,7 +146,7 @@ def test_batched_scoring_equals_the_backends_one_forward_score(tiny_pair) -> Non
     puzzle = make_puzzle(7)
     k = 2
     texts = [puzzle.steps()[k], "Row 3: empty, empty, red square, empty. Red: 1.", "Answer: 4"]
-    inputs = target._prompt_inputs(puzzle.image, puzzle.question.text())
+    inputs = target.prompt_inputs(puzzle.image, puzzle.question.text())
     batched = score_steps(target, inputs, _context(target, puzzle.steps()[:k]), texts, judge=True)
     for text, score in zip(texts, batched, strict=True):
         s = _session_at(target, puzzle, k)
@@ -169,7 +169,7 @@ def test_batched_greedy_sampling_equals_the_backends_decode_loop(tiny_pair, k: i
 
     _, draft = tiny_pair
     puzzle = make_puzzle(11)
-    inputs = draft._prompt_inputs(puzzle.image, puzzle.question.text())
+    inputs = draft.prompt_inputs(puzzle.image, puzzle.question.text())
     context = _context(draft, puzzle.steps()[:k])
     steps = sample_steps(draft, inputs, context, 3, temperature=0.0, max_tokens=12, seed=0)
     s = _session_at(draft, puzzle, k)

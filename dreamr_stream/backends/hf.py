@@ -197,7 +197,8 @@ class TransformersBackend:
         return logits
 
     # ------------------------------------------------------------------ sessions
-    def _prompt_inputs(self, image: Image.Image, question: str) -> dict[str, Any]:
+    def prompt_inputs(self, image: Image.Image, question: str) -> dict[str, Any]:
+        """The processor's tensors for the chat prompt (image + question, generation prompt)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text], images=[image], return_tensors="pt")
@@ -205,7 +206,7 @@ class TransformersBackend:
 
     def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> HFSession:
         def prefill() -> HFSession:
-            inputs = self._prompt_inputs(image, question)
+            inputs = self.prompt_inputs(image, question)
             ids = inputs["input_ids"][0].tolist()
             s = HFSession(cache=DynamicCache(config=self.model.config), ids=[], prompt_len=len(ids), logits_at={})
             if self._uses_mrope:
@@ -241,20 +242,20 @@ class TransformersBackend:
     ) -> StepOutput:
         s = session
 
-        def decode() -> StepOutput:
+        def steps() -> StepOutput:
             if s.partial and len(s.partial) >= max_tokens:  # a begun step already at the cap
-                text = self._text(s.partial)
+                text = self.decode(s.partial)
                 self._forward(s, self.encode(stop))
                 return self._end_step(s, StepOutput(text, done=True, forwards=1))
             forwards = new = proposed = 0
             while budget is None or new < budget:
                 if s.eos:
-                    text = self._text(s.partial)
+                    text = self.decode(s.partial)
                     return self._end_step(s, StepOutput(text, True, True, new, forwards, proposed))
                 token = self._pick(s, s.logits_at[len(s.ids)], temperature)
                 if token in self.eos_ids:
                     s.eos = True  # not fed: nothing follows the end of the answer
-                    text = self._text(s.partial)
+                    text = self.decode(s.partial)
                     return self._end_step(s, StepOutput(text, True, True, new + 1, forwards, proposed))
                 guesses = self._guesses(s, token, max_tokens - len(s.partial) - 1) if temperature <= 0.0 else []
                 tokens = self._verify(s, token, guesses)
@@ -263,7 +264,7 @@ class TransformersBackend:
                     new += 1
                     proposed += j > 0
                     s.partial.append(tok)
-                    text = self._text(s.partial)
+                    text = self.decode(s.partial)
                     if stop in text or len(s.partial) >= max_tokens:
                         self._crop(s, len(s.ids) - (len(tokens) - 1 - j))  # tokens past the step's end
                         if stop in text:
@@ -273,9 +274,9 @@ class TransformersBackend:
                             self._forward(s, self.encode(stop))
                             forwards += 1
                         return self._end_step(s, StepOutput(text, True, False, new, forwards, proposed))
-            return StepOutput(self._text(s.partial), False, False, new, forwards, proposed)
+            return StepOutput(self.decode(s.partial), False, False, new, forwards, proposed)
 
-        return self._run(decode)
+        return self._run(steps)
 
     @staticmethod
     def _end_step(s: HFSession, out: StepOutput) -> StepOutput:
@@ -319,7 +320,8 @@ class TransformersBackend:
             s.logits_at[before + 1 + j] = logits[j]
         return [token, *guesses[:m]]
 
-    def _text(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens kept (``encode``'s inverse on a step's tokens)."""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _canonicalise(self, s: HFSession, text: str, stop: str) -> int:
@@ -369,7 +371,11 @@ class TransformersBackend:
                 self._crop(s, before + n)  # drop the judge suffix, keep the candidate
                 s.logits_at[before + n] = logits[n - 1]
             return ScoreOutput(
-                p_pos, p_neg, logprobs[:, 0].tolist()[: len(text_ids)], n_tokens=n, agreed=self._text(text_ids[:agreed])
+                p_pos,
+                p_neg,
+                logprobs[:, 0].tolist()[: len(text_ids)],
+                n_tokens=n,
+                agreed=self.decode(text_ids[:agreed]),
             )
 
         return self._run(forward)

@@ -78,7 +78,7 @@ def greedy_matches(backend: TransformersBackend, image: Image.Image, question: s
     of the answer after the last step), is the argmax where it stands."""
     if not steps:
         return []
-    inputs = backend._prompt_inputs(image, question)
+    inputs = backend.prompt_inputs(image, question)
     base = inputs["input_ids"][0].tolist()
     stop = backend.encode(STOP)
     ends = [stop] * (len(steps) - 1) + [[]]
@@ -109,7 +109,7 @@ def greedy_writes(
     # the step text must survive the round trip, and no step may reach the decode cap
     for st in steps:
         ids = target.encode(st)
-        if len(ids) >= TRAJECTORY_STEP_TOKENS or target._text(ids) != st:
+        if len(ids) >= TRAJECTORY_STEP_TOKENS or target.decode(ids) != st:
             return False
     return all(greedy_matches(target, image, question, steps))
 
@@ -322,7 +322,7 @@ def trajectory_sample(draft: TransformersBackend, prompt: RolloutPrompt) -> Poli
     *body, last = prompt.steps
     ids = _context(draft, body) + _appended(draft, last, last=True)
     return PolicySample(
-        prompt=draft._prompt_inputs(prompt.image, prompt.question),
+        prompt=draft.prompt_inputs(prompt.image, prompt.question),
         context_ids=[],
         step_ids=ids,
         off_policy=True,
@@ -357,8 +357,8 @@ def rollout_group(
     holds one faithful step to move towards. This is the guided-group variant of GRPO (off-policy
     guidance, as in LUFFY); the clipped ratio and the KL term apply to it unchanged.
     """
-    d_inputs = draft._prompt_inputs(prompt.image, prompt.question)
-    t_inputs = target._prompt_inputs(prompt.image, prompt.question)
+    d_inputs = draft.prompt_inputs(prompt.image, prompt.question)
+    t_inputs = target.prompt_inputs(prompt.image, prompt.question)
     d_context = _context(draft, prompt.steps[:k])
     t_context = _context(target, prompt.steps[:k])
     target_step = prompt.steps[k]
