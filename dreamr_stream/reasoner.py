@@ -394,7 +394,7 @@ class Reasoner:
         try:
             async with recv:
                 async for item in recv:
-                    if isinstance(item[0], (FinishedEvent, FailedEvent)):
+                    if _is_terminal(item[0]):
                         # the request's end is told once it has ended: its sessions closed and
                         # its counters down, wherever the consumer reads them
                         await finished.wait()

@@ -231,10 +231,13 @@ def test_a_closed_reasoner_starts_a_fresh_loop_on_its_next_call() -> None:
 
 @pytest.mark.slow
 def test_shipped_models_shared_by_sync_async_and_langchain_callers() -> None:
-    """One round on the demo models (real decoding, draft in its own process): as alone."""
+    """One round on the demo models (real decoding, draft in its own process), the core on a trio
+    loop and its callers on asyncio, trio and none: as alone."""
     from dreamr_stream.zoo.task import make_puzzle, split_seed
 
-    r = Reasoner.demo()
+    demo = Reasoner.demo()
+    assert demo.draft is not None
+    r = Reasoner(demo.target.backend, demo.draft.backend, config=demo.config, loop_backend="trio")
     try:
         puzzles = [make_puzzle(split_seed("test", i)) for i in range(3)]
         asks = [(p.image, p.question.text()) for p in puzzles]
@@ -247,7 +250,7 @@ def test_shipped_models_shared_by_sync_async_and_langchain_callers() -> None:
         results = run_together(
             {
                 "invoke": lambda: texts(r.invoke(*asks[0]).steps),
-                "astream": lambda: anyio.run(astream, backend="trio"),
+                "astream": lambda: anyio.run(astream),
                 "langchain": lambda: texts(runnable.invoke({"image": asks[2][0], "question": asks[2][1]}).steps),
             },
             rounds=1,
@@ -256,3 +259,4 @@ def test_shipped_models_shared_by_sync_async_and_langchain_callers() -> None:
         assert r.active_requests == 0 and r.in_flight == 0
     finally:
         r.close()
+        demo.close()

@@ -151,11 +151,14 @@ class ProcessBackend:
             return self
         try:
             info = self._await_start(child)
-        except BaseException as e:
-            if child.generation == 1:
-                self.shutdown()
-                raise
-            raise self._start_failed(e) from e
+        except Exception as e:
+            if child.generation > 1:  # a replacement: the caller goes on without this model
+                raise self._start_failed(e) from e
+            self.shutdown()
+            raise
+        except BaseException:  # interrupted while waiting: leave no child behind
+            self.shutdown()
+            raise
         self.name = info["name"]
         self.judge: JudgeTemplate = info["judge"]
         self.identity: str = info["identity"]

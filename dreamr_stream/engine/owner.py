@@ -155,8 +155,8 @@ class OwnerLoop:
             return self._portal
 
     def close(self) -> None:
-        """Stop the loop, cancelling relays still running (their consumers see the end), and
-        join its thread. Calls after this start a fresh loop."""
+        """Stop the loop and join its thread: streams still running are cancelled (their
+        consumers see the end), calls in flight finish first. Calls after this start a new loop."""
         if self.here:
             raise RuntimeError("an OwnerLoop cannot be closed from its own thread")
         with self._guard:
@@ -198,7 +198,7 @@ class OwnerLoop:
                 ended = last is not None and last(item)
                 yield item
         finally:
-            if ended:
+            if ended or self.here:  # nothing left to wait for; or collected on the loop, which cannot wait
                 self._finish(relay)
             else:
                 portal.call(relay.close)
@@ -244,7 +244,10 @@ class OwnerLoop:
                     await portal.call_async(relay.close)
 
     def _finish(self, relay: _Relay[T]) -> None:
-        """Close a relay whose generator has nothing left to do, without waiting for it."""
+        """Close a relay without waiting for it (from any thread, the loop's own included)."""
+        if self.here and self._tasks is not None:
+            self._tasks.start_soon(relay.close)
+            return
         portal = self._portal
         if portal is not None:
             with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile: nothing to close
