@@ -3,6 +3,8 @@ LangChain's sync path, from several threads, with no deadlock and the same resul
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -10,7 +12,8 @@ from contextlib import aclosing, closing
 
 import anyio
 import pytest
-from dreamr_langchain import ReasonerRunnable
+from dreamr_langchain import ChatDreamr, ReasonerRunnable
+from langchain_core.messages import HumanMessage
 from PIL import Image
 
 from dreamr_stream.backends.fake import ScriptedBackend
@@ -129,6 +132,30 @@ def test_two_event_loops_of_different_libraries_share_one_reasoner() -> None:
 
         results = run_together({"asyncio": on("asyncio"), "trio": on("trio")}, ROUNDS)
         assert results == {"asyncio": [alone] * ROUNDS, "trio": [alone] * ROUNDS}
+        assert_idle(r)
+    finally:
+        r.close()
+
+
+def test_the_chat_models_sync_path_beside_sync_invoke() -> None:
+    """ChatDreamr's sync calls run on the LangChain bridge's own loop, which reaches the
+    Reasoner's loop as any other loop does."""
+    r = make_reasoner()
+    buffer = io.BytesIO()
+    IMAGE.save(buffer, format="PNG")
+    image = {"type": "image", "base64": base64.b64encode(buffer.getvalue()).decode(), "mime_type": "image/png"}
+    message = HumanMessage(content=[image, {"type": "text", "text": QUESTIONS[2]}])
+    chat = ChatDreamr(reasoner=r)
+    try:
+        alone = (chat.invoke([message]).text, texts(r.invoke(IMAGE, QUESTIONS[0]).steps))
+        results = run_together(
+            {
+                "chat": lambda: chat.invoke([message]).text,
+                "invoke": lambda: texts(r.invoke(IMAGE, QUESTIONS[0]).steps),
+            },
+            ROUNDS,
+        )
+        assert results == {"chat": [alone[0]] * ROUNDS, "invoke": [alone[1]] * ROUNDS}
         assert_idle(r)
     finally:
         r.close()
