@@ -13,6 +13,7 @@ __all__ = [
     "DraftedEvent",
     "Event",
     "EventAdapter",
+    "EventBase",
     "FailedEvent",
     "FallbackEvent",
     "FinishedEvent",
@@ -22,18 +23,20 @@ __all__ = [
 ]
 
 
-class _Event(BaseModel):
+class EventBase(BaseModel):
+    """What every engine event carries; its subclasses are the members of ``Event``."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
     elapsed_s: float = Field(default=0.0, ge=0.0, description="seconds since the request started")
 
 
-class StartedEvent(_Event):
+class StartedEvent(EventBase):
     type: Literal["started"] = "started"
     question: str
     method: str
 
 
-class DraftedEvent(_Event):
+class DraftedEvent(EventBase):
     """The draft proposed step ``index`` (not yet verified)."""
 
     type: Literal["drafted"] = "drafted"
@@ -41,14 +44,14 @@ class DraftedEvent(_Event):
     text: str
 
 
-class VerifiedEvent(_Event):
+class VerifiedEvent(EventBase):
     """TBVM accepted a drafted (or cached) step: it is now part of the answer."""
 
     type: Literal["verified"] = "verified"
     step: Step
 
 
-class RejectedEvent(_Event):
+class RejectedEvent(EventBase):
     """TBVM rejected a drafted step; a target-written step replaces it."""
 
     type: Literal["rejected"] = "rejected"
@@ -57,7 +60,7 @@ class RejectedEvent(_Event):
     verdict: Verdict
 
 
-class FallbackEvent(_Event):
+class FallbackEvent(EventBase):
     """The target wrote step ``step.index`` itself (after a rejection, or with no draft).
 
     A repaired step has ``step.kept``: the start of the rejected draft (``step.rejected_draft``)
@@ -69,19 +72,19 @@ class FallbackEvent(_Event):
     step: Step
 
 
-class CacheHitEvent(_Event):
+class CacheHitEvent(EventBase):
     """The trajectory store held steps for this request; they are proposed as drafts."""
 
     type: Literal["cache_hit"] = "cache_hit"
     steps: int
 
 
-class FinishedEvent(_Event):
+class FinishedEvent(EventBase):
     type: Literal["finished"] = "finished"
     result: ReasoningResult
 
 
-class FailedEvent(_Event):
+class FailedEvent(EventBase):
     type: Literal["failed"] = "failed"
     error: str  # exception class name
     message: str

@@ -125,12 +125,12 @@ class RequestContext:
 
     def go_alone(self, reason: str) -> None:
         """The rest of this request is written by the target alone (said once, in the stats)."""
-        if self.alone_from is None:
-            self.alone_from, self.alone_reason = len(self.steps), reason
+        if self.alone_reason is None:  # from the target's next step (drafts already judged may still verify)
+            self.alone_reason = reason
 
     @property
     def alone(self) -> bool:
-        return self.alone_from is not None
+        return self.alone_reason is not None
 
     # ------------------------------------------------------------------ steps
     def is_final(self, text: str, eos: bool) -> bool:
@@ -163,6 +163,8 @@ class RequestContext:
             elapsed_s=elapsed,
         )
         self.steps.append(step)
+        if self.alone and self.alone_from is None and source is StepSource.TARGET:
+            self.alone_from = step.index
         entries = self.cache.entries if self.cache is not None else []
         if rejected_draft is not None and entries and entries[-1].index == step.index:
             entries[-1] = entries[-1].model_copy(update={"target_step": text})

@@ -23,49 +23,34 @@ import json
 import re
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from dreamr_stream.events import (
-    CacheHitEvent,
-    DraftedEvent,
-    Event,
-    FailedEvent,
-    FallbackEvent,
-    FinishedEvent,
-    RejectedEvent,
-    StartedEvent,
-    VerifiedEvent,
-)
-from dreamr_stream.types import ReasoningStats, Step, Verdict
+from dreamr_stream.events import Event, EventBase, FailedEvent, FinishedEvent
+from dreamr_stream.types import ReasoningStats, Step
 
 __all__ = [
+    "EVENT_MESSAGES",
     "PROTOCOL_VERSION",
     "SCHEMA_PATH",
     "AnswerMessage",
     "AskMessage",
-    "CacheHitMessage",
     "CancelMessage",
     "CancelledMessage",
     "ClientMessage",
     "ClientMessageAdapter",
     "CloseCode",
-    "DraftedMessage",
     "ErrorCode",
     "ErrorMessage",
-    "FallbackMessage",
     "HelloMessage",
     "QueuedMessage",
-    "RejectedMessage",
     "RequestOptions",
     "ServerLimits",
     "ServerMessage",
     "ServerMessageAdapter",
     "ServerStats",
-    "StartedMessage",
     "StatsMessage",
-    "VerifiedMessage",
     "from_event",
     "parse_client_message",
     "protocol_schema",
@@ -161,6 +146,7 @@ class HelloMessage(_Message):
 
 class _RequestMessage(_Message):
     id: str
+    type: str  # a Literal in every message
 
 
 class QueuedMessage(_RequestMessage):
@@ -168,49 +154,21 @@ class QueuedMessage(_RequestMessage):
     position: int = Field(ge=1, description="requests waiting, this one included")
 
 
-class StartedMessage(_RequestMessage):
-    type: Literal["started"] = "started"
-    question: str
-    method: str
+def _wire(event: type[EventBase]) -> type[_RequestMessage]:
+    """The message of a core event: its fields, plus the protocol version and the request id.
+
+    Every event a request streams is derived here, so a new core event reaches the wire (and
+    the schema) with no change to this module; only ``finished`` and ``failed`` have messages
+    of their own (``answer`` + ``stats``, ``error``).
+    """
+    name = event.__name__.removesuffix("Event") + "Message"
+    bases: Any = (event, _RequestMessage)  # the event first: its Literal ``type`` wins over the base's str
+    return create_model(name, __base__=bases, __module__=__name__, __doc__=event.__doc__)  # type: ignore[no-any-return]
 
 
-class DraftedMessage(_RequestMessage):
-    """The draft proposed step ``index``; not yet verified."""
-
-    type: Literal["drafted"] = "drafted"
-    index: int
-    text: str
-    elapsed_s: float
-
-
-class VerifiedMessage(_RequestMessage):
-    """TBVM accepted a drafted (or cached) step; ``step.verdict`` holds its ratio."""
-
-    type: Literal["verified"] = "verified"
-    step: Step
-    elapsed_s: float
-
-
-class RejectedMessage(_RequestMessage):
-    type: Literal["rejected"] = "rejected"
-    index: int
-    text: str
-    verdict: Verdict
-    elapsed_s: float
-
-
-class FallbackMessage(_RequestMessage):
-    """The target wrote step ``step.index`` itself."""
-
-    type: Literal["fallback"] = "fallback"
-    step: Step
-    elapsed_s: float
-
-
-class CacheHitMessage(_RequestMessage):
-    type: Literal["cache_hit"] = "cache_hit"
-    steps: int
-    elapsed_s: float
+# the events a request streams, each sent as it is (plus ``v`` and ``id``)
+STREAMED: Final = tuple(e for e in get_args(get_args(Event)[0]) if e not in (FinishedEvent, FailedEvent))
+EVENT_MESSAGES: Final[dict[type[EventBase], type[_RequestMessage]]] = {e: _wire(e) for e in STREAMED}
 
 
 class AnswerMessage(_RequestMessage):
@@ -241,24 +199,15 @@ class CancelledMessage(_RequestMessage):
     type: Literal["cancelled"] = "cancelled"
 
 
-ServerMessage = Annotated[
-    Union[
-        HelloMessage,
-        QueuedMessage,
-        StartedMessage,
-        DraftedMessage,
-        VerifiedMessage,
-        RejectedMessage,
-        FallbackMessage,
-        CacheHitMessage,
-        AnswerMessage,
-        StatsMessage,
-        ErrorMessage,
-        CancelledMessage,
-    ],
-    Field(discriminator="type"),
-]
-ServerMessageAdapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+_SERVER_MESSAGES: tuple[type[_Message], ...] = (HelloMessage, QueuedMessage, *EVENT_MESSAGES.values())
+_SERVER_MESSAGES += (AnswerMessage, StatsMessage, ErrorMessage, CancelledMessage)
+if TYPE_CHECKING:  # a type checker sees the derived messages as what they share
+    ServerMessage = (
+        HelloMessage | QueuedMessage | _RequestMessage | AnswerMessage | StatsMessage | ErrorMessage | CancelledMessage
+    )
+else:
+    ServerMessage = Annotated[Union[_SERVER_MESSAGES], Field(discriminator="type")]
+ServerMessageAdapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)  # type: ignore[arg-type]
 
 
 class ServerStats(BaseModel):
@@ -289,30 +238,21 @@ def from_event(
     event: Event, request_id: str, *, timeline: bool = False, queue_wait_s: float = 0.0
 ) -> list[ServerMessage]:
     """The wire messages for one engine event (a finished request becomes ``answer`` + ``stats``)."""
-    rid, t = request_id, event.elapsed_s
-    if isinstance(event, StartedEvent):
-        return [StartedMessage(id=rid, question=event.question, method=event.method)]
-    if isinstance(event, DraftedEvent):
-        return [DraftedMessage(id=rid, index=event.index, text=event.text, elapsed_s=t)]
-    if isinstance(event, VerifiedEvent):
-        return [VerifiedMessage(id=rid, step=event.step, elapsed_s=t)]
-    if isinstance(event, RejectedEvent):
-        return [RejectedMessage(id=rid, index=event.index, text=event.text, verdict=event.verdict, elapsed_s=t)]
-    if isinstance(event, FallbackEvent):
-        return [FallbackMessage(id=rid, step=event.step, elapsed_s=t)]
-    if isinstance(event, CacheHitEvent):
-        return [CacheHitMessage(id=rid, steps=event.steps, elapsed_s=t)]
-    if isinstance(event, FinishedEvent):
-        r = event.result
-        stats = r.stats if timeline else r.stats.model_copy(update={"timeline": []})
-        return [
-            AnswerMessage(id=rid, answer=r.answer, steps=r.steps, elapsed_s=t),
-            StatsMessage(id=rid, stats=stats, acceptance_rate=stats.acceptance_rate, queue_wait_s=queue_wait_s),
-        ]
-    if isinstance(event, FailedEvent):
-        code = _ERROR_CODES.get(event.error, "model_error")
-        return [ErrorMessage(id=rid, code=code, message=f"{event.error}: {event.message}")]
-    raise TypeError(f"unknown engine event {type(event).__name__}")  # pragma: no cover - new core event
+    match event:
+        case FinishedEvent(result=r, elapsed_s=t):
+            stats = r.stats if timeline else r.stats.model_copy(update={"timeline": []})
+            return [
+                AnswerMessage(id=request_id, answer=r.answer, steps=r.steps, elapsed_s=t),
+                StatsMessage(
+                    id=request_id, stats=stats, acceptance_rate=stats.acceptance_rate, queue_wait_s=queue_wait_s
+                ),
+            ]
+        case FailedEvent(error=error, message=message):
+            code = _ERROR_CODES.get(error, "model_error")
+            return [ErrorMessage(id=request_id, code=code, message=f"{error}: {message}")]
+        case _:  # every other event streams as it is
+            wire = EVENT_MESSAGES[type(event)]
+            return [wire.model_validate({**dict(event), "id": request_id})]
 
 
 def parse_client_message(raw: str) -> ClientMessage | ErrorMessage:
