@@ -11,9 +11,10 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 from rich.console import Console
+from rich.markup import escape
 
 from dreamr_stream.errors import DreamrError, InputError
 
@@ -142,23 +143,43 @@ def load(args: argparse.Namespace, console: Console) -> Reasoner:
 
 # ---------------------------------------------------------------------------------- output
 def show(event: Event, args: argparse.Namespace, console: Console) -> None:
-    """One line per event worth showing: verified and fallback steps; drafts and rejections with --events."""
-    from dreamr_stream.events import DraftedEvent, FailedEvent, FallbackEvent, RejectedEvent, VerifiedEvent
+    """One line per event worth showing: verified and fallback steps (a repaired step shows the
+    draft's kept start, then the target's tail); drafts, rejections and cache hits with --events."""
+    from dreamr_stream.events import (
+        CacheHitEvent,
+        DraftedEvent,
+        FailedEvent,
+        FallbackEvent,
+        FinishedEvent,
+        RejectedEvent,
+        StartedEvent,
+        VerifiedEvent,
+    )
 
     t = f"[dim]{event.elapsed_s:6.2f}s[/dim]"
-    if isinstance(event, DraftedEvent) and args.events:
-        console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
-    elif isinstance(event, RejectedEvent) and args.events:
-        ratio = f"ratio {event.verdict.ratio:.3g}"
-        console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{event.text}[/strike][/red]")
-    elif isinstance(event, VerifiedEvent):
-        v = event.step.verdict
-        why = f" [dim](ratio {v.ratio:.3g})[/dim]" if v is not None and args.events else ""
-        console.print(f"{t} [green]✓ {event.step.source.value:6}[/green] {event.step.text}{why}")
-    elif isinstance(event, FallbackEvent):
-        console.print(f"{t} [yellow]● target[/yellow] {event.step.text}")
-    elif isinstance(event, FailedEvent):
-        console.print(f"[red]failed: {event.error}: {event.message}[/red]")
+    match event:
+        case DraftedEvent() if args.events:
+            console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
+        case RejectedEvent() if args.events:
+            ratio = f"ratio {event.verdict.ratio:.3g}"
+            console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{event.text}[/strike][/red]")
+        case CacheHitEvent() if args.events:
+            console.print(f"{t} [dim]  cache: {event.steps} steps to verify[/dim]")
+        case VerifiedEvent(step=step):
+            v = step.verdict
+            why = f" [dim](ratio {v.ratio:.3g})[/dim]" if v is not None and args.events else ""
+            console.print(f"{t} [green]✓ {step.source.value:6}[/green] {escape(step.text)}{why}")
+        case FallbackEvent(step=step) if step.kept:
+            tail = escape(step.text[len(step.kept) :])
+            console.print(f"{t} [yellow]● repair[/yellow] {escape(step.kept)}[yellow]{tail}[/yellow]")
+        case FallbackEvent(step=step):
+            console.print(f"{t} [yellow]● target[/yellow] {escape(step.text)}")
+        case FailedEvent():
+            console.print(f"[red]failed: {event.error}: {event.message}[/red]")
+        case StartedEvent() | FinishedEvent() | DraftedEvent() | RejectedEvent() | CacheHitEvent():
+            pass  # the summary tells the end; the rest only with --events
+        case _:
+            assert_never(event)
 
 
 def summary(result: ReasoningResult, expected: int | None, console: Console) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 
 import pytest
 from dreamr_websocket import routes
@@ -179,3 +180,20 @@ def test_origin_and_host_gates() -> None:
     assert not routes.host_allowed(_request(**rebound), s)
     assert not routes.origin_allowed(_request(**rebound), s)
     assert routes.host_allowed(_request(Host="[::1]:8765"), s)
+
+
+def test_the_page_handles_every_server_message_type() -> None:
+    """A new core event reaches the wire by itself (``EVENT_MESSAGES``); the page must say what
+    it does with it, so a message type it does not name fails here."""
+    from pathlib import Path
+    from typing import get_args
+
+    import dreamr_websocket
+    from dreamr_websocket.protocol import ServerMessage
+
+    members = get_args(get_args(ServerMessage)[0])
+    wire_types = {m.model_fields["type"].default for m in members}
+    assert {"drafted", "verified", "rejected", "fallback", "cache_hit", "started"} <= wire_types
+    script = (Path(dreamr_websocket.__file__).parent / "static" / "app.js").read_text()
+    handled = set(re.findall(r'case "(\w+)"', script)) | set(re.findall(r'msg\.type === "(\w+)"', script))
+    assert wire_types <= handled, f"app.js does not handle {sorted(wire_types - handled)}"

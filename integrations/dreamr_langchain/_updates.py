@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, assert_never, cast
 
 import anyio
 
@@ -33,6 +33,16 @@ from dreamr_stream import (
     SchedulingConfig,
     Step,
     Verdict,
+)
+from dreamr_stream.events import (
+    CacheHitEvent,
+    DraftedEvent,
+    FailedEvent,
+    FallbackEvent,
+    FinishedEvent,
+    RejectedEvent,
+    StartedEvent,
+    VerifiedEvent,
 )
 
 __all__ = ["StepUpdate", "Update", "VerdictUpdate", "reason_updates", "with_generation"]
@@ -114,22 +124,26 @@ async def reason_updates(
                 if deadline is not None and anyio.current_time() >= deadline:
                     raise TimeoutError(f"the reasoner did not finish within {timeout_s} s") from e
                 raise
-            if event.type == "verified" or event.type == "fallback":
-                step = event.step
-                if held is not None:  # defensive: a step after the one we took for the last
-                    yield StepUpdate(held)
-                    held = None
-                if step.verdict is not None:
-                    yield VerdictUpdate(_verdict(step.index, step.text, step.verdict, event.elapsed_s))
-                if _is_last(step, effective):
-                    held = step
-                else:
-                    yield StepUpdate(step)
-            elif event.type == "rejected":
-                yield VerdictUpdate(_verdict(event.index, event.text, event.verdict, event.elapsed_s))
-            elif event.type == "finished":
-                yield StepUpdate(held, event.result)
-                return
-            elif event.type == "failed":
-                raise _error(event.error, event.message)
+            match event:
+                case VerifiedEvent(step=step) | FallbackEvent(step=step):
+                    if held is not None:  # defensive: a step after the one we took for the last
+                        yield StepUpdate(held)
+                        held = None
+                    if step.verdict is not None:
+                        yield VerdictUpdate(_verdict(step.index, step.text, step.verdict, event.elapsed_s))
+                    if _is_last(step, effective):
+                        held = step
+                    else:
+                        yield StepUpdate(step)
+                case RejectedEvent():
+                    yield VerdictUpdate(_verdict(event.index, event.text, event.verdict, event.elapsed_s))
+                case FinishedEvent():
+                    yield StepUpdate(held, event.result)
+                    return
+                case FailedEvent():
+                    raise _error(event.error, event.message)
+                case StartedEvent() | DraftedEvent() | CacheHitEvent():
+                    pass  # progress LangChain has no place for: unverified drafts, cache lookups
+                case _:
+                    assert_never(event)
     raise BackendError("the reasoner's event stream ended without a result")
