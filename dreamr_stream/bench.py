@@ -57,7 +57,7 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import Reasoner
-from dreamr_stream.zoo.task import make_puzzle, parse_answer, split_seed
+from dreamr_stream.zoo.task import Puzzle, make_puzzle, parse_answer, split_seed
 
 __all__ = ["ALL_METHODS", "BenchResult", "ideal_speedup", "run_bench"]
 
@@ -242,7 +242,6 @@ def _measure(
     progress: Callable[[int, int], None] | None,
 ) -> BenchResult:
     alone = reasoners[_ENGINE["target_only"]]
-    assistant = sapo or sft
     probe = make_puzzle(split_seed("val", 0))
     # every torch call runs on a Reasoner's model threads, engine or not (see call_model)
     costs = alone.call_model(measure_costs, target, sft, probe.image, probe.question.text())
@@ -251,51 +250,72 @@ def _measure(
         warm.invoke(probe.image, probe.question.text(), method=engine.method)  # type: ignore[arg-type]
     for i in range(n):
         puzzle = make_puzzle(split_seed("test", i))
-        image, question = puzzle.image, puzzle.question.text()
-        order = methods[i % len(methods) :] + methods[: i % len(methods)]  # rotate
-        for m in order:
-            row = rows[m]
+        for m in methods[i % len(methods) :] + methods[: i % len(methods)]:  # rotating order
             if m in ("target_generate", "assisted"):
-                t = time.perf_counter()
-                helper = assistant if m == "assisted" else None
-                text, tokens = alone.call_model(_generate_text, target, image, question, helper)
-                row.wall.append(time.perf_counter() - t)
-                row.correct.append(parse_answer(text) == puzzle.answer)
-                row.tokens += tokens
-                continue
-            engine = _ENGINE[m]
-            # the Reasoner's own long-lived loop and worker threads, as in a service (a fresh
-            # anyio.run per request would also pay for new threads and their OpenMP teams)
-            r = reasoners[engine].invoke(image, question, method=engine.method)  # type: ignore[arg-type]
-            s = r.stats
-            row.wall.append(s.wall_s)
-            row.first.append(s.time_to_first_step_s or s.wall_s)
-            row.correct.append(r.answer == str(puzzle.answer))
-            row.judged += s.draft_steps_judged
-            row.accepted += s.draft_steps_accepted
-            row.steps += len(r.steps)
-            row.target_forwards += s.target_forwards
-            row.draft_forwards += s.draft_forwards
-            for st in r.steps:
-                if st.rejected_draft is not None and st.cost is not None:
-                    row.rejected_forwards += st.cost.target_forwards
-                    row.rejected_tokens += st.cost.tokens
-            row.tokens += (
-                s.target_tokens + s.draft_tokens
-                if m == "draft_only"
-                else sum(len(target.encode(st.text)) + 1 for st in r.steps)
-            )
+                helper = (sapo or sft) if m == "assisted" else None
+                _run_generate(rows[m], alone, target, puzzle, helper)
+            else:
+                _run_engine(rows[m], reasoners[_ENGINE[m]], _ENGINE[m], target, puzzle, count_all=m == "draft_only")
         if progress:
             progress(i + 1, n)
+    cfg = {
+        "n": n,
+        "device": device,
+        "verification": config.verification.model_dump(mode="json"),
+        "methods": list(methods),
+        "threads": torch.get_num_threads(),
+        "assisted_draft": "sapo" if sapo is not None else "sft",
+    }
+    return BenchResult(config=cfg, costs=costs, methods=_summarise(rows, costs, n))
+
+
+def _run_generate(
+    row: MethodRows, alone: Reasoner, target: TransformersBackend, puzzle: Puzzle, helper: TransformersBackend | None
+) -> None:
+    """One ``generate()`` run (assisted when ``helper`` is given), on the target-alone threads."""
+    t = time.perf_counter()
+    text, tokens = alone.call_model(_generate_text, target, puzzle.image, puzzle.question.text(), helper)
+    row.wall.append(time.perf_counter() - t)
+    row.correct.append(parse_answer(text) == puzzle.answer)
+    row.tokens += tokens
+
+
+def _run_engine(
+    row: MethodRows, reasoner: Reasoner, engine: _Engine, target: TransformersBackend, puzzle: Puzzle, count_all: bool
+) -> None:
+    """One request on the engine, on the Reasoner's own long-lived loop and worker threads, as in a
+    service (a fresh anyio.run per request would also pay for new threads and their OpenMP teams).
+    Tokens are the answer's (target tokens of its steps), or every token decoded with ``count_all``."""
+    r = reasoner.invoke(puzzle.image, puzzle.question.text(), method=engine.method)  # type: ignore[arg-type]
+    s = r.stats
+    row.wall.append(s.wall_s)
+    row.first.append(s.time_to_first_step_s or s.wall_s)
+    row.correct.append(r.answer == str(puzzle.answer))
+    row.judged += s.draft_steps_judged
+    row.accepted += s.draft_steps_accepted
+    row.steps += len(r.steps)
+    row.target_forwards += s.target_forwards
+    row.draft_forwards += s.draft_forwards
+    for st in r.steps:
+        if st.rejected_draft is not None and st.cost is not None:
+            row.rejected_forwards += st.cost.target_forwards
+            row.rejected_tokens += st.cost.tokens
+    if count_all:
+        row.tokens += s.target_tokens + s.draft_tokens
+    else:
+        row.tokens += sum(len(target.encode(st.text)) + 1 for st in r.steps)
+
+
+def _summarise(rows: dict[str, MethodRows], costs: dict[str, float], n: int) -> dict[str, dict[str, Any]]:
+    """Each method's figures, speedups against target-only on the same prompts."""
     base = rows["target_only"].wall if "target_only" in rows else None
     out: dict[str, dict[str, Any]] = {}
     for m, row in rows.items():
-        med = statistics.median(row.wall)
         rec: dict[str, Any] = {
             "accuracy": sum(row.correct) / len(row.correct),
             "acceptance": row.accepted / row.judged if row.judged else None,
             "steps_per_prompt": row.steps / n if row.steps else None,
-            "wall_median_s": med,
+            "wall_median_s": statistics.median(row.wall),
             "wall_iqr_s": [_q(row.wall, 0.25), _q(row.wall, 0.75)],
             "first_step_median_s": statistics.median(row.first) if row.first else None,
             "target_forwards_per_prompt": row.target_forwards / n if row.steps else None,
@@ -310,11 +330,10 @@ def _measure(
             # acceptance and step length) is comparable to
             rec["speedup_total"] = sum(base) / sum(row.wall)
         if rec["acceptance"] is not None and row.steps:
-            step_tokens = row.tokens / max(1, row.steps)
             rec["ideal_speedup"] = ideal_speedup(
                 c=costs["c"],
                 v=costs["v"],
-                step_tokens=step_tokens,
+                step_tokens=row.tokens / max(1, row.steps),
                 acceptance=rec["acceptance"],
                 overlap=_ENGINE[m].method == "fpsr",
                 rejected_cost=rec["rejected_step_cost"] if rec["rejected_step_cost"] is not None else 1.0,
@@ -322,15 +341,7 @@ def _measure(
             if "speedup_total" in rec:
                 rec["efficiency"] = rec["speedup_total"] / rec["ideal_speedup"]
         out[m] = rec
-    cfg = {
-        "n": n,
-        "device": device,
-        "verification": config.verification.model_dump(mode="json"),
-        "methods": list(methods),
-        "threads": torch.get_num_threads(),
-        "assisted_draft": "sapo" if sapo is not None else "sft",
-    }
-    return BenchResult(config=cfg, costs=costs, methods=out)
+    return out
 
 
 def to_markdown(result: BenchResult) -> str:
