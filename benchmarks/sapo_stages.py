@@ -23,8 +23,10 @@ import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.config import SapoConfig
-from dreamr_stream.sapo.rollouts import RolloutPrompt, TrajectoryCache, greedy_matches
-from dreamr_stream.sapo.trainer import task_prompts, train
+from dreamr_stream.sapo.prompts import TrajectoryCache
+from dreamr_stream.sapo.rollouts import RolloutPrompt, greedy_matches
+from dreamr_stream.sapo.trainer import train
+from dreamr_stream.zoo.prompts import demo_prompts, task_prompts
 from dreamr_stream.zoo.shipped import WEIGHTS
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     parser.add_argument("--target", type=Path, default=WEIGHTS / "target")
     parser.add_argument("--draft", type=Path, default=WEIGHTS / "draft-sft", help="the draft SAPO starts from")
     args = parser.parse_args()
-    cfg = SapoConfig(**json.loads(args.config.read_text()))
+    cfg = SapoConfig.from_json(args.config)
     torch.set_num_threads(cfg.threads)
     target = TransformersBackend.from_pretrained(args.target, device="cpu", name="target")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -55,9 +57,10 @@ def main() -> None:
     share, judged = exact_share(args.draft, val)
     print(json.dumps({"update": 0, "exact": round(100 * share, 2), "prefixes": judged}), flush=True)
     for stage in (int(s) for s in args.stages.split(",")):
-        cfg.steps = stage
+        cfg = cfg.model_copy(update={"steps": stage})
         snapshot = args.out / f"u{stage}"
-        shutil.copytree(train(cfg, args.target, args.draft, args.out), snapshot, dirs_exist_ok=True)
+        final = train(cfg, args.target, args.draft, args.out, demo_prompts(cfg.pool, cfg.eval_prompts, cfg.generation))
+        shutil.copytree(final, snapshot, dirs_exist_ok=True)
         share, judged = exact_share(snapshot, val)
         rows = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
         last = [r for r in rows if "reward" in r][-1]

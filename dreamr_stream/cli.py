@@ -89,22 +89,21 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def _sapo(args: argparse.Namespace) -> int:
-    import json
-
     import anyio
 
     from dreamr_stream.sapo.config import SapoConfig
-    from dreamr_stream.sapo.rollouts import prompts_from_log
+    from dreamr_stream.sapo.prompts import held_out, prompts_from_log
     from dreamr_stream.sapo.trainer import train
+    from dreamr_stream.zoo.prompts import demo_prompts
     from dreamr_stream.zoo.shipped import demo_paths
 
-    cfg = SapoConfig(**json.loads(Path(args.config).read_text())) if args.config else SapoConfig()
+    cfg = SapoConfig.from_json(Path(args.config)) if args.config else SapoConfig()
     if args.steps is not None:
-        cfg.steps = args.steps
+        cfg = cfg.model_copy(update={"steps": args.steps})
     paths = demo_paths("sft") if not (args.target and args.draft) else None
     target = Path(args.target) if args.target else paths.target  # type: ignore[union-attr]
     draft = Path(args.draft) if args.draft else paths.draft  # type: ignore[union-attr]
-    prompts = None
+    source = demo_prompts(cfg.pool, cfg.eval_prompts, cfg.generation)
     if args.from_log:
         from dreamr_redis import RedisTrajectoryStore  # the CLI is the composition root
 
@@ -119,7 +118,8 @@ def _sapo(args: argparse.Namespace) -> int:
         if not prompts:
             print("no usable prompts in the trajectory log", file=sys.stderr)
             return 1
-    print(train(cfg, target, draft, Path(args.out), log_prompts=prompts))
+        source = held_out(prompts, cfg.eval_prompts, cfg.seed)  # validated on puzzles of the log
+    print(train(cfg, target, draft, Path(args.out), source))
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from transformers import (
     AutoProcessor,
     CLIPVisionConfig,
@@ -52,6 +52,7 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from dreamr_stream.config import JudgeTemplate
+from dreamr_stream.zoo.build import CHAT_TEMPLATE, train_bpe
 
 __all__ = [
     "FAMILIES",
@@ -103,23 +104,9 @@ def _corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _trained_tokenizer_json(vocab_size: int = 448) -> str:
-    tok = Tokenizer(models.BPE())
-    # Newlines are their own tokens: the "\n" step delimiter never merges with step text.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    return tok.to_str()
+    # the demo models' recipe (newlines their own tokens: the "\n" step delimiter never merges
+    # with step text) on a corpus of every family's words
+    return train_bpe(_corpus(), vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS).to_str()
 
 
 def make_tokenizer(chat_template: str, **special: str) -> PreTrainedTokenizerFast:
@@ -146,17 +133,7 @@ def _ids(tokenizer: PreTrainedTokenizerFast, *tokens: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- chat templates
-PLAIN_TEMPLATE = (  # LLaVA
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}<|user|>{% else %}<|assistant|>{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for block in message['content'] %}"
-    "{% if block['type'] == 'image' %}<image>"
-    "{% elif block['type'] == 'text' %}{{ block['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+PLAIN_TEMPLATE = CHAT_TEMPLATE  # LLaVA: the demo models' template
 IDEFICS3_TEMPLATE = (  # the SmolVLM / Idefics3 layout
     "{% for message in messages %}"
     "{{ message['role'] | capitalize }}:"

@@ -121,8 +121,8 @@ def test_prefix_evaluation_judges_every_step_of_the_targets_trajectories(tmp_pat
     import json
 
     from dreamr_stream.backends.hf import TransformersBackend
-    from dreamr_stream.sapo.rollouts import TrajectoryCache
-    from dreamr_stream.sapo.trainer import task_prompts
+    from dreamr_stream.sapo.prompts import TrajectoryCache
+    from dreamr_stream.zoo.prompts import task_prompts
     from dreamr_stream.zoo.evaluate import main
 
     paths = demo_paths()

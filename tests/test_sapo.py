@@ -147,7 +147,7 @@ def test_batched_scoring_equals_the_backends_one_forward_score(tiny_pair) -> Non
     k = 2
     texts = [puzzle.steps()[k], "Row 3: empty, empty, red square, empty. Red: 1.", "Answer: 4"]
     inputs = target.prompt_inputs(puzzle.image, puzzle.question.text())
-    batched = score_steps(target, inputs, _context(target, puzzle.steps()[:k]), texts, judge=True)
+    batched = score_steps(target, inputs, _context(target, puzzle.steps()[:k], "\n"), texts, judge=True)
     for text, score in zip(texts, batched, strict=True):
         s = _session_at(target, puzzle, k)
         one = target.score(s, text, stop="\n", judge=target.judge)
@@ -170,7 +170,7 @@ def test_batched_greedy_sampling_equals_the_backends_decode_loop(tiny_pair, k: i
     _, draft = tiny_pair
     puzzle = make_puzzle(11)
     inputs = draft.prompt_inputs(puzzle.image, puzzle.question.text())
-    context = _context(draft, puzzle.steps()[:k])
+    context = _context(draft, puzzle.steps()[:k], "\n")
     steps = sample_steps(draft, inputs, context, 3, temperature=0.0, max_tokens=12, seed=0)
     s = _session_at(draft, puzzle, k)
     before = len(s.ids)
@@ -186,6 +186,7 @@ def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:
 
     from dreamr_stream.sapo.config import SapoConfig
     from dreamr_stream.sapo.trainer import train
+    from dreamr_stream.zoo.prompts import demo_prompts
     from dreamr_stream.zoo.task import Split, split_seed
 
     target, draft = tiny_pair
@@ -203,13 +204,13 @@ def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:
             for i in range(n):
                 f.write(json.dumps({"key": f"{split}:{i}", "steps": make_puzzle(split_seed(split, i)).steps()}) + "\n")
     cfg = SapoConfig(steps=2, groups_per_step=2, group_size=2, pool=2, eval_prompts=1, eval_every=1, threads=1)
-    final = train(cfg, folders["target"], folders["draft"], out)
+    final = train(cfg, folders["target"], folders["draft"], out, demo_prompts(cfg.pool, cfg.eval_prompts))
     assert (final / "model.safetensors").exists() and (out / "checkpoint" / "state.pt").exists()
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "acceptance" in r] == [0, 1, 2]
     assert [r["step"] for r in rows if "reward" in r] == [1, 2]
-    cfg.steps = 3  # resumes at update 2: one more update, no second baseline evaluation
-    train(cfg, folders["target"], folders["draft"], out)
+    cfg = cfg.model_copy(update={"steps": 3})  # resumes at update 2: one more update, no second baseline evaluation
+    train(cfg, folders["target"], folders["draft"], out, demo_prompts(cfg.pool, cfg.eval_prompts))
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
     assert [r["step"] for r in rows if "acceptance" in r] == [0, 1, 2, 3]
@@ -219,6 +220,8 @@ def test_trainer_focus_draws_groups_at_rejected_prefixes(tiny_pair, tmp_path, mo
     import json
 
     from dreamr_stream.sapo import trainer
+    from dreamr_stream.sapo.config import SapoConfig
+    from dreamr_stream.zoo.prompts import demo_prompts
     from dreamr_stream.zoo.task import split_seed
 
     target, draft = tiny_pair
@@ -239,11 +242,11 @@ def test_trainer_focus_draws_groups_at_rejected_prefixes(tiny_pair, tmp_path, mo
 
     monkeypatch.setattr(trainer, "rollout_group", spy)
     # the draft misses only the middle step (k = 1): with focus 1 every group is drawn there
-    monkeypatch.setattr(trainer, "greedy_matches", lambda d, image, question, steps: [True, False, True])
-    cfg = trainer.SapoConfig(
+    monkeypatch.setattr(trainer, "greedy_matches", lambda d, image, question, steps, **kw: [True, False, True])
+    cfg = SapoConfig(
         steps=2, groups_per_step=2, max_tries=2, group_size=2, pool=2, eval_prompts=1, eval_every=1, focus=1.0
     )
-    trainer.train(cfg, tmp_path / "target", tmp_path / "draft", out)
+    trainer.train(cfg, tmp_path / "target", tmp_path / "draft", out, demo_prompts(cfg.pool, cfg.eval_prompts))
     assert len(drawn) >= 4 and set(drawn) == {1}
 
 
@@ -327,12 +330,11 @@ def test_dense_term_formula_and_credit() -> None:
 
 def test_sapo_card_notes_come_from_the_run_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
-    from dataclasses import asdict
 
     from dreamr_stream.sapo.config import SapoConfig
     from dreamr_stream.zoo.cards import sapo_notes
 
-    (tmp_path / "config.json").write_text(json.dumps(asdict(SapoConfig(lr=2e-4, distill=5.0)), default=str))
+    (tmp_path / "config.json").write_text(json.dumps(SapoConfig(lr=2e-4, distill=5.0).model_dump()))
     rows = [
         {"step": 0, "acceptance": 0.5, "step_tokens": 18.0, "judged": 12},
         {"step": 1, "reward": 0.3, "kl": 0.0, "s": 30.0},
@@ -346,16 +348,16 @@ def test_sapo_card_notes_come_from_the_run_folder(tmp_path) -> None:  # type: ig
     assert "by update: 0: 50.0%, 2: 75.0%." in notes
     assert "dense term adds" in notes and "drawn at prefixes" not in notes and "unclipped" not in notes
     (tmp_path / "config.json").write_text(
-        json.dumps(asdict(SapoConfig(focus=0.9, pool=500, guide_clip=False, token_mean=True)), default=str)
+        json.dumps(SapoConfig(focus=0.9, pool=500, guide_clip=False, token_mean=True).model_dump())
     )
     notes = sapo_notes(tmp_path, command="dreamr sapo train --out runs/x")
     assert "90% of groups are drawn at prefixes" in notes and "out of 500 train puzzles" in notes
     assert "ratio unclipped" in notes and "credited tokens" in notes and "dense term" not in notes
     assert "anchors the draft" not in notes and "cosine" not in notes
-    (tmp_path / "config.json").write_text(json.dumps(asdict(SapoConfig(anchor=5.0, anchor_puzzles=16)), default=str))
+    (tmp_path / "config.json").write_text(json.dumps(SapoConfig(anchor=5.0, anchor_puzzles=16).model_dump()))
     notes = sapo_notes(tmp_path, command="dreamr sapo train --out runs/x")
     assert "draws 16 train puzzles whose whole target trajectory anchors the draft: 5 x its mean" in notes
-    (tmp_path / "config.json").write_text(json.dumps(asdict(SapoConfig(warmup=5, decay=100)), default=str))
+    (tmp_path / "config.json").write_text(json.dumps(SapoConfig(warmup=5, decay=100).model_dump()))
     notes = sapo_notes(tmp_path, command="dreamr sapo train --out runs/x")
     assert "warms up over 5 updates, then falls on a cosine to 0 at update 100." in notes
 
@@ -388,7 +390,7 @@ def test_off_policy_guide_is_not_clipped(tiny_pair) -> None:  # type: ignore[no-
 
 
 def test_greedy_verdicts_are_what_acceptance_counts(tiny_pair) -> None:  # type: ignore[no-untyped-def]
-    from dreamr_stream.sapo.trainer import acceptance_at_prefixes, greedy_verdicts
+    from dreamr_stream.sapo.acceptance import acceptance_at_prefixes, greedy_verdicts
     from dreamr_stream.verify import LikelihoodVerifier
 
     target, draft = tiny_pair

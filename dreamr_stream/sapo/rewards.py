@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from pydantic import Field
+
+from dreamr_stream.training import TrainingConfig
 
 __all__ = ["RewardWeights", "group_advantages", "step_reward"]
 
 
-@dataclass(frozen=True)
-class RewardWeights:
-    faith: float = 1.0
-    agree: float = 1.0
-    length: float = 0.5
+class RewardWeights(TrainingConfig):
+    """The weights of the reward's three terms (module docstring)."""
+
+    faith: float = Field(default=1.0, ge=0.0)
+    agree: float = Field(default=1.0, ge=0.0)
+    length: float = Field(default=0.5, ge=0.0)
+
+
+DEFAULT_WEIGHTS = RewardWeights()
 
 
 def step_reward(
@@ -39,7 +46,7 @@ def step_reward(
     n_tokens: int,
     target_step: str,
     target_tokens: int,
-    weights: RewardWeights = RewardWeights(),
+    weights: RewardWeights = DEFAULT_WEIGHTS,
 ) -> float:
     total = p_pos + p_neg
     faith = p_pos / total if total > 0 and math.isfinite(total) else 0.0

@@ -1,21 +1,21 @@
 """SAPO rollouts: at a prefix of the target's trajectory, sample a group of draft steps and let
 the target score each in one forward.
 
-A ``RolloutPrompt`` is (image, question, the target's trajectory). Prompts come from the task's
-train split (the target writes its trajectory once; cached on disk) or from the trajectory
-store's verification log (``prompts_from_log``), where the target's step is the logged one.
+A ``RolloutPrompt`` is (image, question, the target's trajectory). Where prompts come from is
+the caller's (``prompts``): a task's puzzles with the target's trajectories, or the trajectory
+store's verification log, where the target's step is the logged one.
+
+The step delimiter and the answer prefix are the task's, from ``GenerationConfig``: a step is
+appended as ``tok(step) + tok(delimiter)``, and the step starting with the answer prefix ends a
+trajectory (its last token the end of the answer).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,18 +23,16 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.policy import PolicySample, batch_inputs
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
-from dreamr_stream.store import LogEntry
 from dreamr_stream.verify import Verifier
 
 __all__ = [
     "RolloutPrompt",
     "StepScore",
-    "TrajectoryCache",
     "greedy_matches",
     "greedy_writes",
-    "prompts_from_log",
     "rollout_group",
     "sample_steps",
     "score_steps",
@@ -43,7 +41,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-STOP = "\n"
+# the default task strings: the demo task's, and what a Reasoner uses unless configured
+DEFAULT_GENERATION = GenerationConfig()
 TRAJECTORY_STEP_TOKENS = 96  # the decode cap per step of the target's reference trajectory
 
 
@@ -56,15 +55,22 @@ class RolloutPrompt:
     start: int = 0  # first index worth sampling at (log prompts: the logged index)
 
 
-def target_trajectory(target: TransformersBackend, image: Image.Image, question: str, max_steps: int = 16) -> list[str]:
+def target_trajectory(
+    target: TransformersBackend,
+    image: Image.Image,
+    question: str,
+    max_steps: int = 16,
+    *,
+    gen: GenerationConfig = DEFAULT_GENERATION,
+) -> list[str]:
     """The target's own greedy steps (the reference SAPO aligns the draft to)."""
     s = target.open_session(image, question)
     steps: list[str] = []
     try:
         while len(steps) < max_steps:
-            out = target.generate_step(s, max_tokens=TRAJECTORY_STEP_TOKENS, stop=STOP)
+            out = target.generate_step(s, max_tokens=TRAJECTORY_STEP_TOKENS, stop=gen.step_delimiter)
             steps.append(out.text)
-            if out.eos or out.text.startswith("Answer:"):
+            if out.eos or out.text.startswith(gen.answer_prefix):
                 break
     finally:
         target.close(s)
@@ -72,7 +78,14 @@ def target_trajectory(target: TransformersBackend, image: Image.Image, question:
 
 
 @torch.no_grad()
-def greedy_matches(backend: TransformersBackend, image: Image.Image, question: str, steps: list[str]) -> list[bool]:
+def greedy_matches(
+    backend: TransformersBackend,
+    image: Image.Image,
+    question: str,
+    steps: list[str],
+    *,
+    gen: GenerationConfig = DEFAULT_GENERATION,
+) -> list[bool]:
     """For each k, whether the backend's greedy step after ``steps[:k]`` is exactly ``steps[k]``,
     all from ONE teacher-forced forward: every token of the step, then its delimiter (the end
     of the answer after the last step), is the argmax where it stands."""
@@ -80,7 +93,7 @@ def greedy_matches(backend: TransformersBackend, image: Image.Image, question: s
         return []
     inputs = backend.prompt_inputs(image, question)
     base = inputs["input_ids"][0].tolist()
-    stop = backend.encode(STOP)
+    stop = backend.encode(gen.step_delimiter)
     ends = [stop] * (len(steps) - 1) + [[]]
     step_ids = [backend.encode(st) for st in steps]
     row = base + [t for ids, end in zip(step_ids, ends, strict=True) for t in ids + end]
@@ -97,56 +110,28 @@ def greedy_matches(backend: TransformersBackend, image: Image.Image, question: s
 
 
 def greedy_writes(
-    target: TransformersBackend, image: Image.Image, question: str, steps: list[str], max_steps: int = 16
+    target: TransformersBackend,
+    image: Image.Image,
+    question: str,
+    steps: list[str],
+    max_steps: int = 16,
+    *,
+    gen: GenerationConfig = DEFAULT_GENERATION,
 ) -> bool:
     """Whether ``target_trajectory`` would return exactly ``steps`` (``greedy_matches`` at every
-    step, the last ``Answer: ...`` ending the answer). A task's reference solution then stands in
+    step, the last, starting with the answer prefix, ending the answer). A task's reference solution then stands in
     for the target's trajectory at about 1% of the cost of decoding it token by token."""
-    if not steps or len(steps) > max_steps or not steps[-1].startswith("Answer:"):
+    answer, delimiter = gen.answer_prefix, gen.step_delimiter
+    if not steps or len(steps) > max_steps or not steps[-1].startswith(answer):
         return False
-    if any(st.startswith("Answer:") or STOP in st for st in steps[:-1]):
+    if any(st.startswith(answer) or delimiter in st for st in steps[:-1]):
         return False
     # the step text must survive the round trip, and no step may reach the decode cap
     for st in steps:
         ids = target.encode(st)
         if len(ids) >= TRAJECTORY_STEP_TOKENS or target.decode(ids) != st:
             return False
-    return all(greedy_matches(target, image, question, steps))
-
-
-class TrajectoryCache:
-    """Target trajectories per prompt key, persisted as JSON lines (resumable, computed once);
-    in memory only when ``path`` is None."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path
-        self.items: dict[str, list[str]] = {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                self.items[rec["key"]] = rec["steps"]
-
-    def get(self, key: str, compute: Callable[[], list[str]]) -> list[str]:
-        if key not in self.items:
-            self.items[key] = compute()
-            if self.path is not None:
-                with self.path.open("a") as f:
-                    f.write(json.dumps({"key": key, "steps": self.items[key]}) + "\n")
-        return self.items[key]
-
-
-def prompts_from_log(entries: Iterable[LogEntry], images: dict[str, bytes]) -> list[RolloutPrompt]:
-    """Rollout prompts from logged verifications: the prefix, then the target's step (the step
-    the target wrote after a rejection, or the accepted draft)."""
-    prompts = []
-    for e in entries:
-        target_step = e.target_step or (e.draft if e.verdict is not None and e.verdict.accepted else None)
-        png = images.get(e.image)
-        if target_step is None or png is None:
-            continue
-        image = Image.open(io.BytesIO(png)).convert("RGB")
-        prompts.append(RolloutPrompt(image, e.question, [*e.prefix, target_step], key=e.key, start=e.index))
-    return prompts
+    return all(greedy_matches(target, image, question, steps, gen=gen))
 
 
 class _StepEnd(StoppingCriteria):
@@ -159,15 +144,15 @@ class _StepEnd(StoppingCriteria):
         return torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
 
 
-def _appended(backend: TransformersBackend, step: str, *, last: bool) -> list[int]:
-    """One step as the backend appends it: ``tok(step) + tok(stop)``, or the end-of-answer token
-    after a trajectory's last step."""
-    return backend.encode(step) + ([next(iter(backend.eos_ids))] if last else backend.encode(STOP))
+def _appended(backend: TransformersBackend, step: str, *, last: bool, delimiter: str) -> list[int]:
+    """One step as the backend appends it: ``tok(step) + tok(delimiter)``, or the end-of-answer
+    token after a trajectory's last step."""
+    return backend.encode(step) + ([next(iter(backend.eos_ids))] if last else backend.encode(delimiter))
 
 
-def _context(backend: TransformersBackend, steps: list[str]) -> list[int]:
+def _context(backend: TransformersBackend, steps: list[str], delimiter: str) -> list[int]:
     """The verified steps as the backend appends them."""
-    return [t for step in steps for t in _appended(backend, step, last=False)]
+    return [t for step in steps for t in _appended(backend, step, last=False, delimiter=delimiter)]
 
 
 def _batched(backend: TransformersBackend, inputs: dict[str, Any], rows: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -185,6 +170,7 @@ def sample_steps(
     temperature: float,
     max_tokens: int,
     seed: int,
+    gen: GenerationConfig = DEFAULT_GENERATION,
 ) -> list[tuple[list[int], str, bool]]:
     """``n`` draft steps after prompt + context, sampled in ONE batched ``generate``.
 
@@ -192,7 +178,7 @@ def sample_steps(
     end-of-answer token; text; whether it ended the answer), with the backend's rules: a step
     ends at the delimiter, at end of answer, or after ``max_tokens`` with a delimiter added.
     """
-    stop = draft.encode(STOP)
+    stop = draft.encode(gen.step_delimiter)
     eos = sorted(draft.eos_ids)
     base = inputs["input_ids"][0].tolist() + context
     # special tokens other than the end of answer never belong in a step (an image token would
@@ -240,11 +226,17 @@ class StepScore:
 
 @torch.no_grad()
 def score_steps(
-    target: TransformersBackend, inputs: dict[str, Any], context: list[int], texts: list[str], judge: bool
+    target: TransformersBackend,
+    inputs: dict[str, Any],
+    context: list[int],
+    texts: list[str],
+    judge: bool,
+    *,
+    gen: GenerationConfig = DEFAULT_GENERATION,
 ) -> list[StepScore]:
     """The evidence on each candidate step, all in ONE batched forward: the same evidence
     ``backend.score`` gives (candidate + delimiter [+ judge suffix])."""
-    stop = target.encode(STOP)
+    stop = target.encode(gen.step_delimiter)
     suffix = target.encode(target.judge.suffix) if judge else []
     base = inputs["input_ids"][0].tolist() + context
     special = set(target.tokenizer.all_special_ids)
@@ -315,18 +307,85 @@ def _credit(
     return None
 
 
-def trajectory_sample(draft: TransformersBackend, prompt: RolloutPrompt) -> PolicySample:
+def trajectory_sample(
+    draft: TransformersBackend, prompt: RolloutPrompt, *, gen: GenerationConfig = DEFAULT_GENERATION
+) -> PolicySample:
     """The target's whole trajectory as one off-policy sample for the draft, tokenised as the
     backend appends it (each step, then its delimiter; the last ends the answer): the row of
     SAPO's anchor term, which scores every step of it in one teacher-forced forward."""
     *body, last = prompt.steps
-    ids = _context(draft, body) + _appended(draft, last, last=True)
+    delimiter = gen.step_delimiter
+    ids = _context(draft, body, delimiter) + _appended(draft, last, last=True, delimiter=delimiter)
     return PolicySample(
         prompt=draft.prompt_inputs(prompt.image, prompt.question),
         context_ids=[],
         step_ids=ids,
         off_policy=True,
         meta={"key": prompt.key, "anchor": True},
+    )
+
+
+# a group member: (token ids as the session would hold them, text, whether it ended the answer)
+Member = tuple[list[int], str, bool]
+
+
+def _guide_member(draft: TransformersBackend, prompt: RolloutPrompt, k: int, delimiter: str) -> Member:
+    """The target's own step at prefix k, tokenised as the backend appends it (the trajectory's
+    last step ends the answer)."""
+    step, last = prompt.steps[k], k == len(prompt.steps) - 1
+    return _appended(draft, step, last=last, delimiter=delimiter), step, last
+
+
+def _evidence(score: StepScore, verifier: Verifier | None) -> tuple[float, float]:
+    """(p_pos, p_neg) as the deployed TBVM mode looks at them; the judge's without a verifier."""
+    if verifier is None:
+        return score.p_pos, score.p_neg
+    v = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
+    return v.p_pos, v.p_neg
+
+
+def _scored_sample(
+    draft: TransformersBackend,
+    target: TransformersBackend,
+    member: Member,
+    score: StepScore,
+    *,
+    inputs: dict[str, Any],
+    context: list[int],
+    target_step: str,
+    weights: RewardWeights,
+    verifier: Verifier | None,
+    teach: bool,
+    guide: bool,
+) -> PolicySample:
+    """One member of a group with its reward (its advantage comes with the whole group)."""
+    step_ids, text, _ = member
+    p_pos, p_neg = _evidence(score, verifier)
+    reward = step_reward(
+        p_pos=p_pos,
+        p_neg=p_neg,
+        text=text,
+        n_tokens=len(step_ids),
+        target_step=target_step,
+        target_tokens=len(target.encode(target_step)) + 1,
+        weights=weights,
+    )
+    return PolicySample(
+        prompt=inputs,
+        context_ids=list(context),
+        step_ids=step_ids,
+        credit=_credit(draft, target, text, step_ids, score.token_logprobs, verifier),
+        teacher=_teacher(draft, target, text, step_ids, score) if teach else None,
+        off_policy=guide,
+        meta={
+            "text": text,
+            "reward": reward,
+            "p_pos": p_pos,
+            "p_neg": p_neg,
+            "agree": text.strip() == target_step.strip(),
+            "tokens": len(step_ids),
+            "guide": guide,
+        },
     )
 
 
@@ -345,6 +404,7 @@ def rollout_group(
     verifier: Verifier | None = None,
     guide: bool = False,
     teach: bool = False,
+    gen: GenerationConfig = DEFAULT_GENERATION,
 ) -> list[PolicySample]:
     """G sampled draft steps at prefix k, each with its reward, group advantage and verdict.
 
@@ -357,12 +417,11 @@ def rollout_group(
     holds one faithful step to move towards. This is the guided-group variant of GRPO (off-policy
     guidance, as in LUFFY); the clipped ratio and the KL term apply to it unchanged.
     """
+    delimiter = gen.step_delimiter
     d_inputs = draft.prompt_inputs(prompt.image, prompt.question)
     t_inputs = target.prompt_inputs(prompt.image, prompt.question)
-    d_context = _context(draft, prompt.steps[:k])
-    t_context = _context(target, prompt.steps[:k])
-    target_step = prompt.steps[k]
-    target_tokens = len(target.encode(target_step))
+    d_context = _context(draft, prompt.steps[:k], delimiter)
+    t_context = _context(target, prompt.steps[:k], delimiter)
     members = sample_steps(
         draft,
         d_inputs,
@@ -371,49 +430,28 @@ def rollout_group(
         temperature=temperature,
         max_tokens=max_step_tokens,
         seed=rng.randrange(2**31),
+        gen=gen,
     )
-    if guide:  # the target's step, tokenised as the backend appends it; the trajectory's last step ends the answer
-        last = k == len(prompt.steps) - 1
-        members.append((_appended(draft, target_step, last=last), target_step, last))
+    if guide:
+        members.append(_guide_member(draft, prompt, k, delimiter))
     needs_judge = verifier is None or verifier.needs_judge
-    scores = score_steps(target, t_inputs, t_context, [text for _, text, _ in members], needs_judge)
-    samples: list[PolicySample] = []
-    rewards: list[float] = []
-    for i, ((step_ids, text, _), score) in enumerate(zip(members, scores, strict=True)):
-        p_pos, p_neg, token_lp = score.p_pos, score.p_neg, score.token_logprobs
-        credit = _credit(draft, target, text, step_ids, token_lp, verifier)
-        if verifier is not None:  # the evidence the deployed TBVM mode looks at
-            v = verifier.verify(p_pos, p_neg, token_lp)
-            p_pos, p_neg = v.p_pos, v.p_neg
-        reward = step_reward(
-            p_pos=p_pos,
-            p_neg=p_neg,
-            text=text,
-            n_tokens=len(step_ids),
-            target_step=target_step,
-            target_tokens=target_tokens + 1,
+    scores = score_steps(target, t_inputs, t_context, [text for _, text, _ in members], needs_judge, gen=gen)
+    samples = [
+        _scored_sample(
+            draft,
+            target,
+            member,
+            score,
+            inputs=d_inputs,
+            context=d_context,
+            target_step=prompt.steps[k],
             weights=weights,
+            verifier=verifier,
+            teach=teach,
+            guide=guide and i == len(members) - 1,
         )
-        rewards.append(reward)
-        samples.append(
-            PolicySample(
-                prompt=d_inputs,
-                context_ids=list(d_context),
-                step_ids=step_ids,
-                credit=credit,
-                teacher=_teacher(draft, target, text, step_ids, score) if teach else None,
-                off_policy=guide and i == len(members) - 1,
-                meta={
-                    "text": text,
-                    "reward": reward,
-                    "p_pos": p_pos,
-                    "p_neg": p_neg,
-                    "agree": text.strip() == target_step.strip(),
-                    "tokens": len(step_ids),
-                    "guide": guide and i == len(members) - 1,
-                },
-            )
-        )
-    for s, a in zip(samples, group_advantages(rewards), strict=True):
+        for i, (member, score) in enumerate(zip(members, scores, strict=True))
+    ]
+    for s, a in zip(samples, group_advantages([s.meta["reward"] for s in samples]), strict=True):
         s.advantage = a
     return samples

@@ -8,8 +8,9 @@ patches on a 112 px image: 16 visual tokens, one per grid cell of the task.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
+from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
@@ -21,6 +22,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from dreamr_stream.training import TrainingConfig
 from dreamr_stream.zoo.task import CELL, IMAGE_SIZE, make_puzzle, split_seed
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "build_model",
     "build_processor",
     "build_tokenizer",
+    "train_bpe",
 ]
 
 IMAGE_TOKEN = "<image>"
@@ -66,8 +69,8 @@ def _corpus(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 512, corpus_size: int = 4000) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the task's text, so task words are single tokens.
+def train_bpe(texts: Iterable[str], *, vocab_size: int, special_tokens: Sequence[str]) -> Tokenizer:
+    """A byte-level BPE trained on ``texts``, so their words are single tokens.
 
     Newlines are split off before BPE: the step delimiter is always a token of its own and
     a step's tokens never depend on what follows it.
@@ -82,13 +85,18 @@ def build_tokenizer(vocab_size: int = 512, corpus_size: int = 4000) -> PreTraine
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(corpus_size), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 512, corpus_size: int = 4000) -> PreTrainedTokenizerFast:
+    """The demo models' tokenizer: ``train_bpe`` on the task's text, with the chat template."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=train_bpe(_corpus(corpus_size), vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS),
         eos_token="<|endoftext|>",
         pad_token="<|pad|>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
@@ -112,15 +120,14 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     )
 
 
-@dataclass(frozen=True)
-class ModelShape:
+class ModelShape(TrainingConfig):
     """Language-model shape of a demo model; the vision tower is shared by all sizes."""
 
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vision_hidden: int = 128
+    hidden: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    intermediate: int = Field(ge=1)
+    vision_hidden: int = Field(default=128, ge=1)
 
 
 TARGET_SHAPE = ModelShape(hidden=128, layers=24, heads=4, intermediate=384)

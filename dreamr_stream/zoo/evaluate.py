@@ -20,7 +20,10 @@ import anyio
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import Method, Reasoner
+from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
+from dreamr_stream.sapo.prompts import TrajectoryCache
 from dreamr_stream.verify import make_verifier
+from dreamr_stream.zoo.prompts import task_prompts
 from dreamr_stream.zoo.task import Split, make_judge_item, make_puzzle, parse_answer, split_seed
 
 __all__ = ["JudgeReport", "MethodReport", "evaluate_judge", "evaluate_method"]
@@ -125,9 +128,6 @@ def evaluate_prefixes(
     the same prefixes for every draft, so two drafts compare step for step. TBVM as the target
     recommends, with ``overrides`` (``mode``, ``tau``) on top. ``target``: the target already
     loaded from ``target_dir``, if it is."""
-    from dreamr_stream.sapo.rollouts import TrajectoryCache
-    from dreamr_stream.sapo.trainer import acceptance_at_prefixes, task_prompts
-
     target = target or TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
     draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
     recommended = VerificationConfig.recommended(target.recommended_verification)

@@ -15,57 +15,54 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import torch
+from pydantic import Field
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.training import TrainingConfig, warmup_cosine
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, ModelShape, build_model, build_processor, build_tokenizer
 from dreamr_stream.zoo.data import IGNORE, N_CELL_CLASSES, Batch, collate, judge_example, solution_example
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
-__all__ = ["TrainConfig", "load_or_build_processor", "train"]
+__all__ = ["TrainConfig", "load_or_build_processor", "lr_at", "train"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainConfig:
-    name: str
+class TrainConfig(TrainingConfig):
+    """A zoo model's training run (``zoo/configs/<name>.json``)."""
+
+    name: str = Field(min_length=1)
     shape: ModelShape
     seed: int = 0
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 1.5e-3
-    vision_lr_mult: float = 0.3
-    warmup: int = 80
-    min_lr_frac: float = 0.15
-    weight_decay: float = 0.01
-    judge_fraction: float = 0.0
-    hard_fraction: float = 0.15
-    aux_weight: float = 0.5
-    judge_weight: float = 0.0  # extra loss on verdict tokens (one token per judge item is a faint signal)
-    eval_every: int = 100
-    ckpt_every: int = 50
-    eval_size: int = 48
-    threads: int = 2
+    steps: int = Field(default=1500, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1.5e-3, gt=0.0)
+    vision_lr_mult: float = Field(default=0.3, ge=0.0)
+    warmup: int = Field(default=80, ge=0)
+    min_lr_frac: float = Field(default=0.15, ge=0.0, le=1.0)  # the cosine's floor, a share of lr
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    judge_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    hard_fraction: float = Field(default=0.15, ge=0.0, le=1.0)
+    aux_weight: float = Field(default=0.5, ge=0.0)
+    # extra loss on verdict tokens (one token per judge item is a faint signal)
+    judge_weight: float = Field(default=0.0, ge=0.0)
+    eval_every: int = Field(default=100, ge=1)
+    ckpt_every: int = Field(default=50, ge=1)
+    eval_size: int = Field(default=48, ge=1)
+    threads: int = Field(default=2, ge=1)
     # A model folder to start from instead of random weights: a later stage of a recipe (for
     # example solutions only at a low constant learning rate once perception has converged).
     init_from: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, path: Path) -> TrainConfig:
-        raw = json.loads(path.read_text())
-        raw["shape"] = ModelShape(**raw["shape"])
-        return cls(**raw)
+    extra: dict[str, str] = Field(default_factory=dict)  # notes kept with the run
 
 
 def load_or_build_processor(folder: Path) -> LlavaProcessor:
@@ -76,11 +73,11 @@ def load_or_build_processor(folder: Path) -> LlavaProcessor:
     return processor
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from the first step after it down to
+    ``min_lr_frac * lr`` at the last step (a floor, so late steps still learn)."""
+    end = cfg.warmup + max(1, cfg.steps - cfg.warmup)
+    return warmup_cosine(step, peak=cfg.lr, warmup=cfg.warmup, start=cfg.warmup, end=end, floor=cfg.min_lr_frac)
 
 
 class _AuxCells(nn.Module):
@@ -204,92 +201,123 @@ def evaluate(
     return metrics
 
 
+def _start_model(cfg: TrainConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    """The model the run starts from: ``init_from``'s weights, or fresh ones of ``cfg.shape``."""
+    if cfg.init_from is None:
+        return build_model(processor.tokenizer, cfg.shape, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module, aux: _AuxCells) -> torch.optim.Optimizer:
+    """AdamW with the vision tower at ``vision_lr_mult`` times the learning rate (``lr_mult``)."""
+    vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
+    others = [p for n, p in model.named_parameters() if "vision_tower" not in n] + list(aux.parameters())
+    groups = [{"params": others, "lr_mult": 1.0}, {"params": vision, "lr_mult": cfg.vision_lr_mult}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+
+class _Run:
+    """What a checkpoint holds: the model, the auxiliary head, the optimiser and the data stream."""
+
+    def __init__(
+        self, model: LlavaForConditionalGeneration, aux: _AuxCells, opt: torch.optim.Optimizer, rng: random.Random
+    ) -> None:
+        self.model, self.aux, self.opt, self.rng = model, aux, opt, rng
+
+    def resume(self, ckpt: Path) -> int:
+        """The steps done: restored from ``ckpt`` if a run saved one there, else 0."""
+        if not (ckpt / "state.pt").exists():
+            return 0
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.aux.load_state_dict(state["aux"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"])
+
+    def save(self, ckpt: Path, done: int) -> None:
+        ckpt.mkdir(exist_ok=True)
+        tmp = ckpt / "state.pt.tmp"
+        state = {
+            "model": self.model.state_dict(),
+            "aux": self.aux.state_dict(),
+            "opt": self.opt.state_dict(),
+            "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "step": done,
+        }
+        torch.save(state, tmp)
+        tmp.replace(ckpt / "state.pt")  # atomic: a stop mid-save never corrupts the checkpoint
+
+
+def _verdict_ids(processor: LlavaProcessor) -> tuple[int, int]:
+    tok = processor.tokenizer
+    pos, neg = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (JUDGE_POS, JUDGE_NEG))
+    return pos, neg
+
+
+def _train_step(
+    cfg: TrainConfig,
+    run: _Run,
+    processor: LlavaProcessor,
+    lr: float,
+    verdict_ids: tuple[int, int],
+) -> dict[str, Any]:
+    """One optimiser step on a fresh batch; its losses and gradient norm."""
+    for g in run.opt.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+    batch = _make_batch(cfg, processor, run.rng)
+    out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
+    if cfg.judge_weight > 0:
+        loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = float(nn.utils.clip_grad_norm_(run.model.parameters(), 1.0))
+    run.opt.step()
+    return {"loss": float(out.loss.detach()), "aux": float(aux_loss.detach()), "lr": lr, "gnorm": gnorm}
+
+
+def _write(logf: IO[str], rec: dict[str, Any]) -> None:
+    logf.write(json.dumps(rec) + "\n")
+    logf.flush()
+
+
 def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = True) -> Path:
     """Train (or resume) and return the folder of the final model (fp32, ``save_pretrained``)."""
     torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     processor = load_or_build_processor(processor_dir)
     ckpt = out_dir / "checkpoint"
-    if cfg.init_from is not None:
-        torch.manual_seed(cfg.seed)
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
-    else:
-        model = build_model(processor.tokenizer, cfg.shape, cfg.seed)
+    model = _start_model(cfg, processor)
     aux = _AuxCells(cfg.shape.hidden)
     model.model.multi_modal_projector.register_forward_hook(aux.hook)
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
-    others = [p for n, p in model.named_parameters() if "vision_tower" not in n] + list(aux.parameters())
-    groups = [{"params": others, "lr_mult": 1.0}, {"params": vision, "lr_mult": cfg.vision_lr_mult}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    start = 0
-    if resume and (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", weights_only=False)
-        model.load_state_dict(state["model"])
-        aux.load_state_dict(state["aux"])
-        opt.load_state_dict(state["opt"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+    run = _Run(model, aux, _optimizer(cfg, model, aux), random.Random(cfg.seed))
+    start = run.resume(ckpt) if resume else 0
+    if start:
         log.info("resumed %s at step %d", cfg.name, start)
     model.train()
-    tok = processor.tokenizer
-    verdict_ids = (
-        tok(JUDGE_POS, add_special_tokens=False)["input_ids"][0],
-        tok(JUDGE_NEG, add_special_tokens=False)["input_ids"][0],
-    )
+    verdict_ids = _verdict_ids(processor)
     logf = (out_dir / "log.jsonl").open("a")
     t0 = time.perf_counter()
     progress = _progress(cfg.name, start, cfg.steps)
     for step in range(start, cfg.steps):
         progress(step)
-        lr = _lr_at(cfg, step)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"]
-        batch = _make_batch(cfg, processor, rng)
-        out, aux_loss, loss, _ = _step_loss(model, aux, batch, cfg.aux_weight)
-        if cfg.judge_weight > 0:
-            loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        opt.step()
+        rec = _train_step(cfg, run, processor, lr_at(cfg, step), verdict_ids)
         done = step + 1
         if done % 10 == 0:
-            rec = {
-                "step": done,
-                "loss": float(out.loss.detach()),
-                "aux": float(aux_loss.detach()),
-                "lr": lr,
-                "gnorm": gnorm,
-                "s_per_step": (time.perf_counter() - t0) / 10,
-            }
+            _write(logf, {"step": done, **rec, "s_per_step": (time.perf_counter() - t0) / 10})
             t0 = time.perf_counter()
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
-            log.info("%s step %d loss %.4f aux %.4f lr %.2e", cfg.name, done, rec["loss"], rec["aux"], lr)
+            log.info("%s step %d loss %.4f aux %.4f lr %.2e", cfg.name, done, rec["loss"], rec["aux"], rec["lr"])
         if done % cfg.eval_every == 0 or done == cfg.steps:
             metrics = {"step": done, **evaluate(model, processor, cfg, aux)}
-            logf.write(json.dumps(metrics) + "\n")
-            logf.flush()
+            _write(logf, metrics)
             log.info("%s eval %s", cfg.name, metrics)
             model.save_pretrained(out_dir / f"step{done:05d}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            ckpt.mkdir(exist_ok=True)
-            tmp = ckpt / "state.pt.tmp"
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "aux": aux.state_dict(),
-                    "opt": opt.state_dict(),
-                    "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(),
-                    "step": done,
-                },
-                tmp,
-            )
-            tmp.replace(ckpt / "state.pt")  # atomic: a stop mid-save never corrupts the checkpoint
+            run.save(ckpt, done)
     progress(cfg.steps)
     final = out_dir / "final"
     model.save_pretrained(final)
@@ -310,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = TrainConfig.from_json(args.config)
     if args.steps is not None:
-        cfg.steps = args.steps
+        cfg = cfg.model_copy(update={"steps": args.steps})
     train(cfg, args.out, args.processor, resume=not args.no_resume)
 
 

@@ -1,0 +1,127 @@
+"""What SAPO and the zoo trainer share: configuration files checked field by field, one
+learning-rate schedule, prompts that come from the caller, and a one-way dependency (zoo uses
+sapo, never the reverse)."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from dreamr_stream.config import GenerationConfig
+from dreamr_stream.errors import ConfigError
+from dreamr_stream.sapo.config import SapoConfig
+from dreamr_stream.sapo.prompts import TrajectoryCache, held_out
+from dreamr_stream.sapo.rollouts import RolloutPrompt, greedy_writes
+from dreamr_stream.training import TrainingConfig
+from dreamr_stream.zoo.build import DRAFT_SHAPE
+from dreamr_stream.zoo.prompts import TaskPrompts
+from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.zoo.train import TrainConfig, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((ROOT / "dreamr_stream" / "zoo" / "configs").glob("*.json")) + sorted(
+    (ROOT / "benchmarks" / "configs").glob("*.json")
+)
+SHAPE = {"hidden": 8, "layers": 1, "heads": 2, "intermediate": 16}
+
+
+def _config_class(raw: dict[str, Any]) -> type[TrainingConfig]:
+    return TrainConfig if "shape" in raw else SapoConfig
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_committed_config_file_loads_with_its_values(path: Path) -> None:
+    raw = json.loads(path.read_text())
+    dumped = _config_class(raw).from_json(path).model_dump()
+    assert {k: dumped[k] for k in raw} == raw
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"group_size": 0}, "group_size"),
+        ({"lr_rate": 1e-4}, "lr_rate"),  # a misspelt field is an error, not a silent default
+        ({"verify_mode": "judges"}, "verify_mode"),
+        ({"generation": {"step_delimiter": ""}}, "generation.step_delimiter"),
+        ({"weights": {"faith": -1.0}}, "weights.faith"),
+        ({"name": "x", "shape": {"hidden": 8, "layers": 1, "heads": 2}}, "shape.intermediate"),
+        ({"name": "x", "shape": SHAPE, "steps": "many"}, "steps"),
+        ({"name": "x", "shape": SHAPE, "min_lr_frac": 1.5}, "min_lr_frac"),
+    ],
+)
+def test_a_bad_config_file_is_an_error_naming_the_file_and_the_field(
+    tmp_path: Path, fields: dict[str, Any], named: str
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(ConfigError) as e:
+        _config_class(fields).from_json(path)
+    # a nested field is named by each model on its path (the outer one, then the inner one's error)
+    assert str(path) in str(e.value) and all(part in str(e.value) for part in named.split("."))
+
+
+def test_configs_are_frozen() -> None:
+    cfg = SapoConfig()
+    with pytest.raises(ValidationError):
+        cfg.steps = 3  # type: ignore[misc]
+    assert cfg.model_copy(update={"steps": 3}).steps == 3 and cfg.steps == 160
+
+
+def test_zoo_schedule_warms_up_then_falls_on_a_cosine_to_its_floor() -> None:
+    cfg = TrainConfig(name="x", shape=DRAFT_SHAPE, lr=1e-3, warmup=4, steps=14, min_lr_frac=0.2)
+    rates = [lr_at(cfg, s) for s in range(20)]
+    assert rates[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])  # the cosine starts after the warm-up
+    assert rates[9] == pytest.approx(1e-3 * (0.2 + 0.8 * 0.5))  # half way down
+    assert all(a > b for a, b in itertools.pairwise(rates[4:15]))
+    assert rates[14:] == pytest.approx([2e-4] * 6)  # the floor from the last step on
+
+
+def _prompt(key: str, k: int) -> RolloutPrompt:
+    return RolloutPrompt(Image.new("RGB", (8, 8)), "q", [f"step {i}" for i in range(k + 1)], key=key, start=k)
+
+
+def test_log_prompts_are_held_out_by_whole_puzzles() -> None:
+    prompts = [_prompt(f"p{i % 5}", i // 5) for i in range(15)]  # 5 puzzles, 3 prefixes each
+    split = held_out(prompts, 4, seed=0)(None, TrajectoryCache())  # type: ignore[arg-type]
+    val, train = {p.key for p in split.val}, {p.key for p in split.train}
+    assert not val & train and val | train == {f"p{i}" for i in range(5)}
+    assert len(split.val) == 6  # two whole puzzles: the first two that reach 4 prompts
+    assert list(split.train) == [p for p in prompts if p.key in train]  # in the log's order
+    # one puzzle: nothing is left to hold out, and all of it is trained on
+    one = held_out(prompts[:1] + prompts[5:6], 4)(None, TrajectoryCache())  # type: ignore[arg-type]
+    assert not one.val and len(one.train) == 2
+
+
+def test_task_prompts_compute_a_trajectory_only_when_drawn() -> None:
+    steps = ["Row 1: empty.", "Answer: 0"]
+    cache = TrajectoryCache()
+    cache.items["train:3"] = steps
+    prompts = TaskPrompts(None, cache, "train", 1000, GenerationConfig())  # type: ignore[arg-type]
+    assert len(prompts) == 1000 and prompts[3].steps == steps and prompts[3].key == "train:3"
+    assert prompts[3].question == make_puzzle(split_seed("train", 3)).question.text()
+    assert list(prompts.items) == [3] and list(cache.items) == ["train:3"]
+
+
+def test_the_answer_prefix_comes_from_the_generation_config() -> None:
+    puzzle = make_puzzle(3)
+    other = GenerationConfig(answer_prefix="Result:")
+    # a trajectory must end with the configured prefix: no model call is needed to say no
+    assert not greedy_writes(None, puzzle.image, puzzle.question.text(), puzzle.steps(), gen=other)  # type: ignore[arg-type]
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    froms = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    return froms + [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+
+
+def test_sapo_does_not_import_the_zoo() -> None:
+    for path in (ROOT / "dreamr_stream" / "sapo").glob("*.py"):
+        assert not [m for m in _imports(path) if m.startswith("dreamr_stream.zoo")], path.name
