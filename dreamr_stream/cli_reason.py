@@ -102,6 +102,8 @@ def check_question_arg(question: str) -> str:
 
 def check_device(device: str) -> None:
     """A device this torch build can use, or a UsageError that says what to do instead."""
+    if device == "cpu":  # every build has it; not importing torch here lets the draft's process start first
+        return
     import torch
 
     try:
@@ -129,7 +131,9 @@ def load(args: argparse.Namespace, console: Console) -> Reasoner:
 
     t0 = time.perf_counter()
     with console.status("loading the models…", spinner="dots"):
-        reasoner = load_reasoner(args)
+        # the first request must not wait for the draft's process to start: a copy of the
+        # draft in this process serves until it is ready
+        reasoner = load_reasoner(args, draft_stand_in=True)
     # the target's recommended verification (dreamr.json), then the flags given
     flags = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
     reasoner.config = ReasonerConfig(

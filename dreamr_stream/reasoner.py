@@ -68,6 +68,16 @@ def _is_url(path: str | Path) -> bool:
     return isinstance(path, str) and path.startswith(("http://", "https://"))
 
 
+def _device(device: str) -> str:
+    """``device`` with ``auto`` resolved; imports torch only for ``auto`` (a child process can
+    start before this process's heavy imports)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _served(url: str, *, name: str, settings_from: str | Path | None) -> AsyncModelBackend[Any]:
     """A backend for a model served by vLLM at ``url``."""
     try:
@@ -88,7 +98,8 @@ class Reasoner:
     sync code in any thread (``invoke``, ``stream``), in any mix. Its requests all run on one
     event loop that it owns, in a thread of its own (``engine.owner``): the per-model locks,
     counters and store connections they share belong to that loop, and every entry point routes
-    its caller there, so no two loops ever touch them. ``close()`` stops that loop.
+    its caller there, so no two loops ever touch them. ``close()`` stops that loop, and releases
+    the models when the Reasoner owns them (``owns_backends``).
     """
 
     def __init__(
@@ -100,12 +111,17 @@ class Reasoner:
         store: TrajectoryStore | None = None,
         split_threads: bool = True,
         loop_backend: LoopBackend = "asyncio",
+        owns_backends: bool = False,
     ) -> None:
         """``store``: where verified trajectories are cached (default: in-memory, bounded).
         ``split_threads``: when both models run on the CPU, each model's calls take half of its
         intra-op threads, so that overlapping calls do not fight over the cores
         (``engine.threads``); False leaves the threads as they are. ``loop_backend``: the anyio
-        backend of the Reasoner's own event loop, where its requests run (callers may use either)."""
+        backend of the Reasoner's own event loop, where its requests run (callers may use either).
+        ``owns_backends``: ``close()`` also releases the backends (a draft's process stops, a
+        served model's connections close); ``from_pretrained`` and ``demo`` set it, since what
+        they load belongs to the Reasoner. False: the backends belong to the caller, who may
+        share them between Reasoners, and ``close()`` leaves them as they are."""
         self.config = config or ReasonerConfig()
         t_threads, d_threads = _split(target, draft) if split_threads else (None, None)
         self.target = ModelRunner(target, "target", t_threads)
@@ -114,6 +130,8 @@ class Reasoner:
         self._store_guard = GuardedStore(self.store)
         self.loop = OwnerLoop(name="dreamr-reasoner", backend=loop_backend)  # started on first use
         self.active_requests = 0
+        self.owns_backends = owns_backends
+        self._released = False  # the owned backends were released: no more requests
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -125,45 +143,57 @@ class Reasoner:
         config: ReasonerConfig | None = None,
         device: str = "auto",
         draft_process: bool | None = None,
+        draft_stand_in: bool = False,
         settings_from: str | Path | None = None,
     ) -> Reasoner:
         """Load local model folders (no downloads) into transformers backends, or reach models
         served by vLLM: a ``target`` or ``draft`` that is a URL (``http://host:8000/v1``) is
-        driven over the server's OpenAI-compatible API (``dreamr_vllm``).
+        driven over the server's OpenAI-compatible API (``dreamr_vllm``). The Reasoner owns
+        what it loads: ``close()`` releases it.
 
         ``draft_process``: serve a local draft from its own process (``ProcessBackend``), so that
         its calls overlap the target's instead of waiting for this process's GIL; default: on
         when the models run on the CPU (on a GPU the lanes overlap on CUDA streams).
+        ``draft_stand_in``: with the draft in a process, also load it here and serve the
+        requests that start before the process is ready from this copy (the same steps, with
+        less overlap: ``ProcessBackend.use_stand_in``), instead of waiting for the process
+        before returning. For interactive use (``dreamr reason``): a benchmark that times the
+        first requests would time the stand-in.
         ``settings_from``: a local folder whose ``dreamr.json`` (judge template, recommended
         verification) applies to a served target (a local target folder has its own)."""
-        from dreamr_stream.backends.hf import TransformersBackend, resolve_device
         from dreamr_stream.backends.process import ProcessBackend
 
-        resolved = resolve_device(device)
+        dev = _device(device)
         local_draft = draft is not None and not _is_url(draft)
-        separate = local_draft and (draft_process if draft_process is not None else resolved.type == "cpu")
+        separate = local_draft and (draft_process if draft_process is not None else dev.startswith("cpu"))
         d: ModelBackend[Any] | AsyncModelBackend[Any] | None = None
         if draft is not None and _is_url(draft):
             d = _served(str(draft), name="draft", settings_from=None)
-        elif draft is not None and separate:  # starts loading in the child while the target loads here
-            d = ProcessBackend.from_pretrained(draft, device=str(resolved), name="draft", wait=False)
+        elif draft is not None and separate:
+            # started before torch and transformers are imported here: the child imports them
+            # on the other core meanwhile, and loads while the target loads
+            d = ProcessBackend.from_pretrained(draft, device=dev, name="draft", wait=False)
         try:
+            from dreamr_stream.backends.hf import TransformersBackend
+
             t: Any
             if _is_url(target):
                 t = _served(str(target), name="target", settings_from=settings_from)
             else:
-                t = TransformersBackend.from_pretrained(target, device=str(resolved), name="target")
-            if isinstance(d, ProcessBackend):
+                t = TransformersBackend.from_pretrained(target, device=dev, name="target")
+            if isinstance(d, ProcessBackend) and draft_stand_in:
+                d.use_stand_in(TransformersBackend.from_pretrained(draft, device=dev, name="draft"))  # type: ignore[arg-type]
+            elif isinstance(d, ProcessBackend):
                 d.ready()
         except BaseException:
             if isinstance(d, ProcessBackend):  # no orphan child when the target fails to load
                 d.shutdown()
             raise
         if draft is not None and d is None:
-            d = TransformersBackend.from_pretrained(draft, device=str(resolved), name="draft")
+            d = TransformersBackend.from_pretrained(draft, device=dev, name="draft")
         if config is None and t.recommended_verification:  # the target knows how it judges best
             config = ReasonerConfig(verification=VerificationConfig.recommended(t.recommended_verification))
-        return cls(t, d, config=config)
+        return cls(t, d, config=config, owns_backends=True)
 
     @classmethod
     def demo(
@@ -173,12 +203,13 @@ class Reasoner:
         config: ReasonerConfig | None = None,
         device: str = "cpu",
         draft_process: bool | None = None,
+        draft_stand_in: bool = False,
         target_url: str | None = None,
         draft_url: str | None = None,
     ) -> Reasoner:
         """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft (``sft``
-        or ``sapo``; default: the SAPO draft when it ships); ``draft_process`` as in
-        ``from_pretrained``. ``target_url`` / ``draft_url``: the same models served by vLLM
+        or ``sapo``; default: the SAPO draft when it ships); ``draft_process`` and
+        ``draft_stand_in`` as in ``from_pretrained``. ``target_url`` / ``draft_url``: the same models served by vLLM
         (``python -m dreamr_vllm``), reached over HTTP."""
         from dreamr_stream.zoo.shipped import demo_paths
 
@@ -189,6 +220,7 @@ class Reasoner:
             config=config,
             device=device,
             draft_process=draft_process,
+            draft_stand_in=draft_stand_in,
             settings_from=paths.target,
         )
 
@@ -283,6 +315,7 @@ class Reasoner:
         the Reasoner's own model calls use. For baselines outside the engine (a plain
         ``generate()``): torch work on another thread leaves it a second OpenMP thread team,
         which on a 2-core CPU slowed the Reasoner's decoding afterwards by up to 50%."""
+        self._check_open()
         runner = self.target if model == "target" else self.draft
         if runner is None:
             raise ConfigError("this Reasoner has no draft model")
@@ -293,8 +326,30 @@ class Reasoner:
         return self.loop.call(run)
 
     def close(self) -> None:
-        """Stop the Reasoner's event loop (a later call starts a new one); the backends stay."""
+        """Stop the Reasoner's event loop: streams still running are cancelled, calls in flight
+        finish first; a later call starts a new loop. A Reasoner that owns its backends
+        (``owns_backends``) also releases them, and refuses requests from then on."""
+        if self.owns_backends and not self._released:
+            self._released = True
+            if any(hasattr(b, "aclose") for b in self._backends()):
+                self.loop.call(self._aclose_backends)  # their connections belong to this loop
         self.loop.close()
+        if self._released:
+            for backend in self._backends():
+                if hasattr(backend, "shutdown"):  # a draft's process (ProcessBackend)
+                    backend.shutdown()
+
+    def _backends(self) -> list[Any]:
+        return [r.backend for r in (self.target, self.draft) if r is not None]
+
+    async def _aclose_backends(self) -> None:
+        for backend in self._backends():
+            if hasattr(backend, "aclose"):
+                await backend.aclose()
+
+    def _check_open(self) -> None:
+        if self._released:
+            raise ConfigError("this Reasoner was closed and its models released; build a new one")
 
     # ------------------------------------------------------------------ on the Reasoner's loop
     async def _steps(
@@ -327,6 +382,7 @@ class Reasoner:
         config: ReasonerConfig | None,
         inspect: Inspect | None = None,
     ) -> AsyncGenerator[tuple[Event, DreamrError | None], None]:
+        self._check_open()
         cfg = config or self.config
         if method not in _RUNS:
             raise ConfigError(f"unknown method {method!r}; choose one of {sorted(_RUNS)}")

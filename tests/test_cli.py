@@ -138,3 +138,31 @@ def test_compare_measures_the_target_alone(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("FPSR ") and last.endswith("(measured)") and "≈" not in last
+
+
+def test_the_console_script_runs_the_exit_handlers_then_exits_without_the_teardown() -> None:
+    code = """
+import atexit
+from dreamr_stream import cli
+
+class Collected:
+    def __del__(self):
+        print("torn down", flush=True)  # in the interpreter's teardown, which is skipped
+
+kept = Collected()
+atexit.register(lambda: print("handler ran", flush=True))
+cli.main = lambda argv=None: 3
+cli.entry()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and out.stdout == "handler ran\n", out.stderr
+
+
+def test_the_console_script_waits_for_threads_that_are_still_working() -> None:
+    code = (
+        "import threading, time, sys; from dreamr_stream import cli; "
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True))).start(); "
+        "cli.main = lambda argv=None: 0; cli.entry()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "thread done\n", out.stderr

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
+import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import pytest
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend, RemoteSession
 from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig, VerificationConfig
-from dreamr_stream.errors import BackendError, ModelLoadError
+from dreamr_stream.errors import BackendError, ConfigError, ModelLoadError
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.zoo.task import make_puzzle
 
@@ -129,3 +132,122 @@ def test_a_replacement_that_cannot_load_backs_off(tmp_path: Path, folders: dict[
         backend.open_session(puzzle.image, puzzle.question.text())
     assert backend.pid == pid and backend.restarts == 1
     backend.shutdown()
+
+
+# ---------------------------------------------------------------------- the in-process stand-in
+def _steps(backend: Any, session: Any, n: int) -> list[str]:
+    return [backend.generate_step(session, max_tokens=10, stop="\n").text for _ in range(n)]
+
+
+def test_a_stand_in_serves_until_the_child_is_ready_then_new_sessions_open_in_the_child(
+    folders: dict[str, Path],
+) -> None:
+    backend = ProcessBackend.from_pretrained(folders["draft"], name="draft", wait=False)
+    stand_in = TransformersBackend.from_pretrained(folders["draft"], name="draft")
+    dropped = weakref.finalize(stand_in, lambda: None)  # alive while anything holds the stand-in
+    backend.use_stand_in(stand_in)
+    del stand_in
+    assert backend.serving_here  # the child is still importing torch
+    assert backend.name == "draft" and backend.cpu_threads >= 1
+    puzzle = make_puzzle(4)
+    early = backend.open_session(puzzle.image, puzzle.question.text())
+    assert not isinstance(early, RemoteSession)  # served here, not waited for
+    first = _steps(backend, early, 1)
+    backend.ready()
+    late = backend.open_session(puzzle.image, puzzle.question.text())
+    assert isinstance(late, RemoteSession) and not backend.serving_here
+    # the same greedy steps wherever the model runs; the early session stays where it opened
+    assert _steps(backend, late, 3) == first + _steps(backend, early, 2)
+    fork = backend.fork(early)
+    assert not isinstance(fork, RemoteSession)
+    backend.close(fork)
+    backend.close(early)
+    gc.collect()
+    assert not dropped.alive  # its last session closed: the stand-in's model is freed
+    backend.close(late)
+    backend.shutdown()
+
+
+def test_a_child_that_fails_to_start_leaves_the_stand_in_serving(
+    folders: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = ProcessBackend.from_pretrained(tmp_path / "missing", name="draft", wait=False)
+    backend.use_stand_in(TransformersBackend.from_pretrained(folders["draft"], name="draft"))
+    backend._child.proc.wait(60)  # the child reported its error and exited
+    puzzle = make_puzzle(4)
+    with caplog.at_level("WARNING"):
+        s = backend.open_session(puzzle.image, puzzle.question.text())
+    assert not isinstance(s, RemoteSession) and backend.serving_here and not backend.alive
+    assert sum("failed to start" in r.message for r in caplog.records) == 1
+    assert _steps(backend, s, 1)
+    backend.close(s)
+    backend.shutdown()
+    with pytest.raises(BackendError, match="shut down"):
+        backend.open_session(puzzle.image, puzzle.question.text())
+
+
+@pytest.mark.asyncio
+async def test_fpsr_gives_the_same_steps_on_the_stand_in_and_after_the_switch(
+    folders: dict[str, Path], tiny_pair
+) -> None:  # type: ignore[no-untyped-def]
+    target, draft = tiny_pair
+    config = ReasonerConfig(
+        cache=CacheConfig(enabled=False),
+        verification=VerificationConfig(mode="likelihood", tau=0.0),  # every draft step accepted
+        generation=GenerationConfig(max_steps=3, max_step_tokens=8),
+    )
+    puzzle = make_puzzle(6)
+    backend = ProcessBackend.from_pretrained(folders["draft"], name="draft", wait=False)
+    stand_in = TransformersBackend.from_pretrained(folders["draft"], name="draft")
+    opened_here: list[object] = []
+    open_here = stand_in.open_session
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        opened_here.append(args)
+        return open_here(*args, **kwargs)
+
+    stand_in.open_session = counted  # type: ignore[method-assign]
+    backend.use_stand_in(stand_in)
+    runs = []
+    try:
+        r = Reasoner(target, backend, config=config)
+        runs.append(await r.ainvoke(puzzle.image, puzzle.question.text()))  # before the child is ready
+        assert opened_here, "the first request should have opened its draft session in the stand-in"
+        backend.ready()
+        runs.append(await r.ainvoke(puzzle.image, puzzle.question.text()))  # in the child
+        assert len(opened_here) == 1
+        runs.append(await Reasoner(target, draft, config=config).ainvoke(puzzle.image, puzzle.question.text()))
+    finally:
+        backend.shutdown()
+    steps = [[(s.text, s.source) for s in run.steps] for run in runs]
+    assert steps[0] == steps[1] == steps[2] and steps[0]
+    assert runs[0].steps[0].source.value == "draft"  # drafted by the stand-in and accepted
+
+
+# ---------------------------------------------------------------------- stopping
+def test_the_child_exits_at_once_on_shutdown(folders: dict[str, Path]) -> None:
+    backend = ProcessBackend.from_pretrained(folders["draft"], name="draft")
+    proc = backend._child.proc
+    start = time.monotonic()
+    backend.shutdown()
+    # the interpreter's teardown alone took 1.2 s with torch and transformers loaded
+    assert time.monotonic() - start < 1.0 and proc.returncode == 0
+
+
+def test_close_releases_the_backends_a_reasoner_owns_and_only_those(
+    folders: dict[str, Path], remote: ProcessBackend, tiny_pair
+) -> None:  # type: ignore[no-untyped-def]
+    target, _ = tiny_pair
+    config = ReasonerConfig(generation=GenerationConfig(max_steps=2, max_step_tokens=8))
+    puzzle = make_puzzle(3)
+    owned = ProcessBackend.from_pretrained(folders["draft"], name="draft")
+    owner = Reasoner(target, owned, config=config, owns_backends=True)
+    borrower = Reasoner(target, remote, config=config)
+    for r in (owner, borrower):
+        assert r.invoke(puzzle.image, puzzle.question.text()).steps
+        r.close()
+    assert not owned.alive and remote.alive
+    with pytest.raises(ConfigError, match="closed"):
+        owner.invoke(puzzle.image, puzzle.question.text())
+    assert borrower.invoke(puzzle.image, puzzle.question.text()).steps  # a borrower's close stops its loop only
+    borrower.close()

@@ -26,6 +26,16 @@ The child is a fresh interpreter (``python -m dreamr_stream.backends._process_ch
 pair, not a ``multiprocessing`` spawn: spawn re-imports the parent's main script in the child,
 which breaks any script without an ``if __name__ == "__main__"`` guard (the quick start has
 none, and needs none).
+
+Starting a child costs seconds (it imports torch and transformers itself: about 4 s on the
+2-core development machine). Two things keep that off a first request's path: this module and
+``TransformersLoader`` import neither library, so a caller can start the child before its own
+imports and the two import side by side on two cores; and a *stand-in* (``use_stand_in``: the
+same model loaded in this process) serves the sessions opened before the child is ready. Each
+session stays where it was opened; once the child is ready new sessions open there and the
+stand-in is dropped after its last session closes. Greedy steps do not depend on where the
+model runs (``tests/test_process_backend.py`` compares them), so a request's steps are the same
+either way: only its speed differs (in this process the two models share one GIL).
 """
 
 from __future__ import annotations
@@ -41,7 +51,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -53,7 +62,7 @@ from dreamr_stream.backends.base import ModelBackend, ScoreOutput, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
 
-__all__ = ["ProcessBackend", "RemoteSession"]
+__all__ = ["ProcessBackend", "RemoteSession", "TransformersLoader"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +81,7 @@ def _stop(proc: subprocess.Popen[bytes], conn: Connection) -> None:
         conn.send(("shutdown", 0, (), {}))
     except (OSError, ValueError):
         pass
-    try:
+    try:  # the child exits at once on shutdown (_process_child); the timeout is for a hung one
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -115,6 +124,21 @@ def _spawn(owner: object, factory: Callable[[], ModelBackend[Any]], generation: 
     return _Child(proc, conn, generation, weakref.finalize(owner, _stop, proc, conn))
 
 
+@dataclass(frozen=True)
+class TransformersLoader:
+    """A picklable factory of a ``TransformersBackend`` from a local folder. Building one
+    imports neither torch nor transformers (the child does), so a child can start first."""
+
+    path: Path
+    device: str = "cpu"
+    name: str = "model"
+
+    def __call__(self) -> ModelBackend[Any]:
+        from dreamr_stream.backends.hf import TransformersBackend
+
+        return TransformersBackend.from_pretrained(self.path, device=self.device, name=self.name)
+
+
 class ProcessBackend:
     """A ``ModelBackend`` served from a child process, restarted when it dies.
 
@@ -139,6 +163,12 @@ class ProcessBackend:
         self._retry_at = 0.0  # no replacement before this time (monotonic), after failed starts
         self.restarts = 0
         self.name = "model"  # until the child tells its backend's
+        # the in-process stand-in (``use_stand_in``), its open sessions by id(), and whether it
+        # serves for good because the child failed to start
+        self._stand_in: ModelBackend[Any] | None = None
+        self._stand_in_sessions: dict[int, Any] = {}
+        self._stand_in_lock = threading.Lock()
+        self._stand_in_only = False
         self._child = _spawn(self, factory, 1)
         if wait:
             self.ready()
@@ -159,13 +189,17 @@ class ProcessBackend:
         except BaseException:  # interrupted while waiting: leave no child behind
             self.shutdown()
             raise
+        self._started(child, info)
+        return self
+
+    def _started(self, child: _Child, info: dict[str, Any]) -> None:
+        """The child has built its backend: take what it tells about it."""
         self.name = info["name"]
         self.judge: JudgeTemplate = info["judge"]
         self.identity: str = info["identity"]
         self.recommended_verification: dict[str, Any] = info["recommended_verification"]
         self._cpu_threads: int = info["cpu_threads"]
         child.ready, self._failed_starts = True, 0
-        return self
 
     def _await_start(self, child: _Child) -> Any:
         if not child.conn.poll(self._start_timeout_s):
@@ -199,9 +233,64 @@ class ProcessBackend:
         cls, path: str | Path, *, device: str = "cpu", name: str = "model", wait: bool = True
     ) -> ProcessBackend:
         """A ``TransformersBackend`` loaded from a local folder, in its own process."""
-        from dreamr_stream.backends.hf import TransformersBackend
+        return cls(TransformersLoader(Path(path), device=device, name=name), wait=wait)
 
-        return cls(partial(TransformersBackend.from_pretrained, Path(path), device=device, name=name), wait=wait)
+    # ------------------------------------------------------------------ the stand-in
+    def use_stand_in(self, backend: ModelBackend[Any]) -> None:
+        """Serve sessions opened before the child is ready from ``backend``, the same model
+        loaded in this process, instead of waiting for the child. Call it before the first
+        session opens. A child that fails to start leaves the stand-in serving (one warning)."""
+        if self._child.ready:
+            return  # nothing to wait for
+        self._stand_in = backend
+        self.name, self.judge = backend.name, backend.judge
+        self.identity = getattr(backend, "identity", backend.name)
+        self.recommended_verification = getattr(backend, "recommended_verification", {})
+        self._cpu_threads = getattr(backend, "cpu_threads", 0)
+
+    @property
+    def serving_here(self) -> bool:
+        """New sessions would open in the stand-in (the child is not ready yet)."""
+        return self._stand_in is not None and (self._stand_in_only or not self._child.ready)
+
+    def _opens_here(self) -> bool:
+        """Whether a new session opens in the stand-in; takes the child's start once it has
+        answered (a poll: never waits for it)."""
+        with self._lock:
+            child = self._child
+            if not self.serving_here:
+                return False
+            if self._stand_in_only or (child.alive and not child.conn.poll(0)):
+                return True  # still starting
+            try:
+                info = self._await_start(child)  # answered (or gone): no wait
+            except Exception as e:
+                child.stop()
+                self._stand_in_only = True
+                log.warning("%s: the backend process failed to start (%s); serving it in this process", self.name, e)
+                return True
+            self._started(child, info)
+            log.info("%s: the backend process is ready; new sessions open there", self.name)
+            self._drop_idle_stand_in()
+            return False
+
+    def _here(self) -> ModelBackend[Any]:
+        stand_in = self._stand_in
+        if stand_in is None:
+            raise BackendError(f"{self.name}: the backend was shut down")
+        return stand_in
+
+    def _track(self, session: Any) -> Any:
+        with self._stand_in_lock:
+            self._stand_in_sessions[id(session)] = session
+        return session
+
+    def _drop_idle_stand_in(self) -> None:
+        """Free the stand-in's model once the child serves and no session of it is open."""
+        with self._stand_in_lock:
+            if self._stand_in is not None and not self._stand_in_only and self._child.ready:
+                if not self._stand_in_sessions:
+                    self._stand_in = None
 
     # ------------------------------------------------------------------ plumbing
     def _reply(self, child: _Child) -> Any:
@@ -281,55 +370,84 @@ class ProcessBackend:
         return self._cpu_threads
 
     def use_threads(self, n: int) -> None:
-        """Sent with the next call: the child sets its own intra-op threads."""
+        """Sent with the next call: the child sets its own intra-op threads (a stand-in sets
+        this thread's)."""
         self._threads = n
+        stand_in = self._stand_in
+        if stand_in is not None and hasattr(stand_in, "use_threads"):
+            stand_in.use_threads(n)
 
     # ------------------------------------------------------------------ ModelBackend
-    def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> RemoteSession:
+    def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> Any:
+        if self._opens_here():
+            return self._track(self._here().open_session(image, question, seed=seed))
         _, (handle,) = self._call("open_session", image, question, seed=seed)
-        return handle  # type: ignore[no-any-return]
+        return handle
 
     def generate_step(
         self,
-        session: RemoteSession,
+        session: Any,
         *,
         max_tokens: int,
         stop: str,
         temperature: float = 0.0,
         budget: int | None = None,
     ) -> StepOutput:
-        out, _ = self._call(
-            "generate_step", session.id, max_tokens=max_tokens, stop=stop, temperature=temperature, budget=budget
-        )
+        kwargs = {"max_tokens": max_tokens, "stop": stop, "temperature": temperature, "budget": budget}
+        if not isinstance(session, RemoteSession):
+            return self._here().generate_step(session, **kwargs)  # type: ignore[arg-type]
+        out, _ = self._call("generate_step", session.id, **kwargs)
         return out  # type: ignore[no-any-return]
 
-    def score(self, session: RemoteSession, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
+    def score(self, session: Any, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
+        if not isinstance(session, RemoteSession):
+            return self._here().score(session, text, stop=stop, judge=judge)
         out, _ = self._call("score", session.id, text, stop=stop, judge=judge)
         return out  # type: ignore[no-any-return]
 
-    def append(self, session: RemoteSession, text: str, *, stop: str) -> int:
+    def append(self, session: Any, text: str, *, stop: str) -> int:
+        if not isinstance(session, RemoteSession):
+            return self._here().append(session, text, stop=stop)
         n, _ = self._call("append", session.id, text, stop=stop)
         return n  # type: ignore[no-any-return]
 
-    def begin_step(self, session: RemoteSession, text: str, *, proposal: str = "") -> int:
+    def begin_step(self, session: Any, text: str, *, proposal: str = "") -> int:
+        if not isinstance(session, RemoteSession):
+            return self._here().begin_step(session, text, proposal=proposal)  # type: ignore[attr-defined,no-any-return]
         n, _ = self._call("begin_step", session.id, text, proposal=proposal)
         return n  # type: ignore[no-any-return]
 
-    def rollback(self, session: RemoteSession, n_tokens: int) -> None:
+    def rollback(self, session: Any, n_tokens: int) -> None:
+        if not isinstance(session, RemoteSession):
+            self._here().rollback(session, n_tokens)
+            return
         self._call("rollback", session.id, n_tokens)
 
-    def fork(self, session: RemoteSession) -> RemoteSession:
+    def fork(self, session: Any) -> Any:
+        if not isinstance(session, RemoteSession):
+            return self._track(self._here().fork(session))
         _, (_, new) = self._call("fork", session.id)
-        return new  # type: ignore[no-any-return]
+        return new
 
-    def close(self, session: RemoteSession) -> None:
+    def close(self, session: Any) -> None:
         """Fire-and-forget (the engine closes sessions from the event loop)."""
+        if not isinstance(session, RemoteSession):
+            self._close_here(session)
+            return
         with self._send_lock:
             child = self._child
             if self._shut_down or not child.alive or not child.holds(session.id):
                 return  # its child is gone: so is the session
             with contextlib.suppress(OSError):
                 child.conn.send(("close", 0, (session.id,), {}))
+
+    def _close_here(self, session: Any) -> None:
+        with self._stand_in_lock:
+            self._stand_in_sessions.pop(id(session), None)
+        stand_in = self._stand_in
+        if stand_in is not None:
+            stand_in.close(session)
+        self._drop_idle_stand_in()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -338,6 +456,9 @@ class ProcessBackend:
         return not self._shut_down and self._child.alive
 
     def shutdown(self) -> None:
-        """Stop the child process for good (also done when this object is collected, or at exit)."""
+        """Stop the child process for good (also done when this object is collected, or at
+        exit) and drop the stand-in: every later call raises ``BackendError``."""
         self._shut_down = True
         self._child.stop()
+        with self._stand_in_lock:
+            self._stand_in, self._stand_in_sessions = None, {}
