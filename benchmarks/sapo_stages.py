@@ -6,7 +6,7 @@ step is exactly the target's step.
 
 Exact greedy steps stand in for TBVM acceptance (likelihood mode accepts a step when every
 token is likely under the target; on these models the two agree to within half a point) because
-they cost one teacher-forced forward per puzzle (``rollouts.greedy_matches``), so a stage is
+they cost one teacher-forced forward per puzzle (``trajectories.greedy_matches``), so a stage is
 judged in seconds and every recipe on the same 300 puzzles and 1,679 prefixes. The closing
 figures on the test split come from ``dreamr zoo eval --prefixes``. Each stage's draft is kept
 in ``<out>/u<update>``; one JSON line per stage goes to stdout.
@@ -24,8 +24,9 @@ import torch
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.prompts import TrajectoryCache
-from dreamr_stream.sapo.rollouts import RolloutPrompt, greedy_matches
+from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trainer import train
+from dreamr_stream.sapo.trajectories import greedy_matches
 from dreamr_stream.zoo.prompts import demo_prompts, task_prompts
 from dreamr_stream.zoo.shipped import WEIGHTS
 

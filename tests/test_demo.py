@@ -122,8 +122,8 @@ def test_prefix_evaluation_judges_every_step_of_the_targets_trajectories(tmp_pat
 
     from dreamr_stream.backends.hf import TransformersBackend
     from dreamr_stream.sapo.prompts import TrajectoryCache
-    from dreamr_stream.zoo.prompts import task_prompts
     from dreamr_stream.zoo.evaluate import main
+    from dreamr_stream.zoo.prompts import task_prompts
 
     paths = demo_paths()
     out = tmp_path / "eval.json"

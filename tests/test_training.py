@@ -18,7 +18,8 @@ from dreamr_stream.config import GenerationConfig
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.prompts import TrajectoryCache, held_out
-from dreamr_stream.sapo.rollouts import RolloutPrompt, greedy_writes
+from dreamr_stream.sapo.rollouts import RolloutPrompt
+from dreamr_stream.sapo.trajectories import greedy_writes
 from dreamr_stream.training import TrainingConfig
 from dreamr_stream.zoo.build import DRAFT_SHAPE
 from dreamr_stream.zoo.prompts import TaskPrompts

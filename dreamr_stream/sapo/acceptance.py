@@ -10,7 +10,8 @@ import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
-from dreamr_stream.sapo.rollouts import DEFAULT_GENERATION, RolloutPrompt
+from dreamr_stream.sapo.config import DEFAULT_GENERATION
+from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.verify import Verifier
 
 __all__ = ["PrefixVerdict", "acceptance_at_prefixes", "greedy_verdicts"]

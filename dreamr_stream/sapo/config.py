@@ -10,7 +10,11 @@ from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.rewards import RewardWeights
 from dreamr_stream.training import TrainingConfig, warmup_cosine
 
-__all__ = ["SapoConfig", "lr_at"]
+__all__ = ["DEFAULT_GENERATION", "SapoConfig", "lr_at"]
+
+# the task strings (step delimiter, answer prefix) where none are given: the demo task's, and
+# what a Reasoner uses unless configured
+DEFAULT_GENERATION = GenerationConfig()
 
 
 class SapoConfig(TrainingConfig):
@@ -65,7 +69,7 @@ class SapoConfig(TrainingConfig):
     seed: int = 0
     threads: int = Field(default=2, ge=1)
     # the task's step delimiter and answer prefix, as the Reasoner that runs the draft uses them
-    generation: GenerationConfig = GenerationConfig()
+    generation: GenerationConfig = DEFAULT_GENERATION
 
     @model_validator(mode="after")
     def _trains_something(self) -> SapoConfig:

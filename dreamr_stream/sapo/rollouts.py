@@ -24,6 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
+from dreamr_stream.sapo.config import DEFAULT_GENERATION
 from dreamr_stream.sapo.policy import PolicySample, batch_inputs
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
 from dreamr_stream.verify import Verifier
@@ -31,19 +32,13 @@ from dreamr_stream.verify import Verifier
 __all__ = [
     "RolloutPrompt",
     "StepScore",
-    "greedy_matches",
-    "greedy_writes",
     "rollout_group",
     "sample_steps",
     "score_steps",
-    "target_trajectory",
     "trajectory_sample",
 ]
 
 log = logging.getLogger(__name__)
-# the default task strings: the demo task's, and what a Reasoner uses unless configured
-DEFAULT_GENERATION = GenerationConfig()
-TRAJECTORY_STEP_TOKENS = 96  # the decode cap per step of the target's reference trajectory
 
 
 @dataclass
@@ -53,85 +48,6 @@ class RolloutPrompt:
     steps: list[str]  # the target's trajectory (or, from a log, the prefix + the target's step)
     key: str = ""
     start: int = 0  # first index worth sampling at (log prompts: the logged index)
-
-
-def target_trajectory(
-    target: TransformersBackend,
-    image: Image.Image,
-    question: str,
-    max_steps: int = 16,
-    *,
-    gen: GenerationConfig = DEFAULT_GENERATION,
-) -> list[str]:
-    """The target's own greedy steps (the reference SAPO aligns the draft to)."""
-    s = target.open_session(image, question)
-    steps: list[str] = []
-    try:
-        while len(steps) < max_steps:
-            out = target.generate_step(s, max_tokens=TRAJECTORY_STEP_TOKENS, stop=gen.step_delimiter)
-            steps.append(out.text)
-            if out.eos or out.text.startswith(gen.answer_prefix):
-                break
-    finally:
-        target.close(s)
-    return steps
-
-
-@torch.no_grad()
-def greedy_matches(
-    backend: TransformersBackend,
-    image: Image.Image,
-    question: str,
-    steps: list[str],
-    *,
-    gen: GenerationConfig = DEFAULT_GENERATION,
-) -> list[bool]:
-    """For each k, whether the backend's greedy step after ``steps[:k]`` is exactly ``steps[k]``,
-    all from ONE teacher-forced forward: every token of the step, then its delimiter (the end
-    of the answer after the last step), is the argmax where it stands."""
-    if not steps:
-        return []
-    inputs = backend.prompt_inputs(image, question)
-    base = inputs["input_ids"][0].tolist()
-    stop = backend.encode(gen.step_delimiter)
-    ends = [stop] * (len(steps) - 1) + [[]]
-    step_ids = [backend.encode(st) for st in steps]
-    row = base + [t for ids, end in zip(step_ids, ends, strict=True) for t in ids + end]
-    logits = backend.model(**_batched(backend, inputs, [row])).logits[0]
-    picks = logits[len(base) - 1 :].argmax(-1).tolist()  # the greedy token after each position
-    out, at = [], 0
-    for ids, end in zip(step_ids, ends, strict=True):
-        want = ids + end
-        got = picks[at : at + len(want) + (0 if end else 1)]
-        ok = got[: len(want)] == want and (bool(end) or (len(got) > len(want) and got[-1] in backend.eos_ids))
-        out.append(bool(ids) and ok)
-        at += len(want)
-    return out
-
-
-def greedy_writes(
-    target: TransformersBackend,
-    image: Image.Image,
-    question: str,
-    steps: list[str],
-    max_steps: int = 16,
-    *,
-    gen: GenerationConfig = DEFAULT_GENERATION,
-) -> bool:
-    """Whether ``target_trajectory`` would return exactly ``steps`` (``greedy_matches`` at every
-    step, the last, starting with the answer prefix, ending the answer). A task's reference solution then stands in
-    for the target's trajectory at about 1% of the cost of decoding it token by token."""
-    answer, delimiter = gen.answer_prefix, gen.step_delimiter
-    if not steps or len(steps) > max_steps or not steps[-1].startswith(answer):
-        return False
-    if any(st.startswith(answer) or delimiter in st for st in steps[:-1]):
-        return False
-    # the step text must survive the round trip, and no step may reach the decode cap
-    for st in steps:
-        ids = target.encode(st)
-        if len(ids) >= TRAJECTORY_STEP_TOKENS or target.decode(ids) != st:
-            return False
-    return all(greedy_matches(target, image, question, steps, gen=gen))
 
 
 class _StepEnd(StoppingCriteria):

@@ -37,7 +37,8 @@ from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
 from dreamr_stream.sapo.config import SapoConfig, lr_at
 from dreamr_stream.sapo.policy import PolicySample, gather_steps, sapo_loss, step_distributions, step_logprobs
 from dreamr_stream.sapo.prompts import PromptSource, TrajectoryCache
-from dreamr_stream.sapo.rollouts import RolloutPrompt, greedy_matches, rollout_group, trajectory_sample
+from dreamr_stream.sapo.rollouts import RolloutPrompt, rollout_group, trajectory_sample
+from dreamr_stream.sapo.trajectories import greedy_matches
 from dreamr_stream.verify import Verifier, make_verifier
 
 __all__ = ["sapo_update", "train"]

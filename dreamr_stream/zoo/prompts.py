@@ -13,8 +13,10 @@ from typing import overload
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
+from dreamr_stream.sapo.config import DEFAULT_GENERATION
 from dreamr_stream.sapo.prompts import PromptSource, SapoPrompts, TrajectoryCache
-from dreamr_stream.sapo.rollouts import DEFAULT_GENERATION, RolloutPrompt, greedy_writes, target_trajectory
+from dreamr_stream.sapo.rollouts import RolloutPrompt
+from dreamr_stream.sapo.trajectories import greedy_writes, target_trajectory
 from dreamr_stream.zoo.task import Puzzle, Split, make_puzzle, split_seed
 
 __all__ = ["TaskPrompts", "demo_prompts", "task_prompt", "task_prompts"]
