@@ -13,7 +13,7 @@ import torch
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.policy import PolicySample, sapo_loss, step_logprobs
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
-from dreamr_stream.sapo.rollouts import RolloutPrompt, rollout_group
+from dreamr_stream.sapo.rollouts import RolloutPrompt, TransformersScorer, rollout_group
 from dreamr_stream.sapo.trainer import sapo_update
 from dreamr_stream.zoo.task import make_puzzle
 
@@ -85,7 +85,7 @@ def test_rollout_group_scores_and_normalises(tiny_pair) -> None:  # type: ignore
     puzzle = make_puzzle(5)
     prompt = RolloutPrompt(puzzle.image, puzzle.question.text(), puzzle.steps())
     group = rollout_group(
-        target,
+        TransformersScorer(target),
         draft,
         prompt,
         1,
@@ -110,7 +110,7 @@ def test_guided_group_holds_the_target_step_tokenised_as_appended(tiny_pair, k: 
     k = k % len(steps)
     prompt = RolloutPrompt(puzzle.image, puzzle.question.text(), steps)
     group = rollout_group(
-        target,
+        TransformersScorer(target),
         draft,
         prompt,
         k,

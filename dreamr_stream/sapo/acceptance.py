@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from dreamr_stream.backends.base import ModelBackend
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.config import DEFAULT_GENERATION
@@ -29,7 +31,7 @@ class PrefixVerdict:
 
 @torch.no_grad()
 def greedy_verdicts(
-    target: TransformersBackend,
+    target: ModelBackend[Any],
     draft: TransformersBackend,
     prompts: Sequence[RolloutPrompt],
     verifier: Verifier,
@@ -58,7 +60,7 @@ def greedy_verdicts(
 
 
 def acceptance_at_prefixes(
-    target: TransformersBackend,
+    target: ModelBackend[Any],
     draft: TransformersBackend,
     prompts: Sequence[RolloutPrompt],
     verifier: Verifier,

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -32,6 +32,8 @@ from dreamr_stream.verify import Verifier
 __all__ = [
     "RolloutPrompt",
     "StepScore",
+    "StepScorer",
+    "TransformersScorer",
     "rollout_group",
     "sample_steps",
     "score_steps",
@@ -178,8 +180,43 @@ def score_steps(
     return out
 
 
+class StepScorer(Protocol):
+    """What SAPO asks of the target, which any backend that gives log-probs of a step can offer
+    (the draft is the policy SAPO trains, so it computes in this process)."""
+
+    def encode(self, text: str) -> list[int]:
+        """The target's tokens of ``text``: where they are the draft's, its per-token evidence
+        lines up with the draft's step (the dense term and the credit use it there)."""
+        ...
+
+    def score_steps(
+        self, image: Image.Image, question: str, prefix: list[str], texts: list[str], *, judge: bool
+    ) -> list[StepScore]:
+        """The evidence on each candidate step after the verified ``prefix``, as ``score_steps``
+        gives it (``next_logprobs`` may be None: no dense term)."""
+        ...
+
+
+class TransformersScorer:
+    """``StepScorer`` of a target computing in this process: every candidate in one batched
+    forward (``score_steps``)."""
+
+    def __init__(self, backend: TransformersBackend, gen: GenerationConfig = DEFAULT_GENERATION) -> None:
+        self.backend, self.gen = backend, gen
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text)
+
+    def score_steps(
+        self, image: Image.Image, question: str, prefix: list[str], texts: list[str], *, judge: bool
+    ) -> list[StepScore]:
+        inputs = self.backend.prompt_inputs(image, question)
+        context = _context(self.backend, prefix, self.gen.step_delimiter)
+        return score_steps(self.backend, inputs, context, texts, judge, gen=self.gen)
+
+
 def _aligned(
-    draft: TransformersBackend, target: TransformersBackend, text: str, step_ids: list[int], token_lp: list[float]
+    draft: TransformersBackend, target: StepScorer, text: str, step_ids: list[int], token_lp: list[float]
 ) -> bool:
     """Whether the target's per-token evidence lines up with the draft's step tokens: only where
     the draft's step holds exactly the target's tokens for it (same vocabulary, same split)."""
@@ -188,7 +225,7 @@ def _aligned(
 
 
 def _teacher(
-    draft: TransformersBackend, target: TransformersBackend, text: str, step_ids: list[int], score: StepScore
+    draft: TransformersBackend, target: StepScorer, text: str, step_ids: list[int], score: StepScore
 ) -> torch.Tensor | None:
     """The target's next-token log-probs at the draft step's positions, or None where they do
     not line up (other vocabulary or tokenisation, or a step cut at ``max_tokens``)."""
@@ -201,7 +238,7 @@ def _teacher(
 
 def _credit(
     draft: TransformersBackend,
-    target: TransformersBackend,
+    target: StepScorer,
     text: str,
     step_ids: list[int],
     token_lp: list[float],
@@ -262,7 +299,7 @@ def _evidence(score: StepScore, verifier: Verifier | None) -> tuple[float, float
 
 def _scored_sample(
     draft: TransformersBackend,
-    target: TransformersBackend,
+    target: StepScorer,
     member: Member,
     score: StepScore,
     *,
@@ -307,7 +344,7 @@ def _scored_sample(
 
 @torch.no_grad()
 def rollout_group(
-    target: TransformersBackend,
+    target: StepScorer,
     draft: TransformersBackend,
     prompt: RolloutPrompt,
     k: int,
@@ -324,9 +361,10 @@ def rollout_group(
 ) -> list[PolicySample]:
     """G sampled draft steps at prefix k, each with its reward, group advantage and verdict.
 
-    Sampling is one batched ``generate`` on the draft and scoring one batched forward on the
-    target (a group costs about what one sample did step by step); both follow the backend's
-    tokenisation and step rules, which a test checks against ``backend.score``.
+    Sampling is one batched ``generate`` on the draft and scoring one ``score_steps`` call on
+    the target (with ``TransformersScorer``, one batched forward: a group costs about what one
+    sample did step by step); both follow the backend's tokenisation and step rules, which a test
+    checks against ``backend.score``.
 
     With ``guide``, the target's own step joins the group as one more member (an off-policy
     rollout, scored like the others): when every sample misreads the same cell, the group still
@@ -335,9 +373,7 @@ def rollout_group(
     """
     delimiter = gen.step_delimiter
     d_inputs = draft.prompt_inputs(prompt.image, prompt.question)
-    t_inputs = target.prompt_inputs(prompt.image, prompt.question)
     d_context = _context(draft, prompt.steps[:k], delimiter)
-    t_context = _context(target, prompt.steps[:k], delimiter)
     members = sample_steps(
         draft,
         d_inputs,
@@ -351,7 +387,8 @@ def rollout_group(
     if guide:
         members.append(_guide_member(draft, prompt, k, delimiter))
     needs_judge = verifier is None or verifier.needs_judge
-    scores = score_steps(target, t_inputs, t_context, [text for _, text, _ in members], needs_judge, gen=gen)
+    texts = [text for _, text, _ in members]
+    scores = target.score_steps(prompt.image, prompt.question, prompt.steps[:k], texts, judge=needs_judge)
     samples = [
         _scored_sample(
             draft,

@@ -37,7 +37,7 @@ from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
 from dreamr_stream.sapo.config import SapoConfig, lr_at
 from dreamr_stream.sapo.policy import PolicySample, gather_steps, sapo_loss, step_distributions, step_logprobs
 from dreamr_stream.sapo.prompts import PromptSource, TrajectoryCache
-from dreamr_stream.sapo.rollouts import RolloutPrompt, rollout_group, trajectory_sample
+from dreamr_stream.sapo.rollouts import RolloutPrompt, StepScorer, TransformersScorer, rollout_group, trajectory_sample
 from dreamr_stream.sapo.trajectories import greedy_matches
 from dreamr_stream.verify import Verifier, make_verifier
 
@@ -171,7 +171,7 @@ def _draw_prefix(
 def _draw_groups(
     cfg: SapoConfig,
     prompts: Sequence[RolloutPrompt],
-    target: TransformersBackend,
+    target: StepScorer,
     draft: TransformersBackend,
     verifier: Verifier,
     rng: random.Random,
@@ -315,6 +315,7 @@ def train(cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, prompts
     source = prompts(target, TrajectoryCache(out / "trajectories.jsonl"))
     val = list(source.val)
     pad_id = draft.tokenizer.pad_token_id or 0
+    scorer = TransformersScorer(target, cfg.generation)
 
     def evaluate(done: int) -> None:
         ev = {"step": done, **acceptance_at_prefixes(target, draft, val, verifier, gen=cfg.generation)}
@@ -328,7 +329,7 @@ def train(cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, prompts
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, step)
         t0 = time.perf_counter()
-        samples, tries = _draw_groups(cfg, source.train, target, draft, verifier, rng)
+        samples, tries = _draw_groups(cfg, source.train, scorer, draft, verifier, rng)
         # SapoConfig keeps anchor_puzzles at 0 unless the anchor has a weight
         anchors = [
             trajectory_sample(draft, _draw(source.train, rng), gen=cfg.generation) for _ in range(cfg.anchor_puzzles)

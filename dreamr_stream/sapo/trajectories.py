@@ -4,9 +4,12 @@ task's reference solution stand in for the target's trajectory where it is exact
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from PIL import Image
 
+from dreamr_stream.backends.base import ModelBackend
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.config import DEFAULT_GENERATION
@@ -18,7 +21,7 @@ TRAJECTORY_STEP_TOKENS = 96  # the decode cap per step of the target's reference
 
 
 def target_trajectory(
-    target: TransformersBackend,
+    target: ModelBackend[Any],
     image: Image.Image,
     question: str,
     max_steps: int = 16,
