@@ -149,38 +149,29 @@ def load(args: argparse.Namespace, console: Console) -> Reasoner:
 def show(event: Event, args: argparse.Namespace, console: Console) -> None:
     """One line per event worth showing: verified and fallback steps (a repaired step shows the
     draft's kept start, then the target's tail); drafts, rejections and cache hits with --events."""
-    from dreamr_stream.events import (
-        CacheHitEvent,
-        DraftedEvent,
-        FailedEvent,
-        FallbackEvent,
-        FinishedEvent,
-        RejectedEvent,
-        StartedEvent,
-        VerifiedEvent,
-    )
+    from dreamr_stream import events as ev
 
     t = f"[dim]{event.elapsed_s:6.2f}s[/dim]"
     match event:
-        case DraftedEvent() if args.events:
+        case ev.DraftedEvent() if args.events:
             console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
-        case RejectedEvent() if args.events:
+        case ev.RejectedEvent() if args.events:
             ratio = f"ratio {event.verdict.ratio:.3g}"
             console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{event.text}[/strike][/red]")
-        case CacheHitEvent() if args.events:
+        case ev.CacheHitEvent() if args.events:
             console.print(f"{t} [dim]  cache: {event.steps} steps to verify[/dim]")
-        case VerifiedEvent(step=step):
+        case ev.VerifiedEvent(step=step):
             v = step.verdict
             why = f" [dim](ratio {v.ratio:.3g})[/dim]" if v is not None and args.events else ""
             console.print(f"{t} [green]✓ {step.source.value:6}[/green] {escape(step.text)}{why}")
-        case FallbackEvent(step=step) if step.kept:
+        case ev.FallbackEvent(step=step) if step.kept:
             tail = escape(step.text[len(step.kept) :])
             console.print(f"{t} [yellow]● repair[/yellow] {escape(step.kept)}[yellow]{tail}[/yellow]")
-        case FallbackEvent(step=step):
+        case ev.FallbackEvent(step=step):
             console.print(f"{t} [yellow]● target[/yellow] {escape(step.text)}")
-        case FailedEvent():
+        case ev.FailedEvent():
             console.print(f"[red]failed: {event.error}: {event.message}[/red]")
-        case StartedEvent() | FinishedEvent() | DraftedEvent() | RejectedEvent() | CacheHitEvent():
+        case ev.StartedEvent() | ev.FinishedEvent() | ev.DraftedEvent() | ev.RejectedEvent() | ev.CacheHitEvent():
             pass  # the summary tells the end; the rest only with --events
         case _:
             assert_never(event)

@@ -34,16 +34,7 @@ from dreamr_stream import (
     Step,
     Verdict,
 )
-from dreamr_stream.events import (
-    CacheHitEvent,
-    DraftedEvent,
-    FailedEvent,
-    FallbackEvent,
-    FinishedEvent,
-    RejectedEvent,
-    StartedEvent,
-    VerifiedEvent,
-)
+from dreamr_stream import events as ev
 
 __all__ = ["StepUpdate", "Update", "VerdictUpdate", "reason_updates", "with_generation"]
 
@@ -125,7 +116,7 @@ async def reason_updates(
                     raise TimeoutError(f"the reasoner did not finish within {timeout_s} s") from e
                 raise
             match event:
-                case VerifiedEvent(step=step) | FallbackEvent(step=step):
+                case ev.VerifiedEvent(step=step) | ev.FallbackEvent(step=step):
                     if held is not None:  # defensive: a step after the one we took for the last
                         yield StepUpdate(held)
                         held = None
@@ -135,14 +126,14 @@ async def reason_updates(
                         held = step
                     else:
                         yield StepUpdate(step)
-                case RejectedEvent():
+                case ev.RejectedEvent():
                     yield VerdictUpdate(_verdict(event.index, event.text, event.verdict, event.elapsed_s))
-                case FinishedEvent():
+                case ev.FinishedEvent():
                     yield StepUpdate(held, event.result)
                     return
-                case FailedEvent():
+                case ev.FailedEvent():
                     raise _error(event.error, event.message)
-                case StartedEvent() | DraftedEvent() | CacheHitEvent():
+                case ev.StartedEvent() | ev.DraftedEvent() | ev.CacheHitEvent():
                     pass  # progress LangChain has no place for: unverified drafts, cache lookups
                 case _:
                     assert_never(event)
