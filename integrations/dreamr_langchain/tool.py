@@ -8,6 +8,16 @@ the model, the :class:`~dreamr_stream.ReasoningResult` (steps, verdicts, statist
 for the program. Each verified step is written to LangGraph's custom stream as it is verified
 (``stream_mode="custom"``), and the underlying Runnable's ``on_chain_stream`` and
 ``dreamr_verdict`` events reach ``astream_events`` of the agent.
+
+The steps also stream as reasoning where LangChain renders it: the tool reports its reasoning as
+a chat model run under its own run, whose chunks are ``ChatDreamr``'s (each verified step a
+standard ``{"type": "reasoning", ...}`` block in ``content_blocks``, source, verdict and timing in
+its ``extras``, ``additional_kwargs["reasoning_content"]`` for older readers; the answer as the
+text). So an agent's ``stream_mode="messages"`` (what agent UIs draw) shows them as reasoning, and
+a tracer shows the run. The ``ToolMessage`` itself keeps the answer text: LangChain's tools and
+LangGraph's ``ToolNode`` (``create_agent``) accept only text-like blocks in a tool result (text,
+image, json, ...) and turn any other content, reasoning blocks included, into a JSON string, which
+the agent's model would then read instead of the answer.
 """
 
 from __future__ import annotations
@@ -17,11 +27,22 @@ from contextlib import aclosing, closing
 from pathlib import Path
 from typing import Any, Literal
 
-from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    AsyncCallbackManagerForToolRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+    CallbackManagerForToolRun,
+)
+from langchain_core.messages import AIMessageChunk, HumanMessage, message_chunk_to_message
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, LLMResult
 from langchain_core.runnables import RunnableConfig, patch_config
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import BaseModel, Field
 
+from dreamr_langchain._updates import StepUpdate
+from dreamr_langchain.chat_model import _Chunker
 from dreamr_langchain.runnable import ReasonerRunnable
 from dreamr_langchain.types import ImageLike, ImageNotAllowedError, ReasoningChunk, ReasoningInput, ToolStepEvent
 from dreamr_stream import BackendError, InputError, Method, Reasoner
@@ -95,6 +116,63 @@ def _stream_writer() -> Callable[[Any], None] | None:
         return None
 
 
+class _ReasoningRun:
+    """The tool's reasoning as a chat model run: ``ChatDreamr``'s chunks, one per verified step,
+    then the whole message at the end (see the module's docstring)."""
+
+    def __init__(self, model_name: str) -> None:
+        self._chunker = _Chunker(model_name=model_name, stops=())
+        self._message: AIMessageChunk | None = None
+        self._id = ""
+
+    @staticmethod
+    def start_args(tool: str, image: str, question: str) -> tuple[dict[str, Any], list[list[Any]], dict[str, Any]]:
+        """What the run starts with: the question asked (the image by its reference, no data)."""
+        serialized = {"name": f"{tool} reasoning", "id": ["dreamr_langchain", "ImageReasoningTool"]}
+        prompt = [HumanMessage(f"[image {image}] {question}")]
+        return serialized, [prompt], {"name": f"{tool} reasoning"}
+
+    def started(self, run_id: Any) -> None:
+        self._id = f"lc_run--{run_id}"  # one message id for every chunk, as chat models stream
+
+    def chunks(self, chunk: ReasoningChunk) -> list[ChatGenerationChunk]:
+        """The chat chunks of one reasoning chunk, added to the run's whole message."""
+        updates = [StepUpdate(step) for step in chunk.steps]
+        if chunk.result is not None:
+            updates = [*updates[:-1], StepUpdate(updates[-1].step if updates else None, chunk.result)]
+        out = [self._chunker.chunk(u) for u in updates]
+        for generation in out:
+            generation.message.id = self._id
+            message = generation.message
+            assert isinstance(message, AIMessageChunk)
+            self._message = message if self._message is None else self._message + message
+        return out
+
+    def result(self) -> LLMResult:
+        message = self._message if self._message is not None else AIMessageChunk(content="", id=self._id)
+        return LLMResult(generations=[[ChatGeneration(message=message_chunk_to_message(message))]])
+
+
+def _llm_run(manager: CallbackManager | None, reasoning: _ReasoningRun, *start: Any) -> CallbackManagerForLLMRun | None:
+    if manager is None:
+        return None
+    serialized, messages, kwargs = _ReasoningRun.start_args(*start)
+    run = manager.on_chat_model_start(serialized, messages, **kwargs)[0]
+    reasoning.started(run.run_id)
+    return run
+
+
+async def _allm_run(
+    manager: AsyncCallbackManager | None, reasoning: _ReasoningRun, *start: Any
+) -> AsyncCallbackManagerForLLMRun | None:
+    if manager is None:
+        return None
+    serialized, messages, kwargs = _ReasoningRun.start_args(*start)
+    run = (await manager.on_chat_model_start(serialized, messages, **kwargs))[0]
+    reasoning.started(run.run_id)
+    return run
+
+
 class ImageReasoningTool(BaseTool):
     """Answer a question about an image with the reasoner; see :meth:`from_reasoner`.
 
@@ -134,6 +212,10 @@ class ImageReasoningTool(BaseTool):
         except InputError as e:
             raise ToolException(f"{type(e).__name__}: {e}") from e
 
+    @property
+    def _model_name(self) -> str:
+        return f"dreamr-{self.runnable.method}"
+
     def _step_events(self, image: str, chunk: ReasoningChunk, writer: Callable[[Any], None] | None) -> None:
         if writer is not None:
             for step in chunk.steps:
@@ -159,17 +241,29 @@ class ImageReasoningTool(BaseTool):
         run_manager: CallbackManagerForToolRun | None = None,
     ) -> tuple[str, dict[str, Any]]:
         request = self._request(image, question)
-        child = patch_config(config, callbacks=run_manager.get_child() if run_manager else None)
+        callbacks = run_manager.get_child() if run_manager else None
+        child = patch_config(config, callbacks=callbacks)
         writer = _stream_writer()
+        reasoning = _ReasoningRun(self._model_name)
+        llm = _llm_run(callbacks, reasoning, self.name, image, question)
         total = ReasoningChunk()
         try:
             stream = self.runnable.stream(request, child)
             with closing(stream):
                 for chunk in stream:
                     self._step_events(image, chunk, writer)
+                    for generation in reasoning.chunks(chunk):
+                        if llm is not None:
+                            llm.on_llm_new_token(generation.text, chunk=generation)
                     total = total + chunk
-        except InputError as e:
-            raise ToolException(f"{type(e).__name__}: {e}") from e
+        except BaseException as e:
+            if llm is not None:
+                llm.on_llm_error(e)
+            if isinstance(e, InputError):
+                raise ToolException(f"{type(e).__name__}: {e}") from e
+            raise
+        if llm is not None:
+            llm.on_llm_end(reasoning.result())
         return self._output(total)
 
     async def _arun(
@@ -180,15 +274,27 @@ class ImageReasoningTool(BaseTool):
         run_manager: AsyncCallbackManagerForToolRun | None = None,
     ) -> tuple[str, dict[str, Any]]:
         request = self._request(image, question)
-        child = patch_config(config, callbacks=run_manager.get_child() if run_manager else None)
+        callbacks = run_manager.get_child() if run_manager else None
+        child = patch_config(config, callbacks=callbacks)
         writer = _stream_writer()
+        reasoning = _ReasoningRun(self._model_name)
+        llm = await _allm_run(callbacks, reasoning, self.name, image, question)
         total = ReasoningChunk()
         try:
             astream = self.runnable.astream(request, child)
             async with aclosing(astream):
                 async for chunk in astream:
                     self._step_events(image, chunk, writer)
+                    for generation in reasoning.chunks(chunk):
+                        if llm is not None:
+                            await llm.on_llm_new_token(generation.text, chunk=generation)
                     total = total + chunk
-        except InputError as e:
-            raise ToolException(f"{type(e).__name__}: {e}") from e
+        except BaseException as e:
+            if llm is not None:
+                await llm.on_llm_error(e)
+            if isinstance(e, InputError):
+                raise ToolException(f"{type(e).__name__}: {e}") from e
+            raise
+        if llm is not None:
+            await llm.on_llm_end(reasoning.result())
         return self._output(total)

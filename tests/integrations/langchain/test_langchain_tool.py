@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from dreamr_langchain import ImageNotAllowedError, ImageReasoningTool, ImageRegistry, ToolStepEvent
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from lc_support import EXAMPLES, TARGET, load_agent_example, png_bytes
 
 from dreamr_stream import InvalidImageError, Reasoner, ReasoningResult
@@ -150,3 +150,45 @@ def test_tool_results_survive_an_agent_checkpointer(reasoner: Reasoner) -> None:
         messages = agent.get_state(thread).values["messages"]
     tool_message = next(m for m in messages if isinstance(m, ToolMessage))
     assert [s.text for s in ReasoningResult.model_validate(tool_message.artifact).steps] == TARGET
+
+
+def _tool_reasoning(parts: list[Any]) -> AIMessageChunk:
+    """The chat chunks an agent's ``messages`` stream carried from its tools node, added up."""
+    chunks = [m for m, meta in parts if meta["langgraph_node"] == "tools" and isinstance(m, AIMessageChunk)]
+    assert chunks, "the tool's reasoning did not reach the messages stream"
+    assert len({c.id for c in chunks}) == 1  # one message, streamed
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    return total
+
+
+def _check_reasoning(message: AIMessageChunk, tool_message: ToolMessage) -> None:
+    blocks = message.content_blocks
+    assert [b["type"] for b in blocks] == ["reasoning"] * len(TARGET) + ["text"]  # the steps, then the answer
+    assert [b.get("reasoning") for b in blocks[:-1]] == TARGET and message.text == "4"
+    steps = ReasoningResult.model_validate(tool_message.artifact).steps
+    for block, step in zip(blocks, steps, strict=False):
+        extras = block["extras"]  # type: ignore[typeddict-item]
+        assert extras["source"] == step.source.value
+        assert extras["verdict"] == (step.verdict.model_dump(mode="json") if step.verdict else None)
+        assert extras["timing"]["elapsed_s"] == step.elapsed_s
+    assert message.additional_kwargs["reasoning_content"] == "\n".join(TARGET)  # for older readers
+
+
+@pytest.mark.asyncio
+async def test_a_create_agent_run_streams_the_tools_steps_as_reasoning_blocks(reasoner: Reasoner) -> None:
+    """A real create_agent run, its model a scripted fake that calls the tool, then answers: the
+    messages stream (what agent UIs draw) carries the tool's steps as standard reasoning blocks,
+    while the ToolMessage the model reads holds the answer."""
+    agent = load_agent_example().build_agent(reasoner)
+    request = {"messages": [HumanMessage("How many?")]}
+    for parts in (
+        [p async for p in agent.astream(request, stream_mode="messages")],
+        await asyncio.to_thread(lambda: list(agent.stream(request, stream_mode="messages"))),  # the sync path
+    ):
+        tool_message = next(m for m, _ in parts if isinstance(m, ToolMessage))
+        assert tool_message.content == "4"
+        _check_reasoning(_tool_reasoning(parts), tool_message)
+        final = [m for m, meta in parts if meta["langgraph_node"] == "model" and m.text.startswith("The reasoner")]
+        assert final and final[-1].text == "The reasoner's answer: 4"
