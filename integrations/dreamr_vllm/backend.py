@@ -384,9 +384,11 @@ class VLLMBackend:
         session.eos = False
 
     async def begin_step(self, session: VLLMSession, text: str, *, proposal: str = "") -> int:
-        """``proposal`` is not sent: a server speculates (or not) as it was started to."""
+        """No server call: the kept ``text`` goes with the continuation's request, in the
+        server's prefix cache, so no forward (or token count) is known here: returns 0.
+        ``proposal`` is not sent: a server speculates (or not) as it was started to."""
         session.partial = text
-        return len(text)
+        return 0
 
     async def fork(self, session: VLLMSession) -> VLLMSession:
         return replace(session)
