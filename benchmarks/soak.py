@@ -540,7 +540,7 @@ def main() -> int:
     log.unlink()
     result.update(
         {
-            "command": "python benchmarks/soak.py " + shlex.join(sys.argv[1:]),
+            "command": shlex.join(["python", "benchmarks/soak.py", *sys.argv[1:]]),
             "server_command": shlex.join(["dreamr", *server_command[-5:]]),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
