@@ -32,7 +32,13 @@ class TrainingConfig(BaseModel):
     def from_json(cls, path: Path) -> Self:
         """The settings of a JSON file of fields (an error names the file and the field)."""
         try:
-            return cls(**json.loads(path.read_text()))
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not JSON: {e}") from e
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{path}: a {cls.__name__} file holds one JSON object of fields")
+        try:
+            return cls(**fields)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
 

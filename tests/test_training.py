@@ -68,6 +68,14 @@ def test_a_bad_config_file_is_an_error_naming_the_file_and_the_field(
     assert str(path) in str(e.value) and all(part in str(e.value) for part in named.split("."))
 
 
+@pytest.mark.parametrize("text", ["{", "[1, 2]"])
+def test_a_config_file_that_is_not_an_object_of_fields_is_an_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"bad\.json"):
+        SapoConfig.from_json(path)
+
+
 def test_configs_are_frozen() -> None:
     cfg = SapoConfig()
     with pytest.raises(ValidationError):
