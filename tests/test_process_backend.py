@@ -234,6 +234,15 @@ def test_the_child_exits_at_once_on_shutdown(folders: dict[str, Path]) -> None:
     assert time.monotonic() - start < 1.0 and proc.returncode == 0
 
 
+def test_a_child_still_starting_is_stopped_at_once(folders: dict[str, Path]) -> None:
+    """It would read the shutdown only once built (seconds of imports): the exit waited for it."""
+    backend = ProcessBackend.from_pretrained(folders["draft"], name="draft", wait=False)
+    proc = backend._child.proc
+    start = time.monotonic()
+    backend.shutdown()
+    assert time.monotonic() - start < 1.0 and proc.returncode is not None
+
+
 def test_close_releases_the_backends_a_reasoner_owns_and_only_those(
     folders: dict[str, Path], remote: ProcessBackend, tiny_pair
 ) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ holds nothing that needs it (the parent has every result).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -49,21 +50,20 @@ def _serve(conn: Connection, factory: Callable[[], ModelBackend[Any]], first_id:
     try:
         backend = factory()
     except BaseException as e:
-        conn.send(("error", _portable(e), traceback.format_exc()))
+        with contextlib.suppress(OSError):  # the parent may be gone already
+            conn.send(("error", _portable(e), traceback.format_exc()))
         return
-    conn.send(
-        (
-            "ok",
-            {
-                "name": backend.name,
-                "judge": backend.judge,
-                "identity": getattr(backend, "identity", backend.name),
-                "recommended_verification": getattr(backend, "recommended_verification", {}),
-                "cpu_threads": getattr(backend, "cpu_threads", 0),
-            },
-            None,
-        )
-    )
+    info = {
+        "name": backend.name,
+        "judge": backend.judge,
+        "identity": getattr(backend, "identity", backend.name),
+        "recommended_verification": getattr(backend, "recommended_verification", {}),
+        "cpu_threads": getattr(backend, "cpu_threads", 0),
+    }
+    try:
+        conn.send(("ok", info, None))
+    except OSError:  # the parent went while this child was building: nobody to serve
+        return
     sessions: dict[int, Any] = {}
     ids = itertools.count(first_id)
 

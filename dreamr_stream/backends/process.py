@@ -76,12 +76,16 @@ class RemoteSession:
     finished: bool = False
 
 
-def _stop(proc: subprocess.Popen[bytes], conn: Connection) -> None:
-    try:
-        conn.send(("shutdown", 0, (), {}))
-    except (OSError, ValueError):
-        pass
-    try:  # the child exits at once on shutdown (_process_child); the timeout is for a hung one
+def _stop(proc: subprocess.Popen[bytes], conn: Connection, built: threading.Event) -> None:
+    """Stop a child: one that serves exits at once on ``shutdown`` (``_process_child``); one still
+    building its backend would read the request only when done, seconds of imports and loading
+    that nobody will use, so it is killed at once."""
+    if not built.is_set():
+        proc.kill()
+    else:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("shutdown", 0, (), {}))
+    try:  # the timeout is for a hung child
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -101,7 +105,11 @@ class _Child:
     conn: Connection
     generation: int
     stop: weakref.finalize[Any, Any]  # stops it; also at exit, or when the backend is collected
-    ready: bool = False
+    built: threading.Event  # set once the child has built its backend and serves
+
+    @property
+    def ready(self) -> bool:
+        return self.built.is_set()
 
     @property
     def alive(self) -> bool:
@@ -121,7 +129,8 @@ def _spawn(owner: object, factory: Callable[[], ModelBackend[Any]], generation: 
     theirs.close()
     conn = Connection(ours.detach())
     conn.send((factory, (generation << _ID_BITS) + 1))
-    return _Child(proc, conn, generation, weakref.finalize(owner, _stop, proc, conn))
+    built = threading.Event()
+    return _Child(proc, conn, generation, weakref.finalize(owner, _stop, proc, conn, built), built)
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,8 @@ class ProcessBackend:
         self.identity: str = info["identity"]
         self.recommended_verification: dict[str, Any] = info["recommended_verification"]
         self._cpu_threads: int = info["cpu_threads"]
-        child.ready, self._failed_starts = True, 0
+        child.built.set()
+        self._failed_starts = 0
 
     def _await_start(self, child: _Child) -> Any:
         if not child.conn.poll(self._start_timeout_s):
