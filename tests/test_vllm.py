@@ -220,7 +220,8 @@ async def test_served_draft_and_server_failures(servers: _Servers, main_url: str
             steps += 1
             if steps == 1:
                 await anyio.to_thread.run_sync(victim.kill)
-    assert steps == 1
+    # a step the server finished before it died may still arrive; the request does not complete
+    assert 1 <= steps < len(alone.steps)
 
     # 3. the draft's server gone mid-request (the draft knows its model, so the request opens
     # without it): the target finishes alone, with its own steps, and the stats say why
