@@ -98,6 +98,10 @@ def _zoo(args: argparse.Namespace) -> int:
         from dreamr_stream.zoo.evaluate import main as eval_main
 
         eval_main(args.rest)
+    elif args.zoo_cmd == "card":
+        from dreamr_stream.zoo.cards import main as card_main
+
+        return card_main(args.rest)
     return 0
 
 
@@ -298,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
 
     z = sub.add_parser("zoo", help="demo models: train, export, eval")
-    z.add_argument("zoo_cmd", choices=["train", "export", "eval"])
+    z.add_argument("zoo_cmd", choices=["train", "export", "eval", "card"])
     z.add_argument("rest", nargs=argparse.REMAINDER)
     z.set_defaults(fn=_zoo)
     return parser

@@ -183,7 +183,8 @@ class Session:
             self.totals["bad_messages"] += 1
             await self.outbox.send(message)
         elif isinstance(message, CancelMessage):
-            running, rid = self._task is not None and not self._task.done(), self._task_id
+            # a request that sent its last message is over for the client, even while it closes
+            running, rid = self._task is not None and not self._task.done() and not self._ended, self._task_id
             await self._stop_request()
             if running and rid is not None:
                 await self.outbox.send(CancelledMessage(id=rid))
