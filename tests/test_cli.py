@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_support import run_dreamr
 from PIL import Image
 
 from dreamr_stream import cli
@@ -117,23 +118,8 @@ def test_comparison_line_says_measured_or_estimate() -> None:
 
 @pytest.mark.slow
 def test_compare_measures_the_target_alone(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dreamr_stream.cli",
-            "reason",
-            "--random",
-            "--seed",
-            "2",
-            "--compare",
-            "--save-image",
-            str(tmp_path / "p.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    out = run_dreamr(
+        "reason", "--random", "--seed", "2", "--compare", "--save-image", str(tmp_path / "p.png"), timeout=180
     )
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]

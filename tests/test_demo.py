@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import pytest
+from cli_support import run_dreamr
 
 from dreamr_stream import Reasoner, ReasonerConfig, StepSource, VerificationConfig
 from dreamr_stream.zoo.shipped import demo_paths
@@ -87,23 +86,8 @@ async def test_repaired_steps_are_the_targets_own_at_a_fraction_of_its_forwards(
 
 
 def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dreamr_stream.cli",
-            "reason",
-            "--random",
-            "--seed",
-            "1",
-            "--events",
-            "--save-image",
-            str(tmp_path / "p.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    out = run_dreamr(
+        "reason", "--random", "--seed", "1", "--events", "--save-image", str(tmp_path / "p.png"), timeout=120
     )
     assert out.returncode == 0, out.stderr
     assert "Answer:" in out.stdout and "first step" in out.stdout

@@ -47,11 +47,10 @@ from dreamr_stream.events import CacheHitEvent, DraftedEvent, RejectedEvent
 from dreamr_stream.store import Trajectory, image_png
 from dreamr_stream.types import StepCost, StepSource, Verdict
 
-__all__ = ["fallback_enabled", "run_fpsr"]
+__all__ = ["run_fpsr"]
 
 log = logging.getLogger(__name__)
 Inspect = Callable[[Session, Session], None]
-fallback_enabled = P.fallback_enabled  # re-exported: the policy owns it
 
 
 @dataclass(frozen=True)
@@ -212,7 +211,7 @@ class _Epoch:
     """One epoch's lanes and the actions ``EpochPolicy`` asks for, performed in order."""
 
     def __init__(self, run: _FPSR, start: int, bounds: list[int]) -> None:
-        self.run_ = run
+        self.fpsr = run
         self.ctx = run.ctx
         self.start = start
         self.bounds = bounds
@@ -237,7 +236,7 @@ class _Epoch:
         send, recv = anyio.create_memory_object_stream[P.Observation | _Draft](math.inf)
         async with send, recv, anyio.create_task_group() as tg:
             self.tg = tg
-            tg.start_soon(_draft_lane, self.ctx, self.run_.D, send, self.permits, self.bounds, self.start)
+            tg.start_soon(_draft_lane, self.ctx, self.fpsr.D, send, self.permits, self.bounds, self.start)
             await self._drive(send, recv)
             if self.fallback is not None:
                 self.fallback.cancel()
@@ -274,9 +273,9 @@ class _Epoch:
         ctx = self.ctx
         match action:
             case P.Judge(index=i):
-                verdict, score = await calls.judge(ctx, self.run_.T, self.drafts[i].text, i)
+                verdict, score = await calls.judge(ctx, self.fpsr.T, self.drafts[i].text, i)
                 self.judged[i] = (verdict, score)
-                return P.Judged(i, verdict.accepted, can_repair(ctx, self.run_.target, score))
+                return P.Judged(i, verdict.accepted, can_repair(ctx, self.fpsr.target, score))
             case P.Accept(index=i):
                 d, (verdict, _) = self.drafts[i], self.judged[i]
                 await ctx.accept(d.text, StepSource.DRAFT, eos=d.eos, verdict=verdict)
@@ -303,9 +302,9 @@ class _Epoch:
 
     async def _start_fallback(self, index: int, lane: Lane) -> None:
         # fork in the verification lane, before anything else touches T
-        fork = await self.run_.target.fork(self.run_.T, priority=Priority.FALLBACK)
+        fork = await self.fpsr.target.fork(self.fpsr.T, priority=Priority.FALLBACK)
         fb = _Fallback(index, session=fork)
-        self.run_.fallbacks.append(fb)  # owned by the epoch: closed there unless adopted
+        self.fpsr.fallbacks.append(fb)  # owned by the epoch: closed there unless adopted
         self.fallback = fb
         self.tg.start_soon(fb.run, self.ctx, fork, lane)
 
@@ -316,8 +315,8 @@ class _Epoch:
         scored = self.judged.get(index)
         own = await write_target_step(
             self.ctx,
-            self.run_.target,
-            self.run_.T,
+            self.fpsr.target,
+            self.fpsr.T,
             index=index,
             rejected=d.text if d else "",
             score=scored[1] if scored else None,
@@ -338,7 +337,7 @@ class _Epoch:
         if fb.failure is not None:
             raise fb.failure
         assert fb.session is not None
-        run = self.run_
+        run = self.fpsr
         old, run.T = run.T, fb.session  # a rejected candidate's tokens go with the old T
         fb.session = None
         run.target.close(old)
