@@ -18,6 +18,9 @@ machine noise hits all of them alike:
 * ``fpsr_sapo_rewrite`` FPSR with rejected steps rewritten whole (``scheduling.repair=False``)
 * ``fpsr_sapo_threads`` FPSR with the SAPO draft in a thread of this process (the ablation: its
                         calls and the target's wait for one GIL)
+* ``fpsr_sapo_judge`` / ``fpsr_sapo_likelihood``   ``fpsr_sapo`` with TBVM in that mode at the
+                        target's tau for it; the row of the recommended mode is ``fpsr_sapo``
+                        itself, so the bench runs only the other one
 * ``draft_only``        the SFT draft alone, unverified
 
 A rejected step's cost is the target forwards spent after the verdict to finish it, over the
@@ -49,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -72,6 +75,8 @@ ALL_METHODS = (
     "fpsr_sapo",
     "fpsr_sapo_rewrite",
     "fpsr_sapo_threads",
+    "fpsr_sapo_judge",
+    "fpsr_sapo_likelihood",
     "draft_only",
 )
 
@@ -79,12 +84,14 @@ ALL_METHODS = (
 @dataclass(frozen=True)
 class _Engine:
     """How an engine method runs: its draft (None: the target alone, with every CPU thread),
-    the Reasoner method, the draft in its own process, rejected steps repaired."""
+    the Reasoner method, the draft in its own process, rejected steps repaired, TBVM's mode
+    (None: the target's recommended one)."""
 
     draft: str | None
     method: str
     separate: bool = False
     repair: bool = True
+    mode: Literal["judge", "likelihood"] | None = None
 
 
 _ENGINE = {
@@ -97,6 +104,8 @@ _ENGINE = {
     "fpsr_sapo": _Engine("sapo", "fpsr", separate=True),
     "fpsr_sapo_rewrite": _Engine("sapo", "fpsr", separate=True, repair=False),
     "fpsr_sapo_threads": _Engine("sapo", "fpsr"),
+    "fpsr_sapo_judge": _Engine("sapo", "fpsr", separate=True, mode="judge"),
+    "fpsr_sapo_likelihood": _Engine("sapo", "fpsr", separate=True, mode="likelihood"),
 }
 
 
@@ -110,6 +119,7 @@ def ideal_speedup(
 
 @dataclass
 class MethodRows:
+    tbvm: str | None = None  # "<mode> <tau>" of an engine row that verifies
     wall: list[float] = field(default_factory=list)
     first: list[float] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
@@ -203,6 +213,8 @@ def run_bench(
     if unknown:
         raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
     methods = tuple(m for m in methods if sapo is not None or _ENGINE.get(m, _Engine(None, "")).draft != "sapo")
+    # the recommended mode's row is fpsr_sapo itself
+    methods = tuple(m for m in methods if _ENGINE.get(m, _Engine(None, "")).mode != verification.mode)
     drafts: dict[str, tuple[Path, TransformersBackend]] = {"sft": (sft_dir, sft)}
     if sapo is not None and sapo_dir is not None:
         drafts["sapo"] = (sapo_dir, sapo)
@@ -220,7 +232,10 @@ def run_bench(
                     processes[engine.draft] = ProcessBackend.from_pretrained(folder, device=device, name="draft")
                 backend = processes[engine.draft]
         scheduling = config.scheduling.model_copy(update={"repair": engine.repair})
-        reasoners[engine] = Reasoner(target, backend, config=config.model_copy(update={"scheduling": scheduling}))
+        update: dict[str, Any] = {"scheduling": scheduling}
+        if engine.mode is not None:  # that mode at the target's tau for it
+            update["verification"] = VerificationConfig.recommended(target.recommended_verification, mode=engine.mode)
+        reasoners[engine] = Reasoner(target, backend, config=config.model_copy(update=update))
     try:
         return _measure(target, sft, sapo, reasoners, methods, config, n, device, progress)
     finally:
@@ -245,7 +260,7 @@ def _measure(
     probe = make_puzzle(split_seed("val", 0))
     # every torch call runs on a Reasoner's model threads, engine or not (see call_model)
     costs = alone.call_model(measure_costs, target, sft, probe.image, probe.question.text())
-    rows = {m: MethodRows() for m in methods}
+    rows = {m: MethodRows(tbvm=_tbvm(reasoners[_ENGINE[m]]) if m in _ENGINE else None) for m in methods}
     for engine, warm in reasoners.items():  # warm-up every path once
         warm.invoke(probe.image, probe.question.text(), method=engine.method)  # type: ignore[arg-type]
     for i in range(n):
@@ -267,6 +282,12 @@ def _measure(
         "assisted_draft": "sapo" if sapo is not None else "sft",
     }
     return BenchResult(config=cfg, costs=costs, methods=_summarise(rows, costs, n))
+
+
+def _tbvm(reasoner: Reasoner) -> str | None:
+    """The TBVM a Reasoner with a draft verifies with, as "<mode> <tau>"."""
+    v = reasoner.config.verification
+    return f"{v.mode} {v.tau:g}" if reasoner.draft is not None else None
 
 
 def _run_generate(
@@ -312,6 +333,7 @@ def _summarise(rows: dict[str, MethodRows], costs: dict[str, float], n: int) -> 
     out: dict[str, dict[str, Any]] = {}
     for m, row in rows.items():
         rec: dict[str, Any] = {
+            "tbvm": row.tbvm if m != "draft_only" else None,
             "accuracy": sum(row.correct) / len(row.correct),
             "acceptance": row.accepted / row.judged if row.judged else None,
             "steps_per_prompt": row.steps / n if row.steps else None,
@@ -350,6 +372,7 @@ def to_markdown(result: BenchResult) -> str:
 
     header = [
         "method",
+        "TBVM",
         "accuracy",
         "acceptance",
         "wall median s (IQR)",
@@ -368,6 +391,7 @@ def to_markdown(result: BenchResult) -> str:
         iqr = f"{r['wall_median_s']:.2f} ({r['wall_iqr_s'][0]:.2f}-{r['wall_iqr_s'][1]:.2f})"
         cells = [
             m,
+            r.get("tbvm") or "-",
             f"{r['accuracy']:.1%}",
             f(r["acceptance"], "{:.1%}"),
             iqr,
@@ -389,7 +413,8 @@ def to_markdown(result: BenchResult) -> str:
         f"draft {c['draft_s_per_token'] * 1000:.2f} ms/token (c = {c['c']:.3f}), "
         f"20-token scoring forward {c['score_s'] * 1000:.1f} ms (v = {c['v']:.2f} target tokens). "
         f"n = {result.config['n']} test prompts, device {result.config['device']}, "
-        f"TBVM {result.config['verification']['mode']} mode, tau {result.config['verification']['tau']}."
+        f"TBVM as the target recommends: {result.config['verification']['mode']} mode, "
+        f"tau {result.config['verification']['tau']:g}."
     )
     return "\n".join(lines) + "\n"
 

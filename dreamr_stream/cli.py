@@ -85,24 +85,22 @@ def _reason(args: argparse.Namespace) -> int:
         return 2
 
 
+# ``dreamr zoo <command>``: the module of dreamr_stream.zoo whose ``main`` runs it
+_ZOO_COMMANDS = {
+    "train": "train",
+    "export": "export",
+    "eval": "evaluate",
+    "card": "cards",
+    "draft-steps": "draft_steps",
+    "tbvm": "tbvm_eval",
+}
+
+
 def _zoo(args: argparse.Namespace) -> int:
-    if args.zoo_cmd == "train":
-        from dreamr_stream.zoo.train import main as train_main
+    import importlib
 
-        train_main(args.rest)
-    elif args.zoo_cmd == "export":
-        from dreamr_stream.zoo.export import main as export_main
-
-        export_main(args.rest)
-    elif args.zoo_cmd == "eval":
-        from dreamr_stream.zoo.evaluate import main as eval_main
-
-        eval_main(args.rest)
-    elif args.zoo_cmd == "card":
-        from dreamr_stream.zoo.cards import main as card_main
-
-        return card_main(args.rest)
-    return 0
+    module = importlib.import_module(f"dreamr_stream.zoo.{_ZOO_COMMANDS[args.zoo_cmd]}")
+    return module.main(args.rest) or 0
 
 
 def _sapo(args: argparse.Namespace) -> int:
@@ -301,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
 
-    z = sub.add_parser("zoo", help="demo models: train, export, eval")
-    z.add_argument("zoo_cmd", choices=["train", "export", "eval", "card"])
+    z = sub.add_parser("zoo", help="demo models: train, export, eval, card, draft-steps, tbvm")
+    z.add_argument("zoo_cmd", choices=list(_ZOO_COMMANDS))
     z.add_argument("rest", nargs=argparse.REMAINDER)
     z.set_defaults(fn=_zoo)
     return parser

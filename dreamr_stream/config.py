@@ -66,8 +66,20 @@ class VerificationConfig(_Config):
     @classmethod
     def recommended(cls, recommendation: Mapping[str, Any], **overrides: Any) -> VerificationConfig:
         """A model folder's recommended settings (``dreamr.json`` "verification"), with explicit
-        overrides on top (an override of None keeps the recommendation)."""
-        return cls(**{**recommendation, **{k: v for k, v in overrides.items() if v is not None}})
+        overrides on top (an override of None keeps the recommendation).
+
+        A folder that measured both modes says so in ``"taus": {"judge": .., "likelihood": ..}``
+        (its recommended mode is ``"mode"``); overriding the mode alone then takes that mode's
+        measured tau instead of the other mode's."""
+        rec = dict(recommendation)
+        taus: Mapping[str, float] = rec.pop("taus", {})
+        chosen = {k: v for k, v in overrides.items() if v is not None}
+        mode = chosen.get("mode", rec.get("mode", "judge"))
+        if "tau" not in chosen and mode in taus:
+            chosen["tau"] = taus[mode]
+        elif "tau" not in chosen and mode != rec.get("mode", "judge"):
+            rec.pop("tau", None)  # the recommended tau is the other mode's: a ratio on another scale
+        return cls(**{**rec, **chosen})
 
     @field_validator("tau")
     @classmethod

@@ -40,12 +40,18 @@ def test_bench_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> None:
         progress=lambda i, n: calls.append(i),
     )
     assert calls == [1]
-    assert list(result.methods) == list(methods)
-    # the target's recommended TBVM mode is what the speculative methods ran with
+    # the target's recommended TBVM mode is what the speculative methods ran with; the row named
+    # for that mode is fpsr_sapo itself, so only the other mode's row runs
     recommended = json.loads((paths.target / "dreamr.json").read_text())["verification"]
+    other = "judge" if recommended["mode"] == "likelihood" else "likelihood"
+    methods = tuple(m for m in methods if m != f"fpsr_sapo_{recommended['mode']}")
+    assert list(result.methods) == list(methods)
     assert result.config["verification"]["mode"] == recommended["mode"]
+    assert result.methods["fpsr_sapo"]["tbvm"].startswith(recommended["mode"])
+    assert result.methods[f"fpsr_sapo_{other}"]["tbvm"].startswith(other)
+    assert result.methods["target_only"]["tbvm"] is None
     assert result.methods["target_only"]["speedup_median"] == pytest.approx(1.0)
-    for m in ("sequential_sft", "sequential_sapo", "fpsr_sft", "fpsr_sapo", "fpsr_sapo_threads"):
+    for m in ("sequential_sft", "sequential_sapo", "fpsr_sft", "fpsr_sapo", "fpsr_sapo_threads", f"fpsr_sapo_{other}"):
         rec = result.methods[m]
         assert 0.0 <= rec["acceptance"] <= 1.0 and rec["ideal_speedup"] > 0 and rec["efficiency"] > 0
     for rec in result.methods.values():

@@ -61,3 +61,16 @@ def test_recommended_settings_with_overrides_and_the_verifier_they_make() -> Non
     assert isinstance(v, LikelihoodVerifier) and v.tau == 0.25 and not v.needs_judge
     j = make_verifier(VerificationConfig(tau=3.0))
     assert isinstance(j, JudgeVerifier) and j.tau == 3.0 and j.needs_judge
+
+
+def test_a_folder_that_measured_both_modes_gives_each_its_own_tau() -> None:
+    from dreamr_stream.config import VerificationConfig
+
+    rec = {"mode": "judge", "tau": 2.0, "taus": {"judge": 2.0, "likelihood": 0.25}}
+    assert VerificationConfig.recommended(rec) == VerificationConfig(mode="judge", tau=2.0)
+    other = VerificationConfig.recommended(rec, mode="likelihood")
+    assert (other.mode, other.tau) == ("likelihood", 0.25)
+    assert VerificationConfig.recommended(rec, mode="likelihood", tau=1.0).tau == 1.0
+    # one measured mode only: the other mode does not inherit its tau (another scale)
+    alone = VerificationConfig.recommended({"mode": "likelihood", "tau": 0.25}, mode="judge")
+    assert (alone.mode, alone.tau) == ("judge", VerificationConfig().tau)

@@ -3,20 +3,20 @@ SAPO's validation, and ``dreamr zoo eval --prefixes``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dreamr_stream.backends.base import ModelBackend
+from dreamr_stream.backends.base import ModelBackend, ScoreOutput
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.config import DEFAULT_GENERATION
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.verify import Verifier
 
-__all__ = ["PrefixVerdict", "acceptance_at_prefixes", "greedy_verdicts"]
+__all__ = ["PrefixVerdict", "ScoredStep", "acceptance_at_prefixes", "greedy_verdicts", "scored_greedy_steps"]
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,33 @@ class PrefixVerdict:
     tokens: int
 
 
+@dataclass(frozen=True)
+class ScoredStep:
+    """The draft's greedy step at one prefix of a target trajectory and the target's score of it."""
+
+    prompt: int  # index into the prompts
+    k: int  # steps of the target's trajectory before it
+    text: str
+    score: ScoreOutput
+
+    def is_targets(self, prompts: Sequence[RolloutPrompt]) -> bool:
+        """Whether it is the target's own step there (what the target would have written)."""
+        return self.text == prompts[self.prompt].steps[self.k]
+
+
 @torch.no_grad()
-def greedy_verdicts(
+def scored_greedy_steps(
     target: ModelBackend[Any],
     draft: TransformersBackend,
     prompts: Sequence[RolloutPrompt],
-    verifier: Verifier,
     *,
+    judge: bool,
     gen: GenerationConfig = DEFAULT_GENERATION,
-) -> list[PrefixVerdict]:
-    """TBVM's verdict on the draft's greedy step at every prefix of the target's trajectories
-    (the prefix FPSR verifies against), through the engine's own backend calls."""
-    out, stop = [], gen.step_delimiter
+) -> Iterator[ScoredStep]:
+    """The draft's greedy step at every prefix of the target's trajectories (the prefix FPSR
+    verifies against) and the target's score of it (with the judge suffix when ``judge``), through
+    the engine's own backend calls."""
+    stop = gen.step_delimiter
     for i, p in enumerate(prompts):
         for k in range(p.start, len(p.steps)):
             ds = draft.open_session(p.image, p.question)
@@ -49,14 +64,32 @@ def greedy_verdicts(
                 for step in p.steps[:k]:
                     draft.append(ds, step, stop=stop)
                     target.append(ts, step, stop=stop)
-                step_out = draft.generate_step(ds, max_tokens=64, stop=stop)
-                score = target.score(ts, step_out.text, stop=stop, judge=target.judge if verifier.needs_judge else None)
+                text = draft.generate_step(ds, max_tokens=64, stop=stop).text
+                score = target.score(ts, text, stop=stop, judge=target.judge if judge else None)
             finally:
                 draft.close(ds)
                 target.close(ts)
-            verdict = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
-            out.append(PrefixVerdict(i, k, verdict.accepted, len(draft.encode(step_out.text))))
-    return out
+            yield ScoredStep(i, k, text, score)
+
+
+def greedy_verdicts(
+    target: ModelBackend[Any],
+    draft: TransformersBackend,
+    prompts: Sequence[RolloutPrompt],
+    verifier: Verifier,
+    *,
+    gen: GenerationConfig = DEFAULT_GENERATION,
+) -> list[PrefixVerdict]:
+    """TBVM's verdict on the draft's greedy step at every prefix of the target's trajectories."""
+    return [
+        PrefixVerdict(
+            s.prompt,
+            s.k,
+            verifier.verify(s.score.p_pos, s.score.p_neg, s.score.token_logprobs).accepted,
+            len(draft.encode(s.text)),
+        )
+        for s in scored_greedy_steps(target, draft, prompts, judge=verifier.needs_judge, gen=gen)
+    ]
 
 
 def acceptance_at_prefixes(

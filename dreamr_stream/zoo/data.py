@@ -16,9 +16,18 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX
-from dreamr_stream.zoo.task import COLOURS, SHAPES, Puzzle, make_judge_item
+from dreamr_stream.zoo.task import COLOURS, SHAPES, JudgeItem, Puzzle, make_judge_item
 
-__all__ = ["STEP_DELIMITER", "Batch", "Example", "cell_classes", "collate", "judge_example", "solution_example"]
+__all__ = [
+    "STEP_DELIMITER",
+    "Batch",
+    "Example",
+    "cell_classes",
+    "collate",
+    "judge_example",
+    "judge_item_example",
+    "solution_example",
+]
 
 STEP_DELIMITER = "\n"
 IGNORE = -100
@@ -90,9 +99,14 @@ def solution_example(processor: ProcessorMixin, puzzle: Puzzle) -> Example:
 
 
 def judge_example(processor: ProcessorMixin, puzzle: Puzzle, rng: random.Random) -> tuple[Example, bool]:
+    """A judge-set item of ``puzzle`` (``task.make_judge_item``) as a training example."""
+    return judge_item_example(processor, make_judge_item(puzzle, rng))
+
+
+def judge_item_example(processor: ProcessorMixin, item: JudgeItem) -> tuple[Example, bool]:
     """Prefix steps (trained), candidate step (not trained), judge suffix, verdict (trained)."""
     enc = _encoder(processor)
-    item = make_judge_item(puzzle, rng)
+    puzzle = item.puzzle
     prompt, pixels = enc.prompt(puzzle)
     ids, labels = list(prompt), [IGNORE] * len(prompt)
     newline = list(enc.ids(STEP_DELIMITER))

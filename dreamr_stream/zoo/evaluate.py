@@ -2,13 +2,16 @@
 
 * final-answer accuracy of a method (target-only, draft-only, FPSR, ...) on a split;
 * TBVM step acceptance of a draft (FPSR stats: accepted / judged);
-* the judge set: the share of correct steps TBVM accepts and of corrupted steps it accepts.
+* TBVM in both modes against ground truth (``zoo/tbvm_eval.py``): on the judge set and on the
+  draft's real steps at the target's prefixes, each mode at its own tau.
+
+``--modes judge,likelihood`` runs the methods in each mode (the recommended mode's reports keep
+the method's name, the other's are ``<method>_<mode>``).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
@@ -24,30 +27,23 @@ from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
 from dreamr_stream.sapo.prompts import TrajectoryCache
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.prompts import task_prompts
-from dreamr_stream.zoo.task import Split, make_judge_item, make_puzzle, parse_answer, split_seed
+from dreamr_stream.zoo.task import Split, make_puzzle, parse_answer, split_seed
+from dreamr_stream.zoo.tbvm_eval import MODES, Labelled, draft_steps_scored, judge_set_scored, tbvm_report
 
-__all__ = ["JudgeReport", "MethodReport", "evaluate_judge", "evaluate_method"]
+__all__ = ["MethodReport", "evaluate_method", "evaluate_tbvm"]
 
 
 @dataclass
 class MethodReport:
     method: str
     n: int
+    mode: str  # TBVM's
     accuracy: float
     acceptance: float | None
     mean_steps: float
     mean_wall_s: float
     mean_draft_step_words: float | None = None
     wrong: list[int] = field(default_factory=list)
-
-
-@dataclass
-class JudgeReport:
-    n: int
-    tau: float
-    accept_correct: float
-    accept_corrupted: float
-    by_corruption: dict[str, float]
 
 
 async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, start: int = 0) -> MethodReport:
@@ -74,6 +70,7 @@ async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, star
     return MethodReport(
         method=method,
         n=n,
+        mode=reasoner.config.verification.mode,
         accuracy=correct / n,
         acceptance=accepted / judged if judged else None,
         mean_steps=steps / n,
@@ -87,32 +84,25 @@ def evaluate_method(reasoner: Reasoner, method: Method, split: Split = "test", n
     return anyio.run(_method, reasoner, method, split, n)
 
 
-def evaluate_judge(
-    target: TransformersBackend, tau: float, split: Split = "test", n: int = 200, seed: int = 0, mode: str = "judge"
-) -> JudgeReport:
-    """TBVM on correct and corrupted candidate steps after a correct prefix (direct backend calls)."""
-    rng = random.Random(seed)
-    verifier = make_verifier(VerificationConfig(mode=mode, tau=tau))  # type: ignore[arg-type]
-    acc: dict[str, list[bool]] = {}
-    for i in range(n):
-        puzzle = make_puzzle(split_seed(split, 10_000 + i))
-        item = make_judge_item(puzzle, rng)
-        session = target.open_session(puzzle.image, puzzle.question.text())
-        for step in item.prefix:
-            target.append(session, step, stop="\n")
-        score = target.score(session, item.candidate, stop="\n", judge=target.judge if mode == "judge" else None)
-        target.close(session)
-        verdict = verifier.verify(score.p_pos, score.p_neg, score.token_logprobs)
-        acc.setdefault(item.corruption, []).append(verdict.accepted)
-    correct = acc.pop("none", [])
-    corrupted = [a for v in acc.values() for a in v]
-    return JudgeReport(
-        n=n,
-        tau=tau,
-        accept_correct=sum(correct) / max(1, len(correct)),
-        accept_corrupted=sum(corrupted) / max(1, len(corrupted)),
-        by_corruption={k: sum(v) / len(v) for k, v in acc.items()},
-    )
+def evaluate_tbvm(
+    target: TransformersBackend,
+    taus: dict[str, float],
+    *,
+    judge_n: int = 0,
+    draft: TransformersBackend | None = None,
+    prefixes: int = 0,
+    split: Split = "test",
+) -> dict[str, dict[str, object]]:
+    """TBVM's report in each mode of ``taus`` (at that tau) on the judge set (``judge_n`` items)
+    and on ``draft``'s real steps at every prefix of the target's trajectories on ``prefixes``
+    puzzles."""
+    sets: dict[str, list[Labelled]] = {}
+    if judge_n:
+        sets["judge_set"] = judge_set_scored(target, split, judge_n)
+    if draft is not None and prefixes:
+        prompts = task_prompts(target, TrajectoryCache(), split, prefixes)
+        sets["draft_steps"] = draft_steps_scored(target, draft, prompts)
+    return {name: {m: asdict(tbvm_report(items, m, tau)) for m, tau in taus.items()} for name, items in sets.items()}
 
 
 def evaluate_prefixes(
@@ -122,18 +112,34 @@ def evaluate_prefixes(
     n: int = 100,
     overrides: dict[str, object] | None = None,
     target: TransformersBackend | None = None,
+    draft: TransformersBackend | None = None,
 ) -> dict[str, float]:
     """TBVM acceptance of the draft's greedy step at every prefix of the target's own
     trajectories on ``n`` puzzles, with the draft's and the target's mean step lengths there:
     the same prefixes for every draft, so two drafts compare step for step. TBVM as the target
     recommends, with ``overrides`` (``mode``, ``tau``) on top. ``target``: the target already
-    loaded from ``target_dir``, if it is."""
+    loaded from ``target_dir``, if it is (``draft`` likewise)."""
     target = target or TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
-    draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
+    draft = draft or TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
     recommended = VerificationConfig.recommended(target.recommended_verification)
     verifier = make_verifier(recommended.model_copy(update=overrides or {}))
     prompts = task_prompts(target, TrajectoryCache(), split, n)
     return {"puzzles": n, **acceptance_at_prefixes(target, draft, prompts, verifier)}
+
+
+def _run_methods(
+    reasoner: Reasoner, verification: VerificationConfig, methods: list[str], split: Split, n: int, suffix: str
+) -> dict[str, object]:
+    """``methods`` on a Reasoner of ``reasoner``'s models with TBVM as ``verification``."""
+    config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
+    draft = reasoner.draft.backend if reasoner.draft else None
+    run = Reasoner(reasoner.target.backend, draft, config=config)
+    out: dict[str, object] = {}
+    for method in methods:
+        r = evaluate_method(run, method, split, n)  # type: ignore[arg-type]
+        out[method + suffix] = asdict(r)
+        print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,12 +151,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="target_only", help="comma-separated methods (may be empty)")
     parser.add_argument("--split", default="test")
     parser.add_argument("-n", type=int, default=100)
-    parser.add_argument("--judge-n", type=int, default=0)
+    parser.add_argument("--judge-n", type=int, default=0, help="TBVM on N judge-set items, in every mode of --modes")
     parser.add_argument(
-        "--prefixes", type=int, default=0, help="also judge the draft's greedy step at every prefix of N puzzles"
+        "--prefixes",
+        type=int,
+        default=0,
+        help="judge the draft's greedy step at every prefix of N puzzles (acceptance, and TBVM against the "
+        "target's own step in every mode of --modes)",
     )
     parser.add_argument("--tau", type=float, help="default: what the target recommends")
-    parser.add_argument("--verify", choices=["judge", "likelihood"], help="default: what the target recommends")
+    parser.add_argument("--verify", choices=MODES, help="default: what the target recommends")
+    parser.add_argument(
+        "--modes", default="", help="also run the methods and TBVM reports in these modes (comma-separated)"
+    )
     parser.add_argument("--json", type=Path)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -161,35 +174,30 @@ def main(argv: list[str] | None = None) -> None:
         "split": args.split,
         "models": {"target": str(args.target), "draft": str(args.draft) if args.draft else None},
     }
+    reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
+    target = reasoner.target.backend
+    assert isinstance(target, TransformersBackend)
+    recommended = target.recommended_verification
+    verification = VerificationConfig.recommended(recommended, **overrides)
+    report["verification"] = {"mode": verification.mode, "tau": verification.tau}
+    modes = [verification.mode] + [m for m in args.modes.split(",") if m and m != verification.mode]
+    per_mode = {m: VerificationConfig.recommended(recommended, mode=m) for m in modes}
+    per_mode[verification.mode] = verification
     methods = [m for m in args.methods.split(",") if m]
-    loaded: TransformersBackend | None = None
-    if methods or args.judge_n:
-        reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
-        verification = reasoner.config.verification.model_copy(update=overrides)
-        report["verification"] = {"mode": verification.mode, "tau": verification.tau}
-        config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
-        draft = reasoner.draft.backend if reasoner.draft else None
-        reasoner = Reasoner(reasoner.target.backend, draft, config=config)
-        if isinstance(reasoner.target.backend, TransformersBackend):
-            loaded = reasoner.target.backend
-        for method in methods:
-            r = evaluate_method(reasoner, method, args.split, args.n)  # type: ignore[arg-type]
-            report[method] = asdict(r)
-            print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
-        if args.judge_n:
-            j = evaluate_judge(
-                reasoner.target.backend,  # type: ignore[arg-type]
-                verification.tau,
-                n=args.judge_n,
-                mode=verification.mode,
-            )
-            report["judge"] = asdict(j)
-            print(json.dumps(asdict(j)))
+    for mode, v in per_mode.items():
+        report.update(_run_methods(reasoner, v, methods, args.split, args.n, "" if v is verification else f"_{mode}"))
+    draft = None
     if args.prefixes and args.draft:
+        draft = TransformersBackend.from_pretrained(args.draft, device="cpu", name="draft")
         report["prefixes"] = evaluate_prefixes(
-            args.target, args.draft, args.split, args.prefixes, overrides, target=loaded
+            args.target, args.draft, args.split, args.prefixes, overrides, target=target, draft=draft
         )
         print(json.dumps(report["prefixes"]))
+    taus = {m: v.tau for m, v in per_mode.items()}
+    tbvm = evaluate_tbvm(target, taus, judge_n=args.judge_n, draft=draft, prefixes=args.prefixes, split=args.split)
+    if tbvm:
+        report["tbvm"] = tbvm
+        print(json.dumps(tbvm))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -22,7 +22,10 @@ def export_model(
     card: str | None = None,
     verify_mode: str | None = None,
     tau: float | None = None,
+    taus: dict[str, float] | None = None,
 ) -> Path:
+    """Write ``checkpoint`` as a shipped model folder; ``verify_mode`` and ``tau`` are the TBVM it
+    recommends, ``taus`` the tau measured for each mode (``VerificationConfig.recommended``)."""
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     processor = LlavaProcessor.from_pretrained(processor_dir)
     if out.exists():
@@ -35,6 +38,8 @@ def export_model(
         verification["mode"] = verify_mode
     if tau is not None:
         verification["tau"] = tau
+    if taus:
+        verification["taus"] = taus
     if verification:  # what `Reasoner.from_pretrained` uses when no config is given
         sidecar["verification"] = verification
     (out / "dreamr.json").write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -52,8 +57,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--verify", choices=["judge", "likelihood"], help="verification mode to recommend")
     parser.add_argument("--tau", type=float, help="TBVM threshold to recommend")
+    parser.add_argument(
+        "--taus", default="", help="each mode's measured tau, e.g. judge=1.33,likelihood=0.25 (--tau: --verify's)"
+    )
     args = parser.parse_args(argv)
-    print(export_model(args.checkpoint, args.processor, args.out, verify_mode=args.verify, tau=args.tau))
+    taus = {}
+    for part in filter(None, args.taus.split(",")):
+        mode, _, value = part.partition("=")
+        if mode not in ("judge", "likelihood") or not value:
+            parser.error(f"--taus: expected mode=tau with mode judge or likelihood, got {part!r}")
+        taus[mode] = float(value)
+    tau = args.tau if args.tau is not None else taus.get(args.verify) if args.verify else None
+    out = export_model(args.checkpoint, args.processor, args.out, verify_mode=args.verify, tau=tau, taus=taus)
+    print(out)
 
 
 if __name__ == "__main__":

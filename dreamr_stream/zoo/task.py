@@ -257,7 +257,8 @@ def parse_answer(text: str) -> int | None:
 
 # ---------------------------------------------------------------- judge items
 
-Corruption = Literal["none", "misread", "misread_consistent", "count", "total", "arithmetic", "answer"]
+# "draft": a draft's own wrong step (``zoo/draft_steps.py``), not a made-up corruption
+Corruption = Literal["none", "misread", "misread_consistent", "count", "total", "arithmetic", "answer", "draft"]
 
 
 @dataclass(frozen=True)

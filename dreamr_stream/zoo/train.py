@@ -29,12 +29,25 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.training import TrainingConfig, warmup_cosine
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, ModelShape, build_model, build_processor, build_tokenizer
-from dreamr_stream.zoo.data import IGNORE, N_CELL_CLASSES, Batch, collate, judge_example, solution_example
+from dreamr_stream.zoo.data import (
+    IGNORE,
+    N_CELL_CLASSES,
+    Batch,
+    Example,
+    collate,
+    judge_example,
+    judge_item_example,
+    solution_example,
+)
+from dreamr_stream.zoo.draft_steps import DraftStep, read_pool
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 __all__ = ["TrainConfig", "load_or_build_processor", "lr_at", "train"]
 
 log = logging.getLogger(__name__)
+
+
+HELD_OUT_EVERY = 25  # draft-step pool: puzzles held out of training for val_draft_judge_acc
 
 
 class TrainConfig(TrainingConfig):
@@ -59,6 +72,11 @@ class TrainConfig(TrainingConfig):
     ckpt_every: int = Field(default=50, ge=1)
     eval_size: int = Field(default=48, ge=1)
     threads: int = Field(default=2, ge=1)
+    # A pool of the drafts' own steps (``dreamr zoo draft-steps``) and the share of judge items
+    # drawn from it: the mistakes TBVM meets in FPSR, beside the judge set's made-up ones. The
+    # pool's steps of every 25th puzzle are held out for ``val_draft_judge_acc``.
+    draft_steps: str | None = None
+    draft_step_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     # A model folder to start from instead of random weights: a later stage of a recipe (for
     # example solutions only at a low constant learning rate once perception has converged).
     init_from: str | None = None
@@ -110,12 +128,29 @@ def _progress(name: str, start: int, total: int) -> Callable[[int], None]:
     return update
 
 
-def _make_batch(cfg: TrainConfig, processor: LlavaProcessor, rng: random.Random, split: str = "train") -> Batch:
+def _draft_pool(cfg: TrainConfig) -> tuple[list[DraftStep], list[DraftStep]]:
+    """The draft-step pool split into (train, held out): every ``HELD_OUT_EVERY``-th puzzle's
+    steps are held out, so no puzzle is on both sides."""
+    if cfg.draft_steps is None:
+        return [], []
+    pool = read_pool(Path(cfg.draft_steps))
+    held_out = [s for s in pool if s.index % HELD_OUT_EVERY == 0]
+    if not held_out or len(held_out) == len(pool):
+        raise ValueError(f"draft_steps: {cfg.draft_steps} ({len(pool)} steps) is too small to hold some out")
+    return [s for s in pool if s.index % HELD_OUT_EVERY != 0], held_out
+
+
+def _make_batch(
+    cfg: TrainConfig, processor: LlavaProcessor, rng: random.Random, pool: list[DraftStep], split: str = "train"
+) -> Batch:
     examples = []
     for _ in range(cfg.batch_size):
         puzzle = make_puzzle(split_seed(split, rng.randrange(10**9)), hard=rng.random() < cfg.hard_fraction)  # type: ignore[arg-type]
         if rng.random() < cfg.judge_fraction:
-            examples.append(judge_example(processor, puzzle, rng)[0])
+            if pool and rng.random() < cfg.draft_step_fraction:
+                examples.append(judge_item_example(processor, rng.choice(pool).judge_item())[0])
+            else:
+                examples.append(judge_example(processor, puzzle, rng)[0])
         else:
             examples.append(solution_example(processor, puzzle))
     return collate(examples, processor.tokenizer.pad_token_id)
@@ -147,10 +182,32 @@ def _verdict_loss(logits: torch.Tensor, labels: torch.Tensor, verdict_ids: tuple
 
 
 @torch.no_grad()
+def _verdict_accuracy(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, items: list[tuple[Example, bool]]
+) -> float:
+    """Share of judge items whose verdict (`` yes`` vs `` no`` after the judge suffix) is right."""
+    pos, neg = _verdict_ids(processor)
+    batch = collate([e for e, _ in items], processor.tokenizer.pad_token_id)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+    ).logits
+    last = batch.attention_mask.sum(1) - 2  # position predicting the verdict token
+    verdict_logits = logits[torch.arange(len(items)), last]
+    said_yes = verdict_logits[:, pos] > verdict_logits[:, neg]
+    truth = torch.tensor([c for _, c in items])
+    return float((said_yes == truth).float().mean())
+
+
+@torch.no_grad()
 def evaluate(
-    model: LlavaForConditionalGeneration, processor: LlavaProcessor, cfg: TrainConfig, aux: _AuxCells
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    cfg: TrainConfig,
+    aux: _AuxCells,
+    held_out: list[DraftStep] | None = None,
 ) -> dict[str, float]:
-    """Teacher-forced metrics on fixed validation items: token and whole-step accuracy, judge accuracy."""
+    """Teacher-forced metrics on fixed validation items: token and whole-step accuracy, judge
+    accuracy on the judge set and on the held-out draft steps."""
     model.eval()
     rng = random.Random(1234)
     tok = processor.tokenizer
@@ -188,15 +245,11 @@ def evaluate(
         "val_aux_cell_acc": aux_acc,
     }
     if cfg.judge_fraction > 0:
-        pos, neg = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (JUDGE_POS, JUDGE_NEG))
         items = [judge_example(processor, p, rng) for p in puzzles]
-        jb = collate([e for e, _ in items], tok.pad_token_id)
-        logits = model(input_ids=jb.input_ids, attention_mask=jb.attention_mask, pixel_values=jb.pixel_values).logits
-        last = jb.attention_mask.sum(1) - 2  # position predicting the verdict token
-        verdict_logits = logits[torch.arange(len(items)), last]
-        said_yes = verdict_logits[:, pos] > verdict_logits[:, neg]
-        truth = torch.tensor([c for _, c in items])
-        metrics["val_judge_acc"] = float((said_yes == truth).float().mean())
+        metrics["val_judge_acc"] = _verdict_accuracy(model, processor, items)
+        if held_out:
+            drafted = [judge_item_example(processor, s.judge_item()) for s in held_out]
+            metrics["val_draft_judge_acc"] = _verdict_accuracy(model, processor, drafted)
     model.train()
     return metrics
 
@@ -264,11 +317,12 @@ def _train_step(
     processor: LlavaProcessor,
     lr: float,
     verdict_ids: tuple[int, int],
+    pool: list[DraftStep],
 ) -> dict[str, Any]:
     """One optimiser step on a fresh batch; its losses and gradient norm."""
     for g in run.opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
-    batch = _make_batch(cfg, processor, run.rng)
+    batch = _make_batch(cfg, processor, run.rng, pool)
     out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
     if cfg.judge_weight > 0:
         loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
@@ -300,19 +354,20 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
         log.info("resumed %s at step %d", cfg.name, start)
     model.train()
     verdict_ids = _verdict_ids(processor)
+    pool, held_out = _draft_pool(cfg)
     logf = (out_dir / "log.jsonl").open("a")
     t0 = time.perf_counter()
     progress = _progress(cfg.name, start, cfg.steps)
     for step in range(start, cfg.steps):
         progress(step)
-        rec = _train_step(cfg, run, processor, lr_at(cfg, step), verdict_ids)
+        rec = _train_step(cfg, run, processor, lr_at(cfg, step), verdict_ids, pool)
         done = step + 1
         if done % 10 == 0:
             _write(logf, {"step": done, **rec, "s_per_step": (time.perf_counter() - t0) / 10})
             t0 = time.perf_counter()
             log.info("%s step %d loss %.4f aux %.4f lr %.2e", cfg.name, done, rec["loss"], rec["aux"], rec["lr"])
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics = {"step": done, **evaluate(model, processor, cfg, aux)}
+            metrics = {"step": done, **evaluate(model, processor, cfg, aux, held_out)}
             _write(logf, metrics)
             log.info("%s eval %s", cfg.name, metrics)
             model.save_pretrained(out_dir / f"step{done:05d}")

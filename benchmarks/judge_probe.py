@@ -1,0 +1,158 @@
+"""Does the demo target know whether a step is right, even where its yes/no verdict does not say it?
+
+For judge items (``zoo/task.make_judge_item``: the reference step or a corrupted one, after a
+correct prefix, then ``\\nCheck:``) this reads, at the position that predicts the verdict token:
+
+* the verdict itself: accuracy of ``p(" yes") > p(" no")`` and the AUROC of ``p_yes / p_no``;
+* a linear probe (logistic regression, fit on train-split items, scored on test-split items) on
+  the language model's hidden state after every layer: if the probe separates correct from
+  corrupted steps, the knowledge is in the model and only the verdict head is missing;
+* the same probe at the candidate's last token (before the judge suffix), to tell "knows after
+  reading the step" from "knows only once asked".
+
+Run: ``python benchmarks/judge_probe.py [--target FOLDER] [--train 600] [--test 300]``; writes
+``benchmarks/results/judge_probe[-<name>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS
+from dreamr_stream.zoo.data import collate, judge_example
+from dreamr_stream.zoo.task import Split, make_puzzle, split_seed
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TARGET = ROOT / "dreamr_stream" / "zoo" / "weights" / "target"
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Probability that a random correct item scores above a random corrupted one (ties: half)."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
+
+
+@torch.no_grad()
+def features(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, split: Split, n: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Hidden states at the verdict and candidate-end positions, verdict log-odds, labels."""
+    tok = processor.tokenizer
+    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (JUDGE_POS, JUDGE_NEG))
+    suffix_len = 2  # "\n" + "Check:" (one token each in the demo tokenizer) before the verdict
+    rng = random.Random(seed)
+    verdict, cand_end, odds, labels = [], [], [], []
+    for start in range(0, n, 32):
+        items = [
+            judge_example(processor, make_puzzle(split_seed(split, 20_000 + i)), rng)
+            for i in range(start, min(n, start + 32))
+        ]
+        batch = collate([e for e, _ in items], tok.pad_token_id)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            output_hidden_states=True,
+        )
+        rows = torch.arange(len(items))
+        at = batch.attention_mask.sum(1) - 2  # the position whose logits predict the verdict
+        hidden = torch.stack(out.hidden_states, 1)  # (B, layers + 1, T, H)
+        verdict.append(hidden[rows, :, at])
+        cand_end.append(hidden[rows, :, at - suffix_len])
+        logits = out.logits[rows, at].log_softmax(-1)
+        odds.append(logits[:, yes] - logits[:, no])
+        labels.append(torch.tensor([c for _, c in items]))
+    return {
+        "verdict": torch.cat(verdict),
+        "cand_end": torch.cat(cand_end),
+        "odds": torch.cat(odds),
+        "labels": torch.cat(labels),
+    }
+
+
+def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
+    """L2-regularised logistic regression (LBFGS) on standardised features: test accuracy, AUROC."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    xa, xb = (train_x - mean) / std, (test_x - mean) / std
+    w = torch.zeros(xa.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+    target = train_y.float()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xa @ w + b, target) + 1e-2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        train_acc = float(((xa @ w + b > 0) == train_y).float().mean())
+        scores = xb @ w + b
+        return {
+            "train_accuracy": round(train_acc, 3),
+            "test_accuracy": round(float(((scores > 0) == test_y).float().mean()), 3),
+            "test_auroc": round(auroc(scores, test_y), 3),
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET)
+    parser.add_argument("--train", type=int, default=600)
+    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    processor = LlavaProcessor.from_pretrained(args.target)
+    model = LlavaForConditionalGeneration.from_pretrained(args.target, dtype=torch.float32).eval()
+    train = features(model, processor, "train", args.train, seed=1)
+    test = features(model, processor, "test", args.test, seed=2)
+    y = test["labels"]
+    said_yes = test["odds"] > 0
+    report: dict[str, object] = {
+        "command": shlex.join(["python", "benchmarks/judge_probe.py", *argv]),
+        "date": date.today().isoformat(),
+        "target": args.target.name if args.target != DEFAULT_TARGET else "shipped target",
+        "items": {"train": args.train, "test": args.test, "test_correct_share": round(float(y.float().mean()), 3)},
+        "verdict": {
+            "accuracy": round(float((said_yes == y).float().mean()), 3),
+            "says_yes": round(float(said_yes.float().mean()), 3),
+            "auroc": round(auroc(test["odds"], y), 3),
+        },
+        "probe_at_verdict": {},
+        "probe_at_candidate_end": {},
+    }
+    for where in ("verdict", "cand_end"):
+        key = "probe_at_verdict" if where == "verdict" else "probe_at_candidate_end"
+        for layer in range(train[where].shape[1]):
+            report[key][str(layer)] = probe(  # type: ignore[index]
+                train[where][:, layer], train["labels"], test[where][:, layer], y
+            )
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    suffix = "" if args.target == DEFAULT_TARGET else f"-{args.target.name}"
+    out = args.json or ROOT / "benchmarks" / "results" / f"judge_probe{suffix}.json"
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
