@@ -1,4 +1,4 @@
-"""The ``dreamr`` command: reason, serve, zoo (train / export / eval)."""
+"""The ``dreamr`` command: reason (and its daemon), serve, zoo (train / export / eval)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ def _reason(args: argparse.Namespace) -> int:
     except UsageError as e:  # bad input: one line, before any model is loaded
         Console(stderr=True, highlight=False).print(f"[red]dreamr reason: error: {e}[/red]", soft_wrap=True)
         return 2
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dreamr_stream import daemon_client
+    from dreamr_stream.errors import DreamrError
+
+    console = Console(highlight=False)
+    try:
+        return daemon_client.status(console) if args.daemon_cmd == "status" else daemon_client.stop(console)
+    except DreamrError as e:
+        Console(stderr=True, highlight=False).print(f"[red]dreamr daemon: {e}[/red]", soft_wrap=True)
+        return 1
 
 
 # ``dreamr zoo <command>``: the module of dreamr_stream.zoo whose ``main`` runs it
@@ -264,8 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="then run the target alone on the same input and print the measured speed-up "
         "(default: an estimate from the target's first step timed alone)",
     )
+    r.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="load the models in this process for this request, without the resident daemon that keeps them "
+        "loaded between commands (started by default; `dreamr daemon stop` stops it)",
+    )
+    r.add_argument(
+        "--daemon-idle",
+        type=float,
+        metavar="SECONDS",
+        help="a daemon started now exits after this long without a request (default: $DREAMR_DAEMON_IDLE, else 600)",
+    )
     _add_model_flags(r)
     r.set_defaults(fn=_reason)
+
+    d = sub.add_parser("daemon", help="the resident daemon of `dreamr reason`: status, stop")
+    d.add_argument("daemon_cmd", choices=["status", "stop"])
+    d.set_defaults(fn=_daemon)
 
     s = sub.add_parser("sapo", help="train the draft with SAPO (RL towards the target)")
     s.add_argument("sapo_cmd", choices=["train"])

@@ -2,6 +2,10 @@
 
 Everything a user can get wrong (a missing file, a file that is no image, an empty question, a
 device this torch cannot use) is checked before any model loads, and reported in one line.
+
+By default the models live in a resident daemon (``dreamr_stream.daemon_client``), which this
+command starts if none runs; ``--no-daemon`` loads them here. Both paths feed the same events to
+the same ``run`` (rendering, summary, the comparison with the target alone) through an ``Engine``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, assert_never
+from typing import TYPE_CHECKING, Protocol, assert_never
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,14 +23,16 @@ from rich.markup import escape
 from dreamr_stream.errors import DreamrError, InputError
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from PIL import Image
 
     from dreamr_stream.config import ReasonerConfig
     from dreamr_stream.events import Event
-    from dreamr_stream.reasoner import Reasoner
+    from dreamr_stream.reasoner import Method, Reasoner
     from dreamr_stream.types import ReasoningResult
 
-__all__ = ["Comparison", "Request", "UsageError", "check_device", "reason"]
+__all__ = ["Comparison", "Engine", "LocalEngine", "Request", "UsageError", "check_device", "reason"]
 
 
 class UsageError(Exception):
@@ -59,6 +65,18 @@ class Comparison:
             f"{method} {self.wall_s:.2f} s, the target alone {approx}{self.target_alone_s:.2f} s: "
             f"{approx}{ratio} ({self.how})"
         )
+
+
+class Engine(Protocol):
+    """Where the models are: this process (``LocalEngine``) or the daemon (``daemon_client.RemoteEngine``)."""
+
+    def stream(self, request: Request, method: Method) -> AsyncIterator[Event]:
+        """The request's events, configured by the command's flags."""
+        ...
+
+    async def alone(self, request: Request, max_steps: int | None = None) -> ReasoningResult:
+        """The target alone on the request, without the trajectory cache; at most ``max_steps`` steps."""
+        ...
 
 
 # ---------------------------------------------------------------------------------- input
@@ -207,21 +225,31 @@ def _prefill_s(result: ReasoningResult) -> float:
     return sum(s.end_s - s.start_s for s in result.stats.timeline if s.lane == "target" and s.what == "prefill")
 
 
-async def measure_alone(reasoner: Reasoner, request: Request, result: ReasoningResult) -> Comparison:
+class LocalEngine:
+    """The models in this process (``--no-daemon``)."""
+
+    def __init__(self, reasoner: Reasoner) -> None:
+        self.reasoner = reasoner
+
+    def stream(self, request: Request, method: Method) -> AsyncIterator[Event]:
+        return self.reasoner.astream_events(request.image, request.question, method=method)
+
+    async def alone(self, request: Request, max_steps: int | None = None) -> ReasoningResult:
+        config = _alone_config(self.reasoner.config, max_steps)
+        return await self.reasoner.ainvoke(request.image, request.question, method="target_only", config=config)
+
+
+async def measure_alone(engine: Engine, request: Request, result: ReasoningResult) -> Comparison:
     """The target alone on the same input, timed whole."""
-    alone = await reasoner.ainvoke(
-        request.image, request.question, method="target_only", config=_alone_config(reasoner.config)
-    )
+    alone = await engine.alone(request)
     return Comparison(result.stats.wall_s, alone.stats.wall_s, "measured")
 
 
-async def estimate_alone(reasoner: Reasoner, request: Request, result: ReasoningResult) -> Comparison:
+async def estimate_alone(engine: Engine, request: Request, result: ReasoningResult) -> Comparison:
     """The target alone, estimated: its first step timed alone gives its prefill and its cost per token
     (per character, for the token count of the request's own steps); the rest is that cost times
     the length of the steps this request verified."""
-    first = await reasoner.ainvoke(
-        request.image, request.question, method="target_only", config=_alone_config(reasoner.config, 1)
-    )
+    first = await engine.alone(request, 1)
     prefill = _prefill_s(first)
     chars = max(1, len(first.steps[0].text) if first.steps else 1)
     tokens = max(1, first.stats.target_tokens)
@@ -235,23 +263,33 @@ async def estimate_alone(reasoner: Reasoner, request: Request, result: Reasoning
 
 
 # ---------------------------------------------------------------------------------- the command
-def prepare(args: argparse.Namespace, console: Console) -> Request:
-    """Everything checked that can be checked before loading a model."""
-    request = random_request(args, console) if args.random or args.image is None else file_request(args)
-    check_device(args.device)
+def read_request(args: argparse.Namespace, console: Console) -> Request:
+    """The image and the question, checked: the first thing the command does."""
+    return random_request(args, console) if args.random or args.image is None else file_request(args)
+
+
+def warn(args: argparse.Namespace, request: Request, console: Console) -> None:
+    """A photo or a question outside the demo task, when the demo models will answer it."""
     if uses_demo_models(args):
         from dreamr_stream.inputs import demo_task_warnings
 
         for warning in demo_task_warnings(request.image, request.question):
             console.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
+
+
+def prepare(args: argparse.Namespace, console: Console) -> Request:
+    """Everything checked that can be checked before loading a model."""
+    request = read_request(args, console)
+    check_device(args.device)
+    warn(args, request, console)
     return request
 
 
-async def run(reasoner: Reasoner, request: Request, args: argparse.Namespace, console: Console) -> int:
+async def run(engine: Engine, request: Request, args: argparse.Namespace, console: Console) -> int:
     from dreamr_stream.events import FailedEvent, FinishedEvent
 
     result: ReasoningResult | None = None
-    async for event in reasoner.astream_events(request.image, request.question, method=args.method):
+    async for event in engine.stream(request, args.method):
         show(event, args, console)
         if isinstance(event, FailedEvent):
             return 1
@@ -263,12 +301,31 @@ async def run(reasoner: Reasoner, request: Request, args: argparse.Namespace, co
     if args.method != "target_only":
         compare = measure_alone if args.compare else estimate_alone
         with console.status("timing the target alone…", spinner="dots"):
-            comparison = await compare(reasoner, request, result)
+            comparison = await compare(engine, request, result)
         console.print(f"[bold]{comparison.line(args.method.upper())}[/bold]", soft_wrap=True)
     return 0
 
 
+def daemon_usable(args: argparse.Namespace) -> bool:
+    """The daemon, unless ``--no-daemon``, or this system has no unix sockets, or no websockets."""
+    import importlib.util
+    import socket
+
+    if getattr(args, "no_daemon", False) or not hasattr(socket, "AF_UNIX"):
+        return False
+    return importlib.util.find_spec("websockets") is not None
+
+
 def reason(args: argparse.Namespace, console: Console) -> int:
+    if daemon_usable(args):
+        from dreamr_stream import daemon_client
+
+        return daemon_client.reason(args, console)
+    return reason_here(args, console)
+
+
+def reason_here(args: argparse.Namespace, console: Console) -> int:
+    """The models loaded in this process, for this one request (``--no-daemon``)."""
     import anyio
 
     request = prepare(args, console)
@@ -279,7 +336,7 @@ def reason(args: argparse.Namespace, console: Console) -> int:
         return 1
     console.print(f"[bold]Q:[/bold] {request.question}")
     try:
-        return anyio.run(run, reasoner, request, args, console)
+        return anyio.run(run, LocalEngine(reasoner), request, args, console)
     except DreamrError as e:
         console.print(f"[red]{type(e).__name__}: {e}[/red]")
         return 1

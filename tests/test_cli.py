@@ -1,4 +1,7 @@
-"""``dreamr reason``: bad input reported in one line before any model loads; demo-task warnings; the comparison line."""
+"""``dreamr reason``: bad input reported in one line before any model loads; demo-task warnings; the comparison line.
+
+The daemon path has tests of its own (tests/test_reason_daemon.py); the end-to-end runs here use --no-daemon.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,12 @@ from dreamr_stream.inputs import demo_task_warnings
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 QUESTION = "How many red shapes are there?"
+
+
+@pytest.fixture(autouse=True)
+def own_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's files, if a command gets that far, in a folder of the test's own, never the user's."""
+    monkeypatch.setenv("DREAMR_RUNTIME_DIR", str(tmp_path / "runtime"))
 
 
 @pytest.fixture
@@ -118,9 +127,9 @@ def test_comparison_line_says_measured_or_estimate() -> None:
 
 @pytest.mark.slow
 def test_compare_measures_the_target_alone(tmp_path: Path) -> None:
-    out = run_dreamr(
-        "reason", "--random", "--seed", "2", "--compare", "--save-image", str(tmp_path / "p.png"), timeout=180
-    )
+    # the models in the command (tests/test_reason_daemon.py measures through the daemon)
+    args = ["reason", "--random", "--seed", "2", "--compare", "--no-daemon", "--save-image", str(tmp_path / "p.png")]
+    out = run_dreamr(*args, timeout=180)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("FPSR ") and last.endswith("(measured)") and "≈" not in last

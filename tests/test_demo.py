@@ -86,9 +86,9 @@ async def test_repaired_steps_are_the_targets_own_at_a_fraction_of_its_forwards(
 
 
 def test_cli_reason_random_runs_offline(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = run_dreamr(
-        "reason", "--random", "--seed", "1", "--events", "--save-image", str(tmp_path / "p.png"), timeout=120
-    )
+    # the models in the command: no daemon left behind (tests/test_reason_daemon.py runs through one)
+    args = ["reason", "--random", "--seed", "1", "--events", "--no-daemon", "--save-image", str(tmp_path / "p.png")]
+    out = run_dreamr(*args, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Answer:" in out.stdout and "first step" in out.stdout
     last = out.stdout.strip().splitlines()[-1]  # the comparison with the target alone, said to be an estimate

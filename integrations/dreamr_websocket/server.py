@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import anyio
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
 from websockets.http11 import Request, Response
 
 from dreamr_stream import __version__
@@ -77,18 +78,20 @@ class DreamrServer:
             raise ConfigError("the server is already started")
         self.decode_limiter = anyio.CapacityLimiter(2)  # image decoding threads, beside the model threads
         s = self.settings
-        self._server = await serve(
-            self._handle,
-            s.host,
-            s.port,
-            process_request=self._process_request,
-            compression=None,  # max_size then bounds the bytes on the wire, not a decompressed size
-            max_size=s.max_message_bytes,
-            ping_interval=s.ping_interval_s,
-            server_header=f"dreamr-websocket/{__version__}",
-        )
+        options: dict[str, Any] = {
+            "process_request": self._process_request,
+            "compression": None,  # max_size then bounds the bytes on the wire, not a decompressed size
+            "max_size": s.max_message_bytes,
+            "ping_interval": s.ping_interval_s,
+            "server_header": f"dreamr-websocket/{__version__}",
+        }
+        if s.unix_path is not None:
+            self._server = await unix_serve(self._handle, s.unix_path, **options)
+            os.chmod(s.unix_path, 0o600)  # its folder should be 0700 too: this closes the gap where it is not
+        else:
+            self._server = await serve(self._handle, s.host, s.port, **options)
         self._t0 = time.monotonic()
-        log.info("serving on %s", self.http_url)
+        log.info("serving on %s", s.unix_path or self.http_url)
 
     async def stop(self) -> None:
         """Close every connection (code 1001); their requests are cancelled and awaited."""

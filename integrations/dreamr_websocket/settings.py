@@ -46,6 +46,11 @@ class ServerSettings(BaseModel):
     send_timeout_s: float = Field(default=10.0, gt=0.0, description="a send that takes longer aborts the connection")
     ping_interval_s: float | None = Field(default=20.0, gt=0.0)
     serve_page: bool = True
+    unix_path: str | None = Field(
+        default=None,
+        description="listen on this unix socket instead of host:port (made 0600: only its owner may connect); "
+        "what the resident daemon behind `dreamr reason` uses",
+    )
 
     def __init__(self, /, **data: Any) -> None:
         try:

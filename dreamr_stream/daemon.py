@@ -1,0 +1,188 @@
+"""``python -m dreamr_stream.daemon``: the resident process behind ``dreamr reason``.
+
+It loads the models once, then serves ``dreamr serve``'s WebSocket protocol on a unix socket
+(0600, in a 0700 folder) to the commands of the same user, until it has had no connection for
+``--idle-timeout`` seconds, or gets SIGTERM (``dreamr daemon stop``). ``dreamr reason`` starts it
+(``dreamr_stream.daemon_client``: the files, the key, the lock); nothing else needs to.
+
+Why the protocol of ``dreamr serve``: it already streams a Reasoner's events with a schema,
+cancels a request whose client leaves, and queues concurrent requests; a second protocol for
+the same events would drift from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from dreamr_websocket.server import DreamrServer
+from dreamr_websocket.settings import ServerSettings
+
+from dreamr_stream.daemon_client import ERROR_PREFIX, USAGE_PREFIX, DaemonFiles
+from dreamr_stream.errors import DreamrError
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import ServerConnection
+
+    from dreamr_stream.config import ReasonerConfig
+    from dreamr_stream.reasoner import Reasoner
+
+__all__ = ["MAX_STEPS_CEILING", "ResidentServer", "base_config", "main", "serve"]
+
+log = logging.getLogger("dreamr_stream.daemon")
+# requests set their own max_steps (the flag); the daemon's is only a ceiling, the config's own
+MAX_STEPS_CEILING = 1024
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    from dreamr_stream.cli import _add_model_flags
+
+    p = argparse.ArgumentParser(prog="python -m dreamr_stream.daemon", description=__doc__)
+    p.add_argument("--runtime-dir", required=True, help="the folder of the daemon's socket, info and log")
+    p.add_argument("--key", required=True, help="the daemon's identity (its files' names)")
+    p.add_argument("--identity", default="{}", help="what the key is made of (JSON), for `dreamr daemon status`")
+    p.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this long without a connection")
+    _add_model_flags(p)
+    return p.parse_args(argv)
+
+
+def base_config(reasoner: Reasoner) -> ReasonerConfig:
+    """What ``dreamr reason --no-daemon`` starts from: the target's recommended verification, the
+    rest defaults; each request then applies its own flags (``daemon_client.RemoteEngine``)."""
+    from dreamr_stream.config import GenerationConfig, ReasonerConfig
+
+    return ReasonerConfig(
+        generation=GenerationConfig(max_steps=MAX_STEPS_CEILING), verification=reasoner.config.verification
+    )
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)  # unwinds, so the files are removed even while the models load
+
+
+class ResidentServer(DreamrServer):
+    """``dreamr serve``'s server, counting its open connections for the idle timeout."""
+
+    def __init__(self, reasoner: Reasoner, settings: ServerSettings) -> None:
+        super().__init__(reasoner, settings)
+        self.open_connections = 0
+        self.last_closed = time.monotonic()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.open_connections += 1
+        try:
+            await super()._handle(ws)
+        finally:
+            self.open_connections -= 1
+            self.last_closed = time.monotonic()
+
+    def idle_s(self) -> float:
+        return 0.0 if self.open_connections else time.monotonic() - self.last_closed
+
+    async def until_idle(self, timeout_s: float) -> None:
+        """Returns once the server has had no connection for ``timeout_s``."""
+        # a clock, not an event: polled about once a second, which is all an idle timeout needs
+        while (idle := self.idle_s()) < timeout_s:  # noqa: ASYNC110
+            await asyncio.sleep(min(1.0, max(0.05, timeout_s - idle)))
+
+
+def _settings(reasoner: Reasoner, files: DaemonFiles) -> ServerSettings:
+    limits = reasoner.config.limits
+    return ServerSettings(
+        unix_path=str(files.socket),
+        serve_page=False,
+        max_message_bytes=(limits.max_image_bytes + 2) // 3 * 4 + 2**16,  # a largest image in base64, and the rest
+        send_timeout_s=600.0,  # one user's terminal, which may be paused (Ctrl-S): no one else waits on it
+    )
+
+
+async def serve(reasoner: Reasoner, files: DaemonFiles, idle_timeout_s: float) -> None:
+    """Serve until idle for ``idle_timeout_s`` or SIGTERM / SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    files.socket.unlink(missing_ok=True)  # a dead daemon's (the client checked it is dead)
+    async with ResidentServer(reasoner, _settings(reasoner, files)) as server:
+        files.write_info(state="ready")
+        log.info("ready; exits after %g s idle", idle_timeout_s)
+        idle = asyncio.create_task(server.until_idle(idle_timeout_s))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([idle, stopped], return_when=asyncio.FIRST_COMPLETED)
+        log.info("idle for %g s: exiting" if idle.done() else "stopped by a signal: exiting", idle_timeout_s)
+        idle.cancel()
+        stopped.cancel()
+        # no new client may find it from now on; one that does starts the next daemon once this one is gone
+        files.write_info(state="stopping")
+        files.socket.unlink(missing_ok=True)
+
+
+def _load(args: argparse.Namespace) -> Reasoner:
+    from dreamr_stream.cli import load_reasoner
+    from dreamr_stream.cli_reason import check_device
+
+    check_device(args.device)
+    t0 = time.perf_counter()
+    # a copy of the draft here serves the first requests until the draft's own process is ready
+    reasoner = load_reasoner(args, draft_stand_in=True)
+    reasoner.config = base_config(reasoner)
+    log.info("models loaded in %.2f s", time.perf_counter() - t0)
+    return reasoner
+
+
+def _run(args: argparse.Namespace, files: DaemonFiles) -> int:
+    from dreamr_stream.cli_reason import UsageError
+
+    try:
+        reasoner = _load(args)
+    except UsageError as e:
+        print(f"{USAGE_PREFIX}{e}", file=sys.stderr, flush=True)
+        return 2
+    except DreamrError as e:
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        asyncio.run(serve(reasoner, files, args.idle_timeout))
+    finally:
+        reasoner.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dreamr_stream.cli import _quiet_libraries
+
+    args = parse(argv)
+    os.umask(0o077)  # the socket, info and log: this user's only, from their creation
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _quiet_libraries()
+    files = DaemonFiles(Path(args.runtime_dir), args.key)
+    pid = os.getpid()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    files.write_info(
+        merge=False,
+        pid=pid,
+        state="loading",
+        started=time.time(),
+        idle_timeout_s=args.idle_timeout,
+        models=json.loads(args.identity),
+        log=str(files.log),
+    )
+    try:
+        return _run(args, files)
+    finally:
+        files.remove(pid)
+        log.info("exited")
+
+
+if __name__ == "__main__":
+    from dreamr_stream.cli import _exit
+
+    _exit(main())
