@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import aclosing, closing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -216,23 +216,6 @@ class ImageReasoningTool(BaseTool):
     def _model_name(self) -> str:
         return f"dreamr-{self.runnable.method}"
 
-    def _step_events(self, image: str, chunk: ReasoningChunk, writer: Callable[[Any], None] | None) -> None:
-        if writer is not None:
-            for step in chunk.steps:
-                writer(ToolStepEvent(tool=self.name, image=image, step=step))
-
-    @staticmethod
-    def _output(total: ReasoningChunk) -> tuple[str, dict[str, Any]]:
-        """The answer for the model; the result as JSON data for the program.
-
-        JSON, not the pydantic object: agents checkpoint their messages, and a checkpointer
-        stores plain data safely (``ReasoningResult.model_validate(artifact)`` types it again).
-        """
-        result = total.result
-        if result is None:
-            raise BackendError("the reasoner finished without a result")
-        return (result.answer if result.answer is not None else result.text), result.model_dump(mode="json")
-
     def _run(
         self,
         image: str,
@@ -240,31 +223,22 @@ class ImageReasoningTool(BaseTool):
         config: RunnableConfig,
         run_manager: CallbackManagerForToolRun | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        request = self._request(image, question)
-        callbacks = run_manager.get_child() if run_manager else None
-        child = patch_config(config, callbacks=callbacks)
-        writer = _stream_writer()
-        reasoning = _ReasoningRun(self._model_name)
-        llm = _llm_run(callbacks, reasoning, self.name, image, question)
-        total = ReasoningChunk()
+        call = _ToolCall(self, image, question, config, run_manager)
+        llm = _llm_run(call.callbacks, call.reasoning, *call.start)
         try:
-            stream = self.runnable.stream(request, child)
+            stream = self.runnable.stream(call.request, call.config)
             with closing(stream):
                 for chunk in stream:
-                    self._step_events(image, chunk, writer)
-                    for generation in reasoning.chunks(chunk):
+                    for generation in call.take(chunk):
                         if llm is not None:
                             llm.on_llm_new_token(generation.text, chunk=generation)
-                    total = total + chunk
         except BaseException as e:
             if llm is not None:
                 llm.on_llm_error(e)
-            if isinstance(e, InputError):
-                raise ToolException(f"{type(e).__name__}: {e}") from e
-            raise
+            _reraise(e)
         if llm is not None:
-            llm.on_llm_end(reasoning.result())
-        return self._output(total)
+            llm.on_llm_end(call.reasoning.result())
+        return call.output()
 
     async def _arun(
         self,
@@ -273,28 +247,67 @@ class ImageReasoningTool(BaseTool):
         config: RunnableConfig,
         run_manager: AsyncCallbackManagerForToolRun | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        request = self._request(image, question)
-        callbacks = run_manager.get_child() if run_manager else None
-        child = patch_config(config, callbacks=callbacks)
-        writer = _stream_writer()
-        reasoning = _ReasoningRun(self._model_name)
-        llm = await _allm_run(callbacks, reasoning, self.name, image, question)
-        total = ReasoningChunk()
+        call = _ToolCall(self, image, question, config, run_manager)
+        llm = await _allm_run(call.callbacks, call.reasoning, *call.start)
         try:
-            astream = self.runnable.astream(request, child)
+            astream = self.runnable.astream(call.request, call.config)
             async with aclosing(astream):
                 async for chunk in astream:
-                    self._step_events(image, chunk, writer)
-                    for generation in reasoning.chunks(chunk):
+                    for generation in call.take(chunk):
                         if llm is not None:
                             await llm.on_llm_new_token(generation.text, chunk=generation)
-                    total = total + chunk
         except BaseException as e:
             if llm is not None:
                 await llm.on_llm_error(e)
-            if isinstance(e, InputError):
-                raise ToolException(f"{type(e).__name__}: {e}") from e
-            raise
+            _reraise(e)
         if llm is not None:
-            await llm.on_llm_end(reasoning.result())
-        return self._output(total)
+            await llm.on_llm_end(call.reasoning.result())
+        return call.output()
+
+
+class _ToolCall:
+    """One call of the tool: the request, its reasoning run, the custom-stream writer and the
+    result so far. ``_run`` and ``_arun`` share it and differ only in how they wait."""
+
+    def __init__(
+        self,
+        tool: ImageReasoningTool,
+        image: str,
+        question: str,
+        config: RunnableConfig,
+        run_manager: CallbackManagerForToolRun | AsyncCallbackManagerForToolRun | None,
+    ) -> None:
+        self.request = tool._request(image, question)
+        self.callbacks: Any = run_manager.get_child() if run_manager else None
+        self.config = patch_config(config, callbacks=self.callbacks)
+        self.writer = _stream_writer()
+        self.reasoning = _ReasoningRun(tool._model_name)
+        self.start = (tool.name, image, question)
+        self.total = ReasoningChunk()
+
+    def take(self, chunk: ReasoningChunk) -> list[ChatGenerationChunk]:
+        """Write the chunk's steps to the custom stream, add it up; its chat chunks."""
+        if self.writer is not None:
+            tool, image, _ = self.start
+            for step in chunk.steps:
+                self.writer(ToolStepEvent(tool=tool, image=image, step=step))
+        self.total = self.total + chunk
+        return self.reasoning.chunks(chunk)
+
+    def output(self) -> tuple[str, dict[str, Any]]:
+        """The answer for the model; the result as JSON data for the program.
+
+        JSON, not the pydantic object: agents checkpoint their messages, and a checkpointer
+        stores plain data safely (``ReasoningResult.model_validate(artifact)`` types it again).
+        """
+        result = self.total.result
+        if result is None:
+            raise BackendError("the reasoner finished without a result")
+        return (result.answer if result.answer is not None else result.text), result.model_dump(mode="json")
+
+
+def _reraise(e: BaseException) -> NoReturn:
+    """An input error as a ``ToolException`` the agent's model can read and correct; anything else as it is."""
+    if isinstance(e, InputError):
+        raise ToolException(f"{type(e).__name__}: {e}") from e
+    raise e
