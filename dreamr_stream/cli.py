@@ -88,12 +88,12 @@ def _reason(args: argparse.Namespace) -> int:
 def _daemon(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from dreamr_stream import daemon_client
+    from dreamr_stream import daemon_files
     from dreamr_stream.errors import DreamrError
 
     console = Console(highlight=False)
     try:
-        return daemon_client.status(console) if args.daemon_cmd == "status" else daemon_client.stop(console)
+        return daemon_files.status(console) if args.daemon_cmd == "status" else daemon_files.stop(console)
     except DreamrError as e:
         Console(stderr=True, highlight=False).print(f"[red]dreamr daemon: {e}[/red]", soft_wrap=True)
         return 1

@@ -3,9 +3,10 @@
 Everything a user can get wrong (a missing file, a file that is no image, an empty question, a
 device this torch cannot use) is checked before any model loads, and reported in one line.
 
-By default the models live in a resident daemon (``dreamr_stream.daemon_client``), which this
-command starts if none runs; ``--no-daemon`` loads them here. Both paths feed the same events to
-the same ``run`` (rendering, summary, the comparison with the target alone) through an ``Engine``.
+By default the models live in a resident daemon (``dreamr_stream.daemon_client``; its files
+and start in ``daemon_files``), which this command starts if none runs; ``--no-daemon`` loads
+them here. Both paths feed the same events to the same ``run`` (rendering, summary, the
+comparison with the target alone) through an ``Engine``.
 """
 
 from __future__ import annotations

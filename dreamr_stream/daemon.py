@@ -3,7 +3,11 @@
 It loads the models once, then serves ``dreamr serve``'s WebSocket protocol on a unix socket
 (0600, in a 0700 folder) to the commands of the same user, until it has had no connection for
 ``--idle-timeout`` seconds, or gets SIGTERM (``dreamr daemon stop``). ``dreamr reason`` starts it
-(``dreamr_stream.daemon_client``: the files, the key, the lock); nothing else needs to.
+(``dreamr_stream.daemon_files``: the files, the key, the lock); nothing else needs to.
+
+Once the daemon decides to exit it accepts no new request: it closes the connections that have
+asked nothing with ``NOT_SERVED`` (their clients send the request to a fresh daemon, knowing it
+did not run here), and cancels only the requests already running.
 
 Why the protocol of ``dreamr serve``: it already streams a Reasoner's events with a schema,
 cancels a request whose client leaves, and queues concurrent requests; a second protocol for
@@ -20,13 +24,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dreamr_websocket.server import DreamrServer
+from dreamr_websocket.session import Session
 from dreamr_websocket.settings import ServerSettings
 
-from dreamr_stream.daemon_client import ERROR_PREFIX, USAGE_PREFIX, DaemonFiles
+from dreamr_stream.daemon_client import NOT_SERVED_CODE, NOT_SERVED_REASON
+from dreamr_stream.daemon_files import ERROR_PREFIX, USAGE_PREFIX, DaemonFiles
 from dreamr_stream.errors import DreamrError
 
 if TYPE_CHECKING:
@@ -68,19 +75,59 @@ def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
     raise SystemExit(128 + signum)  # unwinds, so the files are removed even while the models load
 
 
-class ResidentServer(DreamrServer):
-    """``dreamr serve``'s server, counting its open connections for the idle timeout."""
+class _ResidentSession(Session):
+    """A connection of the daemon, which knows whether it has asked anything yet."""
 
-    def __init__(self, reasoner: Reasoner, settings: ServerSettings) -> None:
+    def __init__(self, ws: ServerConnection, server: ResidentServer) -> None:
+        super().__init__(ws, server)
+        self.resident = server
+        self.asked = False
+
+    async def _on_message(self, raw: str) -> None:
+        # checked and set in one step with no await between: a request is either accepted before
+        # the daemon began to exit, or refused (and so sent elsewhere by its client), never both
+        if not self.asked and self.resident.closing:
+            await self.ws.close(NOT_SERVED_CODE, NOT_SERVED_REASON)
+            return
+        self.asked = True
+        await super()._on_message(raw)
+
+
+class ResidentServer(DreamrServer):
+    """``dreamr serve``'s server, counting its open connections for the idle timeout.
+
+    ``on_closing`` runs once, when the daemon decides to exit and before it refuses anyone: a
+    client that is refused must find the daemon's files saying so, or it would wait for it."""
+
+    def __init__(
+        self, reasoner: Reasoner, settings: ServerSettings, on_closing: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(reasoner, settings)
         self.open_connections = 0
         self.last_closed = time.monotonic()
+        self.closing = False
+        self._on_closing = on_closing
+        self._sessions: set[_ResidentSession] = set()
+
+    def begin_closing(self) -> None:
+        """From now on no request is accepted (``NOT_SERVED``); the running ones go on until ``stop``."""
+        if not self.closing:
+            self.closing = True
+            if self._on_closing is not None:
+                self._on_closing()
 
     async def _handle(self, ws: ServerConnection) -> None:
+        # DreamrServer._handle runs a plain Session; this one counts, and refuses once closing
+        if self.closing:  # the handshake finished after the daemon decided to exit: no hello
+            await ws.close(NOT_SERVED_CODE, NOT_SERVED_REASON)
+            return
         self.open_connections += 1
+        session = _ResidentSession(ws, self)
+        self._sessions.add(session)
         try:
-            await super()._handle(ws)
+            await session.run()
         finally:
+            self._sessions.discard(session)
             self.open_connections -= 1
             self.last_closed = time.monotonic()
 
@@ -88,10 +135,18 @@ class ResidentServer(DreamrServer):
         return 0.0 if self.open_connections else time.monotonic() - self.last_closed
 
     async def until_idle(self, timeout_s: float) -> None:
-        """Returns once the server has had no connection for ``timeout_s``."""
+        """Returns once the server has had no connection for ``timeout_s``, closing (``begin_closing``)."""
         # a clock, not an event: polled about once a second, which is all an idle timeout needs
         while (idle := self.idle_s()) < timeout_s:  # noqa: ASYNC110
             await asyncio.sleep(min(1.0, max(0.05, timeout_s - idle)))
+        # right after the check, with no await between: a connection whose handler starts later is
+        # refused, rather than greeted by a daemon about to close it
+        self.begin_closing()
+
+    async def refuse_waiting(self) -> None:
+        """Close the connections that have asked nothing (``NOT_SERVED``): their clients go elsewhere."""
+        waiting = [s.ws for s in self._sessions if not s.asked]
+        await asyncio.gather(*(ws.close(NOT_SERVED_CODE, NOT_SERVED_REASON) for ws in waiting))
 
 
 def _settings(reasoner: Reasoner, files: DaemonFiles) -> ServerSettings:
@@ -111,7 +166,13 @@ async def serve(reasoner: Reasoner, files: DaemonFiles, idle_timeout_s: float) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     files.socket.unlink(missing_ok=True)  # a dead daemon's (the client checked it is dead)
-    async with ResidentServer(reasoner, _settings(reasoner, files)) as server:
+
+    def on_closing() -> None:
+        # no new client may find it from now on; one that does starts the next daemon once this one is gone
+        files.write_info(state="stopping")
+        files.socket.unlink(missing_ok=True)
+
+    async with ResidentServer(reasoner, _settings(reasoner, files), on_closing) as server:
         files.write_info(state="ready")
         log.info("ready; exits after %g s idle", idle_timeout_s)
         idle = asyncio.create_task(server.until_idle(idle_timeout_s))
@@ -120,9 +181,9 @@ async def serve(reasoner: Reasoner, files: DaemonFiles, idle_timeout_s: float) -
         log.info("idle for %g s: exiting" if idle.done() else "stopped by a signal: exiting", idle_timeout_s)
         idle.cancel()
         stopped.cancel()
-        # no new client may find it from now on; one that does starts the next daemon once this one is gone
-        files.write_info(state="stopping")
-        files.socket.unlink(missing_ok=True)
+        server.begin_closing()  # (the idle timeout has begun it already; a signal has not)
+        await server.refuse_waiting()
+        # leaving the block closes the other connections (1001): their running requests are cancelled
 
 
 def _load(args: argparse.Namespace) -> Reasoner:

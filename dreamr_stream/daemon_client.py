@@ -1,5 +1,5 @@
-"""The thin client of ``dreamr reason``: find (or start) the resident daemon that holds the models,
-then stream the request through it.
+"""The thin client of ``dreamr reason``: connect to the resident daemon that holds the models
+(started or joined through ``daemon_files``), then stream the request through it.
 
 Why a daemon: importing torch and transformers alone takes 4-6 s, and loading the models more,
 so a command that does both cannot show a step within 2 s. A process that keeps the models
@@ -10,11 +10,10 @@ This module is the client's whole path, so it imports only the standard library,
 pydantic, websockets and the light modules of this package: never torch, transformers, or a
 module that imports them (tests/test_reason_daemon.py checks it in a fresh process).
 
-Files, per user, in ``$DREAMR_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/dreamr``, else
-``~/.cache/dreamr`` (a 0700 folder), each named by the daemon's key (its models, device and
-code, so that a daemon for other models is never reused): ``KEY.sock`` (0600), ``KEY.json``
-(pid, state, models), ``KEY.log`` (the daemon's output) and ``KEY.lock`` (held while one is
-started, so that two commands at once start one daemon).
+A daemon may exit (idle, or stopped) just as a command connects. It then closes the connections
+that have asked nothing with ``NOT_SERVED``, and refuses their late requests the same way, so
+that a client knows its request did not run and sends it once more, to a fresh daemon. A request
+the daemon may have started is never sent again: its loss is reported instead.
 """
 
 from __future__ import annotations
@@ -22,287 +21,49 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
-import hashlib
 import io
 import itertools
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from dreamr_stream import __version__
+from dreamr_stream.daemon_files import (
+    DaemonFailed,
+    DaemonFiles,
+    daemon_key,
+    identity,
+    idle_timeout,
+    runtime_dir,
+    start_or_join,
+)
 from dreamr_stream.errors import DreamrError
 
 if TYPE_CHECKING:
     from dreamr_websocket.protocol import RequestOptions, ServerMessage
     from websockets.asyncio.client import ClientConnection
+    from websockets.exceptions import ConnectionClosed
 
     from dreamr_stream.cli_reason import Request
     from dreamr_stream.events import Event
     from dreamr_stream.types import ReasoningResult
 
-__all__ = [
-    "ERROR_PREFIX",
-    "IDLE_ENV",
-    "RUNTIME_ENV",
-    "USAGE_PREFIX",
-    "DaemonFiles",
-    "RemoteEngine",
-    "daemon_key",
-    "identity",
-    "reason",
-    "runtime_dir",
-    "status",
-    "stop",
-]
+__all__ = ["NOT_SERVED_CODE", "NOT_SERVED_REASON", "NotServed", "RemoteEngine", "connect", "reason"]
 
-RUNTIME_ENV = "DREAMR_RUNTIME_DIR"
-IDLE_ENV = "DREAMR_DAEMON_IDLE"  # seconds a started daemon waits for the next request
-DEFAULT_IDLE_S = 600.0
-READY_TIMEOUT_S = 900.0  # big models on a busy machine load slowly; a dead daemon is noticed at once anyway
-# the daemon's last words in its log, for the client that waits for it to be ready
-ERROR_PREFIX = "dreamr daemon: error: "
-USAGE_PREFIX = "dreamr daemon: usage: "
 _WS_URI = "ws://localhost/ws"  # the Host a loopback server accepts; the socket path says where
+# the close of a daemon that exits before it accepted any request of the connection: 1013 is
+# "try again later" (RFC 6455), a code dreamr serve never sends, so it cannot be mistaken
+NOT_SERVED_CODE = 1013
+NOT_SERVED_REASON = "the daemon is exiting; no request of this connection ran"
 
 
-class DaemonFailed(DreamrError):
-    """The daemon exited (or never became ready) before serving; ``usage``: because of a bad flag."""
-
-    def __init__(self, message: str, *, usage: bool = False) -> None:
-        super().__init__(message)
-        self.usage = usage
+class NotServed(DreamrError):
+    """The daemon went away before it accepted the request: it did not run, so it may be sent again."""
 
 
-# ---------------------------------------------------------------------------------- files
-def runtime_dir() -> Path:
-    """This user's folder of daemon files, created 0700; refused if someone else owns it."""
-    if env := os.environ.get(RUNTIME_ENV):
-        root = Path(env)
-    elif xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        root = Path(xdg) / "dreamr"
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dreamr"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = root.stat()
-    if st.st_uid != os.getuid():
-        raise DreamrError(f"{root} belongs to another user: set {RUNTIME_ENV} to a folder of your own")
-    if st.st_mode & 0o077:
-        root.chmod(0o700)  # the socket inside must be reachable by its owner only
-    return root
-
-
-@dataclass(frozen=True)
-class DaemonFiles:
-    root: Path
-    key: str
-
-    @property
-    def socket(self) -> Path:
-        return self.root / f"{self.key}.sock"
-
-    @property
-    def info(self) -> Path:
-        return self.root / f"{self.key}.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / f"{self.key}.log"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / f"{self.key}.lock"
-
-    def read_info(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.info.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None
-
-    def write_info(self, *, merge: bool = True, **fields: Any) -> None:
-        """``fields`` merged into the info file (or replacing it); atomically, as clients poll it."""
-        data = {**((self.read_info() or {}) if merge else {}), **fields}
-        tmp = self.info.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        tmp.replace(self.info)
-
-    def remove(self, pid: int | None = None) -> None:
-        """The socket and info file; with ``pid``, only while the info file is that daemon's."""
-        info = self.read_info()
-        if pid is not None and info is not None and info.get("pid") != pid:
-            return
-        self.socket.unlink(missing_ok=True)
-        self.info.unlink(missing_ok=True)
-
-
-def daemon_alive(pid: int) -> bool:
-    """A live process of ours that is a dreamr daemon (not a process that reused a dead one's pid)."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if not cmdline.parent.exists():  # no /proc here: trust the pid
-        return True
-    try:
-        return b"dreamr_stream.daemon" in cmdline.read_bytes()  # empty for a zombie
-    except OSError:
-        return False
-
-
-# ---------------------------------------------------------------------------------- identity
-def _fingerprint(folder: Path) -> str:
-    """The folder and its newest file: retrained weights in the same folder are new models."""
-    folder = folder.resolve()
-    try:
-        newest = max((p.stat().st_mtime_ns for p in folder.iterdir()), default=0)
-    except OSError:
-        newest = 0
-    return f"{folder}@{newest}"
-
-
-def _code_roots() -> list[Path]:
-    """Where this package and the websocket integration are imported from: the daemon runs the same code."""
-    import dreamr_websocket
-
-    roots = [Path(__file__).resolve().parent.parent]
-    roots += [Path(p).resolve().parent for p in dreamr_websocket.__path__]
-    return list(dict.fromkeys(roots))
-
-
-def identity(args: argparse.Namespace) -> dict[str, str]:
-    """What a daemon must share with this command to serve it: models, device and code."""
-    from dreamr_stream.zoo.shipped import demo_paths
-
-    ident = {"device": args.device, "version": __version__, "code": os.pathsep.join(map(str, _code_roots()))}
-    for flag in ("target", "draft", "demo_draft", "target_url", "draft_url"):
-        value = getattr(args, flag, None)
-        if value:
-            ident[flag] = _fingerprint(Path(value)) if flag in ("target", "draft") else str(value)
-    if not args.target:  # the shipped demo (its default draft depends on what is shipped)
-        paths = demo_paths(args.demo_draft)
-        ident["demo"] = f"{_fingerprint(paths.target)} {_fingerprint(paths.draft)}"
-    return ident
-
-
-def daemon_key(ident: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def idle_timeout(args: argparse.Namespace) -> float:
-    if getattr(args, "daemon_idle", None) is not None:
-        return float(args.daemon_idle)
-    try:
-        return float(os.environ.get(IDLE_ENV, DEFAULT_IDLE_S))
-    except ValueError:
-        return DEFAULT_IDLE_S
-
-
-# ---------------------------------------------------------------------------------- start
-def _spawn(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) -> subprocess.Popen[bytes]:
-    """The daemon, detached: a session of its own (a Ctrl-C here does not reach it), its output in its log."""
-    command = [sys.executable, "-m", "dreamr_stream.daemon", "--runtime-dir", str(files.root), "--key", files.key]
-    command += ["--idle-timeout", str(idle_timeout(args)), "--identity", json.dumps(ident), "--device", args.device]
-    for flag in ("target", "draft", "demo_draft", "target_url", "draft_url"):
-        if value := getattr(args, flag, None):
-            command += [f"--{flag.replace('_', '-')}", str(value)]
-    # from "/" so that it holds no user folder; the same code as this command, wherever that came from
-    path = [*map(str, _code_roots()), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    log = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/", env=env
-        )
-    finally:
-        os.close(log)
-
-
-def _last_words(files: DaemonFiles) -> tuple[str, bool]:
-    """The daemon's error line from its log (and whether it is about a flag), else where the log is."""
-    try:
-        lines = files.log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    for line in reversed(lines):
-        for prefix, usage in ((USAGE_PREFIX, True), (ERROR_PREFIX, False)):
-            if line.startswith(prefix):
-                return line.removeprefix(prefix), usage
-    return f"the dreamr daemon exited before serving; see its log {files.log}", False
-
-
-async def _wait_ready(files: DaemonFiles, pid: int, proc: subprocess.Popen[bytes] | None) -> None:
-    """Until the daemon ``pid`` says it serves; DaemonFailed if it exits first."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        info = files.read_info()
-        if info is not None and info["pid"] == pid and info.get("state") == "ready":
-            return
-        exited = proc.poll() is not None if proc is not None else not daemon_alive(pid)
-        if exited or time.monotonic() > deadline:
-            message, usage = _last_words(files)
-            raise DaemonFailed(message, usage=usage)
-        await asyncio.sleep(0.05)
-
-
-async def _wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while daemon_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-@contextlib.asynccontextmanager
-async def _locked(path: Path) -> AsyncIterator[None]:
-    """The key's lock, polled so that the event loop (and the spinner) keep going meanwhile."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)  # releases the lock; so does this process dying
-
-
-@dataclass(frozen=True)
-class Started:
-    pid: int
-    log: Path
-
-
-async def _start_or_join(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) -> Started | None:
-    """Under the lock: join a daemon that is still loading, else replace a dead one's files and start one.
-    Returns what was started, or None when another command's daemon serves now."""
-    async with _locked(files.lock):
-        info = files.read_info()
-        if info is not None and daemon_alive(info["pid"]):
-            if info.get("state") != "stopping":
-                with contextlib.suppress(DaemonFailed):
-                    await _wait_ready(files, info["pid"], None)
-                    return None
-            await _wait_gone(info["pid"], 30.0)  # it is exiting (idle): let it go, then start afresh
-        files.remove()  # a daemon that died (killed, crashed) leaves its socket and info behind
-        proc = _spawn(files, args, ident)
-        await _wait_ready(files, proc.pid, proc)
-        return Started(proc.pid, files.log)
+def _not_served(e: ConnectionClosed) -> bool:
+    return e.rcvd is not None and e.rcvd.code == NOT_SERVED_CODE
 
 
 async def connect(files: DaemonFiles) -> ClientConnection | None:
@@ -319,7 +80,7 @@ async def connect(files: DaemonFiles) -> ClientConnection | None:
         return None
     try:
         hello = ServerMessageAdapter.validate_json(await ws.recv())
-    except ConnectionClosed:  # it is shutting down
+    except ConnectionClosed:  # it is shutting down (NOT_SERVED: it began to before this connection)
         return None
     if not isinstance(hello, HelloMessage):
         await ws.close()
@@ -361,15 +122,27 @@ def _to_event(message: ServerMessage, answer: Any, question: str, method: str) -
             return EventAdapter.validate_python(message.model_dump(exclude={"v", "id"}))
 
 
-class RemoteEngine:
-    """``cli_reason.Engine`` over a daemon's connection: the same events, rebuilt from its messages."""
+Reconnect = Callable[[], Awaitable["ClientConnection"]]
 
-    def __init__(self, ws: ClientConnection, args: argparse.Namespace, files: DaemonFiles) -> None:
+
+class RemoteEngine:
+    """``cli_reason.Engine`` over a daemon's connection: the same events, rebuilt from its messages.
+
+    ``reconnect`` gives a connection to a fresh daemon; it is called at most once per command, when
+    the daemon went away before it accepted a request (``NotServed``)."""
+
+    def __init__(
+        self, ws: ClientConnection, args: argparse.Namespace, files: DaemonFiles, reconnect: Reconnect | None = None
+    ) -> None:
         self.ws = ws
         self.args = args
         self.files = files
+        self._reconnect = reconnect
         self._ids = itertools.count(1)
         self._image: tuple[int, str] | None = None  # the last request's image, encoded once
+
+    async def close(self) -> None:
+        await self.ws.close()
 
     def _encoded(self, request: Request) -> str:
         if self._image is None or self._image[0] != id(request.image):
@@ -401,24 +174,36 @@ class RemoteEngine:
 
     async def _send(self, request: Request, options: RequestOptions) -> None:
         from dreamr_websocket.protocol import AskMessage
+        from websockets.exceptions import ConnectionClosed
 
         ask = AskMessage(id=f"r{next(self._ids)}", image=self._encoded(request), question=request.question)
-        await self.ws.send(ask.model_copy(update={"options": options}).model_dump_json())
+        try:
+            await self.ws.send(ask.model_copy(update={"options": options}).model_dump_json())
+        except ConnectionClosed as e:  # closed before the request left this process: it cannot have run
+            raise NotServed(f"the daemon closed the connection before the request was sent ({e})") from e
 
     async def _events(self, question: str, method: str) -> AsyncIterator[Event]:
+        """The request's events; NotServed, before any, if the daemon says it did not take the request."""
         from dreamr_websocket.protocol import AnswerMessage, ServerMessageAdapter
         from websockets.exceptions import ConnectionClosed
 
         from dreamr_stream.events import FailedEvent, FinishedEvent
 
         answer: AnswerMessage | None = None
+        received = False
         while True:
             try:
                 message = ServerMessageAdapter.validate_json(await self.ws.recv())
             except ConnectionClosed as e:
-                gone = f"the daemon closed the connection ({e}); its log: {self.files.log}"
+                if not received and _not_served(e):
+                    raise NotServed(f"the daemon refused the request as it exited ({e})") from e
+                # the daemon may have started the request (and its model work): sending it again
+                # could run it twice, so the command ends here, in one line
+                gone = f"the daemon exited during the request ({e}); it was not sent again, as it may have run. Log: "
+                gone += str(self.files.log)
                 yield FailedEvent(error="DaemonGone", message=gone)
                 return
+            received = True
             if isinstance(message, AnswerMessage):
                 answer = message
             event = _to_event(message, answer, question, method)
@@ -427,16 +212,34 @@ class RemoteEngine:
                 if isinstance(event, FinishedEvent | FailedEvent):
                     return
 
+    async def _ask(self, request: Request, options: RequestOptions) -> AsyncIterator[Event]:
+        """The request's events, sent once more to a fresh daemon if the first did not take it."""
+        from dreamr_stream.events import FailedEvent
+
+        method = options.method
+        while True:
+            try:
+                await self._send(request, options)
+                # NotServed comes before the first event only, so nothing is shown twice
+                async for event in self._events(request.question, method):
+                    yield event
+                return
+            except NotServed as e:
+                if self._reconnect is None:
+                    yield FailedEvent(error="DaemonGone", message=f"{e}; the daemon's log: {self.files.log}")
+                    return
+                reconnect, self._reconnect = self._reconnect, None  # once: a second refusal is reported
+                await self.ws.close()
+                self.ws = await reconnect()
+
     async def stream(self, request: Request, method: str) -> AsyncIterator[Event]:
-        await self._send(request, self._options(method))
-        async for event in self._events(request.question, method):
+        async for event in self._ask(request, self._options(method)):
             yield event
 
     async def alone(self, request: Request, max_steps: int | None = None) -> ReasoningResult:
         from dreamr_stream.events import FailedEvent, FinishedEvent
 
-        await self._send(request, self._options("target_only", max_steps, alone=True))
-        async for event in self._events(request.question, "target_only"):
+        async for event in self._ask(request, self._options("target_only", max_steps, alone=True)):
             if isinstance(event, FinishedEvent):
                 return event.result
             if isinstance(event, FailedEvent):
@@ -451,7 +254,7 @@ async def _connected(
     """A connection to a ready daemon, started (with a spinner and a note on stderr) if none runs."""
     t0 = time.perf_counter()
     with console.status("loading the models…", spinner="dots"):
-        started = await _start_or_join(files, args, ident)
+        started = await start_or_join(files, args, ident)
         ws = await connect(files)
     if ws is None:
         raise DreamrError(f"the dreamr daemon is ready but refuses connections; see its log {files.log}")
@@ -466,22 +269,30 @@ async def _connected(
     return ws
 
 
-async def _ready(args: argparse.Namespace, request: Request, console: Console) -> tuple[ClientConnection, DaemonFiles]:
-    """The daemon for these flags, connected; the device checked and the warnings shown first,
-    in the order ``dreamr reason --no-daemon`` has them."""
+async def _ready(args: argparse.Namespace, request: Request, console: Console) -> RemoteEngine:
+    """An engine over the daemon for these flags, connected; the device checked and the warnings
+    shown first, in the order ``dreamr reason --no-daemon`` has them."""
     from dreamr_stream.cli_reason import UsageError, check_device, warn
 
     ident = identity(args)
     files = DaemonFiles(runtime_dir(), daemon_key(ident))
+
+    async def reconnect() -> ClientConnection:
+        Console(stderr=True, highlight=False).print(
+            "[dim]dreamr: the daemon exited before it took the request; sending it to a fresh one[/dim]",
+            soft_wrap=True,
+        )
+        return await _connected(files, args, ident, console)
+
     ws = await connect(files)
     if ws is None:
         check_device(args.device)  # (with a daemon for this device serving, the device works)
     warn(args, request, console)
     if ws is not None:
         console.print("[dim]models loaded (the resident daemon)[/dim]")
-        return ws, files
+        return RemoteEngine(ws, args, files, reconnect)
     try:
-        return await _connected(files, args, ident, console), files
+        return RemoteEngine(await _connected(files, args, ident, console), args, files, reconnect)
     except DaemonFailed as e:
         if e.usage:
             raise UsageError(str(e)) from e
@@ -493,68 +304,20 @@ async def _reason(args: argparse.Namespace, console: Console) -> int:
 
     request = read_request(args, console)  # the image and the question before anything else
     try:
-        ws, files = await _ready(args, request, console)
+        engine = await _ready(args, request, console)
     except DreamrError as e:  # as a model that fails to load without the daemon
         console.print(f"[red]{e}[/red]")
         return 1
     console.print(f"[bold]Q:[/bold] {request.question}")
-    async with ws:
-        try:
-            return await run(RemoteEngine(ws, args, files), request, args, console)
-        except DreamrError as e:
-            console.print(f"[red]{type(e).__name__}: {e}[/red]")
-            return 1
+    try:
+        return await run(engine, request, args, console)
+    except DreamrError as e:
+        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        return 1
+    finally:
+        await engine.close()
 
 
 def reason(args: argparse.Namespace, console: Console) -> int:
     """``dreamr reason`` through the daemon, with the output and exit codes of ``cli_reason.reason``."""
     return asyncio.run(_reason(args, console))
-
-
-# ---------------------------------------------------------------------------------- dreamr daemon
-def _daemons(root: Path) -> list[tuple[DaemonFiles, dict[str, Any]]]:
-    found = [DaemonFiles(root, p.stem) for p in sorted(root.glob("*.json"))]
-    return [(f, info) for f in found if (info := f.read_info()) is not None]
-
-
-def _describe(info: dict[str, Any]) -> str:
-    models = info.get("models", {})
-    what = ", ".join(f"{k} {v}" for k, v in models.items() if k not in ("code", "version"))
-    up = time.time() - float(info.get("started", time.time()))
-    return (
-        f"pid {info['pid']}, {info.get('state', '?')}, up {up:.0f} s, exits after "
-        f"{float(info.get('idle_timeout_s', 0)):g} s idle; {what}; log {info.get('log', '?')}"
-    )
-
-
-def status(console: Console) -> int:
-    """Every daemon of this user: 0 if one runs, 3 if none (as ``systemctl status``)."""
-    running = 0
-    for files, info in _daemons(runtime_dir()):
-        if daemon_alive(info["pid"]):
-            running += 1
-            console.print(f"dreamr daemon {files.key}: {_describe(info)}", soft_wrap=True)
-        else:
-            files.remove(info["pid"])
-            console.print(f"[dim]dreamr daemon {files.key}: pid {info['pid']} is gone; removed its files[/dim]")
-    if not running:
-        console.print("no dreamr daemon is running")
-    return 0 if running else 3
-
-
-def stop(console: Console, timeout_s: float = 15.0) -> int:
-    """Stop every daemon of this user: SIGTERM, then SIGKILL if it has not exited in ``timeout_s``."""
-    stopped = 0
-    for files, info in _daemons(runtime_dir()):
-        pid = info["pid"]
-        if daemon_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            if not asyncio.run(_wait_gone(pid, timeout_s)):
-                os.kill(pid, signal.SIGKILL)
-                asyncio.run(_wait_gone(pid, 5.0))
-            stopped += 1
-            console.print(f"stopped the dreamr daemon {files.key} (pid {pid})")
-        files.remove(pid)
-    if not stopped:
-        console.print("no dreamr daemon is running")
-    return 0

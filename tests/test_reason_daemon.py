@@ -7,6 +7,7 @@ interpreter, wrapped so that it fails if the client imported torch or transforme
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -19,9 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dreamr_websocket.settings import ServerSettings
+from PIL import Image
+from ws_support import QUESTION, make_reasoner
 
 from dreamr_stream import cli
-from dreamr_stream.daemon_client import DaemonFiles, daemon_alive, daemon_key, identity, runtime_dir
+from dreamr_stream.cli_reason import Request
+from dreamr_stream.daemon import ResidentServer
+from dreamr_stream.daemon_client import RemoteEngine, connect
+from dreamr_stream.daemon_files import DaemonFiles, daemon_alive, daemon_key, identity, runtime_dir
+from dreamr_stream.events import Event, FailedEvent, FinishedEvent
 
 # main() as the console script runs it, then a check of what the client imported
 CLIENT = (
@@ -32,6 +40,36 @@ CLIENT = (
 STEP = re.compile(r"^\s*\d+\.\d+s [✓●]", re.MULTILINE)
 COMPARISON = re.compile(r"^FPSR \d+\.\d\d s, the target alone ≈?\d+\.\d\d s: ≈?\d+\.\d\dx (faster|slower) \(.*\)$")
 STARTED = "dreamr: started a daemon (pid "
+RESENT = "dreamr: the daemon exited before it took the request; sending it to a fresh one"
+# CLIENT, with the daemon it finds stopped (SIGTERM) after its hello and before its request is
+# sent: a daemon reaching its idle timeout as a command connects, on cue
+STOP_AFTER_HELLO = """
+import os, signal
+from dreamr_stream import daemon_client
+real_connect, stopped = daemon_client.connect, []
+
+async def connect(files):
+    ws = await real_connect(files)
+    if ws is not None and not stopped:
+        stopped.append(files.read_info()["pid"])
+        os.kill(stopped[0], signal.SIGTERM)
+        await ws.wait_closed()  # closed by the daemon before the request is sent: no luck in the timing
+    return ws
+
+daemon_client.connect = connect
+"""
+# CLIENT, with the daemon killed right after the request is sent: it may have started it
+KILL_AFTER_SEND = """
+import os, signal
+from dreamr_stream import daemon_client
+real_send = daemon_client.RemoteEngine._send
+
+async def send(self, request, options):
+    await real_send(self, request, options)
+    os.kill(self.files.read_info()["pid"], signal.SIGKILL)
+
+daemon_client.RemoteEngine._send = send
+"""
 
 
 @pytest.fixture
@@ -54,14 +92,16 @@ def env(root: Path) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "DREAMR_RUNTIME_DIR": str(root), "COLUMNS": "200"}
 
 
-def command(root: Path, *args: str) -> list[str]:
+def command(root: Path, *args: str, patch: str = "") -> list[str]:
     if args[0] == "reason":
         args = (*args, "--save-image", str(root / f"puzzle-{time.monotonic_ns()}.png"))
-    return [sys.executable, "-c", CLIENT, *args]
+    return [sys.executable, "-c", patch + CLIENT, *args]
 
 
-def dreamr(root: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command(root, *args), capture_output=True, text=True, timeout=timeout, env=env(root))
+def dreamr(root: Path, *args: str, timeout: float = 180, patch: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(root, *args, patch=patch), capture_output=True, text=True, timeout=timeout, env=env(root)
+    )
 
 
 def daemons(root: Path) -> list[int]:
@@ -116,6 +156,88 @@ def test_status_and_stop_with_no_daemon_and_a_dead_ones_files(
     assert not files.info.exists() and not files.socket.exists()
     assert cli.main(["daemon", "stop"]) == 0
     assert "no dreamr daemon is running" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- exiting daemons
+def resident(files: DaemonFiles) -> ResidentServer:
+    """The daemon's server on scripted models; on closing it says so in its info, as the daemon does."""
+    files.write_info(merge=False, pid=os.getpid(), state="ready")
+    settings = ServerSettings(unix_path=str(files.socket), serve_page=False)
+    return ResidentServer(make_reasoner(), settings, on_closing=lambda: files.write_info(state="stopping"))
+
+
+def remote(ws: object, files: DaemonFiles, reconnect: object = None) -> RemoteEngine:
+    args = cli.build_parser().parse_args(["reason", "--random"])
+    return RemoteEngine(ws, args, files, reconnect)  # type: ignore[arg-type]
+
+
+def test_a_daemon_that_reaches_its_idle_timeout_as_a_command_connects_refuses_it_before_its_hello(root: Path) -> None:
+    files = DaemonFiles(root, "0123456789abcdef")
+
+    async def scenario() -> None:
+        async with resident(files) as server:
+            await server.until_idle(0.0)  # decided: no connection was open
+            # the socket is still there (the real daemon unlinks it now): a command that connects
+            # in this moment finds the daemon leaving, in its info too, so it starts the next one
+            assert server.closing and files.read_info() == {"pid": os.getpid(), "state": "stopping"}
+            assert await connect(files) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_request_the_exiting_daemon_did_not_take_goes_once_to_a_fresh_daemon(root: Path) -> None:
+    old, fresh = DaemonFiles(root, "0" * 16), DaemonFiles(root, "1" * 16)
+    request = Request(Image.new("RGB", (32, 32), (200, 10, 10)), QUESTION)
+
+    async def scenario() -> list[Event]:
+        async with resident(old) as leaving, resident(fresh):
+            ws = await connect(old)
+            assert ws is not None
+            leaving.begin_closing()  # after this connection's hello, before its request arrives
+            reconnects: list[int] = []
+
+            async def reconnect() -> object:
+                reconnects.append(1)
+                return await connect(fresh)
+
+            engine = remote(ws, old, reconnect)
+            events = [event async for event in engine.stream(request, "fpsr")]
+            await engine.close()
+            assert reconnects == [1]
+            return events
+
+    events = asyncio.run(scenario())
+    assert isinstance(events[-1], FinishedEvent) and events[-1].result.answer
+    assert not any(isinstance(e, FailedEvent) for e in events)
+
+
+def test_a_request_the_daemon_took_is_not_sent_again_when_the_daemon_goes(root: Path) -> None:
+    files = DaemonFiles(root, "0123456789abcdef")
+    request = Request(Image.new("RGB", (32, 32), (200, 10, 10)), QUESTION)
+
+    async def scenario() -> list[Event]:
+        server = resident(files)
+        async with server:
+            ws = await connect(files)
+            assert ws is not None
+
+            async def reconnect() -> object:
+                raise AssertionError("a request the daemon took was sent again")
+
+            engine = remote(ws, files, reconnect)
+            events: list[Event] = []
+            async for event in engine.stream(request, "fpsr"):
+                events.append(event)
+                if len(events) == 1:  # running: the daemon stops (SIGTERM) under it
+                    server.begin_closing()
+                    await server.refuse_waiting()
+                    await server.stop()
+            await engine.close()
+            return events
+
+    events = asyncio.run(scenario())
+    assert isinstance(events[-1], FailedEvent) and events[-1].error == "DaemonGone"
+    assert "it was not sent again" in events[-1].message and "\n" not in events[-1].message
 
 
 # ---------------------------------------------------------------------------------- real daemons
@@ -180,3 +302,29 @@ def test_an_idle_daemon_exits_by_itself(root: Path) -> None:
     assert started, out.stderr
     assert wait_gone(int(started[1]), 30.0)
     assert not list(root.glob("*.sock")) and not list(root.glob("*.json"))
+
+
+@pytest.mark.slow
+def test_a_command_whose_daemon_exits_before_taking_the_request_sends_it_to_a_fresh_one(root: Path) -> None:
+    assert_answered(dreamr(root, "reason", "--random", "--seed", "1", "--daemon-idle", "120"))
+    (pid,) = daemons(root)
+
+    out = dreamr(root, "reason", "--random", "--seed", "2", "--daemon-idle", "120", patch=STOP_AFTER_HELLO)
+    assert_answered(out)  # (CLIENT: still no torch here)
+    assert RESENT in out.stderr and STARTED in out.stderr, out.stderr
+    assert wait_gone(pid)
+    (new,) = daemons(root)
+    assert new != pid and daemon_alive(new)
+
+
+@pytest.mark.slow
+def test_a_daemon_that_dies_under_a_request_is_reported_in_one_line_and_not_asked_again(root: Path) -> None:
+    assert_answered(dreamr(root, "reason", "--random", "--seed", "1", "--daemon-idle", "120"))
+    (pid,) = daemons(root)
+
+    out = dreamr(root, "reason", "--random", "--seed", "2", "--daemon-idle", "120", patch=KILL_AFTER_SEND)
+    assert out.returncode == 1, out.stdout + out.stderr
+    (failed,) = [line for line in out.stdout.splitlines() if "DaemonGone" in line]
+    assert failed.startswith("failed: DaemonGone: the daemon exited during the request")
+    assert "it was not sent again" in failed and RESENT not in out.stderr and STARTED not in out.stderr
+    assert wait_gone(pid) and daemons(root) == [pid]  # no daemon started for it (the killed one's info stays)
