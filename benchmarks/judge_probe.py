@@ -8,7 +8,11 @@ correct prefix, then ``\\nCheck:``) this reads, at the position that predicts th
   the language model's hidden state after every layer: if the probe separates correct from
   corrupted steps, the knowledge is in the model and only the verdict head is missing;
 * the same probe at the candidate's last token (before the judge suffix), to tell "knows after
-  reading the step" from "knows only once asked".
+  reading the step" from "knows only once asked";
+* the logit lens on reference solutions: after which layer the next token can be read off the
+  hidden state (final norm + LM head), for all tokens and for numbers. A verdict after the step
+  can use a token's check only if the model predicted that token early enough for later layers
+  to compare and carry the result forward.
 
 Run: ``python benchmarks/judge_probe.py [--target FOLDER] [--train 600] [--test 300]``; writes
 ``benchmarks/results/judge_probe[-<name>].json``.
@@ -29,7 +33,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS
-from dreamr_stream.zoo.data import collate, judge_example
+from dreamr_stream.zoo.data import IGNORE, collate, judge_example, solution_example
 from dreamr_stream.zoo.task import Split, make_puzzle, split_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +88,33 @@ def features(
     }
 
 
+@torch.no_grad()
+def logit_lens(model: LlavaForConditionalGeneration, processor: LlavaProcessor, n: int) -> dict[str, dict[str, float]]:
+    """Per layer: the share of reference-solution tokens that layer's hidden state predicts (top 1)."""
+    tok = processor.tokenizer
+    examples = [solution_example(processor, make_puzzle(split_seed("val", i))) for i in range(n)]
+    batch = collate(examples, tok.pad_token_id)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=batch.pixel_values,
+        output_hidden_states=True,
+    )
+    gold = batch.labels[:, 1:]
+    supervised = gold != IGNORE
+    is_number = torch.tensor([tok.decode([t]).strip().isdigit() for t in range(model.lm_head.weight.shape[0])])
+    numbers = supervised & is_number[gold.clamp(min=0)]
+    norm = model.model.language_model.norm
+    report = {}
+    for layer, hidden in enumerate(out.hidden_states):
+        right = model.lm_head(norm(hidden))[:, :-1].argmax(-1) == gold
+        report[str(layer)] = {
+            "tokens": round(float(right[supervised].float().mean()), 3),
+            "numbers": round(float(right[numbers].float().mean()), 3),
+        }
+    return report
+
+
 def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
     """L2-regularised logistic regression (LBFGS) on standardised features: test accuracy, AUROC."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
@@ -121,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    processor = LlavaProcessor.from_pretrained(args.target)
+    # a training checkpoint has no processor of its own: the shipped target's is the one it was trained with
+    has_processor = (args.target / "processor_config.json").exists()
+    processor = LlavaProcessor.from_pretrained(args.target if has_processor else DEFAULT_TARGET)
     model = LlavaForConditionalGeneration.from_pretrained(args.target, dtype=torch.float32).eval()
     train = features(model, processor, "train", args.train, seed=1)
     test = features(model, processor, "test", args.test, seed=2)
@@ -146,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             report[key][str(layer)] = probe(  # type: ignore[index]
                 train[where][:, layer], train["labels"], test[where][:, layer], y
             )
+    report["logit_lens"] = logit_lens(model, processor, 48)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=2)
     print(text)

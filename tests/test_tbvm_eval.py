@@ -79,6 +79,24 @@ def test_the_drafts_steps_are_labelled_by_the_reference_and_round_trip(tmp_path:
     assert example.labels[-3] == -100  # "Check:" is read, not trained
 
 
+def test_a_judge_item_flags_every_candidate_token_until_the_first_wrong_one() -> None:
+    from dreamr_stream.zoo.data import IGNORE
+    from dreamr_stream.zoo.task import JudgeItem
+
+    processor = TransformersBackend.from_pretrained(demo_paths().draft, device="cpu").processor
+    puzzle = make_puzzle(split_seed("test", 3))
+    steps = puzzle.steps()
+    right = JudgeItem(puzzle, steps[:1], steps[1], "none")
+    wrong = JudgeItem(puzzle, steps[:1], steps[1].replace("Row 2:", "Row 3:"), "count")
+    (good, _), (bad, _) = judge_item_example(processor, right), judge_item_example(processor, wrong)
+    good_flags = [f for f in good.flags or [] if f != IGNORE]
+    bad_flags = [f for f in bad.flags or [] if f != IGNORE]
+    assert good_flags and set(good_flags) == {1}  # on track to the end, and the suffix says so
+    # "Row" agrees, then the row number is wrong: 0 from there on, suffix included
+    assert bad_flags[0] == 1 and bad_flags[1:] == [0] * (len(bad_flags) - 1)
+    assert (good.flags or [])[-1] == IGNORE  # the verdict token itself is the verdict loss's
+
+
 def test_both_sets_are_scored_once_for_both_modes_on_the_shipped_models() -> None:
     paths = demo_paths()
     target = TransformersBackend.from_pretrained(paths.target, device="cpu", name="target")
@@ -98,7 +116,7 @@ def test_both_sets_are_scored_once_for_both_modes_on_the_shipped_models() -> Non
 
 @pytest.mark.slow
 def test_a_judge_stage_trains_on_the_pool_and_reports_its_held_out_accuracy(tmp_path: Path) -> None:
-    """Two steps of a judge stage from a tiny model: the pool's held-out puzzles are measured."""
+    """Ten steps of a judge stage from a tiny model: the pool's held-out puzzles are measured."""
     paths = demo_paths()
     draft = TransformersBackend.from_pretrained(paths.draft, device="cpu", name="draft")
     steps = sample_draft_steps(draft, "train", range(0, 30), temperatures=(1.0,), seed=0)  # 0 and 25: held out
@@ -106,12 +124,16 @@ def test_a_judge_stage_trains_on_the_pool_and_reports_its_held_out_accuracy(tmp_
     cfg = TrainConfig(
         name="judge-test",
         shape=DRAFT_SHAPE,
-        steps=2,
+        steps=10,
         batch_size=4,
-        eval_every=2,
+        eval_every=10,
         eval_size=4,
         judge_fraction=1.0,
         judge_weight=5.0,
+        flag_weight=1.0,
+        flag_layer=1,
+        early_exit_weight=0.5,
+        early_exit_layer=0,
         draft_steps=str(tmp_path / "pool.jsonl"),
         draft_step_fraction=0.5,
         threads=1,
@@ -122,3 +144,5 @@ def test_a_judge_stage_trains_on_the_pool_and_reports_its_held_out_accuracy(tmp_
     evals = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     last = [e for e in evals if "val_draft_judge_acc" in e][-1]
     assert 0.0 <= last["val_judge_acc"] <= 1.0 and 0.0 <= last["val_draft_judge_acc"] <= 1.0
+    trained = [r for r in evals if "flag" in r]
+    assert trained and all(r["flag"] > 0 and r["early"] > 0 for r in trained)  # flag and early exit supervised

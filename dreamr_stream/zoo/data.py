@@ -40,6 +40,9 @@ class Example:
     labels: list[int]
     pixel_values: torch.Tensor  # (3, H, W)
     cells: list[int]  # one class per grid cell, row-major
+    # judge items: per position, whether the candidate so far is the reference so far (1/0), or
+    # IGNORE; supervises an error flag at every token of the candidate (``TrainConfig.flag_weight``)
+    flags: list[int] | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Batch:
     labels: torch.Tensor  # (B, T)
     pixel_values: torch.Tensor  # (B, 3, H, W)
     cells: torch.Tensor  # (B, n_cells)
+    flags: torch.Tensor  # (B, T), IGNORE where no flag is supervised
 
 
 def cell_classes(puzzle: Puzzle) -> list[int]:
@@ -114,14 +118,29 @@ def judge_item_example(processor: ProcessorMixin, item: JudgeItem) -> tuple[Exam
         piece = list(enc.ids(step)) + newline
         ids += piece
         labels += piece
-    piece = list(enc.ids(item.candidate)) + newline + list(enc.ids(JUDGE_SUFFIX))
-    ids += piece
-    labels += [IGNORE] * len(piece)
+    candidate = list(enc.ids(item.candidate)) + newline
+    reference = list(enc.ids(puzzle.steps()[len(item.prefix)])) + newline
+    suffix = list(enc.ids(JUDGE_SUFFIX))
+    flags = [IGNORE] * len(ids) + _on_track(candidate, reference) + [int(item.correct)] * len(suffix)
+    ids += candidate + suffix
+    labels += [IGNORE] * (len(candidate) + len(suffix))
     verdict = enc.ids(JUDGE_POS if item.correct else JUDGE_NEG)
     assert len(verdict) == 1, "verdict words must be single tokens"
     ids += list(verdict)
     labels += list(verdict)
-    return Example(ids, labels, pixels, cell_classes(puzzle)), item.correct
+    flags += [IGNORE]
+    return Example(ids, labels, pixels, cell_classes(puzzle), flags), item.correct
+
+
+def _on_track(candidate: list[int], reference: list[int]) -> list[int]:
+    """Per candidate token: 1 while the candidate so far is the reference so far, then 0; the
+    last (the delimiter) is 1 iff the whole step is the reference."""
+    out, same = [], True
+    for i, token in enumerate(candidate):
+        same = same and i < len(reference) and token == reference[i]
+        out.append(int(same))
+    out[-1] = int(candidate == reference)
+    return out
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -129,10 +148,13 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    flags = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
+        if e.flags is not None:
+            flags[i, :n] = torch.tensor(e.flags)
         mask[i, :n] = 1
     return Batch(
         input_ids=ids,
@@ -140,4 +162,5 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         labels=labels,
         pixel_values=torch.stack([e.pixel_values for e in examples]),
         cells=torch.tensor([e.cells for e in examples]),
+        flags=flags,
     )

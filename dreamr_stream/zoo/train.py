@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -68,6 +68,15 @@ class TrainConfig(TrainingConfig):
     aux_weight: float = Field(default=0.5, ge=0.0)
     # extra loss on verdict tokens (one token per judge item is a faint signal)
     judge_weight: float = Field(default=0.0, ge=0.0)
+    # an error flag supervised at every token of a judge item's candidate, on the hidden state
+    # after decoder layer ``flag_layer`` (``_AuxHeads``): the verdict learns to read it
+    flag_weight: float = Field(default=0.0, ge=0.0)
+    flag_layer: int = Field(default=12, ge=0)
+    # the language-model loss also on the hidden state after decoder layer ``early_exit_layer``
+    # (final norm + LM head, as the logit lens reads it): the model predicts the next token
+    # early, leaving later layers to check a candidate's tokens against it (see the target's card)
+    early_exit_weight: float = Field(default=0.0, ge=0.0)
+    early_exit_layer: int = Field(default=12, ge=0)
     eval_every: int = Field(default=100, ge=1)
     ckpt_every: int = Field(default=50, ge=1)
     eval_size: int = Field(default=48, ge=1)
@@ -81,6 +90,14 @@ class TrainConfig(TrainingConfig):
     # example solutions only at a low constant learning rate once perception has converged).
     init_from: str | None = None
     extra: dict[str, str] = Field(default_factory=dict)  # notes kept with the run
+
+    @model_validator(mode="after")
+    def _layers_exist(self) -> TrainConfig:
+        last = self.shape.layers - 1
+        for name in ("flag_layer", "early_exit_layer"):
+            if getattr(self, name) > last:
+                raise ValueError(f"{name} {getattr(self, name)}: the model has decoder layers 0..{last}")
+        return self
 
 
 def load_or_build_processor(folder: Path) -> LlavaProcessor:
@@ -98,16 +115,54 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return warmup_cosine(step, peak=cfg.lr, warmup=cfg.warmup, start=cfg.warmup, end=end, floor=cfg.min_lr_frac)
 
 
-class _AuxCells(nn.Module):
-    """Per-cell classifier on the projected visual tokens (training only, not shipped)."""
+class _AuxHeads(nn.Module):
+    """Training-only heads (not shipped) that shape what the model computes inside:
+
+    * ``head``: a per-cell classifier on the projected visual tokens (keeps colour and shape in them);
+    * ``flag_head``: on the hidden state after decoder layer ``flag_layer``, at every token of a
+      judge item's candidate, whether the candidate so far is still the reference (an error flag
+      the verdict token can then read with one attention step; see the target's card)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.head = nn.Linear(hidden, N_CELL_CLASSES)
+        self.flag_head = nn.Linear(hidden, 1)
         self.features: torch.Tensor | None = None
+        self.layer_out: torch.Tensor | None = None
+        self.early_out: torch.Tensor | None = None
 
-    def hook(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+    def attach(self, model: LlavaForConditionalGeneration, flag_layer: int, early_exit_layer: int) -> None:
+        layers = model.model.language_model.layers
+        model.model.multi_modal_projector.register_forward_hook(self._cells)
+        layers[flag_layer].register_forward_hook(self._layer)
+        layers[early_exit_layer].register_forward_hook(self._early)
+        # the final norm and LM head read the early layer; set past nn.Module so that the model is
+        # not registered as a submodule of the heads (its parameters would be optimised twice)
+        object.__setattr__(self, "_reader", model)
+
+    def _early(self, _module: nn.Module, _inputs: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        self.early_out = output[0] if isinstance(output, tuple) else output  # (B, T, hidden)
+
+    def early_exit_loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """The language-model loss of the early layer's hidden state through the final norm and LM head."""
+        model: LlavaForConditionalGeneration = self.__dict__["_reader"]
+        logits = model.lm_head(model.model.language_model.norm(self.early_out))[:, :-1]
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+    def _cells(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         self.features = output  # (B, n_cells, hidden)
+
+    def _layer(self, _module: nn.Module, _inputs: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        self.layer_out = output[0] if isinstance(output, tuple) else output  # (B, T, hidden)
+
+    def flag_loss(self, flags: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the flag head where ``flags`` supervises one (0 if nowhere)."""
+        assert self.layer_out is not None
+        where = flags != IGNORE
+        if not bool(where.any()):
+            return self.layer_out.sum() * 0.0
+        logits = self.flag_head(self.layer_out[where]).squeeze(-1)
+        return nn.functional.binary_cross_entropy_with_logits(logits, flags[where].float())
 
 
 def _progress(name: str, start: int, total: int) -> Callable[[int], None]:
@@ -156,7 +211,7 @@ def _make_batch(
     return collate(examples, processor.tokenizer.pad_token_id)
 
 
-def _step_loss(model: LlavaForConditionalGeneration, aux: _AuxCells, batch: Batch, aux_weight: float):
+def _step_loss(model: LlavaForConditionalGeneration, aux: _AuxHeads, batch: Batch, aux_weight: float):
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -203,7 +258,7 @@ def evaluate(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
     cfg: TrainConfig,
-    aux: _AuxCells,
+    aux: _AuxHeads,
     held_out: list[DraftStep] | None = None,
 ) -> dict[str, float]:
     """Teacher-forced metrics on fixed validation items: token and whole-step accuracy, judge
@@ -262,7 +317,7 @@ def _start_model(cfg: TrainConfig, processor: LlavaProcessor) -> LlavaForConditi
     return LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module, aux: _AuxCells) -> torch.optim.Optimizer:
+def _optimizer(cfg: TrainConfig, model: nn.Module, aux: _AuxHeads) -> torch.optim.Optimizer:
     """AdamW with the vision tower at ``vision_lr_mult`` times the learning rate (``lr_mult``)."""
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
     others = [p for n, p in model.named_parameters() if "vision_tower" not in n] + list(aux.parameters())
@@ -274,7 +329,7 @@ class _Run:
     """What a checkpoint holds: the model, the auxiliary head, the optimiser and the data stream."""
 
     def __init__(
-        self, model: LlavaForConditionalGeneration, aux: _AuxCells, opt: torch.optim.Optimizer, rng: random.Random
+        self, model: LlavaForConditionalGeneration, aux: _AuxHeads, opt: torch.optim.Optimizer, rng: random.Random
     ) -> None:
         self.model, self.aux, self.opt, self.rng = model, aux, opt, rng
 
@@ -326,11 +381,23 @@ def _train_step(
     out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
     if cfg.judge_weight > 0:
         loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
+    flag_loss = run.aux.flag_loss(batch.flags)
+    if cfg.flag_weight > 0:
+        loss = loss + cfg.flag_weight * flag_loss
+    early = run.aux.early_exit_loss(batch.labels) if cfg.early_exit_weight > 0 else torch.zeros(())
+    loss = loss + cfg.early_exit_weight * early
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = float(nn.utils.clip_grad_norm_(run.model.parameters(), 1.0))
     run.opt.step()
-    return {"loss": float(out.loss.detach()), "aux": float(aux_loss.detach()), "lr": lr, "gnorm": gnorm}
+    return {
+        "loss": float(out.loss.detach()),
+        "aux": float(aux_loss.detach()),
+        "flag": float(flag_loss.detach()),
+        "early": float(early.detach()),
+        "lr": lr,
+        "gnorm": gnorm,
+    }
 
 
 def _write(logf: IO[str], rec: dict[str, Any]) -> None:
@@ -346,8 +413,8 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     processor = load_or_build_processor(processor_dir)
     ckpt = out_dir / "checkpoint"
     model = _start_model(cfg, processor)
-    aux = _AuxCells(cfg.shape.hidden)
-    model.model.multi_modal_projector.register_forward_hook(aux.hook)
+    aux = _AuxHeads(cfg.shape.hidden)
+    aux.attach(model, cfg.flag_layer, cfg.early_exit_layer)
     run = _Run(model, aux, _optimizer(cfg, model, aux), random.Random(cfg.seed))
     start = run.resume(ckpt) if resume else 0
     if start:
