@@ -146,3 +146,20 @@ def test_a_judge_stage_trains_on_the_pool_and_reports_its_held_out_accuracy(tmp_
     assert 0.0 <= last["val_judge_acc"] <= 1.0 and 0.0 <= last["val_draft_judge_acc"] <= 1.0
     trained = [r for r in evals if "flag" in r]
     assert trained and all(r["flag"] > 0 and r["early"] > 0 for r in trained)  # flag and early exit supervised
+
+
+def test_zoo_eval_reports_both_modes_side_by_side(tmp_path: Path) -> None:
+    from dreamr_stream.zoo.evaluate import main
+
+    paths = demo_paths()
+    recommended = json.loads((paths.target / "dreamr.json").read_text())["verification"]["mode"]
+    other = "judge" if recommended == "likelihood" else "likelihood"
+    out = tmp_path / "eval.json"
+    args = ["--target", str(paths.target), "--draft", str(paths.draft), "--methods", "fpsr,target_only", "-n", "1"]
+    main([*args, "--judge-n", "4", "--prefixes", "1", "--modes", "judge,likelihood", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["fpsr"]["mode"] == recommended and report[f"fpsr_{other}"]["mode"] == other
+    assert f"target_only_{other}" not in report  # the target alone does not verify: one run
+    for name, n in (("judge_set", 4), ("draft_steps", len(make_puzzle(split_seed("test", 0)).steps()))):
+        assert set(report["tbvm"][name]) == {"judge", "likelihood"}
+        assert all(r["n"] == n for r in report["tbvm"][name].values())

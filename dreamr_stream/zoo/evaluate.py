@@ -127,18 +127,28 @@ def evaluate_prefixes(
     return {"puzzles": n, **acceptance_at_prefixes(target, draft, prompts, verifier)}
 
 
+# methods whose result does not depend on TBVM: run in the recommended mode only
+_UNVERIFIED = ("target_only", "draft_only")
+
+
 def _run_methods(
     reasoner: Reasoner, verification: VerificationConfig, methods: list[str], split: Split, n: int, suffix: str
 ) -> dict[str, object]:
-    """``methods`` on a Reasoner of ``reasoner``'s models with TBVM as ``verification``."""
+    """``methods`` on a Reasoner of ``reasoner``'s models with TBVM as ``verification`` (with a
+    ``suffix``, only those that verify)."""
     config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
     draft = reasoner.draft.backend if reasoner.draft else None
-    run = Reasoner(reasoner.target.backend, draft, config=config)
+    run = Reasoner(reasoner.target.backend, draft, config=config)  # the models stay open
     out: dict[str, object] = {}
-    for method in methods:
-        r = evaluate_method(run, method, split, n)  # type: ignore[arg-type]
-        out[method + suffix] = asdict(r)
-        print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
+    try:
+        for method in methods:
+            if suffix and method in _UNVERIFIED:
+                continue
+            r = evaluate_method(run, method, split, n)  # type: ignore[arg-type]
+            out[method + suffix] = asdict(r)
+            print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
+    finally:
+        run.close()
     return out
 
 
