@@ -194,8 +194,8 @@ def _evaluation(spec: dict[str, Any], results: Path) -> dict[str, Any]:
     for key, value in report.items():
         if isinstance(value, dict) and "method" in value:
             out[key] = {k: x for k, x in value.items() if k not in _DROPPED}
-    if "judge" in report:
-        out["judge_set"] = report["judge"]
+    if "tbvm" in report:  # each mode at its tau, on the judge set and on the drafts' real steps
+        out["tbvm"] = report["tbvm"]
     if "prefixes" in report:
         out["acceptance_at_the_targets_prefixes"] = report["prefixes"]
     for key, other_file in spec.get("compare", {}).items():

@@ -71,12 +71,12 @@ class TrainConfig(TrainingConfig):
     # an error flag supervised at every token of a judge item's candidate, on the hidden state
     # after decoder layer ``flag_layer`` (``_AuxHeads``): the verdict learns to read it
     flag_weight: float = Field(default=0.0, ge=0.0)
-    flag_layer: int = Field(default=12, ge=0)
+    flag_layer: int | None = Field(default=None, ge=0)
     # the language-model loss also on the hidden state after decoder layer ``early_exit_layer``
     # (final norm + LM head, as the logit lens reads it): the model predicts the next token
     # early, leaving later layers to check a candidate's tokens against it (see the target's card)
     early_exit_weight: float = Field(default=0.0, ge=0.0)
-    early_exit_layer: int = Field(default=12, ge=0)
+    early_exit_layer: int | None = Field(default=None, ge=0)
     eval_every: int = Field(default=100, ge=1)
     ckpt_every: int = Field(default=50, ge=1)
     eval_size: int = Field(default=48, ge=1)
@@ -94,9 +94,12 @@ class TrainConfig(TrainingConfig):
     @model_validator(mode="after")
     def _layers_exist(self) -> TrainConfig:
         last = self.shape.layers - 1
-        for name in ("flag_layer", "early_exit_layer"):
-            if getattr(self, name) > last:
-                raise ValueError(f"{name} {getattr(self, name)}: the model has decoder layers 0..{last}")
+        for weight, name in (("flag_weight", "flag_layer"), ("early_exit_weight", "early_exit_layer")):
+            layer = getattr(self, name)
+            if getattr(self, weight) > 0 and layer is None:
+                raise ValueError(f"{weight} > 0 needs {name}")
+            if layer is not None and layer > last:
+                raise ValueError(f"{name} {layer}: the model has decoder layers 0..{last}")
         return self
 
 
@@ -131,11 +134,13 @@ class _AuxHeads(nn.Module):
         self.layer_out: torch.Tensor | None = None
         self.early_out: torch.Tensor | None = None
 
-    def attach(self, model: LlavaForConditionalGeneration, flag_layer: int, early_exit_layer: int) -> None:
+    def attach(self, model: LlavaForConditionalGeneration, flag_layer: int | None, early_layer: int | None) -> None:
         layers = model.model.language_model.layers
         model.model.multi_modal_projector.register_forward_hook(self._cells)
-        layers[flag_layer].register_forward_hook(self._layer)
-        layers[early_exit_layer].register_forward_hook(self._early)
+        if flag_layer is not None:
+            layers[flag_layer].register_forward_hook(self._layer)
+        if early_layer is not None:
+            layers[early_layer].register_forward_hook(self._early)
         # the final norm and LM head read the early layer; set past nn.Module so that the model is
         # not registered as a submodule of the heads (its parameters would be optimised twice)
         object.__setattr__(self, "_reader", model)
@@ -381,9 +386,8 @@ def _train_step(
     out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
     if cfg.judge_weight > 0:
         loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
-    flag_loss = run.aux.flag_loss(batch.flags)
-    if cfg.flag_weight > 0:
-        loss = loss + cfg.flag_weight * flag_loss
+    flag_loss = run.aux.flag_loss(batch.flags) if cfg.flag_weight > 0 else torch.zeros(())
+    loss = loss + cfg.flag_weight * flag_loss
     early = run.aux.early_exit_loss(batch.labels) if cfg.early_exit_weight > 0 else torch.zeros(())
     loss = loss + cfg.early_exit_weight * early
     run.opt.zero_grad(set_to_none=True)
