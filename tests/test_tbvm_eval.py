@@ -17,6 +17,7 @@ from dreamr_stream.zoo.build import DRAFT_SHAPE
 from dreamr_stream.zoo.data import judge_item_example
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool, sample_draft_steps, write_pool
 from dreamr_stream.zoo.shipped import demo_paths
+from dreamr_stream.zoo.task import make_puzzle, split_seed
 from dreamr_stream.zoo.tbvm_eval import (
     Labelled,
     choose_tau,
@@ -24,7 +25,6 @@ from dreamr_stream.zoo.tbvm_eval import (
     judge_set_scored,
     tbvm_report,
 )
-from dreamr_stream.zoo.task import make_puzzle, split_seed
 from dreamr_stream.zoo.train import TrainConfig, train
 
 

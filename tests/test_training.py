@@ -141,6 +141,6 @@ def test_a_judge_stage_names_the_layers_its_auxiliary_losses_read() -> None:
 
     with pytest.raises(ConfigError, match="flag_weight > 0 needs flag_layer"):
         TrainConfig(name="x", shape=DRAFT_SHAPE, flag_weight=1.0)
-    with pytest.raises(ConfigError, match="early_exit_layer 2: the model has decoder layers 0..1"):
+    with pytest.raises(ConfigError, match=r"early_exit_layer 2: the model has decoder layers 0\.\.1"):
         TrainConfig(name="x", shape=DRAFT_SHAPE, early_exit_weight=0.5, early_exit_layer=2)
     assert TrainConfig(name="x", shape=DRAFT_SHAPE, flag_weight=1.0, flag_layer=1).flag_layer == 1
