@@ -3,7 +3,7 @@ SAPO's validation, and ``dreamr zoo eval --prefixes``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,15 @@ from dreamr_stream.sapo.config import DEFAULT_GENERATION
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.verify import Verifier
 
-__all__ = ["PrefixVerdict", "ScoredStep", "acceptance_at_prefixes", "greedy_verdicts", "scored_greedy_steps"]
+__all__ = [
+    "PrefixVerdict",
+    "ScoredStep",
+    "acceptance_at_prefixes",
+    "acceptance_of",
+    "greedy_verdicts",
+    "scored_greedy_steps",
+    "verdicts_of",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,12 @@ def greedy_verdicts(
     gen: GenerationConfig = DEFAULT_GENERATION,
 ) -> list[PrefixVerdict]:
     """TBVM's verdict on the draft's greedy step at every prefix of the target's trajectories."""
+    steps = scored_greedy_steps(target, draft, prompts, judge=verifier.needs_judge, gen=gen)
+    return verdicts_of(steps, draft, verifier)
+
+
+def verdicts_of(steps: Iterable[ScoredStep], draft: TransformersBackend, verifier: Verifier) -> list[PrefixVerdict]:
+    """``verifier``'s verdicts on steps the target scored (with the judge suffix, if it needs it)."""
     return [
         PrefixVerdict(
             s.prompt,
@@ -88,7 +102,7 @@ def greedy_verdicts(
             verifier.verify(s.score.p_pos, s.score.p_neg, s.score.token_logprobs).accepted,
             len(draft.encode(s.text)),
         )
-        for s in scored_greedy_steps(target, draft, prompts, judge=verifier.needs_judge, gen=gen)
+        for s in steps
     ]
 
 
@@ -109,7 +123,13 @@ def acceptance_at_prefixes(
     ``excess_tokens`` is what the reward's conciseness term penalises (tokens beyond the
     target's step), ``shortfall_tokens`` what the draft leaves out of it; ``accepted_*`` are
     the same means over the accepted steps alone, against the target's steps there."""
-    vs = greedy_verdicts(target, draft, prompts, verifier, gen=gen)
+    return acceptance_of(greedy_verdicts(target, draft, prompts, verifier, gen=gen), prompts, draft)
+
+
+def acceptance_of(
+    vs: Sequence[PrefixVerdict], prompts: Sequence[RolloutPrompt], draft: TransformersBackend
+) -> dict[str, float]:
+    """``acceptance_at_prefixes``'s figures from verdicts already made (``verdicts_of``)."""
     n = max(1, len(vs))
     # the target's own step at the same prefixes, in the draft's tokens: the length to match
     targets = [len(draft.encode(prompts[v.prompt].steps[v.k])) for v in vs]

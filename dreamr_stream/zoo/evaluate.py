@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
@@ -22,15 +23,15 @@ import anyio
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
-from dreamr_stream.reasoner import Method, Reasoner
-from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
+from dreamr_stream.reasoner import UNVERIFIED_METHODS, Method, Reasoner
+from dreamr_stream.sapo.acceptance import acceptance_of, scored_greedy_steps, verdicts_of
 from dreamr_stream.sapo.prompts import TrajectoryCache
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.prompts import task_prompts
 from dreamr_stream.zoo.task import Split, make_puzzle, parse_answer, split_seed
-from dreamr_stream.zoo.tbvm_eval import MODES, Labelled, draft_steps_scored, judge_set_scored, tbvm_report
+from dreamr_stream.zoo.tbvm_eval import MODES, Labelled, judge_set_scored, labelled_steps, tbvm_report
 
-__all__ = ["MethodReport", "evaluate_method", "evaluate_tbvm"]
+__all__ = ["MethodReport", "evaluate_method", "evaluate_prefixes", "evaluate_tbvm"]
 
 
 @dataclass
@@ -84,51 +85,23 @@ def evaluate_method(reasoner: Reasoner, method: Method, split: Split = "test", n
     return anyio.run(_method, reasoner, method, split, n)
 
 
-def evaluate_tbvm(
-    target: TransformersBackend,
-    taus: dict[str, float],
-    *,
-    judge_n: int = 0,
-    draft: TransformersBackend | None = None,
-    prefixes: int = 0,
-    split: Split = "test",
-) -> dict[str, dict[str, object]]:
-    """TBVM's report in each mode of ``taus`` (at that tau) on the judge set (``judge_n`` items)
-    and on ``draft``'s real steps at every prefix of the target's trajectories on ``prefixes``
-    puzzles."""
-    sets: dict[str, list[Labelled]] = {}
-    if judge_n:
-        sets["judge_set"] = judge_set_scored(target, split, judge_n)
-    if draft is not None and prefixes:
-        prompts = task_prompts(target, TrajectoryCache(), split, prefixes)
-        sets["draft_steps"] = draft_steps_scored(target, draft, prompts)
+def evaluate_tbvm(sets: Mapping[str, Sequence[Labelled]], taus: Mapping[str, float]) -> dict[str, dict[str, object]]:
+    """TBVM's report in each mode of ``taus`` (at that tau) on each set of labelled steps."""
     return {name: {m: asdict(tbvm_report(items, m, tau)) for m, tau in taus.items()} for name, items in sets.items()}
 
 
 def evaluate_prefixes(
-    target_dir: Path,
-    draft_dir: Path,
-    split: Split = "test",
-    n: int = 100,
-    overrides: dict[str, object] | None = None,
-    target: TransformersBackend | None = None,
-    draft: TransformersBackend | None = None,
-) -> dict[str, float]:
-    """TBVM acceptance of the draft's greedy step at every prefix of the target's own
-    trajectories on ``n`` puzzles, with the draft's and the target's mean step lengths there:
-    the same prefixes for every draft, so two drafts compare step for step. TBVM as the target
-    recommends, with ``overrides`` (``mode``, ``tau``) on top. ``target``: the target already
-    loaded from ``target_dir``, if it is (``draft`` likewise)."""
-    target = target or TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
-    draft = draft or TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
-    recommended = VerificationConfig.recommended(target.recommended_verification)
-    verifier = make_verifier(recommended.model_copy(update=overrides or {}))
+    target: TransformersBackend, draft: TransformersBackend, verification: VerificationConfig, split: Split, n: int
+) -> tuple[dict[str, float], list[Labelled]]:
+    """The draft's greedy step at every prefix of the target's own trajectories on ``n`` puzzles
+    (the same prefixes for every draft, so two drafts compare step for step), scored once with
+    the judge suffix, so that every TBVM mode reads the same forward: TBVM acceptance as
+    ``verification`` with the draft's and the target's mean step lengths there
+    (``acceptance_of``), and the steps labelled for ``evaluate_tbvm``."""
     prompts = task_prompts(target, TrajectoryCache(), split, n)
-    return {"puzzles": n, **acceptance_at_prefixes(target, draft, prompts, verifier)}
-
-
-# methods whose result does not depend on TBVM: run in the recommended mode only
-_UNVERIFIED = ("target_only", "draft_only")
+    steps = list(scored_greedy_steps(target, draft, prompts, judge=True))
+    verdicts = verdicts_of(steps, draft, make_verifier(verification))
+    return {"puzzles": n, **acceptance_of(verdicts, prompts, draft)}, labelled_steps(steps, prompts)
 
 
 def _run_methods(
@@ -142,7 +115,7 @@ def _run_methods(
     out: dict[str, object] = {}
     try:
         for method in methods:
-            if suffix and method in _UNVERIFIED:
+            if suffix and method in UNVERIFIED_METHODS:  # one run, in the recommended mode
                 continue
             r = evaluate_method(run, method, split, n)  # type: ignore[arg-type]
             out[method + suffix] = asdict(r)
@@ -196,18 +169,18 @@ def main(argv: list[str] | None = None) -> None:
     methods = [m for m in args.methods.split(",") if m]
     for mode, v in per_mode.items():
         report.update(_run_methods(reasoner, v, methods, args.split, args.n, "" if v is verification else f"_{mode}"))
-    draft = None
+    sets: dict[str, list[Labelled]] = {}
+    if args.judge_n:
+        sets["judge_set"] = judge_set_scored(target, args.split, args.judge_n)
     if args.prefixes and args.draft:
         draft = TransformersBackend.from_pretrained(args.draft, device="cpu", name="draft")
-        report["prefixes"] = evaluate_prefixes(
-            args.target, args.draft, args.split, args.prefixes, overrides, target=target, draft=draft
+        report["prefixes"], sets["draft_steps"] = evaluate_prefixes(
+            target, draft, verification, args.split, args.prefixes
         )
         print(json.dumps(report["prefixes"]))
-    taus = {m: v.tau for m, v in per_mode.items()}
-    tbvm = evaluate_tbvm(target, taus, judge_n=args.judge_n, draft=draft, prefixes=args.prefixes, split=args.split)
-    if tbvm:
-        report["tbvm"] = tbvm
-        print(json.dumps(tbvm))
+    if sets:
+        report["tbvm"] = evaluate_tbvm(sets, {m: v.tau for m, v in per_mode.items()})
+        print(json.dumps(report["tbvm"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

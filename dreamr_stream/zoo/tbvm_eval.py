@@ -23,13 +23,22 @@ from dataclasses import dataclass
 from dreamr_stream.backends.base import ScoreOutput
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
-from dreamr_stream.sapo.acceptance import scored_greedy_steps
+from dreamr_stream.sapo.acceptance import ScoredStep, scored_greedy_steps
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.data import STEP_DELIMITER
 from dreamr_stream.zoo.task import Split, make_judge_item, make_puzzle, split_seed
 
-__all__ = ["MODES", "Labelled", "TbvmReport", "choose_tau", "draft_steps_scored", "judge_set_scored", "tbvm_report"]
+__all__ = [
+    "MODES",
+    "Labelled",
+    "TbvmReport",
+    "choose_tau",
+    "draft_steps_scored",
+    "judge_set_scored",
+    "labelled_steps",
+    "tbvm_report",
+]
 
 MODES = ("judge", "likelihood")
 # the taus choose_tau tries: a log grid over ratios p_pos / p_neg from 1/1000 to 1000
@@ -86,10 +95,12 @@ def draft_steps_scored(
 ) -> list[Labelled]:
     """A draft's greedy steps at every prefix of the target's trajectories, scored by the target;
     labelled right iff the step is the target's own there."""
-    return [
-        Labelled("none" if s.is_targets(prompts) else "not the target's step", s.score)
-        for s in scored_greedy_steps(target, draft, prompts, judge=True)
-    ]
+    return labelled_steps(scored_greedy_steps(target, draft, prompts, judge=True), prompts)
+
+
+def labelled_steps(steps: Iterable[ScoredStep], prompts: Sequence[RolloutPrompt]) -> list[Labelled]:
+    """Scored draft steps labelled right iff each is the target's own step there."""
+    return [Labelled("none" if s.is_targets(prompts) else "not the target's step", s.score) for s in steps]
 
 
 def _verdicts(items: Iterable[Labelled], mode: str, tau: float) -> list[tuple[Labelled, bool]]:
