@@ -59,7 +59,7 @@ import torch
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
-from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.reasoner import UNVERIFIED_METHODS, Reasoner
 from dreamr_stream.zoo.task import Puzzle, make_puzzle, parse_answer, split_seed
 
 __all__ = ["ALL_METHODS", "BenchResult", "ideal_speedup", "run_bench"]
@@ -260,7 +260,7 @@ def _measure(
     probe = make_puzzle(split_seed("val", 0))
     # every torch call runs on a Reasoner's model threads, engine or not (see call_model)
     costs = alone.call_model(measure_costs, target, sft, probe.image, probe.question.text())
-    rows = {m: MethodRows(tbvm=_tbvm(reasoners[_ENGINE[m]]) if m in _ENGINE else None) for m in methods}
+    rows = {m: MethodRows(tbvm=_tbvm(_ENGINE[m], reasoners[_ENGINE[m]]) if m in _ENGINE else None) for m in methods}
     for engine, warm in reasoners.items():  # warm-up every path once
         warm.invoke(probe.image, probe.question.text(), method=engine.method)  # type: ignore[arg-type]
     for i in range(n):
@@ -284,10 +284,12 @@ def _measure(
     return BenchResult(config=cfg, costs=costs, methods=_summarise(rows, costs, n))
 
 
-def _tbvm(reasoner: Reasoner) -> str | None:
-    """The TBVM a Reasoner with a draft verifies with, as "<mode> <tau>"."""
+def _tbvm(engine: _Engine, reasoner: Reasoner) -> str | None:
+    """The TBVM an engine row verifies with, as "<mode> <tau>" (None: the row does not verify)."""
+    if engine.method in UNVERIFIED_METHODS:
+        return None
     v = reasoner.config.verification
-    return f"{v.mode} {v.tau:g}" if reasoner.draft is not None else None
+    return f"{v.mode} {v.tau:g}"
 
 
 def _run_generate(
@@ -333,7 +335,7 @@ def _summarise(rows: dict[str, MethodRows], costs: dict[str, float], n: int) -> 
     out: dict[str, dict[str, Any]] = {}
     for m, row in rows.items():
         rec: dict[str, Any] = {
-            "tbvm": row.tbvm if m != "draft_only" else None,
+            "tbvm": row.tbvm,
             "accuracy": sum(row.correct) / len(row.correct),
             "acceptance": row.accepted / row.judged if row.judged else None,
             "steps_per_prompt": row.steps / n if row.steps else None,

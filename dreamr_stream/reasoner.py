@@ -33,10 +33,12 @@ from dreamr_stream.store import (
 from dreamr_stream.types import ReasoningResult, Step
 from dreamr_stream.verify import Verifier, make_verifier
 
-__all__ = ["Method", "Reasoner"]
+__all__ = ["UNVERIFIED_METHODS", "Method", "Reasoner"]
 
 log = logging.getLogger(__name__)
 Method = Literal["fpsr", "target_only", "draft_only", "sequential"]
+# the methods whose steps TBVM never judges: their results do not depend on its mode or tau
+UNVERIFIED_METHODS: frozenset[Method] = frozenset({"target_only", "draft_only"})
 _RUNS: dict[str, Callable[..., Awaitable[None]]] = {
     "fpsr": run_fpsr,
     "target_only": run_target_only,

@@ -136,29 +136,28 @@ class _AuxHeads(nn.Module):
 
     def attach(self, model: LlavaForConditionalGeneration, flag_layer: int | None, early_layer: int | None) -> None:
         layers = model.model.language_model.layers
-        model.model.multi_modal_projector.register_forward_hook(self._cells)
+        model.model.multi_modal_projector.register_forward_hook(self._keep("features"))  # (B, n_cells, hidden)
         if flag_layer is not None:
-            layers[flag_layer].register_forward_hook(self._layer)
+            layers[flag_layer].register_forward_hook(self._keep("layer_out"))  # (B, T, hidden)
         if early_layer is not None:
-            layers[early_layer].register_forward_hook(self._early)
+            layers[early_layer].register_forward_hook(self._keep("early_out"))  # (B, T, hidden)
         # the final norm and LM head read the early layer; set past nn.Module so that the model is
         # not registered as a submodule of the heads (its parameters would be optimised twice)
         object.__setattr__(self, "_reader", model)
 
-    def _early(self, _module: nn.Module, _inputs: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
-        self.early_out = output[0] if isinstance(output, tuple) else output  # (B, T, hidden)
+    def _keep(self, attr: str) -> Callable[[nn.Module, object, torch.Tensor | tuple[torch.Tensor, ...]], None]:
+        """A forward hook keeping a module's output (a decoder layer's hidden states) as ``attr``."""
+
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+            setattr(self, attr, output[0] if isinstance(output, tuple) else output)
+
+        return hook
 
     def early_exit_loss(self, labels: torch.Tensor) -> torch.Tensor:
         """The language-model loss of the early layer's hidden state through the final norm and LM head."""
         model: LlavaForConditionalGeneration = self.__dict__["_reader"]
         logits = model.lm_head(model.model.language_model.norm(self.early_out))[:, :-1]
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-
-    def _cells(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        self.features = output  # (B, n_cells, hidden)
-
-    def _layer(self, _module: nn.Module, _inputs: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
-        self.layer_out = output[0] if isinstance(output, tuple) else output  # (B, T, hidden)
 
     def flag_loss(self, flags: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of the flag head where ``flags`` supervises one (0 if nowhere)."""
