@@ -144,3 +144,56 @@ def test_a_judge_stage_names_the_layers_its_auxiliary_losses_read() -> None:
     with pytest.raises(ConfigError, match=r"early_exit_layer 2: the model has decoder layers 0\.\.1"):
         TrainConfig(name="x", shape=DRAFT_SHAPE, early_exit_weight=0.5, early_exit_layer=2)
     assert TrainConfig(name="x", shape=DRAFT_SHAPE, flag_weight=1.0, flag_layer=1).flag_layer == 1
+
+
+def test_a_grown_model_computes_what_the_original_did_and_trains_only_its_new_layers(tmp_path: Path) -> None:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from dreamr_stream.zoo.build import build_model, grow_decoder
+    from dreamr_stream.zoo.data import collate, solution_example
+    from dreamr_stream.zoo.train import load_or_build_processor, train
+
+    processor = load_or_build_processor(tmp_path / "processor")
+    shape = {"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32, "vision_hidden": 16}
+    start = build_model(processor.tokenizer, TrainConfig(name="x", shape=shape).shape, seed=0)
+    start.save_pretrained(tmp_path / "start")
+    batch = collate([solution_example(processor, make_puzzle(split_seed("val", 0)))], processor.tokenizer.pad_token_id)
+
+    def logits(model: LlavaForConditionalGeneration) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(input_ids=batch.input_ids, pixel_values=batch.pixel_values).logits
+
+    grown = LlavaForConditionalGeneration.from_pretrained(tmp_path / "start", dtype=torch.float32)
+    assert grow_decoder(grown, 3, seed=0) == 1  # train() grows with cfg.seed, 0
+    assert torch.equal(logits(grown), logits(start))  # new layers start as the identity
+    with pytest.raises(ValueError, match="cannot grow a 3-layer"):
+        grow_decoder(grown, 2, seed=0)
+
+    cfg = TrainConfig(
+        name="grown",
+        shape={**shape, "layers": 3},
+        init_from=str(tmp_path / "start"),
+        train_only_new_layers=True,
+        steps=2,
+        batch_size=2,
+        warmup=0,
+        lr=1e-2,
+        eval_size=2,
+        flag_weight=1.0,
+        flag_layer=2,
+        judge_fraction=0.5,
+        threads=1,
+    )
+    final = LlavaForConditionalGeneration.from_pretrained(train(cfg, tmp_path / "run", tmp_path / "processor"))
+    assert final.config.text_config.num_hidden_layers == 3
+    before, after = start.state_dict(), final.state_dict()
+    new = [k for k in after if ".layers.1." in k or ".layers.2." in k]
+    assert new and all(k not in before for k in new)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a frozen weight moved"
+    assert any(not torch.equal(after[k], grown.state_dict()[k]) for k in new), "the new layers did not learn"
+
+
+def test_only_a_model_started_from_another_can_train_only_new_layers() -> None:
+    with pytest.raises(ConfigError, match="train_only_new_layers needs init_from"):
+        TrainConfig(name="x", shape=DRAFT_SHAPE, train_only_new_layers=True)

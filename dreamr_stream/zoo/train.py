@@ -28,7 +28,15 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.training import TrainingConfig, warmup_cosine
-from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, ModelShape, build_model, build_processor, build_tokenizer
+from dreamr_stream.zoo.build import (
+    JUDGE_NEG,
+    JUDGE_POS,
+    ModelShape,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    grow_decoder,
+)
 from dreamr_stream.zoo.data import (
     IGNORE,
     N_CELL_CLASSES,
@@ -89,6 +97,11 @@ class TrainConfig(TrainingConfig):
     # A model folder to start from instead of random weights: a later stage of a recipe (for
     # example solutions only at a low constant learning rate once perception has converged).
     init_from: str | None = None
+    # With ``init_from``, a ``shape.layers`` above its depth appends identity-initialised decoder
+    # layers on top (``build.grow_decoder``); ``train_only_new_layers`` then freezes everything
+    # ``init_from`` had, so its predictions stay as they were and only the new layers (and the
+    # training-only heads) learn.
+    train_only_new_layers: bool = False
     extra: dict[str, str] = Field(default_factory=dict)  # notes kept with the run
 
     @model_validator(mode="after")
@@ -100,6 +113,8 @@ class TrainConfig(TrainingConfig):
                 raise ValueError(f"{weight} > 0 needs {name}")
             if layer is not None and layer > last:
                 raise ValueError(f"{name} {layer}: the model has decoder layers 0..{last}")
+        if self.train_only_new_layers and self.init_from is None:
+            raise ValueError("train_only_new_layers needs init_from (the model whose layers stay frozen)")
         return self
 
 
@@ -314,18 +329,31 @@ def evaluate(
 
 
 def _start_model(cfg: TrainConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
-    """The model the run starts from: ``init_from``'s weights, or fresh ones of ``cfg.shape``."""
+    """The model the run starts from: ``init_from``'s weights (grown to ``cfg.shape.layers``, the
+    layers it had frozen if ``train_only_new_layers``), or fresh ones of ``cfg.shape``."""
     if cfg.init_from is None:
         return build_model(processor.tokenizer, cfg.shape, cfg.seed)
     torch.manual_seed(cfg.seed)
-    return LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+    first_new = grow_decoder(model, cfg.shape.layers, cfg.seed)
+    if cfg.train_only_new_layers:
+        if first_new == cfg.shape.layers:
+            raise ValueError(f"train_only_new_layers: {cfg.init_from} already has {first_new} layers (shape.layers)")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.model.language_model.layers[first_new:].parameters():
+            p.requires_grad_(True)
+    return model
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module, aux: _AuxHeads) -> torch.optim.Optimizer:
     """AdamW with the vision tower at ``vision_lr_mult`` times the learning rate (``lr_mult``)."""
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
-    others = [p for n, p in model.named_parameters() if "vision_tower" not in n] + list(aux.parameters())
-    groups = [{"params": others, "lr_mult": 1.0}, {"params": vision, "lr_mult": cfg.vision_lr_mult}]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    vision = [p for n, p in params if "vision_tower" in n]
+    others = [p for n, p in params if "vision_tower" not in n] + list(aux.parameters())
+    groups = [{"params": others, "lr_mult": 1.0}]
+    if vision:  # none when the tower is frozen
+        groups.append({"params": vision, "lr_mult": cfg.vision_lr_mult})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
