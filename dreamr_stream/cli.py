@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -111,8 +113,6 @@ _ZOO_COMMANDS = {
 
 
 def _zoo(args: argparse.Namespace) -> int:
-    import importlib
-
     module = importlib.import_module(f"dreamr_stream.zoo.{_ZOO_COMMANDS[args.zoo_cmd]}")
     return module.main(args.rest) or 0
 
@@ -158,11 +158,10 @@ def _bench_served(args: argparse.Namespace) -> int:
 
     from dreamr_stream.config import CacheConfig
 
-    try:
-        from dreamr_vllm.bench import run_levels, to_markdown
-    except ImportError as e:
-        print(f"--target-url needs the vllm extra: pip install 'dreamr-stream[vllm]' ({e})", file=sys.stderr)
+    served = _adapter("dreamr_vllm.bench", what="--target-url", extra="vllm")
+    if served is None:
         return 2
+    run_levels, to_markdown = served.run_levels, served.to_markdown
     reasoner = load_reasoner(args)
     # every request does its full model work: no trajectory cache (the rounds repeat puzzles)
     config = reasoner.config.model_copy(update={"cache": CacheConfig(enabled=False)})
@@ -224,14 +223,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    # lazily: the core never imports its adapters unless this subcommand runs
+def _adapter(module: str, *, what: str, extra: str) -> ModuleType | None:
+    """An adapter's module, imported only when a command needs it (the core never imports its
+    adapters otherwise); None, with the extra to install said, when it is missing."""
     try:
-        from dreamr_websocket.cli import serve
+        return importlib.import_module(module)
     except ImportError as e:
-        print(f"dreamr serve needs the websocket extra: pip install 'dreamr-stream[websocket]' ({e})", file=sys.stderr)
-        return 2
-    return serve(args)
+        print(f"{what} needs the {extra} extra: pip install 'dreamr-stream[{extra}]' ({e})", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    websocket = _adapter("dreamr_websocket.cli", what="dreamr serve", extra="websocket")
+    return 2 if websocket is None else int(websocket.serve(args))
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -46,16 +46,12 @@ class FakeSession:
     tokens: list[str] = field(default_factory=list)  # words and delimiters, after the prompt
     prompt_len: int = 1
     partial: list[str] = field(default_factory=list)
-    eos: bool = False
+    finished: bool = False  # the answer has ended (the Session protocol's flag, written here)
     closed: bool = False
 
     @property
     def length(self) -> int:
         return self.prompt_len + len(self.tokens)
-
-    @property
-    def finished(self) -> bool:
-        return self.eos
 
     def steps(self, stop: str) -> list[str]:
         """Completed steps in the session (text between delimiters)."""
@@ -123,11 +119,11 @@ class ScriptedBackend:
         self._enter()
         try:
             s = session
-            if s.eos:
+            if s.finished:
                 return StepOutput("", done=True, eos=True)
             target = self.policy(s.question, s.steps(stop))
             if target is None:
-                s.eos = True
+                s.finished = True
                 return StepOutput(" ".join(s.partial), done=True, eos=True, new_tokens=1)
             words = target.split(" ")[:max_tokens]
             new = 0
@@ -178,7 +174,7 @@ class ScriptedBackend:
             if n_tokens:
                 del session.tokens[-n_tokens:]
             session.partial = []
-            session.eos = False
+            session.finished = False
         finally:
             self._exit()
 
@@ -187,7 +183,7 @@ class ScriptedBackend:
         try:
             self.open_sessions += 1
             return FakeSession(
-                session.question, list(session.tokens), session.prompt_len, list(session.partial), session.eos
+                session.question, list(session.tokens), session.prompt_len, list(session.partial), session.finished
             )
         finally:
             self._exit()

@@ -48,7 +48,7 @@ class HFSession:
     pos_dims: int = 0
     partial: list[int] = field(default_factory=list)  # tokens of the step being decoded
     inputs: dict[str, Any] = field(default_factory=dict)  # the processor's prompt tensors
-    eos: bool = False
+    finished: bool = False  # the answer has ended (the Session protocol's flag, written here)
     generator: torch.Generator | None = None
     # tokens proposed for the rest of the step under way (``begin_step``), verified several per
     # forward; ``proposal_at`` is where the next token is expected in them
@@ -58,10 +58,6 @@ class HFSession:
     @property
     def length(self) -> int:
         return len(self.ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.eos
 
 
 class TransformersBackend:
@@ -249,12 +245,12 @@ class TransformersBackend:
                 return self._end_step(s, StepOutput(text, done=True, forwards=1))
             forwards = new = proposed = 0
             while budget is None or new < budget:
-                if s.eos:
+                if s.finished:
                     text = self.decode(s.partial)
                     return self._end_step(s, StepOutput(text, True, True, new, forwards, proposed))
                 token = self._pick(s, s.logits_at[len(s.ids)], temperature)
                 if token in self.eos_ids:
-                    s.eos = True  # not fed: nothing follows the end of the answer
+                    s.finished = True  # not fed: nothing follows the end of the answer
                     text = self.decode(s.partial)
                     return self._end_step(s, StepOutput(text, True, True, new + 1, forwards, proposed))
                 guesses = self._guesses(s, token, max_tokens - len(s.partial) - 1) if temperature <= 0.0 else []
@@ -419,7 +415,7 @@ class TransformersBackend:
             raise BackendError(f"{self.name}: cannot roll back {n_tokens} tokens past the prompt")
         s.partial = []
         s.proposal, s.proposal_at = [], 0
-        s.eos = False
+        s.finished = False
         self._run(self._crop, s, len(s.ids) - n_tokens)
 
     def _crop(self, s: HFSession, length: int) -> None:
@@ -447,7 +443,7 @@ class TransformersBackend:
             rope_deltas=s.rope_deltas,
             pos_dims=s.pos_dims,
             partial=list(s.partial),
-            eos=s.eos,
+            finished=s.finished,
             proposal=list(s.proposal),
             proposal_at=s.proposal_at,
             inputs=s.inputs,

@@ -61,15 +61,11 @@ class VLLMSession:
     seed: int = 0
     text: str = ""
     partial: str = ""  # the start of the next step, set by begin_step (not in ``length``)
-    eos: bool = False
+    finished: bool = False  # the answer has ended (the Session protocol's flag, written here)
 
     @property
     def length(self) -> int:
         return len(self.text)
-
-    @property
-    def finished(self) -> bool:
-        return self.eos
 
 
 class VLLMBackend:
@@ -257,7 +253,7 @@ class VLLMBackend:
         budget: int | None = None,
     ) -> StepOutput:
         s = session
-        if s.eos:
+        if s.finished:
             return StepOutput("", done=True, eos=True)
         begun = s.partial
         body = await self._body(
@@ -290,7 +286,7 @@ class VLLMBackend:
         s.partial = ""
         if finish == "stop" and stop_reason is None:  # the model's end of sequence
             s.text += text
-            s.eos = True
+            s.finished = True
             return StepOutput(text, done=True, eos=True, new_tokens=tokens, forwards=tokens)
         # the delimiter, or the step cap (which ends the step with a delimiter, as in-process)
         s.text += text + stop
@@ -319,7 +315,7 @@ class VLLMBackend:
             logprobs, agreed = [], None
         s.text += candidate
         s.partial = ""
-        s.eos = False
+        s.finished = False
         return ScoreOutput(p_pos, p_neg, logprobs, n_tokens=len(candidate), forwards=1, agreed=agreed)
 
     def _candidate_evidence(self, data: dict[str, Any], text: str, stop: str) -> tuple[list[float], str]:
@@ -372,7 +368,7 @@ class VLLMBackend:
     async def append(self, session: VLLMSession, text: str, *, stop: str) -> int:
         session.text += text + stop
         session.partial = ""
-        session.eos = False
+        session.finished = False
         return len(text) + len(stop)
 
     async def rollback(self, session: VLLMSession, n_tokens: int) -> None:
@@ -381,7 +377,7 @@ class VLLMBackend:
         if n_tokens:
             session.text = session.text[:-n_tokens]
         session.partial = ""
-        session.eos = False
+        session.finished = False
 
     async def begin_step(self, session: VLLMSession, text: str, *, proposal: str = "") -> int:
         """No server call: the kept ``text`` goes with the continuation's request, in the
