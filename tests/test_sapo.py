@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.sapo.draft import TransformersDraft
 from dreamr_stream.sapo.policy import PolicySample, sapo_loss, step_logprobs
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
 from dreamr_stream.sapo.rollouts import RolloutPrompt, TransformersScorer, rollout_group
@@ -86,7 +87,7 @@ def test_rollout_group_scores_and_normalises(tiny_pair) -> None:  # type: ignore
     prompt = RolloutPrompt(puzzle.image, puzzle.question.text(), puzzle.steps())
     group = rollout_group(
         TransformersScorer(target),
-        draft,
+        TransformersDraft(draft),
         prompt,
         1,
         group_size=4,
@@ -111,7 +112,7 @@ def test_guided_group_holds_the_target_step_tokenised_as_appended(tiny_pair, k: 
     prompt = RolloutPrompt(puzzle.image, puzzle.question.text(), steps)
     group = rollout_group(
         TransformersScorer(target),
-        draft,
+        TransformersDraft(draft),
         prompt,
         k,
         group_size=3,
@@ -165,13 +166,16 @@ def test_batched_scoring_equals_the_backends_one_forward_score(tiny_pair) -> Non
 
 @pytest.mark.parametrize("k", [0, 3])
 def test_batched_greedy_sampling_equals_the_backends_decode_loop(tiny_pair, k: int) -> None:  # type: ignore[no-untyped-def]
-    from dreamr_stream.sapo.rollouts import _context, sample_steps
+    from dreamr_stream.sapo.draft import StepSampling
+    from dreamr_stream.sapo.rollouts import _context
 
     _, draft = tiny_pair
     puzzle = make_puzzle(11)
     inputs = draft.prompt_inputs(puzzle.image, puzzle.question.text())
     context = _context(draft, puzzle.steps()[:k], "\n")
-    steps = sample_steps(draft, inputs, context, 3, temperature=0.0, max_tokens=12, seed=0)
+    steps = TransformersDraft(draft).sample_steps(
+        inputs, context, 3, StepSampling(temperature=0.0, max_tokens=12), seed=0
+    )
     s = _session_at(draft, puzzle, k)
     before = len(s.ids)
     out = draft.generate_step(s, max_tokens=12, stop="\n")
@@ -266,7 +270,8 @@ def test_credit_position_from_the_targets_token_probabilities(tiny_pair) -> None
     from dreamr_stream.sapo.rollouts import _credit
     from dreamr_stream.verify import JudgeVerifier, LikelihoodVerifier
 
-    target, draft = tiny_pair
+    target, backend = tiny_pair
+    draft = TransformersDraft(backend)
     text = "Row 1: empty, red square."
     ids = draft.encode(text) + draft.encode("\n")
     n = len(draft.encode(text))
@@ -390,7 +395,7 @@ def test_off_policy_guide_is_not_clipped(tiny_pair) -> None:  # type: ignore[no-
 
 
 def test_greedy_verdicts_are_what_acceptance_counts(tiny_pair) -> None:  # type: ignore[no-untyped-def]
-    from dreamr_stream.sapo.acceptance import acceptance_at_prefixes, greedy_verdicts
+    from dreamr_stream.sapo.acceptance import acceptance_at_prefixes, scored_greedy_steps, verdicts_of
     from dreamr_stream.verify import LikelihoodVerifier
 
     target, draft = tiny_pair
@@ -401,9 +406,9 @@ def test_greedy_verdicts_are_what_acceptance_counts(tiny_pair) -> None:  # type:
     prompts[1].start = 1
     # tau chosen so that a random tiny target accepts some steps and rejects others
     verifier = LikelihoodVerifier(tau=1e-3, aggregate="mean")
-    verdicts = greedy_verdicts(target, draft, prompts, verifier)
+    verdicts = verdicts_of(scored_greedy_steps(target, draft, prompts, judge=verifier.needs_judge), draft, verifier)
     assert [(v.prompt, v.k) for v in verdicts] == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]
-    acc = acceptance_at_prefixes(target, draft, prompts, verifier)
+    acc = acceptance_at_prefixes(target, TransformersDraft(draft), prompts, verifier)
     assert acc["judged"] == 5 and acc["acceptance"] == pytest.approx(sum(v.accepted for v in verdicts) / 5)
     for v in verdicts:  # each verdict is TBVM's on the draft's own greedy step at that prefix
         p = prompts[v.prompt]
@@ -431,7 +436,7 @@ def test_greedy_matches_agrees_with_the_drafts_decode_loop() -> None:
     for i in range(8):
         puzzle = make_puzzle(split_seed("val", i))
         image, question, steps = puzzle.image, puzzle.question.text(), puzzle.steps()
-        matches = greedy_matches(draft, image, question, steps)
+        matches = greedy_matches(TransformersDraft(draft), image, question, steps)
         for k, step in enumerate(steps):
             s = _session_at(draft, puzzle, k)
             out = draft.generate_step(s, max_tokens=96, stop="\n")
@@ -486,7 +491,9 @@ def test_trajectory_sample_is_the_trajectory_as_the_backend_appends_it(tiny_pair
     _, draft = tiny_pair
     puzzle = make_puzzle(5)
     steps = puzzle.steps()
-    sample = trajectory_sample(draft, RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key="k"))
+    sample = trajectory_sample(
+        TransformersDraft(draft), RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key="k")
+    )
     s = _session_at(draft, puzzle, 0)
     start = len(s.ids)
     for step in steps[:-1]:
@@ -505,7 +512,9 @@ def test_anchor_term_raises_the_trajectorys_likelihood(tiny_pair) -> None:  # ty
     backend = TransformersBackend(policy, draft.processor, judge=draft.judge)
     pad = draft.tokenizer.pad_token_id
     puzzle = make_puzzle(9)
-    anchor = trajectory_sample(backend, RolloutPrompt(puzzle.image, puzzle.question.text(), puzzle.steps()))
+    anchor = trajectory_sample(
+        TransformersDraft(backend), RolloutPrompt(puzzle.image, puzzle.question.text(), puzzle.steps())
+    )
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     with pytest.raises(ValueError, match="needs rollout samples"):
         sapo_update(policy, policy, opt, [], pad_id=pad, clip_eps=0.2, kl_beta=0.0, anchors=[anchor], anchor=0.0)

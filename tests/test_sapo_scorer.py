@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.sapo.draft import TransformersDraft
 from dreamr_stream.sapo.rewards import RewardWeights
 from dreamr_stream.sapo.rollouts import RolloutPrompt, StepScore, rollout_group
 from dreamr_stream.zoo.task import make_puzzle
@@ -35,7 +36,7 @@ def test_rollout_group_takes_the_targets_evidence_through_the_scorer(tiny_pair) 
     scorer = ScriptedScorer(draft, steps, k)
     group = rollout_group(
         scorer,
-        draft,
+        TransformersDraft(draft),
         RolloutPrompt(puzzle.image, puzzle.question.text(), steps),
         k,
         group_size=3,

@@ -1,5 +1,11 @@
 """How often TBVM accepts the draft's greedy step at the prefixes of the target's trajectories:
-SAPO's validation, and ``dreamr zoo eval --prefixes``."""
+SAPO's validation, and ``dreamr zoo eval --prefixes``.
+
+The steps are decoded and scored through the engine's backend calls (``ModelBackend``), the
+draft's greedy step as FPSR would draft it; step lengths count the draft's tokens (``Encoder``).
+Three stages, each usable alone: ``scored_greedy_steps`` (the expensive one: a decode and a
+score per prefix), ``verdicts_of`` (a verifier's verdicts on them) and ``acceptance_of`` (the
+figures); ``acceptance_at_prefixes`` runs all three for SAPO's draft."""
 
 from __future__ import annotations
 
@@ -10,9 +16,9 @@ from typing import Any
 import torch
 
 from dreamr_stream.backends.base import ModelBackend, ScoreOutput
-from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.config import DEFAULT_GENERATION
+from dreamr_stream.sapo.draft import DraftPolicy, Encoder
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.verify import Verifier
 
@@ -21,7 +27,6 @@ __all__ = [
     "ScoredStep",
     "acceptance_at_prefixes",
     "acceptance_of",
-    "greedy_verdicts",
     "scored_greedy_steps",
     "verdicts_of",
 ]
@@ -54,7 +59,7 @@ class ScoredStep:
 @torch.no_grad()
 def scored_greedy_steps(
     target: ModelBackend[Any],
-    draft: TransformersBackend,
+    draft: ModelBackend[Any],
     prompts: Sequence[RolloutPrompt],
     *,
     judge: bool,
@@ -80,20 +85,7 @@ def scored_greedy_steps(
             yield ScoredStep(i, k, text, score)
 
 
-def greedy_verdicts(
-    target: ModelBackend[Any],
-    draft: TransformersBackend,
-    prompts: Sequence[RolloutPrompt],
-    verifier: Verifier,
-    *,
-    gen: GenerationConfig = DEFAULT_GENERATION,
-) -> list[PrefixVerdict]:
-    """TBVM's verdict on the draft's greedy step at every prefix of the target's trajectories."""
-    steps = scored_greedy_steps(target, draft, prompts, judge=verifier.needs_judge, gen=gen)
-    return verdicts_of(steps, draft, verifier)
-
-
-def verdicts_of(steps: Iterable[ScoredStep], draft: TransformersBackend, verifier: Verifier) -> list[PrefixVerdict]:
+def verdicts_of(steps: Iterable[ScoredStep], draft: Encoder, verifier: Verifier) -> list[PrefixVerdict]:
     """``verifier``'s verdicts on steps the target scored (with the judge suffix, if it needs it)."""
     return [
         PrefixVerdict(
@@ -108,7 +100,7 @@ def verdicts_of(steps: Iterable[ScoredStep], draft: TransformersBackend, verifie
 
 def acceptance_at_prefixes(
     target: ModelBackend[Any],
-    draft: TransformersBackend,
+    draft: DraftPolicy,
     prompts: Sequence[RolloutPrompt],
     verifier: Verifier,
     *,
@@ -123,12 +115,11 @@ def acceptance_at_prefixes(
     ``excess_tokens`` is what the reward's conciseness term penalises (tokens beyond the
     target's step), ``shortfall_tokens`` what the draft leaves out of it; ``accepted_*`` are
     the same means over the accepted steps alone, against the target's steps there."""
-    return acceptance_of(greedy_verdicts(target, draft, prompts, verifier, gen=gen), prompts, draft)
+    steps = scored_greedy_steps(target, draft.backend, prompts, judge=verifier.needs_judge, gen=gen)
+    return acceptance_of(verdicts_of(steps, draft, verifier), prompts, draft)
 
 
-def acceptance_of(
-    vs: Sequence[PrefixVerdict], prompts: Sequence[RolloutPrompt], draft: TransformersBackend
-) -> dict[str, float]:
+def acceptance_of(vs: Sequence[PrefixVerdict], prompts: Sequence[RolloutPrompt], draft: Encoder) -> dict[str, float]:
     """``acceptance_at_prefixes``'s figures from verdicts already made (``verdicts_of``)."""
     n = max(1, len(vs))
     # the target's own step at the same prefixes, in the draft's tokens: the length to match

@@ -8,6 +8,10 @@ store's verification log, where the target's step is the logged one.
 The step delimiter and the answer prefix are the task's, from ``GenerationConfig``: a step is
 appended as ``tok(step) + tok(delimiter)``, and the step starting with the answer prefix ends a
 trajectory (its last token the end of the answer).
+
+SAPO asks the target for evidence through ``StepScorer`` and the draft for samples and tokens
+through ``draft.DraftPolicy``: any backend that offers these two small interfaces can stand on
+either side.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.config import DEFAULT_GENERATION
+from dreamr_stream.sapo.draft import DraftPolicy, Encoder, SampledStep, StepSampling
 from dreamr_stream.sapo.policy import PolicySample, batch_inputs
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
 from dreamr_stream.verify import Verifier
@@ -35,7 +39,6 @@ __all__ = [
     "StepScorer",
     "TransformersScorer",
     "rollout_group",
-    "sample_steps",
     "score_steps",
     "trajectory_sample",
 ]
@@ -52,82 +55,21 @@ class RolloutPrompt:
     start: int = 0  # first index worth sampling at (log prompts: the logged index)
 
 
-class _StepEnd(StoppingCriteria):
-    """Per-sequence stop at the step delimiter or the end of the answer (batched sampling)."""
-
-    def __init__(self, stop_ids: list[int]) -> None:
-        self.stop_ids = torch.tensor(stop_ids)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
-
-
-def _appended(backend: TransformersBackend, step: str, *, last: bool, delimiter: str) -> list[int]:
+def _appended(draft: DraftPolicy, step: str, *, last: bool, delimiter: str) -> list[int]:
     """One step as the backend appends it: ``tok(step) + tok(delimiter)``, or the end-of-answer
     token after a trajectory's last step."""
-    return backend.encode(step) + ([next(iter(backend.eos_ids))] if last else backend.encode(delimiter))
+    return draft.encode(step) + ([draft.end_id] if last else draft.encode(delimiter))
 
 
-def _context(backend: TransformersBackend, steps: list[str], delimiter: str) -> list[int]:
-    """The verified steps as the backend appends them."""
-    return [t for step in steps for t in _appended(backend, step, last=False, delimiter=delimiter)]
+def _context(model: Encoder, steps: list[str], delimiter: str) -> list[int]:
+    """The verified steps as the backend appends them (each ``tok(step) + tok(delimiter)``), in
+    the tokens of ``model``: the draft's, or the target's."""
+    return [t for step in steps for t in model.encode(step) + model.encode(delimiter)]
 
 
 def _batched(backend: TransformersBackend, inputs: dict[str, Any], rows: list[list[int]]) -> dict[str, torch.Tensor]:
     """Inputs for ``rows``, each continuing the same prompt (its image repeated per row)."""
     return batch_inputs([inputs] * len(rows), rows, backend.tokenizer.pad_token_id or 0, backend.device)
-
-
-@torch.no_grad()
-def sample_steps(
-    draft: TransformersBackend,
-    inputs: dict[str, Any],
-    context: list[int],
-    n: int,
-    *,
-    temperature: float,
-    max_tokens: int,
-    seed: int,
-    gen: GenerationConfig = DEFAULT_GENERATION,
-) -> list[tuple[list[int], str, bool]]:
-    """``n`` draft steps after prompt + context, sampled in ONE batched ``generate``.
-
-    Each is (token ids as the session would hold them: the step, then the delimiter, or the
-    end-of-answer token; text; whether it ended the answer), with the backend's rules: a step
-    ends at the delimiter, at end of answer, or after ``max_tokens`` with a delimiter added.
-    """
-    stop = draft.encode(gen.step_delimiter)
-    eos = sorted(draft.eos_ids)
-    base = inputs["input_ids"][0].tolist() + context
-    # special tokens other than the end of answer never belong in a step (an image token would
-    # even break the batched forward that scores it)
-    special = sorted(set(draft.tokenizer.all_special_ids) - set(eos))
-    torch.manual_seed(seed)  # generate() samples from the global generator
-    out = draft.model.generate(
-        **_batched(draft, inputs, [base] * n),
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_k=0,  # sample from the whole distribution, as the backend does
-        top_p=1.0,
-        max_new_tokens=max_tokens,
-        stopping_criteria=StoppingCriteriaList([_StepEnd(stop[-1:] + eos)]),
-        suppress_tokens=special or None,
-        eos_token_id=eos,
-        pad_token_id=draft.tokenizer.pad_token_id,
-    )
-    steps = []
-    for row in out[:, len(base) :].tolist():
-        ids, ended = row[:max_tokens], False
-        for i, t in enumerate(ids):
-            if t in eos:
-                ids, ended = ids[:i], True
-                break
-            if t == stop[-1]:
-                ids = ids[:i]
-                break
-        text = draft.tokenizer.decode(ids, skip_special_tokens=False)
-        steps.append((ids + ([eos[0]] if ended else stop), text, ended))
-    return steps
 
 
 @dataclass
@@ -215,9 +157,7 @@ class TransformersScorer:
         return score_steps(self.backend, inputs, context, texts, judge, gen=self.gen)
 
 
-def _aligned(
-    draft: TransformersBackend, target: StepScorer, text: str, step_ids: list[int], token_lp: list[float]
-) -> bool:
+def _aligned(draft: DraftPolicy, target: StepScorer, text: str, step_ids: list[int], token_lp: list[float]) -> bool:
     """Whether the target's per-token evidence lines up with the draft's step tokens: only where
     the draft's step holds exactly the target's tokens for it (same vocabulary, same split)."""
     ids = target.encode(text)
@@ -225,19 +165,18 @@ def _aligned(
 
 
 def _teacher(
-    draft: TransformersBackend, target: StepScorer, text: str, step_ids: list[int], score: StepScore
+    draft: DraftPolicy, target: StepScorer, text: str, step_ids: list[int], score: StepScore
 ) -> torch.Tensor | None:
     """The target's next-token log-probs at the draft step's positions, or None where they do
     not line up (other vocabulary or tokenisation, or a step cut at ``max_tokens``)."""
     q = score.next_logprobs
-    vocab = draft.model.get_output_embeddings().weight.shape[0]
-    if q is None or q.shape[-1] != vocab or q.shape[0] != len(step_ids):
+    if q is None or q.shape[-1] != draft.vocab_size or q.shape[0] != len(step_ids):
         return None
     return q if _aligned(draft, target, text, step_ids, score.token_logprobs) else None
 
 
 def _credit(
-    draft: TransformersBackend,
+    draft: DraftPolicy,
     target: StepScorer,
     text: str,
     step_ids: list[int],
@@ -261,7 +200,7 @@ def _credit(
 
 
 def trajectory_sample(
-    draft: TransformersBackend, prompt: RolloutPrompt, *, gen: GenerationConfig = DEFAULT_GENERATION
+    draft: DraftPolicy, prompt: RolloutPrompt, *, gen: GenerationConfig = DEFAULT_GENERATION
 ) -> PolicySample:
     """The target's whole trajectory as one off-policy sample for the draft, tokenised as the
     backend appends it (each step, then its delimiter; the last ends the answer): the row of
@@ -278,11 +217,7 @@ def trajectory_sample(
     )
 
 
-# a group member: (token ids as the session would hold them, text, whether it ended the answer)
-Member = tuple[list[int], str, bool]
-
-
-def _guide_member(draft: TransformersBackend, prompt: RolloutPrompt, k: int, delimiter: str) -> Member:
+def _guide_member(draft: DraftPolicy, prompt: RolloutPrompt, k: int, delimiter: str) -> SampledStep:
     """The target's own step at prefix k, tokenised as the backend appends it (the trajectory's
     last step ends the answer)."""
     step, last = prompt.steps[k], k == len(prompt.steps) - 1
@@ -298,9 +233,9 @@ def _evidence(score: StepScore, verifier: Verifier | None) -> tuple[float, float
 
 
 def _scored_sample(
-    draft: TransformersBackend,
+    draft: DraftPolicy,
     target: StepScorer,
-    member: Member,
+    member: SampledStep,
     score: StepScore,
     *,
     inputs: dict[str, Any],
@@ -345,7 +280,7 @@ def _scored_sample(
 @torch.no_grad()
 def rollout_group(
     target: StepScorer,
-    draft: TransformersBackend,
+    draft: DraftPolicy,
     prompt: RolloutPrompt,
     k: int,
     *,
@@ -361,10 +296,11 @@ def rollout_group(
 ) -> list[PolicySample]:
     """G sampled draft steps at prefix k, each with its reward, group advantage and verdict.
 
-    Sampling is one batched ``generate`` on the draft and scoring one ``score_steps`` call on
-    the target (with ``TransformersScorer``, one batched forward: a group costs about what one
-    sample did step by step); both follow the backend's tokenisation and step rules, which a test
-    checks against ``backend.score``.
+    Sampling is one ``sample_steps`` call on the draft (with ``TransformersDraft``, one batched
+    ``generate``) and scoring one ``score_steps`` call on the target (with ``TransformersScorer``,
+    one batched forward: a group costs about what one sample did step by step); both follow the
+    backend's tokenisation and step rules, which tests check against the backend's decode loop
+    and ``backend.score``.
 
     With ``guide``, the target's own step joins the group as one more member (an off-policy
     rollout, scored like the others): when every sample misreads the same cell, the group still
@@ -374,16 +310,8 @@ def rollout_group(
     delimiter = gen.step_delimiter
     d_inputs = draft.prompt_inputs(prompt.image, prompt.question)
     d_context = _context(draft, prompt.steps[:k], delimiter)
-    members = sample_steps(
-        draft,
-        d_inputs,
-        d_context,
-        group_size,
-        temperature=temperature,
-        max_tokens=max_step_tokens,
-        seed=rng.randrange(2**31),
-        gen=gen,
-    )
+    how = StepSampling(temperature, max_step_tokens, gen)
+    members = draft.sample_steps(d_inputs, d_context, group_size, how, seed=rng.randrange(2**31))
     if guide:
         members.append(_guide_member(draft, prompt, k, delimiter))
     needs_judge = verifier is None or verifier.needs_judge

@@ -6,7 +6,9 @@ a prefix of the target's trajectory, and its reward comes from the target model 
 step on the same image in one KV-cached forward (TBVM). Fitting that into GRPOTrainer means
 custom step stopping, an image-aware reward callable holding a second model, and accelerate
 for a single-process CPU loop; the loop below is ~150 lines and uses the engine's own backend
-for both models, so what is trained is exactly what FPSR runs.
+for both models, so what is trained is exactly what FPSR runs. It reaches the draft only through
+``draft.DraftPolicy`` (here ``TransformersDraft``) and the target through ``rollouts.StepScorer``
+(``TransformersScorer``) and the engine's backend calls.
 
 Prompts are the caller's (``sapo.prompts``): the rollout groups are drawn from ``train``, the
 draft is validated on ``val``, both from the same source (a task's puzzles, or a log split by
@@ -35,6 +37,7 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
 from dreamr_stream.sapo.config import SapoConfig, lr_at
+from dreamr_stream.sapo.draft import DraftPolicy, TransformersDraft
 from dreamr_stream.sapo.policy import PolicySample, gather_steps, sapo_loss, step_distributions, step_logprobs
 from dreamr_stream.sapo.prompts import PromptSource, TrajectoryCache
 from dreamr_stream.sapo.rollouts import RolloutPrompt, StepScorer, TransformersScorer, rollout_group, trajectory_sample
@@ -142,7 +145,7 @@ def _draw(prompts: Sequence[RolloutPrompt], rng: random.Random) -> RolloutPrompt
 
 
 def _draw_missed(
-    cfg: SapoConfig, prompts: Sequence[RolloutPrompt], draft: TransformersBackend, rng: random.Random, tries: int = 8
+    cfg: SapoConfig, prompts: Sequence[RolloutPrompt], draft: DraftPolicy, rng: random.Random, tries: int = 8
 ) -> tuple[RolloutPrompt, int] | None:
     """A prompt and a prefix where the draft's greedy step is not the target's (where TBVM
     rejects it, nearly always: a step one token off is below the likelihood threshold there),
@@ -157,7 +160,7 @@ def _draw_missed(
 
 
 def _draw_prefix(
-    cfg: SapoConfig, prompts: Sequence[RolloutPrompt], draft: TransformersBackend, rng: random.Random
+    cfg: SapoConfig, prompts: Sequence[RolloutPrompt], draft: DraftPolicy, rng: random.Random
 ) -> tuple[RolloutPrompt, int]:
     """Where the next group is drawn: a missed prefix (a ``focus`` share of the time, where one
     is found), else a prompt and a prefix drawn uniformly."""
@@ -172,7 +175,7 @@ def _draw_groups(
     cfg: SapoConfig,
     prompts: Sequence[RolloutPrompt],
     target: StepScorer,
-    draft: TransformersBackend,
+    draft: DraftPolicy,
     verifier: Verifier,
     rng: random.Random,
 ) -> tuple[list[PolicySample], int]:
@@ -246,12 +249,10 @@ def _sample_means(samples: list[PolicySample]) -> dict[str, float]:
     }
 
 
-def _load(
-    cfg: SapoConfig, target_dir: Path, draft_dir: Path
-) -> tuple[TransformersBackend, TransformersBackend, Verifier]:
+def _load(cfg: SapoConfig, target_dir: Path, draft_dir: Path) -> tuple[TransformersBackend, DraftPolicy, Verifier]:
     """The two models, and TBVM as the target recommends it (with the run's overrides)."""
     target = TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
-    draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
+    draft = TransformersDraft(TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft"))
     verification = VerificationConfig.recommended(
         target.recommended_verification, mode=cfg.verify_mode or None, tau=cfg.tau
     )
@@ -306,7 +307,7 @@ def train(cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, prompts
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     target, draft, verifier = _load(cfg, target_dir, draft_dir)
-    policy = draft.model
+    policy = draft.module
     ref = _reference(policy)
     optimizer = _optimizer(cfg, policy)
     rng = random.Random(cfg.seed)
@@ -314,7 +315,7 @@ def train(cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, prompts
     start = _resume(ckpt, policy, optimizer, rng)
     source = prompts(target, TrajectoryCache(out / "trajectories.jsonl"))
     val = list(source.val)
-    pad_id = draft.tokenizer.pad_token_id or 0
+    pad_id = draft.pad_id
     scorer = TransformersScorer(target, cfg.generation)
 
     def evaluate(done: int) -> None:
@@ -345,8 +346,7 @@ def train(cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, prompts
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             _save(ckpt, policy, optimizer, rng, done)
     final = out / "final"
-    policy.save_pretrained(final)
-    draft.processor.save_pretrained(final)
+    draft.save(final)
     _plot(out / "log.jsonl", out / "curves.png")
     return final
 

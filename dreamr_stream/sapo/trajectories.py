@@ -1,6 +1,9 @@
 """The target's greedy trajectory of a prompt, and one-forward checks of what a model writes
 greedily (``greedy_matches``: per step; ``greedy_writes``: a whole trajectory), which let a
-task's reference solution stand in for the target's trajectory where it is exactly that."""
+task's reference solution stand in for the target's trajectory where it is exactly that.
+
+``greedy_matches`` asks only what SAPO asks of the draft it trains (``draft.DraftPolicy``): a
+teacher-forced forward of its module; the target is checked through ``TransformersDraft``."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dreamr_stream.backends.base import ModelBackend
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import GenerationConfig
 from dreamr_stream.sapo.config import DEFAULT_GENERATION
+from dreamr_stream.sapo.draft import DraftPolicy, TransformersDraft
 from dreamr_stream.sapo.policy import batch_inputs
 
 __all__ = ["TRAJECTORY_STEP_TOKENS", "greedy_matches", "greedy_writes", "target_trajectory"]
@@ -44,32 +48,32 @@ def target_trajectory(
 
 @torch.no_grad()
 def greedy_matches(
-    backend: TransformersBackend,
+    model: DraftPolicy,
     image: Image.Image,
     question: str,
     steps: list[str],
     *,
     gen: GenerationConfig = DEFAULT_GENERATION,
 ) -> list[bool]:
-    """For each k, whether the backend's greedy step after ``steps[:k]`` is exactly ``steps[k]``,
+    """For each k, whether the model's greedy step after ``steps[:k]`` is exactly ``steps[k]``,
     all from ONE teacher-forced forward: every token of the step, then its delimiter (the end
     of the answer after the last step), is the argmax where it stands."""
     if not steps:
         return []
-    inputs = backend.prompt_inputs(image, question)
+    inputs = model.prompt_inputs(image, question)
     base = inputs["input_ids"][0].tolist()
-    stop = backend.encode(gen.step_delimiter)
+    stop = model.encode(gen.step_delimiter)
     ends = [stop] * (len(steps) - 1) + [[]]
-    step_ids = [backend.encode(st) for st in steps]
+    step_ids = [model.encode(st) for st in steps]
     row = base + [t for ids, end in zip(step_ids, ends, strict=True) for t in ids + end]
-    pad_id = backend.tokenizer.pad_token_id or 0
-    logits = backend.model(**batch_inputs([inputs], [row], pad_id, backend.device)).logits[0]
+    device = next(model.module.parameters()).device
+    logits = model.module(**batch_inputs([inputs], [row], model.pad_id, device)).logits[0]
     picks = logits[len(base) - 1 :].argmax(-1).tolist()  # the greedy token after each position
     out, at = [], 0
     for ids, end in zip(step_ids, ends, strict=True):
         want = ids + end
         got = picks[at : at + len(want) + (0 if end else 1)]
-        ok = got[: len(want)] == want and (bool(end) or (len(got) > len(want) and got[-1] in backend.eos_ids))
+        ok = got[: len(want)] == want and (bool(end) or (len(got) > len(want) and got[-1] in model.end_ids))
         out.append(bool(ids) and ok)
         at += len(want)
     return out
@@ -97,4 +101,4 @@ def greedy_writes(
         ids = target.encode(st)
         if len(ids) >= TRAJECTORY_STEP_TOKENS or target.decode(ids) != st:
             return False
-    return all(greedy_matches(target, image, question, steps, gen=gen))
+    return all(greedy_matches(TransformersDraft(target), image, question, steps, gen=gen))
