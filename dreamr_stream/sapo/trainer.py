@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -82,22 +83,22 @@ def sapo_update(
                 samples, step_logprobs(policy, samples, pad_id), step_logprobs(ref, samples, pad_id), strict=True
             ):
                 s.old_logprobs, s.ref_logprobs = old, r
+    # the loss of this update's settings: only the policy's distributions change between epochs
+    loss_of = partial(
+        sapo_loss,
+        clip_eps=clip_eps,
+        kl_beta=kl_beta,
+        distill=distill,
+        token_mean=token_mean,
+        clip_off_policy=clip_off_policy,
+    )
     policy.train()
     rec = dict(_NO_UPDATE)
     for _ in range(inner_epochs):
         loss = torch.zeros(())
         if samples:
             dists = step_distributions(policy, samples, pad_id)
-            loss, stats = sapo_loss(
-                gather_steps(dists, samples),
-                samples,
-                clip_eps=clip_eps,
-                kl_beta=kl_beta,
-                distill=distill,
-                dists=dists,
-                token_mean=token_mean,
-                clip_off_policy=clip_off_policy,
-            )
+            loss, stats = loss_of(gather_steps(dists, samples), samples, dists=dists)
             rec = asdict(stats)
         if anchors and anchor > 0:
             nll = -torch.cat(step_logprobs(policy, list(anchors), pad_id)).mean()
