@@ -23,6 +23,7 @@ import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.config import SapoConfig
+from dreamr_stream.sapo.draft import TransformersDraft
 from dreamr_stream.sapo.prompts import TrajectoryCache
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trainer import train
@@ -33,7 +34,7 @@ from dreamr_stream.zoo.shipped import WEIGHTS
 
 def exact_share(draft_dir: Path, prompts: list[RolloutPrompt]) -> tuple[float, int]:
     """Share of the prompts' prefixes where the draft's greedy step is the target's, and how many."""
-    draft = TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft")
+    draft = TransformersDraft(TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft"))
     hits = total = 0
     for p in prompts:
         matches = greedy_matches(draft, p.image, p.question, p.steps)
