@@ -182,6 +182,7 @@ def test_a_grown_model_computes_what_the_original_did_and_trains_only_its_new_la
         eval_size=2,
         flag_weight=1.0,
         flag_layer=2,
+        flag_labels="own_choice",
         judge_fraction=0.5,
         threads=1,
     )

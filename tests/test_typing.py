@@ -20,6 +20,8 @@ PACKAGES = [
     "integrations/dreamr_vllm",
     "integrations/dreamr_websocket",
 ]
+# test modules whose fakes must satisfy a protocol of the package (mypy checks the assignment)
+TYPED_TESTS = ["tests/test_sapo_draft.py"]  # a toy policy typed as sapo.draft.DraftPolicy
 FORGETFUL = """
 from typing import assert_never
 
@@ -43,7 +45,7 @@ def test_packages_type_check_and_a_forgotten_event_does_not(tmp_path: Path) -> N
     consumer = tmp_path / "forgetful_consumer.py"
     consumer.write_text(FORGETFUL)
     run = subprocess.run(
-        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / ".mypy_cache"), *PACKAGES, str(consumer)],
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / ".mypy_cache"), *PACKAGES, *TYPED_TESTS, str(consumer)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -80,6 +80,11 @@ class TrainConfig(TrainingConfig):
     # after decoder layer ``flag_layer`` (``_AuxHeads``): the verdict learns to read it
     flag_weight: float = Field(default=0.0, ge=0.0)
     flag_layer: int | None = Field(default=None, ge=0)
+    # what the flag says at a candidate token: ``on_track``, the candidate so far is still the
+    # reference (``data.Example.flags``); ``own_choice``, this token is the model's own greedy
+    # choice after the tokens before it (the check TBVM's likelihood mode makes, one per token,
+    # read from the same forward's logits: a label that needs no reference and is never noisy)
+    flag_labels: Literal["on_track", "own_choice"] = "on_track"
     # the language-model loss also on the hidden state after decoder layer ``early_exit_layer``
     # (final norm + LM head, as the logit lens reads it): the model predicts the next token
     # early, leaving later layers to check a candidate's tokens against it (see the target's card)
@@ -241,6 +246,14 @@ def _step_loss(model: LlavaForConditionalGeneration, aux: _AuxHeads, batch: Batc
     aux_logits = aux.head(aux.features)  # (B, n_cells, classes)
     aux_loss = nn.functional.cross_entropy(aux_logits.flatten(0, 1), batch.cells.flatten())
     return out, aux_loss, out.loss + aux_weight * aux_loss, aux_logits
+
+
+def _own_choice_flags(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Where ``batch.flags`` supervises a flag: 1 if the token there is the model's greedy choice
+    after the tokens before it (``logits`` of this forward), else 0; IGNORE elsewhere."""
+    own = torch.zeros_like(batch.flags)
+    own[:, 1:] = (logits[:, :-1].detach().argmax(-1) == batch.input_ids[:, 1:]).long()
+    return torch.where(batch.flags != IGNORE, own, torch.full_like(own, IGNORE))
 
 
 def _verdict_loss(logits: torch.Tensor, labels: torch.Tensor, verdict_ids: tuple[int, int]) -> torch.Tensor:
@@ -413,7 +426,8 @@ def _train_step(
     out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
     if cfg.judge_weight > 0:
         loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
-    flag_loss = run.aux.flag_loss(batch.flags) if cfg.flag_weight > 0 else torch.zeros(())
+    flags = batch.flags if cfg.flag_labels == "on_track" else _own_choice_flags(out.logits, batch)
+    flag_loss = run.aux.flag_loss(flags) if cfg.flag_weight > 0 else torch.zeros(())
     loss = loss + cfg.flag_weight * flag_loss
     early = run.aux.early_exit_loss(batch.labels) if cfg.early_exit_weight > 0 else torch.zeros(())
     loss = loss + cfg.early_exit_weight * early
