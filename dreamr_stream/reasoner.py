@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+from PIL import Image
 
 from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend
 from dreamr_stream.config import SERVED_TARGET_SPECULATING, ReasonerConfig, VerificationConfig
@@ -391,6 +393,32 @@ class Reasoner:
                     return event.result
         raise BackendError("the request ended without a result")  # pragma: no cover - defensive
 
+    async def _produce(
+        self,
+        ctx: RequestContext,
+        image: Image.Image,
+        send: MemoryObjectSendStream[tuple[Event, DreamrError | None]],
+        inspect: Inspect | None,
+    ) -> None:
+        """One request from its start event to its end: finished with the result, or failed
+        with the typed error (sent beside the event, for the caller that raises it)."""
+        method = ctx.method
+        await ctx.emit(StartedEvent(question=ctx.question, method=method))
+        limit = self._speculation_limit(ctx.config)  # the load-aware switch
+        if method == "fpsr" and limit is not None and self.active_requests > limit:
+            ctx.go_alone(f"load: {self.active_requests} requests in flight (max_speculating {limit})")
+        try:
+            if method == "fpsr":
+                await run_fpsr(ctx, image, inspect=inspect)
+            else:
+                await _RUNS[method](ctx, image)
+        except Exception as e:
+            error = _typed_error(e)
+            log.warning("request failed: %s", error)
+            await send.send((FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error))
+            return
+        await ctx.emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
+
     async def _events(
         self,
         image: ImageInput,
@@ -412,40 +440,24 @@ class Reasoner:
         cache = await self._cache_context(cfg, pil, text) if method == "fpsr" else None
         send, recv = anyio.create_memory_object_stream[tuple[Event, DreamrError | None]](math.inf)
 
+        async def emit(event: Event) -> None:
+            await send.send((event, None))
+
+        ctx = RequestContext(
+            config=cfg,
+            question=text,
+            method=method,
+            emit=emit,
+            target=self.target,
+            draft=self.draft,
+            verifier=self._verifier(cfg),
+            cache=cache,
+        )
         scope = anyio.CancelScope()
 
         async def produce() -> None:
-            async def emit(event: Event) -> None:
-                await send.send((event, None))
-
             with scope, send:
-                ctx = RequestContext(
-                    config=cfg,
-                    question=text,
-                    method=method,
-                    emit=emit,
-                    target=self.target,
-                    draft=self.draft,
-                    verifier=self._verifier(cfg),
-                    cache=cache,
-                )
-                await emit(StartedEvent(question=text, method=method))
-                limit = self._speculation_limit(cfg)  # the load-aware switch
-                if method == "fpsr" and limit is not None and self.active_requests > limit:
-                    ctx.go_alone(f"load: {self.active_requests} requests in flight (max_speculating {limit})")
-                try:
-                    if method == "fpsr":
-                        await run_fpsr(ctx, pil, inspect=inspect)
-                    else:
-                        await _RUNS[method](ctx, pil)
-                except Exception as e:
-                    error = _typed_error(e)
-                    log.warning("request failed: %s", error)
-                    await send.send(
-                        (FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error)
-                    )
-                    return
-                await emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
+                await self._produce(ctx, pil, send, inspect)
 
         # The request runs in a task of the loop's own, not in a task group spanning our yields:
         # a consumer that breaks out lets this generator be closed from another task (asyncio
