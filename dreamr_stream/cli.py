@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from dreamr_stream.reasoner import Reasoner
 
-__all__ = ["entry", "load_reasoner", "main"]
+__all__ = ["add_model_flags", "entry", "exit_now", "load_reasoner", "main", "quiet_libraries"]
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Keep the model libraries' notices (hub, verbosity, deprecations) off a command's output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
@@ -61,7 +62,8 @@ def load_reasoner(args: argparse.Namespace, *, draft_stand_in: bool = False) -> 
     )
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that choose the models (folders, served URLs, device), shared by the commands loading them."""
     p.add_argument("--target", help="local target model folder (default: shipped demo)")
     p.add_argument("--draft", help="local draft model folder")
     p.add_argument("--demo-draft", help="which shipped draft the demo uses (default: sapo if shipped, else sft)")
@@ -253,7 +255,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--send-timeout", type=float, default=10.0, help="abort a client that stops reading (s)")
     s.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")
     s.add_argument("--max-steps", type=int, default=24)
-    _add_model_flags(s)
+    add_model_flags(s)
     s.add_argument("--print-schema", action="store_true", help="print the protocol's JSON Schema and exit")
     s.set_defaults(fn=_serve)
 
@@ -294,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a daemon started now exits after this long without a request (default: $DREAMR_DAEMON_IDLE, else 600)",
     )
-    _add_model_flags(r)
+    add_model_flags(r)
     r.set_defaults(fn=_reason)
 
     d = sub.add_parser("daemon", help="the resident daemon of `dreamr reason`: status, stop")
@@ -341,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.fn(args) or 0)
 
 
-def _exit(code: int) -> NoReturn:
+def exit_now(code: int) -> NoReturn:
     """Exit with ``code`` once the exit handlers have run, without the interpreter's teardown:
     with torch and transformers loaded it took 1.2 s on the 2-core development machine, after
     the command had finished. Nothing of ours needs it: the exit handlers (a draft process
@@ -365,7 +367,7 @@ def _exit(code: int) -> NoReturn:
 
 def entry() -> NoReturn:
     """The ``dreamr`` console script: ``main()`` on the command line's arguments, then exit."""
-    _exit(main())
+    exit_now(main())
 
 
 if __name__ == "__main__":

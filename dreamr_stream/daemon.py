@@ -50,14 +50,14 @@ MAX_STEPS_CEILING = 1024
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    from dreamr_stream.cli import _add_model_flags
+    from dreamr_stream.cli import add_model_flags
 
     p = argparse.ArgumentParser(prog="python -m dreamr_stream.daemon", description=__doc__)
     p.add_argument("--runtime-dir", required=True, help="the folder of the daemon's socket, info and log")
     p.add_argument("--key", required=True, help="the daemon's identity (its files' names)")
     p.add_argument("--identity", default="{}", help="what the key is made of (JSON), for `dreamr daemon status`")
     p.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this long without a connection")
-    _add_model_flags(p)
+    add_model_flags(p)
     return p.parse_args(argv)
 
 
@@ -83,14 +83,14 @@ class _ResidentSession(Session):
         self.resident = server
         self.asked = False
 
-    async def _on_message(self, raw: str) -> None:
+    async def on_message(self, raw: str) -> None:
         # checked and set in one step with no await between: a request is either accepted before
         # the daemon began to exit, or refused (and so sent elsewhere by its client), never both
         if not self.asked and self.resident.closing:
             await self.ws.close(NOT_SERVED_CODE, NOT_SERVED_REASON)
             return
         self.asked = True
-        await super()._on_message(raw)
+        await super().on_message(raw)
 
 
 class ResidentServer(DreamrServer):
@@ -116,8 +116,8 @@ class ResidentServer(DreamrServer):
             if self._on_closing is not None:
                 self._on_closing()
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        # DreamrServer._handle runs a plain Session; this one counts, and refuses once closing
+    async def handle(self, ws: ServerConnection) -> None:
+        # DreamrServer.handle runs a plain Session; this one counts, and refuses once closing
         if self.closing:  # the handshake finished after the daemon decided to exit: no hello
             await ws.close(NOT_SERVED_CODE, NOT_SERVED_REASON)
             return
@@ -218,12 +218,12 @@ def _run(args: argparse.Namespace, files: DaemonFiles) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreamr_stream.cli import _quiet_libraries
+    from dreamr_stream.cli import quiet_libraries
 
     args = parse(argv)
     os.umask(0o077)  # the socket, info and log: this user's only, from their creation
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     files = DaemonFiles(Path(args.runtime_dir), args.key)
     pid = os.getpid()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -244,6 +244,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dreamr_stream.cli import _exit
+    from dreamr_stream.cli import exit_now
 
-    _exit(main())
+    exit_now(main())

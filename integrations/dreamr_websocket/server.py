@@ -86,10 +86,10 @@ class DreamrServer:
             "server_header": f"dreamr-websocket/{__version__}",
         }
         if s.unix_path is not None:
-            self._server = await unix_serve(self._handle, s.unix_path, **options)
+            self._server = await unix_serve(self.handle, s.unix_path, **options)
             os.chmod(s.unix_path, 0o600)  # its folder should be 0700 too: this closes the gap where it is not
         else:
-            self._server = await serve(self._handle, s.host, s.port, **options)
+            self._server = await serve(self.handle, s.host, s.port, **options)
         self._t0 = time.monotonic()
         log.info("serving on %s", s.unix_path or self.http_url)
 
@@ -183,7 +183,8 @@ class DreamrServer:
             return connection.respond(HTTPStatus.BAD_REQUEST, "seed must be a non-negative integer\n")
         return routes.json_response(routes.demo_puzzle(int(seed) if seed is not None else None))
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def handle(self, ws: ServerConnection) -> None:
+        """Serve one connection to its end (a subclass may wrap it: count it, or turn it away)."""
         await Session(ws, self).run()
 
 

@@ -170,14 +170,15 @@ class Session:
                     self.totals["bad_messages"] += 1
                     await self.ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported: send JSON text")
                     break
-                await self._on_message(raw)
+                await self.on_message(raw)
                 del raw  # an upload can be megabytes: do not hold it while waiting for the next message
         except (ConnectionClosed, ClientGone):
             pass
         finally:
             await self._stop_request()
 
-    async def _on_message(self, raw: str) -> None:
+    async def on_message(self, raw: str) -> None:
+        """Act on one client message: a request, a cancel, or a bad message answered with an error."""
         message = parse_client_message(raw)
         if isinstance(message, ErrorMessage):
             self.totals["bad_messages"] += 1
