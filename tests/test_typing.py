@@ -45,7 +45,16 @@ def test_packages_type_check_and_a_forgotten_event_does_not(tmp_path: Path) -> N
     consumer = tmp_path / "forgetful_consumer.py"
     consumer.write_text(FORGETFUL)
     run = subprocess.run(
-        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / ".mypy_cache"), *PACKAGES, *TYPED_TESTS, str(consumer)],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--cache-dir",
+            str(tmp_path / ".mypy_cache"),
+            *PACKAGES,
+            *TYPED_TESTS,
+            str(consumer),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -63,7 +63,7 @@ def _method(model: str) -> Method:
 
 
 @dataclass
-class _Chunker:
+class StepChunker:
     """Turns step updates into message chunks (pure): reasoning, stop sequences, the answer, the last chunk."""
 
     model_name: str
@@ -220,7 +220,7 @@ class ChatDreamr(BaseChatModel):
         request = parse_messages(messages, kwargs.get("image", self.default_image))
         reasoner = self.reasoner if self.reasoner is not None else await asyncio.to_thread(_shared_demo)
         model, config = self._call(reasoner, kwargs)
-        chunker = _Chunker(model_name=model, stops=self._stops(stop))
+        chunker = StepChunker(model_name=model, stops=self._stops(stop))
         updates = reason_updates(
             reasoner,
             request.image,

@@ -42,7 +42,7 @@ from langchain_core.tools import BaseTool, ToolException
 from pydantic import BaseModel, Field
 
 from dreamr_langchain._updates import StepUpdate
-from dreamr_langchain.chat_model import _Chunker
+from dreamr_langchain.chat_model import StepChunker
 from dreamr_langchain.runnable import ReasonerRunnable
 from dreamr_langchain.types import ImageLike, ImageNotAllowedError, ReasoningChunk, ReasoningInput, ToolStepEvent
 from dreamr_stream import BackendError, InputError, Method, Reasoner
@@ -121,7 +121,7 @@ class _ReasoningRun:
     then the whole message at the end (see the module's docstring)."""
 
     def __init__(self, model_name: str) -> None:
-        self._chunker = _Chunker(model_name=model_name, stops=())
+        self._chunker = StepChunker(model_name=model_name, stops=())
         self._message: AIMessageChunk | None = None
         self._id = ""
 
