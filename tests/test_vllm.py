@@ -193,7 +193,10 @@ async def test_leaving_the_stream_aborts_the_server_request(main_url: str) -> No
     assert reasoner.in_flight == 0
     abandoned = await generated_since(before)
     assert len(whole.steps) >= 4
-    assert abandoned < 2.5 * per_step < solution_tokens  # the first step and a little of the second
+    # the first step and a little of the second; how little depends on how fast the client's
+    # close reaches the server (on a loaded 2-core machine, 2.5 steps), so the bound leaves three
+    # steps and at least the solution's last step unwritten: a request not aborted writes it all
+    assert abandoned < min(3 * per_step, solution_tokens - per_step)
 
 
 @pytest.mark.asyncio
