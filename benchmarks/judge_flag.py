@@ -10,7 +10,7 @@ judge items (the draft-step pool's held-out puzzles and val-split judge-set item
   the items' labels, beside the same minimum of the exact own-choice labels;
 * the model's own verdict (``p(" yes") > p(" no")``) on the same items.
 
-Run: ``python benchmarks/judge_flag.py runs/target-judge [--items 64]`` (the run's config.json
+Run: ``python benchmarks/judge_flag.py runs/target-judge [--items 64] [--processor FOLDER]`` (the run's config.json
 names the draft-step pool and the flag's layer); prints one JSON object.
 """
 
@@ -22,13 +22,14 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX, grow_decoder
 from dreamr_stream.zoo.data import IGNORE, collate, judge_example, judge_item_example
 from dreamr_stream.zoo.draft_steps import read_pool
+from dreamr_stream.zoo.shipped import WEIGHTS
 from dreamr_stream.zoo.task import make_puzzle, split_seed
-from dreamr_stream.zoo.train import HELD_OUT_EVERY, TrainConfig, load_or_build_processor
+from dreamr_stream.zoo.train import HELD_OUT_EVERY, TrainConfig
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -43,12 +44,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--items", type=int, default=64, help="items of each kind")
+    parser.add_argument(
+        "--processor", type=Path, default=WEIGHTS / "target", help="the run's --processor (the demo models share one)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = TrainConfig.from_json(args.run / "config.json")
     if cfg.flag_layer is None or cfg.init_from is None or cfg.draft_steps is None:
         parser.error(f"{args.run}: not a judge stage with a flag, a start model and a draft-step pool")
-    processor = load_or_build_processor(Path(cfg.init_from))
+    processor = LlavaProcessor.from_pretrained(args.processor)
     model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
     grow_decoder(model, cfg.shape.layers, cfg.seed)
     state = torch.load(args.run / "checkpoint" / "state.pt", weights_only=False)
