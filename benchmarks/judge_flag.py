@@ -22,22 +22,21 @@ import random
 from pathlib import Path
 
 import torch
+from judge_probe import auroc  # a sibling script: benchmarks/ is on the path when run
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX, grow_decoder
-from dreamr_stream.zoo.data import IGNORE, collate, judge_example, judge_item_example
-from dreamr_stream.zoo.draft_steps import read_pool
+from dreamr_stream.zoo.build import JUDGE_SUFFIX, grow_decoder
+from dreamr_stream.zoo.data import (
+    IGNORE,
+    collate,
+    judge_example,
+    judge_item_example,
+    verdict_ids,
+    verdict_position,
+)
 from dreamr_stream.zoo.shipped import WEIGHTS
 from dreamr_stream.zoo.task import make_puzzle, split_seed
-from dreamr_stream.zoo.train import HELD_OUT_EVERY, TrainConfig
-
-
-def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """The chance that a positive scores above a negative (ranks; ties are rare in floats)."""
-    ranks = torch.empty(len(scores))
-    ranks[scores.argsort()] = torch.arange(len(scores), dtype=torch.float)
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    return float((ranks[positive].sum() - n1 * (n1 - 1) / 2) / (n1 * n0))
+from dreamr_stream.zoo.train import TrainConfig, draft_pool, own_choice_flags
 
 
 def main() -> None:
@@ -60,7 +59,7 @@ def main() -> None:
     model.eval()
     w, b = state["aux"]["flag_head.weight"], state["aux"]["flag_head.bias"]
 
-    held_out = [s for s in read_pool(Path(cfg.draft_steps)) if s.index % HELD_OUT_EVERY == 0]
+    _, held_out = draft_pool(cfg)
     rng = random.Random(0)
     items = [judge_item_example(processor, s.judge_item()) for s in held_out[: args.items]]
     items += [judge_example(processor, make_puzzle(split_seed("val", i)), rng) for i in range(args.items)]
@@ -68,7 +67,7 @@ def main() -> None:
     truth = torch.tensor([c for _, c in items])
     tok = processor.tokenizer
     suffix = len(tok(JUDGE_SUFFIX, add_special_tokens=False)["input_ids"])
-    pos_id, neg_id = (tok(w_, add_special_tokens=False)["input_ids"][0] for w_ in (JUDGE_POS, JUDGE_NEG))
+    pos_id, neg_id = verdict_ids(processor)
     with torch.no_grad():
         out = model(
             input_ids=batch.input_ids,
@@ -77,8 +76,7 @@ def main() -> None:
             output_hidden_states=True,
         )
         flag = torch.sigmoid(out.hidden_states[cfg.flag_layer + 1] @ w.T + b).squeeze(-1)  # (B, T)
-        own = torch.zeros_like(batch.input_ids)
-        own[:, 1:] = (out.logits[:, :-1].argmax(-1) == batch.input_ids[:, 1:]).long()
+        own = own_choice_flags(out.logits, batch)  # IGNORE outside the judge items' flagged tokens
         # the candidate's tokens: where a judge item's flags are supervised, less the judge suffix
         cand = torch.zeros_like(batch.flags, dtype=torch.bool)
         for r in range(len(items)):
@@ -106,8 +104,7 @@ def main() -> None:
         report["own_choice_labels_min_verdict"] = agreement(
             torch.tensor([bool((own[r][cand[r]] == 1).all()) for r in range(len(items))])
         )
-        last = batch.attention_mask.sum(1) - 2  # the position that predicts the verdict token
-        verdict = out.logits[torch.arange(len(items)), last]
+        verdict = out.logits[torch.arange(len(items)), verdict_position(batch.attention_mask)]
         report["verdict"] = agreement(verdict[:, pos_id] > verdict[:, neg_id])
     print(json.dumps(report, indent=2))
 

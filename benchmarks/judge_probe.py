@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS
-from dreamr_stream.zoo.data import IGNORE, collate, judge_example, solution_example
+from dreamr_stream.zoo.data import IGNORE, collate, judge_example, solution_example, verdict_ids, verdict_position
 from dreamr_stream.zoo.task import Split, make_puzzle, split_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +55,7 @@ def features(
 ) -> dict[str, torch.Tensor]:
     """Hidden states at the verdict and candidate-end positions, verdict log-odds, labels."""
     tok = processor.tokenizer
-    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (JUDGE_POS, JUDGE_NEG))
+    yes, no = verdict_ids(processor)
     suffix_len = 2  # "\n" + "Check:" (one token each in the demo tokenizer) before the verdict
     rng = random.Random(seed)
     verdict, cand_end, odds, labels = [], [], [], []
@@ -73,7 +72,7 @@ def features(
             output_hidden_states=True,
         )
         rows = torch.arange(len(items))
-        at = batch.attention_mask.sum(1) - 2  # the position whose logits predict the verdict
+        at = verdict_position(batch.attention_mask)
         hidden = torch.stack(out.hidden_states, 1)  # (B, layers + 1, T, H)
         verdict.append(hidden[rows, :, at])
         cand_end.append(hidden[rows, :, at - suffix_len])

@@ -198,3 +198,17 @@ def test_a_grown_model_computes_what_the_original_did_and_trains_only_its_new_la
 def test_only_a_model_started_from_another_can_train_only_new_layers() -> None:
     with pytest.raises(ConfigError, match="train_only_new_layers needs init_from"):
         TrainConfig(name="x", shape=DRAFT_SHAPE, train_only_new_layers=True)
+
+
+def test_own_choice_flags_mark_where_a_supervised_token_is_the_greedy_choice_before_it() -> None:
+    import torch
+
+    from dreamr_stream.zoo.data import IGNORE, Batch
+    from dreamr_stream.zoo.train import own_choice_flags
+
+    ids = torch.tensor([[5, 1, 2, 3]])
+    logits = torch.zeros(1, 4, 8)
+    logits[0, 0, 1] = logits[0, 1, 7] = logits[0, 2, 3] = 1.0  # greedy after each: 1, 7, 3
+    flags = torch.tensor([[IGNORE, 1, 1, IGNORE]])  # supervised at tokens 1 and 2 only
+    batch = Batch(ids, torch.ones_like(ids), ids, torch.zeros(1, 3, 2, 2), torch.zeros(1, 1), flags)
+    assert own_choice_flags(logits, batch).tolist() == [[IGNORE, 1, 0, IGNORE]]

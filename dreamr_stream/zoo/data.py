@@ -27,6 +27,8 @@ __all__ = [
     "judge_example",
     "judge_item_example",
     "solution_example",
+    "verdict_ids",
+    "verdict_position",
 ]
 
 STEP_DELIMITER = "\n"
@@ -100,6 +102,19 @@ def solution_example(processor: ProcessorMixin, puzzle: Puzzle) -> Example:
         ids += piece
         labels += piece
     return Example(ids, labels, pixels, cell_classes(puzzle))
+
+
+def verdict_ids(processor: ProcessorMixin) -> tuple[int, int]:
+    """The token ids of the verdict words (`` yes``, `` no``), each a single token."""
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    pos, neg = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (JUDGE_POS, JUDGE_NEG))
+    return pos, neg
+
+
+def verdict_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per row of a collated batch of judge items: the position whose logits predict the verdict
+    (its last token, so the one before it; rows are right-padded)."""
+    return attention_mask.sum(1) - 2
 
 
 def judge_example(processor: ProcessorMixin, puzzle: Puzzle, rng: random.Random) -> tuple[Example, bool]:

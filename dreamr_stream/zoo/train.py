@@ -29,8 +29,6 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.training import TrainingConfig, warmup_cosine
 from dreamr_stream.zoo.build import (
-    JUDGE_NEG,
-    JUDGE_POS,
     ModelShape,
     build_model,
     build_processor,
@@ -46,11 +44,13 @@ from dreamr_stream.zoo.data import (
     judge_example,
     judge_item_example,
     solution_example,
+    verdict_ids,
+    verdict_position,
 )
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 
-__all__ = ["TrainConfig", "load_or_build_processor", "lr_at", "train"]
+__all__ = ["TrainConfig", "draft_pool", "load_or_build_processor", "lr_at", "own_choice_flags", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _progress(name: str, start: int, total: int) -> Callable[[int], None]:
     return update
 
 
-def _draft_pool(cfg: TrainConfig) -> tuple[list[DraftStep], list[DraftStep]]:
+def draft_pool(cfg: TrainConfig) -> tuple[list[DraftStep], list[DraftStep]]:
     """The draft-step pool split into (train, held out): every ``HELD_OUT_EVERY``-th puzzle's
     steps are held out, so no puzzle is on both sides."""
     if cfg.draft_steps is None:
@@ -248,7 +248,7 @@ def _step_loss(model: LlavaForConditionalGeneration, aux: _AuxHeads, batch: Batc
     return out, aux_loss, out.loss + aux_weight * aux_loss, aux_logits
 
 
-def _own_choice_flags(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+def own_choice_flags(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Where ``batch.flags`` supervises a flag: 1 if the token there is the model's greedy choice
     after the tokens before it (``logits`` of this forward), else 0; IGNORE elsewhere."""
     own = torch.zeros_like(batch.flags)
@@ -256,12 +256,12 @@ def _own_choice_flags(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.where(batch.flags != IGNORE, own, torch.full_like(own, IGNORE))
 
 
-def _verdict_loss(logits: torch.Tensor, labels: torch.Tensor, verdict_ids: tuple[int, int]) -> torch.Tensor:
+def _verdict_loss(logits: torch.Tensor, labels: torch.Tensor, verdict: tuple[int, int]) -> torch.Tensor:
     """Cross-entropy on the verdict token of judge items (rows whose last label is a verdict)."""
     last = (labels != IGNORE).long().cumsum(1).argmax(1)  # index of the last supervised token, (B,)
     rows = torch.arange(labels.shape[0])
     gold = labels[rows, last]
-    is_judge = (gold == verdict_ids[0]) | (gold == verdict_ids[1])
+    is_judge = (gold == verdict[0]) | (gold == verdict[1])
     if not bool(is_judge.any()):
         return logits.sum() * 0.0
     pred = logits[rows, last - 1]  # logits at t predict token t+1: (B, vocab)
@@ -273,13 +273,12 @@ def _verdict_accuracy(
     model: LlavaForConditionalGeneration, processor: LlavaProcessor, items: list[tuple[Example, bool]]
 ) -> float:
     """Share of judge items whose verdict (`` yes`` vs `` no`` after the judge suffix) is right."""
-    pos, neg = _verdict_ids(processor)
+    pos, neg = verdict_ids(processor)
     batch = collate([e for e, _ in items], processor.tokenizer.pad_token_id)
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
     ).logits
-    last = batch.attention_mask.sum(1) - 2  # position predicting the verdict token
-    verdict_logits = logits[torch.arange(len(items)), last]
+    verdict_logits = logits[torch.arange(len(items)), verdict_position(batch.attention_mask)]
     said_yes = verdict_logits[:, pos] > verdict_logits[:, neg]
     truth = torch.tensor([c for _, c in items])
     return float((said_yes == truth).float().mean())
@@ -405,18 +404,12 @@ class _Run:
         tmp.replace(ckpt / "state.pt")  # atomic: a stop mid-save never corrupts the checkpoint
 
 
-def _verdict_ids(processor: LlavaProcessor) -> tuple[int, int]:
-    tok = processor.tokenizer
-    pos, neg = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (JUDGE_POS, JUDGE_NEG))
-    return pos, neg
-
-
 def _train_step(
     cfg: TrainConfig,
     run: _Run,
     processor: LlavaProcessor,
     lr: float,
-    verdict_ids: tuple[int, int],
+    verdict: tuple[int, int],
     pool: list[DraftStep],
 ) -> dict[str, Any]:
     """One optimiser step on a fresh batch; its losses and gradient norm."""
@@ -425,9 +418,11 @@ def _train_step(
     batch = _make_batch(cfg, processor, run.rng, pool)
     out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
     if cfg.judge_weight > 0:
-        loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict_ids)
-    flags = batch.flags if cfg.flag_labels == "on_track" else _own_choice_flags(out.logits, batch)
-    flag_loss = run.aux.flag_loss(flags) if cfg.flag_weight > 0 else torch.zeros(())
+        loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict)
+    flag_loss = torch.zeros(())
+    if cfg.flag_weight > 0:
+        flags = batch.flags if cfg.flag_labels == "on_track" else own_choice_flags(out.logits, batch)
+        flag_loss = run.aux.flag_loss(flags)
     loss = loss + cfg.flag_weight * flag_loss
     early = run.aux.early_exit_loss(batch.labels) if cfg.early_exit_weight > 0 else torch.zeros(())
     loss = loss + cfg.early_exit_weight * early
@@ -465,14 +460,14 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     if start:
         log.info("resumed %s at step %d", cfg.name, start)
     model.train()
-    verdict_ids = _verdict_ids(processor)
-    pool, held_out = _draft_pool(cfg)
+    verdict = verdict_ids(processor)
+    pool, held_out = draft_pool(cfg)
     logf = (out_dir / "log.jsonl").open("a")
     t0 = time.perf_counter()
     progress = _progress(cfg.name, start, cfg.steps)
     for step in range(start, cfg.steps):
         progress(step)
-        rec = _train_step(cfg, run, processor, lr_at(cfg, step), verdict_ids, pool)
+        rec = _train_step(cfg, run, processor, lr_at(cfg, step), verdict, pool)
         done = step + 1
         if done % 10 == 0:
             _write(logf, {"step": done, **rec, "s_per_step": (time.perf_counter() - t0) / 10})
