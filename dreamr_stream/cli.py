@@ -111,6 +111,7 @@ _ZOO_COMMANDS = {
     "card": "cards",
     "draft-steps": "draft_steps",
     "tbvm": "tbvm_eval",
+    "judge-layers": "judge_layers",
 }
 
 
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
 
-    z = sub.add_parser("zoo", help="demo models: train, export, eval, card, draft-steps, tbvm")
+    z = sub.add_parser("zoo", help="demo models: train, export, eval, card, draft-steps, tbvm, judge-layers")
     z.add_argument("zoo_cmd", choices=list(_ZOO_COMMANDS))
     z.add_argument("rest", nargs=argparse.REMAINDER)
     z.set_defaults(fn=_zoo)

@@ -257,8 +257,9 @@ def parse_answer(text: str) -> int | None:
 
 # ---------------------------------------------------------------- judge items
 
-# "draft": a draft's own wrong step (``zoo/draft_steps.py``), not a made-up corruption
-Corruption = Literal["none", "misread", "misread_consistent", "count", "total", "arithmetic", "answer", "draft"]
+# "draft": a draft's own wrong step (``zoo/draft_steps.py``), not a made-up corruption;
+# "swap": one word or digit of a correct step replaced (``zoo/judge_layers.swap_word``)
+Corruption = Literal["none", "misread", "misread_consistent", "count", "total", "arithmetic", "answer", "draft", "swap"]
 
 
 @dataclass(frozen=True)
