@@ -140,3 +140,23 @@ def test_bad_stage_configs_are_refused(tmp_path: Path, processor: LlavaProcessor
     cfg = JudgeLayersConfig(name="x", init_from=str(folder), steps=1, judge_items=2, val_items=2)
     with pytest.raises(ConfigError, match="likelihood tau"):
         train(cfg, tmp_path / "run")
+
+
+def test_a_swap_replaces_one_word_with_one_of_its_kind() -> None:
+    rng = random.Random(0)
+    colours_or_shapes = {"red", "blue", "green", "yellow", "circle", "square", "triangle"}
+    seen_kinds = 0
+    for i in range(40):
+        puzzle = make_puzzle(split_seed("val", i))
+        item = make_judge_item(puzzle, random.Random(i), p_correct=1.0)
+        swapped = swap_word(item, rng, ["Row", "empty"])
+        before, after = item.candidate.split(" "), swapped.candidate.split(" ")
+        changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+        assert len(changed) == 1 and swapped.corruption == "swap" and not swapped.correct
+        old, new = (w.rstrip(".,:").lower() for w in changed[0])
+        if old in colours_or_shapes:
+            seen_kinds += 1
+            assert new in colours_or_shapes and (new in {"circle", "square", "triangle"}) == (
+                old in {"circle", "square", "triangle"}
+            )
+    assert seen_kinds > 0

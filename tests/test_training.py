@@ -22,6 +22,7 @@ from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trajectories import greedy_writes
 from dreamr_stream.training import TrainingConfig
 from dreamr_stream.zoo.build import DRAFT_SHAPE
+from dreamr_stream.zoo.judge_layers import JudgeLayersConfig
 from dreamr_stream.zoo.prompts import TaskPrompts
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 from dreamr_stream.zoo.train import TrainConfig, lr_at
@@ -34,7 +35,9 @@ SHAPE = {"hidden": 8, "layers": 1, "heads": 2, "intermediate": 16}
 
 
 def _config_class(raw: dict[str, Any]) -> type[TrainingConfig]:
-    return TrainConfig if "shape" in raw else SapoConfig
+    if "shape" in raw:
+        return TrainConfig
+    return JudgeLayersConfig if "new_layers" in raw else SapoConfig
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -51,7 +51,7 @@ from dreamr_stream.training import TrainingConfig, warmup_cosine
 from dreamr_stream.zoo.build import grow_decoder
 from dreamr_stream.zoo.data import IGNORE, judge_item_example, verdict_ids
 from dreamr_stream.zoo.draft_steps import read_pool
-from dreamr_stream.zoo.task import JudgeItem, Split, make_judge_item, make_puzzle, split_seed
+from dreamr_stream.zoo.task import COLOURS, SHAPES, JudgeItem, Split, make_judge_item, make_puzzle, split_seed
 
 __all__ = [
     "JudgeLayers",
@@ -75,6 +75,8 @@ class JudgeLayersConfig(TrainingConfig):
 
     name: str = Field(min_length=1)
     init_from: str  # the trained target (its layers stay frozen)
+    # a grown target (an earlier stage's ``final``) whose new layers start this stage's
+    init_layers_from: str | None = None
     new_layers: int = Field(default=4, ge=3)  # flag, gather, verdict: at least three
     flag_after: int = Field(default=1, ge=0)  # the new layer whose output carries the per-token flag
     # the likelihood tau whose decisions the verdict learns (default: what init_from recommends)
@@ -115,8 +117,8 @@ class JudgeLayersConfig(TrainingConfig):
 
 
 def swap_word(item: JudgeItem, rng: random.Random, words: Sequence[str]) -> JudgeItem:
-    """``item`` with one word of its candidate replaced: a digit of a number moved, or another
-    word of the task's steps."""
+    """``item`` with one word of its candidate replaced: a digit of a number moved, a colour or a
+    shape by another (a misread cell, one token), or else another word of the task's steps."""
     parts = item.candidate.split(" ")
     i = rng.randrange(len(parts))
     word = parts[i]
@@ -125,9 +127,22 @@ def swap_word(item: JudgeItem, rng: random.Random, words: Sequence[str]) -> Judg
         j = rng.choice(digits)
         word = word[:j] + str((int(word[j]) + rng.randrange(1, 10)) % 10) + word[j + 1 :]
     else:
-        word = rng.choice([w for w in words if w != word] or list(words))
+        word = _same_kind(word, rng) or rng.choice([w for w in words if w != word] or list(words))
     parts[i] = word
     return JudgeItem(item.puzzle, item.prefix, " ".join(parts), "swap")
+
+
+def _same_kind(word: str, rng: random.Random) -> str | None:
+    """Another colour for a colour, another shape for a shape (plural and capital kept), else None."""
+    core = word.rstrip(".,:")
+    lower = core.lower()
+    plural = lower.endswith("s") and lower[:-1] in SHAPES
+    base = lower[:-1] if plural else lower
+    for kind in (tuple(COLOURS), SHAPES):
+        if base in kind:
+            new = rng.choice([w for w in kind if w != base]) + ("s" if plural else "")
+            return (new.capitalize() if core[:1].isupper() else new) + word[len(core) :]
+    return None
 
 
 def judge_items(split: Split, n: int, *, seed: int, swap_fraction: float) -> list[JudgeItem]:
@@ -421,6 +436,16 @@ def _datasets(
     return cached["train"], cached["val"]
 
 
+def _start_new_layers(grown: LlavaForConditionalGeneration, first_new: int, folder: Path) -> None:
+    """Copy ``folder``'s layers from ``first_new`` on into ``grown``'s new layers (same depth)."""
+    earlier = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    theirs, mine = earlier.model.language_model.layers, grown.model.language_model.layers
+    if len(theirs) != len(mine):
+        raise ConfigError(f"init_layers_from: {folder} has {len(theirs)} decoder layers, this stage {len(mine)}")
+    for i in range(first_new, len(mine)):
+        mine[i].load_state_dict(theirs[i].state_dict())
+
+
 def _write(logf: IO[str], rec: dict[str, Any]) -> None:
     logf.write(json.dumps(rec) + "\n")
     logf.flush()
@@ -438,6 +463,8 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
     depth = len(grown.model.language_model.layers)
     train_set, val_set = _datasets(cfg, grown, processor, out)
     first_new = grow_decoder(grown, depth + cfg.new_layers, cfg.seed)
+    if cfg.init_layers_from is not None:
+        _start_new_layers(grown, first_new, Path(cfg.init_layers_from))
     for param in grown.parameters():
         param.requires_grad_(False)
     judge = JudgeLayers(grown, first_new, cfg.flag_after)
@@ -478,7 +505,7 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
         opt.step()
         done = step + 1
         if done % 25 == 0:
-            rec = {k: round(float(v), 5) for k, v in terms.items()}
+            rec = {k: round(float(v.detach()), 5) for k, v in terms.items()}
             _write(logf, {"step": done, **rec, "lr": lr, "s_per_step": (time.perf_counter() - t0) / 25})
             t0 = time.perf_counter()
         if done % cfg.eval_every == 0 or done == cfg.steps:
