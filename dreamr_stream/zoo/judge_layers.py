@@ -52,6 +52,7 @@ from dreamr_stream.zoo.build import grow_decoder
 from dreamr_stream.zoo.data import IGNORE, judge_item_example, verdict_ids
 from dreamr_stream.zoo.draft_steps import read_pool
 from dreamr_stream.zoo.task import COLOURS, SHAPES, JudgeItem, Split, make_judge_item, make_puzzle, split_seed
+from dreamr_stream.zoo.train import HELD_OUT_EVERY  # the same puzzles held out as the zoo trainer's
 
 __all__ = [
     "JudgeLayers",
@@ -66,8 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-HELD_OUT_EVERY = 25  # the draft-step pool's puzzles held out for validation (as ``zoo.train`` does)
 
 
 class JudgeLayersConfig(TrainingConfig):
