@@ -22,7 +22,6 @@ import random
 from pathlib import Path
 
 import torch
-from judge_probe import auroc  # a sibling script: benchmarks/ is on the path when run
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.zoo.build import JUDGE_SUFFIX, grow_decoder
@@ -36,6 +35,7 @@ from dreamr_stream.zoo.data import (
 )
 from dreamr_stream.zoo.shipped import WEIGHTS
 from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.zoo.tbvm_eval import auroc
 from dreamr_stream.zoo.train import TrainConfig, draft_pool, own_choice_flags
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     model.eval()
     w, b = state["aux"]["flag_head.weight"], state["aux"]["flag_head.bias"]
 
-    _, held_out = draft_pool(cfg)
+    _, held_out = draft_pool(cfg.draft_steps)
     rng = random.Random(0)
     items = [judge_item_example(processor, s.judge_item()) for s in held_out[: args.items]]
     items += [judge_example(processor, make_puzzle(split_seed("val", i)), rng) for i in range(args.items)]

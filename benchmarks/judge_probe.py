@@ -34,19 +34,10 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.zoo.data import IGNORE, collate, judge_example, solution_example, verdict_ids, verdict_position
 from dreamr_stream.zoo.task import Split, make_puzzle, split_seed
+from dreamr_stream.zoo.tbvm_eval import auroc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = ROOT / "dreamr_stream" / "zoo" / "weights" / "target"
-
-
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Probability that a random correct item scores above a random corrupted one (ties: half)."""
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).float().mean()
-    ties = (pos[:, None] == neg[None, :]).float().mean()
-    return float(greater + 0.5 * ties)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dreamr_stream.errors import ConfigError
 
-__all__ = ["TrainingConfig", "warmup_cosine"]
+__all__ = ["TrainingConfig", "save_atomic", "warmup_cosine"]
 
 
 class TrainingConfig(BaseModel):
@@ -41,6 +41,16 @@ class TrainingConfig(BaseModel):
             return cls(**fields)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
+
+
+def save_atomic(state: object, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file: a stop mid-save never leaves a torn
+    checkpoint where a resume would read it."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def warmup_cosine(step: int, *, peak: float, warmup: int, start: int, end: int, floor: float = 0.0) -> float:

@@ -20,6 +20,7 @@ from dreamr_stream.zoo.shipped import demo_paths
 from dreamr_stream.zoo.task import make_puzzle, split_seed
 from dreamr_stream.zoo.tbvm_eval import (
     Labelled,
+    auroc,
     choose_tau,
     draft_steps_scored,
     judge_set_scored,
@@ -163,3 +164,11 @@ def test_zoo_eval_reports_both_modes_side_by_side(tmp_path: Path) -> None:
     for name, n in (("judge_set", 4), ("draft_steps", len(make_puzzle(split_seed("test", 0)).steps()))):
         assert set(report["tbvm"][name]) == {"judge", "likelihood"}
         assert all(r["n"] == n for r in report["tbvm"][name].values())
+
+
+def test_auroc_is_the_chance_a_positive_scores_above_a_negative() -> None:
+    positive = torch.tensor([True, True, False, False])
+    assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), positive) == 1.0
+    assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), positive) == 0.0
+    assert auroc(torch.tensor([0.9, 0.5, 0.5, 0.1]), positive) == 0.875  # one tie of four pairs: half
+    assert math.isnan(auroc(torch.tensor([0.3, 0.4]), torch.tensor([True, True])))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -20,7 +21,7 @@ from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.prompts import TrajectoryCache, held_out
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trajectories import greedy_writes
-from dreamr_stream.training import TrainingConfig
+from dreamr_stream.training import TrainingConfig, save_atomic
 from dreamr_stream.zoo.build import DRAFT_SHAPE
 from dreamr_stream.zoo.judge_layers import JudgeLayersConfig
 from dreamr_stream.zoo.prompts import TaskPrompts
@@ -215,3 +216,12 @@ def test_own_choice_flags_mark_where_a_supervised_token_is_the_greedy_choice_bef
     flags = torch.tensor([[IGNORE, 1, 1, IGNORE]])  # supervised at tokens 1 and 2 only
     batch = Batch(ids, torch.ones_like(ids), ids, torch.zeros(1, 3, 2, 2), torch.zeros(1, 1), flags)
     assert own_choice_flags(logits, batch).tolist() == [[IGNORE, 1, 0, IGNORE]]
+
+
+def test_save_atomic_writes_the_state_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    save_atomic({"step": 3, "w": torch.ones(2)}, path)
+    save_atomic({"step": 4, "w": torch.zeros(2)}, path)  # replaces the earlier one
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 4 and state["w"].tolist() == [0.0, 0.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]

@@ -25,7 +25,7 @@ from dreamr_stream.backends.base import ScoreOutput, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ModelLoadError
 
-__all__ = ["HFSession", "TransformersBackend", "resolve_device"]
+__all__ = ["HFSession", "TransformersBackend", "read_sidecar", "resolve_device"]
 
 log = logging.getLogger(__name__)
 SIDECAR = "dreamr.json"  # optional per-model settings: judge template, delimiter
@@ -35,6 +35,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def read_sidecar(folder: Path) -> dict[str, Any]:
+    """A model folder's ``dreamr.json`` settings (judge template, recommended verification); none: {}."""
+    sidecar = folder / SIDECAR
+    return json.loads(sidecar.read_text()) if sidecar.exists() else {}
 
 
 @dataclass
@@ -123,14 +129,10 @@ class TransformersBackend:
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device=dev)  # type: ignore[call-arg]
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"could not load a vision-language model from {folder}: {e}") from e
-        judge, verification = None, {}
-        sidecar = folder / SIDECAR
-        if sidecar.exists():
-            settings = json.loads(sidecar.read_text())
-            judge = JudgeTemplate(**settings.get("judge", {}))
-            verification = settings.get("verification", {})
+        settings = read_sidecar(folder)
+        judge = JudgeTemplate(**settings["judge"]) if "judge" in settings else None
         backend = cls(model, processor, name=name or folder.name, judge=judge)
-        backend.recommended_verification = verification
+        backend.recommended_verification = settings.get("verification", {})
         return backend
 
     def _eos_ids(self) -> set[int]:

@@ -43,6 +43,7 @@ from dreamr_stream.sapo.policy import PolicySample, gather_steps, sapo_loss, ste
 from dreamr_stream.sapo.prompts import PromptSource, TrajectoryCache
 from dreamr_stream.sapo.rollouts import RolloutPrompt, StepScorer, TransformersScorer, rollout_group, trajectory_sample
 from dreamr_stream.sapo.trajectories import greedy_matches
+from dreamr_stream.training import save_atomic
 from dreamr_stream.verify import Verifier, make_verifier
 
 __all__ = ["sapo_update", "train"]
@@ -291,9 +292,8 @@ def _resume(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def _save(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random, done: int) -> None:
     ckpt.mkdir(exist_ok=True)
-    tmp = ckpt / "state.pt.tmp"
-    torch.save({"policy": policy.state_dict(), "opt": optimizer.state_dict(), "rng": rng.getstate(), "step": done}, tmp)
-    tmp.replace(ckpt / "state.pt")  # atomic: a stop mid-save never corrupts the checkpoint
+    state = {"policy": policy.state_dict(), "opt": optimizer.state_dict(), "rng": rng.getstate(), "step": done}
+    save_atomic(state, ckpt / "state.pt")
 
 
 def _write(logf: IO[str], rec: dict[str, float]) -> None:

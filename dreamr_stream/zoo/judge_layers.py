@@ -44,15 +44,15 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.backends.hf import SIDECAR
+from dreamr_stream.backends.hf import read_sidecar
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.errors import ConfigError
-from dreamr_stream.training import TrainingConfig, warmup_cosine
+from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
 from dreamr_stream.zoo.build import grow_decoder
 from dreamr_stream.zoo.data import IGNORE, judge_item_example, verdict_ids
-from dreamr_stream.zoo.draft_steps import read_pool
 from dreamr_stream.zoo.task import COLOURS, SHAPES, JudgeItem, Split, make_judge_item, make_puzzle, split_seed
-from dreamr_stream.zoo.train import HELD_OUT_EVERY  # the same puzzles held out as the zoo trainer's
+from dreamr_stream.zoo.tbvm_eval import auroc
+from dreamr_stream.zoo.train import draft_pool
 
 __all__ = [
     "JudgeLayers",
@@ -344,16 +344,6 @@ def losses(
     return {"kl": kl, "verdict": verdict_loss, "flag": flag, "gather": gather, "copy": copy}, labels, out
 
 
-def _auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    pos, neg = scores[positive], scores[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None]).float().mean()
-    ties = (pos[:, None] == neg[None]).float().mean()
-    return float(greater + 0.5 * ties)
-
-
 @torch.no_grad()
 def evaluate(
     judge: JudgeLayers, items: Sequence[TrunkItem], threshold: float, verdict: tuple[int, int]
@@ -392,7 +382,7 @@ def evaluate(
         "verdict_vs_truth": float((s == c).float().mean()),
         "accepts_correct": float(s[c].float().mean()) if bool(c.any()) else float("nan"),
         "accepts_wrong": float(s[~c].float().mean()) if bool((~c).any()) else float("nan"),
-        "flag_auroc": _auroc(torch.cat(flags), torch.cat(token_ok)),
+        "flag_auroc": auroc(torch.cat(flags), torch.cat(token_ok)),
         "same_greedy_token": same / max(1, total),
         "yes_by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
     }
@@ -405,8 +395,7 @@ def _threshold(cfg: JudgeLayersConfig) -> float:
     """The per-token probability the likelihood mode needs at the stage's tau."""
     tau = cfg.tau
     if tau is None:
-        sidecar = Path(cfg.init_from) / SIDECAR
-        recommended = json.loads(sidecar.read_text()).get("verification", {}) if sidecar.exists() else {}
+        recommended = read_sidecar(Path(cfg.init_from)).get("verification", {})
         if recommended.get("mode") != "likelihood" and "likelihood" not in recommended.get("taus", {}):
             raise ConfigError(f"{cfg.init_from} recommends no likelihood tau: set the config's tau")
         tau = VerificationConfig.recommended(recommended, mode="likelihood").tau
@@ -423,15 +412,12 @@ def _datasets(
         return cached["train"], cached["val"]
     train_items = judge_items("train", cfg.judge_items, seed=cfg.seed, swap_fraction=cfg.swap_fraction)
     val_items = judge_items("val", cfg.val_items, seed=cfg.seed + 1, swap_fraction=0.0)
-    if cfg.draft_steps is not None:
-        pool = read_pool(Path(cfg.draft_steps))
-        train_items += [s.judge_item() for s in pool if s.index % HELD_OUT_EVERY]
-        val_items += [s.judge_item() for s in pool if not s.index % HELD_OUT_EVERY]
+    pool, held_out = draft_pool(cfg.draft_steps)
+    train_items += [s.judge_item() for s in pool]
+    val_items += [s.judge_item() for s in held_out]
     log.info("caching the frozen trunk over %d + %d items", len(train_items), len(val_items))
     cached = {"train": cache_trunk(model, processor, train_items), "val": cache_trunk(model, processor, val_items)}
-    tmp = path.with_suffix(".tmp")
-    torch.save(cached, tmp)
-    tmp.replace(path)
+    save_atomic(cached, path)
     return cached["train"], cached["val"]
 
 
@@ -511,9 +497,8 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
             metrics = evaluate(judge, val_set, threshold, verdict)
             _write(logf, {"step": done, **metrics})
             log.info("%s step %d %s", cfg.name, done, metrics)
-            tmp = out / "checkpoint.tmp"
-            torch.save({"judge": judge.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(), "step": done}, tmp)
-            tmp.replace(ckpt)  # atomic: a stop mid-save never corrupts the checkpoint
+            state = {"judge": judge.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(), "step": done}
+            save_atomic(state, ckpt)
     final = out / "final"
     grown.save_pretrained(final)
     processor.save_pretrained(final)

@@ -20,6 +20,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from dreamr_stream.backends.base import ScoreOutput
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
@@ -33,6 +35,7 @@ __all__ = [
     "MODES",
     "Labelled",
     "TbvmReport",
+    "auroc",
     "choose_tau",
     "draft_steps_scored",
     "judge_set_scored",
@@ -70,6 +73,17 @@ class TbvmReport:
     precision: float  # share of accepted steps that are right
     agreement: float  # share of verdicts that match the label
     accept_by_kind: dict[str, float]  # acceptance per kind of step
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """How well ``scores`` separate ``positive`` items from the rest: the probability that a random
+    positive scores above a random negative (ties count half; nan without both)."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
 
 
 def judge_set_scored(target: TransformersBackend, split: Split = "test", n: int = 200, seed: int = 0) -> list[Labelled]:

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.training import TrainingConfig, warmup_cosine
+from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
 from dreamr_stream.zoo.build import (
     ModelShape,
     build_model,
@@ -207,15 +207,16 @@ def _progress(name: str, start: int, total: int) -> Callable[[int], None]:
     return update
 
 
-def draft_pool(cfg: TrainConfig) -> tuple[list[DraftStep], list[DraftStep]]:
-    """The draft-step pool split into (train, held out): every ``HELD_OUT_EVERY``-th puzzle's
-    steps are held out, so no puzzle is on both sides."""
-    if cfg.draft_steps is None:
+def draft_pool(path: str | Path | None) -> tuple[list[DraftStep], list[DraftStep]]:
+    """The draft-step pool at ``path`` (``dreamr zoo draft-steps``; none: empty) split into
+    (train, held out): every ``HELD_OUT_EVERY``-th puzzle's steps are held out, so no puzzle is on
+    both sides."""
+    if path is None:
         return [], []
-    pool = read_pool(Path(cfg.draft_steps))
+    pool = read_pool(Path(path))
     held_out = [s for s in pool if s.index % HELD_OUT_EVERY == 0]
     if not held_out or len(held_out) == len(pool):
-        raise ValueError(f"draft_steps: {cfg.draft_steps} ({len(pool)} steps) is too small to hold some out")
+        raise ValueError(f"draft_steps: {path} ({len(pool)} steps) is too small to hold some out")
     return [s for s in pool if s.index % HELD_OUT_EVERY != 0], held_out
 
 
@@ -391,7 +392,6 @@ class _Run:
 
     def save(self, ckpt: Path, done: int) -> None:
         ckpt.mkdir(exist_ok=True)
-        tmp = ckpt / "state.pt.tmp"
         state = {
             "model": self.model.state_dict(),
             "aux": self.aux.state_dict(),
@@ -400,8 +400,7 @@ class _Run:
             "torch_rng": torch.get_rng_state(),
             "step": done,
         }
-        torch.save(state, tmp)
-        tmp.replace(ckpt / "state.pt")  # atomic: a stop mid-save never corrupts the checkpoint
+        save_atomic(state, ckpt / "state.pt")
 
 
 def _train_step(
@@ -461,7 +460,7 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
         log.info("resumed %s at step %d", cfg.name, start)
     model.train()
     verdict = verdict_ids(processor)
-    pool, held_out = draft_pool(cfg)
+    pool, held_out = draft_pool(cfg.draft_steps)
     logf = (out_dir / "log.jsonl").open("a")
     t0 = time.perf_counter()
     progress = _progress(cfg.name, start, cfg.steps)
