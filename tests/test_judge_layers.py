@@ -24,11 +24,12 @@ from dreamr_stream.zoo.judge_layers import (
     judge_items,
     likelihood_labels,
     pad,
+    swap_cell,
     swap_word,
     train,
 )
 from dreamr_stream.zoo.shipped import WEIGHTS
-from dreamr_stream.zoo.task import make_judge_item, make_puzzle, split_seed
+from dreamr_stream.zoo.task import JudgeItem, make_judge_item, make_puzzle, split_seed
 
 TARGET = WEIGHTS / "target"
 TINY = ModelShape(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32)
@@ -43,16 +44,21 @@ def _tiny(processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     return build_model(processor.tokenizer, TINY, seed=0).eval()
 
 
-def test_the_new_layers_on_a_cached_trunk_compute_what_the_grown_model_computes(processor: LlavaProcessor) -> None:
+@pytest.mark.parametrize("trainable_top", [0, 1])
+def test_the_new_layers_on_a_cached_trunk_compute_what_the_grown_model_computes(
+    processor: LlavaProcessor, trainable_top: int
+) -> None:
+    """Also with the target's own top layer trained beside the new ones (the trunk cached below it)."""
     model = _tiny(processor)
     items = judge_items("val", 5, seed=3, swap_fraction=0.5)
-    trunk = cache_trunk(model, processor, items, batch=2, dtype=torch.float32)
+    trunk = cache_trunk(model, processor, items, batch=2, dtype=torch.float32, below_top=trainable_top)
     first = grow_decoder(model, TINY.layers + 3, seed=1)
     torch.manual_seed(2)
     for layer in model.model.language_model.layers[first:]:  # away from the identity
         for p in layer.parameters():
             p.data.add_(torch.randn_like(p) * 0.05)
-    judge = JudgeLayers(model, first, flag_after=0).eval()
+    judge = JudgeLayers(model, first, flag_after=0, first_trained=first - trainable_top).eval()
+    assert len(judge.layers) == 3 + trainable_top and judge.new_from == trainable_top
     batch = pad(trunk)
     with torch.no_grad():
         mine = judge(batch.trunk)["logits"]
@@ -64,7 +70,8 @@ def test_the_new_layers_on_a_cached_trunk_compute_what_the_grown_model_computes(
     assert torch.allclose(mine[batch.real], full[batch.real], atol=1e-4)
 
 
-def test_the_labels_are_the_likelihood_modes_decisions(processor: LlavaProcessor) -> None:
+@pytest.mark.parametrize("trainable_top", [0, 8])
+def test_the_labels_are_the_likelihood_modes_decisions(processor: LlavaProcessor, trainable_top: int) -> None:
     """On the shipped target: the verdict's label for a candidate is what the engine's likelihood
     verifier decides on the backend's score of it, and so is each token's flag."""
     rng = random.Random(5)
@@ -85,10 +92,11 @@ def test_the_labels_are_the_likelihood_modes_decisions(processor: LlavaProcessor
         backend.close(session)
         engine.append(verifier.verify(score.p_pos, score.p_neg, score.token_logprobs).accepted)
     model = backend.model
-    trunk = cache_trunk(model, processor, items, dtype=torch.float32)
+    # the labels come from the frozen target's last layer also where the trunk is cached below it
+    trunk = cache_trunk(model, processor, items, dtype=torch.float32, below_top=trainable_top)
     first = grow_decoder(model, len(model.model.language_model.layers) + 3, seed=0)
     batch = pad(trunk)
-    labels = likelihood_labels(JudgeLayers(model, first, 0).frozen_logprobs(batch.trunk), batch, tau / (1 + tau))
+    labels = likelihood_labels(JudgeLayers(model, first, 0).frozen_logprobs(batch.top), batch, tau / (1 + tau))
     by_ids = {tuple(t.ids.tolist()): a for t, a in zip(trunk, labels.accept.tolist(), strict=True)}
     mine = [by_ids[tuple(judge_item_example(processor, it)[0].input_ids[:-1])] for it in items]
     assert mine == engine
@@ -160,3 +168,43 @@ def test_a_swap_replaces_one_word_with_one_of_its_kind() -> None:
                 old in {"circle", "square", "triangle"}
             )
     assert seen_kinds > 0
+
+
+def test_a_cell_swap_misreads_one_whole_cell_and_keeps_the_rest() -> None:
+    rng = random.Random(1)
+    directions = set()
+    for i in range(60):
+        puzzle = make_puzzle(split_seed("val", i))
+        item = make_judge_item(puzzle, random.Random(i), p_correct=1.0)
+        swapped = swap_cell(item, rng)
+        if not item.candidate.startswith("Row "):
+            assert swapped is None  # the arithmetic and the answer name no cell
+            continue
+        assert swapped is not None and swapped.corruption == "swap" and swapped.prefix == item.prefix
+        head = item.candidate.split(": ", 1)[0]
+        assert swapped.candidate.startswith(head + ": ")
+        cells = [c.split(". ")[0] for c in item.candidate.removeprefix(head + ": ").split(", ")]
+        cells_after = [c.split(". ")[0] for c in swapped.candidate.removeprefix(head + ": ").split(", ")]
+        changed = [(a, b) for a, b in zip(cells, cells_after, strict=True) if a != b]
+        assert len(changed) == 1 and item.candidate.split(". ", 1)[1] == swapped.candidate.split(". ", 1)[1]
+        old, new = changed[0]
+        # only the cell's name moves; its marks (" = ...") and the row's totals stay
+        assert old.split(" = ")[1:] == new.split(" = ")[1:]
+        old_name, new_name = old.split(" = ")[0], new.split(" = ")[0]
+        assert "empty" in (old_name, new_name) and old_name != new_name
+        directions.add(old_name == "empty")
+    assert directions == {True, False}  # both ways: a shape for "empty" and "empty" for a shape
+
+
+def test_judge_items_swap_whole_cells_only_when_asked() -> None:
+    none = judge_items("val", 200, seed=5, swap_fraction=1.0)
+    cells = judge_items("val", 200, seed=5, swap_fraction=1.0, cell_swap_fraction=1.0)
+
+    def whole(items: list[JudgeItem]) -> int:  # swaps of one word for two or two for one
+        return sum(
+            len(i.candidate.split()) != len(i.puzzle.steps()[len(i.prefix)].split())
+            for i in items
+            if i.corruption == "swap"
+        )
+
+    assert whole(none) == 0 and whole(cells) > 20

@@ -33,8 +33,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -62,6 +63,7 @@ __all__ = [
     "cache_trunk",
     "judge_items",
     "likelihood_labels",
+    "swap_cell",
     "swap_word",
     "train",
 ]
@@ -78,6 +80,11 @@ class JudgeLayersConfig(TrainingConfig):
     init_layers_from: str | None = None
     new_layers: int = Field(default=4, ge=3)  # flag, gather, verdict: at least three
     flag_after: int = Field(default=1, ge=0)  # the new layer whose output carries the per-token flag
+    # the target's own top layers that train with the new ones (KL keeps what they write): the
+    # trunk is cached below them. Its top layers overwrite a written token with what the image
+    # shows (a misread shape is unreadable above layer 16 of 24, judge_stage.md), so new layers
+    # on top alone cannot see a misread; trained top layers can keep the written token.
+    trainable_top: int = Field(default=0, ge=0)
     # the likelihood tau whose decisions the verdict learns (default: what init_from recommends)
     tau: float | None = Field(default=None, gt=0.0)
     steps: int = Field(default=3000, ge=1)
@@ -95,6 +102,7 @@ class JudgeLayersConfig(TrainingConfig):
     # word or digit swapped (more wrong tokens, each alone in its step), and the drafts' own steps
     judge_items: int = Field(default=16000, ge=1)
     swap_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+    cell_swap_fraction: float = Field(default=0.0, ge=0.0, le=1.0)  # of the swaps: a whole cell
     draft_steps: str | None = None
     val_items: int = Field(default=600, ge=1)
     seed: int = 7
@@ -131,6 +139,23 @@ def swap_word(item: JudgeItem, rng: random.Random, words: Sequence[str]) -> Judg
     return JudgeItem(item.puzzle, item.prefix, " ".join(parts), "swap")
 
 
+# a cell's name in a row step: after "Row N: " or ", ", before its mark (" = "), ", " or ". "
+_CELL = re.compile(rf"(?<=: |, )(?:empty|(?:{'|'.join(COLOURS)}) (?:{'|'.join(SHAPES)}))(?= =|,|\.)")
+
+
+def swap_cell(item: JudgeItem, rng: random.Random) -> JudgeItem | None:
+    """``item`` with one whole cell of its row step misread, "empty" for a coloured shape or a
+    coloured shape for "empty" (marks and totals still follow the image), or None when its
+    candidate names no cell. ``swap_word`` changes one attribute; this changes the cell."""
+    cells = list(_CELL.finditer(item.candidate))
+    if not cells:
+        return None
+    m = rng.choice(cells)
+    new = "empty" if m.group() != "empty" else f"{rng.choice(list(COLOURS))} {rng.choice(SHAPES)}"
+    text = item.candidate
+    return JudgeItem(item.puzzle, item.prefix, text[: m.start()] + new + text[m.end() :], "swap")
+
+
 def _same_kind(word: str, rng: random.Random) -> str | None:
     """Another colour for a colour, another shape for a shape (plural and capital kept), else None."""
     core = word.rstrip(".,:")
@@ -144,9 +169,12 @@ def _same_kind(word: str, rng: random.Random) -> str | None:
     return None
 
 
-def judge_items(split: Split, n: int, *, seed: int, swap_fraction: float) -> list[JudgeItem]:
+def judge_items(
+    split: Split, n: int, *, seed: int, swap_fraction: float, cell_swap_fraction: float = 0.0
+) -> list[JudgeItem]:
     """``n`` judge-set items of ``split`` (half hard puzzles), ``swap_fraction`` of the correct
-    ones with a swapped word (``swap_word``)."""
+    ones with a swapped word (``swap_word``), ``cell_swap_fraction`` of those, where the step
+    names cells, with a whole cell swapped instead (``swap_cell``)."""
     rng = random.Random(seed)
     words = sorted({w for i in range(200) for s in make_puzzle(split_seed(split, i)).steps() for w in s.split(" ")})
     items = []
@@ -154,7 +182,8 @@ def judge_items(split: Split, n: int, *, seed: int, swap_fraction: float) -> lis
         puzzle = make_puzzle(split_seed(split, rng.randrange(10**9)), hard=rng.random() < 0.5)
         item = make_judge_item(puzzle, rng)
         if item.correct and rng.random() < swap_fraction:
-            item = swap_word(item, rng, words)
+            whole = swap_cell(item, rng) if rng.random() < cell_swap_fraction else None
+            item = whole or swap_word(item, rng, words)
         items.append(item)
     return items
 
@@ -165,10 +194,12 @@ def judge_items(split: Split, n: int, *, seed: int, swap_fraction: float) -> lis
 @dataclass
 class TrunkItem:
     """A judge item through the frozen target: its tokens up to the judge suffix (the last
-    position predicts the verdict) and the last frozen layer's output there."""
+    position predicts the verdict), the trunk's output there (what the trained layers start from)
+    and the frozen target's last layer output (its next-token distribution: the labels)."""
 
     ids: torch.Tensor  # (T,)
     hidden: torch.Tensor  # (T, hidden)
+    top: torch.Tensor  # (T, hidden): ``hidden`` itself when no layer of the target trains
     start: int  # the candidate's first token
     n_text: int  # the candidate's text tokens: what the likelihood mode reads (not the delimiter)
     correct: bool
@@ -183,16 +214,22 @@ def cache_trunk(
     *,
     batch: int = 32,
     dtype: torch.dtype = torch.float16,
+    below_top: int = 0,
 ) -> list[TrunkItem]:
     """Run ``model`` (the frozen target) once over every item, shortest first (little padding);
-    keep its last layer's output in ``dtype`` (fp16 halves a cache of tens of thousands of items)."""
+    keep the output of its layer ``below_top`` under the last and of its last layer in ``dtype``
+    (fp16 halves a cache of tens of thousands of items)."""
     tok = processor.tokenizer
     kept: dict[str, torch.Tensor] = {}
 
-    def keep(_m: nn.Module, _i: object, out: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
-        kept["h"] = out[0] if isinstance(out, tuple) else out
+    def keeper(name: str) -> Callable[[nn.Module, object, torch.Tensor | tuple[torch.Tensor, ...]], None]:
+        def keep(_m: nn.Module, _i: object, out: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+            kept[name] = out[0] if isinstance(out, tuple) else out
 
-    hook = model.model.language_model.layers[-1].register_forward_hook(keep)
+        return keep
+
+    layers = model.model.language_model.layers
+    hooks = [layers[-1 - below_top].register_forward_hook(keeper("h")), layers[-1].register_forward_hook(keeper("top"))]
     examples = []
     for item in items:
         ex, _ = judge_item_example(processor, item)
@@ -216,9 +253,11 @@ def cache_trunk(
                 length = int(mask[r].sum())
                 _, _, start, n_text, item = examples[i]
                 hidden = kept["h"][r, :length].to(dtype).clone()
-                out[i] = TrunkItem(ids[r, :length].clone(), hidden, start, n_text, item.correct, item.corruption)
+                top = hidden if below_top == 0 else kept["top"][r, :length].to(dtype).clone()
+                out[i] = TrunkItem(ids[r, :length].clone(), hidden, top, start, n_text, item.correct, item.corruption)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     return [t for t in out if t is not None]
 
 
@@ -226,16 +265,22 @@ def cache_trunk(
 
 
 class JudgeLayers(nn.Module):
-    """The grown target's new layers, final norm and LM head over the frozen trunk's output, and
-    the training-only heads (flag, gather, copy; not shipped)."""
+    """The grown target's layers from ``first_trained`` up (its new layers, and any of its own top
+    layers that train with them), final norm and LM head over the frozen trunk's output, and the
+    training-only heads (flag, gather, copy; not shipped), placed by the new layers' index."""
 
     norm: nn.Module
     lm_head: nn.Module
 
-    def __init__(self, grown: LlavaForConditionalGeneration, first_new: int, flag_after: int) -> None:
+    def __init__(
+        self, grown: LlavaForConditionalGeneration, first_new: int, flag_after: int, first_trained: int | None = None
+    ) -> None:
         super().__init__()
         text = grown.model.language_model
-        self.layers = nn.ModuleList(text.layers[first_new:])  # shared with ``grown``: training them trains it
+        first_trained = first_new if first_trained is None else first_trained
+        # shared with ``grown``: training them trains it
+        self.layers = nn.ModuleList(text.layers[first_trained:])
+        self.new_from = first_new - first_trained  # the first new layer's index in ``layers``
         self.rotary = text.rotary_emb
         # frozen and owned by ``grown``: kept outside the module tree so they are not saved twice
         object.__setattr__(self, "norm", text.norm)
@@ -255,24 +300,27 @@ class JudgeLayers(nn.Module):
         for i, layer in enumerate(self.layers):
             # no mask: causal attention, and right padding never reaches an earlier position
             h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
-            if i == 0:
+            new = i - self.new_from
+            if new == 0:
                 out["copy"] = self.copy_head(h)
-            if i == self.flag_after:
+            if new == self.flag_after:
                 out["flag"] = self.flag_head(h).squeeze(-1)
-            if i == self.flag_after + 1:
+            if new == self.flag_after + 1:
                 out["gather"] = self.gather_head(h).squeeze(-1)
         out["logits"] = self.lm_head(self.norm(h))
         return out
 
     @torch.no_grad()
-    def frozen_logprobs(self, trunk: torch.Tensor) -> torch.Tensor:
-        """The frozen target's next-token log-probabilities (its final norm and head on the trunk)."""
-        return torch.log_softmax(self.lm_head(self.norm(trunk)), dim=-1)
+    def frozen_logprobs(self, top: torch.Tensor) -> torch.Tensor:
+        """The frozen target's next-token log-probabilities (its final norm and head on its last
+        layer's output, ``Padded.top``)."""
+        return torch.log_softmax(self.lm_head(self.norm(top)), dim=-1)
 
 
 @dataclass
 class Padded:
     trunk: torch.Tensor  # (B, T, hidden)
+    top: torch.Tensor  # (B, T, hidden): the frozen target's last layer output
     ids: torch.Tensor  # (B, T)
     real: torch.Tensor  # (B, T) bool: not padding
     counted: torch.Tensor  # (B, T) bool: the candidate's text tokens
@@ -285,6 +333,7 @@ def pad(items: Sequence[TrunkItem]) -> Padded:
     b = len(items)
     p = Padded(
         trunk=torch.zeros((b, width, items[0].hidden.shape[1])),
+        top=torch.zeros((b, width, items[0].hidden.shape[1])),
         ids=torch.zeros((b, width), dtype=torch.long),
         real=torch.zeros((b, width), dtype=torch.bool),
         counted=torch.zeros((b, width), dtype=torch.bool),
@@ -294,6 +343,7 @@ def pad(items: Sequence[TrunkItem]) -> Padded:
     for r, t in enumerate(items):
         n = len(t.ids)
         p.trunk[r, :n] = t.hidden.float()
+        p.top[r, :n] = t.top.float()
         p.ids[r, :n] = t.ids
         p.real[r, :n] = True
         p.counted[r, t.start : t.start + t.n_text] = True
@@ -326,7 +376,7 @@ def losses(
 ) -> tuple[dict[str, torch.Tensor], Labels, dict[str, torch.Tensor]]:
     """Each loss term of one batch, the labels and the model's outputs."""
     out = judge(p.trunk)
-    labels = likelihood_labels(judge.frozen_logprobs(p.trunk), p, threshold)
+    labels = likelihood_labels(judge.frozen_logprobs(p.top), p, threshold)
     rows = torch.arange(len(p.last))
     keep = p.real.clone()
     keep[rows, p.last] = False  # the verdict position learns the verdict instead
@@ -359,7 +409,7 @@ def evaluate(
         chunk = items[b : b + 64]
         p = pad(chunk)
         out = judge(p.trunk)
-        labels = likelihood_labels(judge.frozen_logprobs(p.trunk), p, threshold)
+        labels = likelihood_labels(judge.frozen_logprobs(p.top), p, threshold)
         rows = torch.arange(len(chunk))
         v = out["logits"][rows, p.last]
         said.append(v[:, yes] > v[:, no])
@@ -410,24 +460,34 @@ def _datasets(
     if path.exists():
         cached = torch.load(path, weights_only=False)
         return cached["train"], cached["val"]
-    train_items = judge_items("train", cfg.judge_items, seed=cfg.seed, swap_fraction=cfg.swap_fraction)
+    train_items = judge_items(
+        "train",
+        cfg.judge_items,
+        seed=cfg.seed,
+        swap_fraction=cfg.swap_fraction,
+        cell_swap_fraction=cfg.cell_swap_fraction,
+    )
     val_items = judge_items("val", cfg.val_items, seed=cfg.seed + 1, swap_fraction=0.0)
     pool, held_out = draft_pool(cfg.draft_steps)
     train_items += [s.judge_item() for s in pool]
     val_items += [s.judge_item() for s in held_out]
     log.info("caching the frozen trunk over %d + %d items", len(train_items), len(val_items))
-    cached = {"train": cache_trunk(model, processor, train_items), "val": cache_trunk(model, processor, val_items)}
+    below = cfg.trainable_top
+    cached = {
+        "train": cache_trunk(model, processor, train_items, below_top=below),
+        "val": cache_trunk(model, processor, val_items, below_top=below),
+    }
     save_atomic(cached, path)
     return cached["train"], cached["val"]
 
 
-def _start_new_layers(grown: LlavaForConditionalGeneration, first_new: int, folder: Path) -> None:
-    """Copy ``folder``'s layers from ``first_new`` on into ``grown``'s new layers (same depth)."""
+def _start_layers(grown: LlavaForConditionalGeneration, first: int, folder: Path) -> None:
+    """Copy ``folder``'s layers from ``first`` on into ``grown``'s (same depth)."""
     earlier = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     theirs, mine = earlier.model.language_model.layers, grown.model.language_model.layers
     if len(theirs) != len(mine):
         raise ConfigError(f"init_layers_from: {folder} has {len(theirs)} decoder layers, this stage {len(mine)}")
-    for i in range(first_new, len(mine)):
+    for i in range(first, len(mine)):
         mine[i].load_state_dict(theirs[i].state_dict())
 
 
@@ -447,12 +507,15 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
     grown.eval()
     depth = len(grown.model.language_model.layers)
     train_set, val_set = _datasets(cfg, grown, processor, out)
+    if cfg.trainable_top >= depth:
+        raise ConfigError(f"trainable_top {cfg.trainable_top}: {cfg.init_from} has {depth} layers")
     first_new = grow_decoder(grown, depth + cfg.new_layers, cfg.seed)
+    first_trained = first_new - cfg.trainable_top
     if cfg.init_layers_from is not None:
-        _start_new_layers(grown, first_new, Path(cfg.init_layers_from))
+        _start_layers(grown, first_trained, Path(cfg.init_layers_from))
     for param in grown.parameters():
         param.requires_grad_(False)
-    judge = JudgeLayers(grown, first_new, cfg.flag_after)
+    judge = JudgeLayers(grown, first_new, cfg.flag_after, first_trained)
     for param in judge.layers.parameters():
         param.requires_grad_(True)
     judge.train()
