@@ -201,6 +201,8 @@ def _spawn(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) 
     command += ["--idle-timeout", str(idle_timeout(args)), "--identity", json.dumps(ident), "--device", args.device]
     for flag in ("target", "draft", "demo_draft", "target_url", "draft_url"):
         if value := getattr(args, flag, None):
+            if flag in ("target", "draft") and "://" not in str(value):
+                value = Path(value).resolve()  # a folder named from this command's folder: the daemon runs in "/"
             command += [f"--{flag.replace('_', '-')}", str(value)]
     # from "/" so that it holds no user folder; the same code as this command, wherever that came from
     path = [*map(str, _code_roots()), *filter(None, [os.environ.get("PYTHONPATH")])]

@@ -30,6 +30,7 @@ from dreamr_stream.daemon import ResidentServer
 from dreamr_stream.daemon_client import RemoteEngine, connect
 from dreamr_stream.daemon_files import DaemonFiles, daemon_alive, daemon_key, identity, runtime_dir
 from dreamr_stream.events import Event, FailedEvent, FinishedEvent
+from dreamr_stream.zoo.shipped import WEIGHTS
 
 # main() as the console script runs it, then a check of what the client imported
 CLIENT = (
@@ -265,6 +266,18 @@ def test_two_first_calls_start_one_daemon_that_the_next_call_reuses(root: Path) 
     stop = dreamr(root, "daemon", "stop")
     assert stop.returncode == 0 and f"(pid {pid})" in stop.stdout
     assert wait_gone(pid) and not list(root.glob("*.sock")) and not list(root.glob("*.json"))
+
+
+@pytest.mark.slow
+def test_model_folders_named_relative_to_the_commands_folder_reach_the_daemon(root: Path) -> None:
+    """The daemon runs in "/": a relative --target or --draft is the command's, not the daemon's."""
+    out = subprocess.run(
+        command(root, "reason", "--random", "--seed", "4", "--target", "weights/target",
+                "--draft", "weights/draft-sapo"),
+        capture_output=True, text=True, timeout=240, env=env(root), cwd=WEIGHTS.parent,
+    )  # fmt: skip
+    assert_answered(out)
+    assert STARTED in out.stderr
 
 
 @pytest.mark.slow

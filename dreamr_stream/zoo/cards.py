@@ -22,7 +22,7 @@ __all__ = ["Stage", "card_from_spec", "model_card", "sapo_notes"]
 ZOO = Path(__file__).parent
 SPECS = ZOO / "configs" / "cards"
 RESULTS = ZOO.parent.parent / "benchmarks" / "results"
-MODELS = ("target", "draft-sft", "draft-sapo")
+MODELS = ("target", "target-judge", "draft-sft", "draft-sapo")
 # what a card keeps of a method's report: wall times belong to the benchmarks, not to a card
 _DROPPED = ("mean_wall_s", "wrong")
 
@@ -69,10 +69,17 @@ class Stage:
         minutes = self.minutes()
         cost = f", about {minutes:.0f} min on 2 CPU cores" if minutes is not None else ""
         note = c.get("extra", {}).get("note", "")
+        if "new_layers" in c:  # a judge-layers stage (zoo/judge_layers.py)
+            command = "judge-layers"
+            trained = f"{c['new_layers']} new layers" + (
+                f" and the top {c['trainable_top']} trained" if c.get("trainable_top") else ""
+            )
+        else:
+            command, trained = "train", f"judge items {c.get('judge_fraction', 0):.0%}"
         return (
-            f"* `dreamr zoo train dreamr_stream/zoo/configs/{c['name']}.json --out runs/{c['name']}` "
-            f"(seed {c['seed']}, learning rate {c['lr']}, judge items {c.get('judge_fraction', 0):.0%}): "
-            f"step {self.step} of batch {c['batch_size']}{cost}." + (f" {note}." if note else "")
+            f"* `dreamr zoo {command} dreamr_stream/zoo/configs/{c['name']}.json --out runs/{c['name']}` "
+            f"(seed {c['seed']}, learning rate {c['lr']}, {trained}): "
+            f"step {self.step} of batch {c['batch_size']}{cost}." + (f" {note.rstrip('.')}." if note else "")
         )
 
 
