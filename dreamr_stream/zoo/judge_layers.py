@@ -26,6 +26,12 @@ The frozen layers compute the same thing at every step, so they run once: ``cach
 their last hidden states for every training item, and a training step runs only the new layers
 (about 20x cheaper than a forward and backward through the whole target). ``JudgeLayers`` on a
 cached trunk computes exactly what the grown model computes (``tests/test_judge_layers.py``).
+
+New layers on top alone cannot flag a misread shape: the demo target's layer 17 replaces a written
+shape with the one the image shows (``benchmarks/written_token_probe.py``). ``trainable_top``
+trains the target's own top layers with the new ones, the trunk cached below them (the labels
+and the KL still from the frozen target's last layer), so the written token can reach the check:
+that is how the shipped ``target-judge`` was made.
 """
 
 from __future__ import annotations
