@@ -33,20 +33,26 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.zoo.data import IGNORE, judge_item_example
-from dreamr_stream.zoo.judge_layers import judge_items
+from dreamr_stream.zoo.judge_layers import judge_items, likelihood_threshold
+from dreamr_stream.zoo.shipped import WEIGHTS
 from dreamr_stream.zoo.task import COLOURS, SHAPES, Split
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TARGET = ROOT / "dreamr_stream" / "zoo" / "weights" / "target"
-THRESHOLD = 0.25 / 1.25  # the likelihood check at the shipped tau 0.25
+DEFAULT_TARGET = WEIGHTS / "target"
 
 
 @torch.no_grad()
 def cell_words(
-    model: LlavaForConditionalGeneration, processor: LlavaProcessor, split: Split, n: int, words: list[str]
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    split: Split,
+    n: int,
+    words: list[str],
+    threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states after every layer at the candidates' ``words`` (N, layers + 1, hidden), which
-    word each is (N,), and whether the target finds it probable (N,)."""
+    word each is (N,), and whether the target finds it probable (N,: p >= ``threshold``, the
+    likelihood check)."""
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids(tok.tokenize(" " + w))[0] for w in words]
     hidden, which, probable = [], [], []
@@ -62,7 +68,7 @@ def cell_words(
             if token in ids:
                 hidden.append(layers[i])
                 which.append(ids.index(token))
-                probable.append(bool(p[i - 1, token] >= THRESHOLD))
+                probable.append(bool(p[i - 1, token] >= threshold))
     return torch.stack(hidden), torch.tensor(which), torch.tensor(probable)
 
 
@@ -101,9 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         "date": date.today().isoformat(),
         "target": "shipped target" if args.target == DEFAULT_TARGET else args.target.name,
     }
+    threshold = likelihood_threshold(args.target)  # at the likelihood tau the target recommends
     for kind, words in (("shape", list(SHAPES)), ("colour", list(COLOURS))):
-        train_x, train_y, train_ok = cell_words(model, processor, "train", args.train, words)
-        test_x, test_y, test_ok = cell_words(model, processor, "test", args.test, words)
+        train_x, train_y, train_ok = cell_words(model, processor, "train", args.train, words, threshold)
+        test_x, test_y, test_ok = cell_words(model, processor, "test", args.test, words, threshold)
         per_layer = {}
         for layer in range(train_x.shape[1]):
             w, mean, std = fit(train_x[train_ok, layer], train_y[train_ok], len(words))

@@ -69,6 +69,7 @@ __all__ = [
     "cache_trunk",
     "judge_items",
     "likelihood_labels",
+    "likelihood_threshold",
     "swap_cell",
     "swap_word",
     "train",
@@ -447,13 +448,13 @@ def evaluate(
 # --- the stage ------------------------------------------------------------------------------
 
 
-def _threshold(cfg: JudgeLayersConfig) -> float:
-    """The per-token probability the likelihood mode needs at the stage's tau."""
-    tau = cfg.tau
+def likelihood_threshold(folder: Path, tau: float | None = None) -> float:
+    """The per-token probability the likelihood mode needs at ``tau`` (default: the likelihood
+    tau ``folder``'s ``dreamr.json`` recommends)."""
     if tau is None:
-        recommended = read_sidecar(Path(cfg.init_from)).get("verification", {})
+        recommended = read_sidecar(folder).get("verification", {})
         if recommended.get("mode") != "likelihood" and "likelihood" not in recommended.get("taus", {}):
-            raise ConfigError(f"{cfg.init_from} recommends no likelihood tau: set the config's tau")
+            raise ConfigError(f"{folder} recommends no likelihood tau: set the config's tau")
         tau = VerificationConfig.recommended(recommended, mode="likelihood").tau
     return tau / (1.0 + tau)
 
@@ -505,7 +506,7 @@ def _write(logf: IO[str], rec: dict[str, Any]) -> None:
 def train(cfg: JudgeLayersConfig, out: Path) -> Path:
     """Run (or resume) the stage; return the folder of the grown target (fp32, with processor)."""
     torch.set_num_threads(cfg.threads)
-    threshold = _threshold(cfg)
+    threshold = likelihood_threshold(Path(cfg.init_from), cfg.tau)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     processor = LlavaProcessor.from_pretrained(cfg.init_from)
