@@ -148,6 +148,9 @@ def test_bad_stage_configs_are_refused(tmp_path: Path, processor: LlavaProcessor
     cfg = JudgeLayersConfig(name="x", init_from=str(folder), steps=1, judge_items=2, val_items=2)
     with pytest.raises(ConfigError, match="likelihood tau"):
         train(cfg, tmp_path / "run")
+    too_deep = cfg.model_copy(update={"tau": 0.25, "trainable_top": TINY.layers})
+    with pytest.raises(ConfigError, match=f"trainable_top {TINY.layers}: .* has {TINY.layers} layers"):
+        train(too_deep, tmp_path / "run-deep")
 
 
 def test_a_swap_replaces_one_word_with_one_of_its_kind() -> None:

@@ -513,9 +513,9 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
     grown = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
     grown.eval()
     depth = len(grown.model.language_model.layers)
-    train_set, val_set = _datasets(cfg, grown, processor, out)
-    if cfg.trainable_top >= depth:
+    if cfg.trainable_top >= depth:  # before caching, which would index a layer that is not there
         raise ConfigError(f"trainable_top {cfg.trainable_top}: {cfg.init_from} has {depth} layers")
+    train_set, val_set = _datasets(cfg, grown, processor, out)
     first_new = grow_decoder(grown, depth + cfg.new_layers, cfg.seed)
     first_trained = first_new - cfg.trainable_top
     if cfg.init_layers_from is not None:
