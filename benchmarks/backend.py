@@ -25,6 +25,7 @@ from transformers import LlavaProcessor
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import JudgeTemplate
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
 from dreamr_stream.zoo.build import (
     DRAFT_SHAPE,
     JUDGE_SUFFIX,
@@ -33,7 +34,6 @@ from dreamr_stream.zoo.build import (
     build_processor,
     build_tokenizer,
 )
-from dreamr_stream.zoo.task import make_puzzle
 
 NEVER = "\x00\x01never"
 

@@ -23,7 +23,7 @@ import anyio
 from dreamr_stream import Reasoner
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.store import MemoryTrajectoryStore
-from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
 
 async def run(n: int, redis_url: str | None) -> dict[str, object]:

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.tasks.grid.puzzles import Split, make_puzzle, split_seed
 from dreamr_stream.zoo.data import IGNORE, collate, judge_example, solution_example, verdict_ids, verdict_position
-from dreamr_stream.zoo.task import Split, make_puzzle, split_seed
 from dreamr_stream.zoo.tbvm_eval import auroc
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from typing import Any
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
 from dreamr_stream.zoo.shipped import demo_paths
-from dreamr_stream.zoo.task import make_puzzle
 
 TOKENS = 48
 

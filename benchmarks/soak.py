@@ -54,7 +54,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
 TERMINAL = {"stats", "error", "cancelled"}
 ACTIONS: tuple[tuple[str, float], ...] = (("ask", 0.45), ("cancel", 0.2), ("leave", 0.25), ("reconnect", 0.1))

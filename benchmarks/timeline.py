@@ -13,8 +13,8 @@ from datetime import date
 from pathlib import Path
 
 from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.types import ReasoningResult
-from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 LANES = ("draft", "verify", "target")
 

@@ -23,9 +23,9 @@ from datetime import date
 from pathlib import Path
 
 from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.types import LaneSpan, ReasoningResult
 from dreamr_stream.zoo.shipped import default_draft
-from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 
 def _union(spans: list[LaneSpan]) -> float:

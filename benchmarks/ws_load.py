@@ -39,7 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.reasoner import Reasoner
-from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
 STEP_TYPES = {"verified", "fallback"}
 TERMINAL = {"stats", "error", "cancelled"}

@@ -60,7 +60,7 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import UNVERIFIED_METHODS, Reasoner
-from dreamr_stream.zoo.task import Puzzle, make_puzzle, parse_answer, split_seed
+from dreamr_stream.tasks.grid.puzzles import Puzzle, make_puzzle, parse_answer, split_seed
 
 __all__ = ["ALL_METHODS", "BenchResult", "ideal_speedup", "run_bench"]
 

@@ -83,7 +83,7 @@ class Engine(Protocol):
 # ---------------------------------------------------------------------------------- input
 def random_request(args: argparse.Namespace, console: Console) -> Request:
     """A fresh demo puzzle (saved, so the user can look at it)."""
-    from dreamr_stream.zoo.task import make_puzzle, split_seed
+    from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
     seed = args.seed if args.seed is not None else random.randrange(10**6)
     puzzle = make_puzzle(split_seed("test", seed))
@@ -272,9 +272,9 @@ def read_request(args: argparse.Namespace, console: Console) -> Request:
 def warn(args: argparse.Namespace, request: Request, console: Console) -> None:
     """A photo or a question outside the demo task, when the demo models will answer it."""
     if uses_demo_models(args):
-        from dreamr_stream.inputs import demo_task_warnings
+        from dreamr_stream.tasks import get_task
 
-        for warning in demo_task_warnings(request.image, request.question):
+        for warning in get_task().off_task_warnings(request.image, request.question):
             console.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
 
 

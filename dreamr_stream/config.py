@@ -151,3 +151,52 @@ class ReasonerConfig(_Config):
         if self.scheduling.lookahead > self.generation.max_steps:
             raise ValueError("scheduling.lookahead cannot exceed generation.max_steps")
         return self
+
+    def override(
+        self,
+        *,
+        tau: float | None = None,
+        mode: Literal["judge", "likelihood"] | None = None,
+        max_steps: int | None = None,
+        lookahead: int | None = None,
+        fallback: Literal["on", "off", "auto"] | None = None,
+        repair: bool | None = None,
+        cache: bool | None = None,
+        **groups: Any,
+    ) -> ReasonerConfig:
+        """This config with a request's options applied, validated again (``ConfigError``).
+
+        The one way every entry point (the command line, the WebSocket and HTTP servers, the
+        LangChain adapters, the bench, the SAPO trainer) applies a user's options: an option of
+        None keeps this config's value. ``groups`` replace whole groups or some of their fields
+        (``generation={"temperature": 0.5}``; the cache group is switched by ``cache`` alone). A
+        ``mode`` without a ``tau`` keeps this config's tau (a model folder's per-mode taus are
+        ``VerificationConfig.recommended``'s). A ``max_steps`` below the lookahead lowers the lookahead
+        with it: the caller asked for fewer steps, not for an error about how far the draft may
+        run ahead (an explicit ``lookahead`` above ``max_steps`` is still an error).
+        """
+        unknown = set(groups) - (set(type(self).model_fields) - {"cache"})
+        if unknown:
+            raise ConfigError(
+                f"unknown option group(s) {sorted(unknown)}; choose from {sorted(type(self).model_fields)}"
+            )
+        fields: dict[str, dict[str, Any]] = {
+            name: value.model_dump() if isinstance(value, BaseModel) else dict(value) for name, value in groups.items()
+        }
+        chosen: dict[str, dict[str, Any]] = {
+            "verification": {"tau": tau, "mode": mode},
+            "generation": {"max_steps": max_steps},
+            "scheduling": {"lookahead": lookahead, "fallback": fallback, "repair": repair},
+            "cache": {"enabled": cache},
+        }
+        for name, values in chosen.items():
+            fields.setdefault(name, {}).update({k: v for k, v in values.items() if v is not None})
+        if max_steps is not None and lookahead is None and "lookahead" not in fields["scheduling"]:
+            fields["scheduling"]["lookahead"] = min(self.scheduling.lookahead, max_steps)
+        if not any(fields.values()):
+            return self
+        merged = {
+            name: type(getattr(self, name))(**{**getattr(self, name).model_dump(), **fields.get(name, {})})
+            for name in type(self).model_fields
+        }
+        return ReasonerConfig(**merged)

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from dreamr_stream.config import InputLimits
 from dreamr_stream.errors import InvalidImageError, InvalidQuestionError
 
-__all__ = ["ImageInput", "check_question", "demo_task_warnings", "load_image"]
+__all__ = ["ImageInput", "check_question", "load_image"]
 
 ImageInput = Union[bytes, bytearray, memoryview, str, Path, Image.Image]
 
@@ -112,51 +112,3 @@ def check_question(question: object, limits: InputLimits | None = None) -> str:
     if len(text) > limits.max_question_chars:
         raise InvalidQuestionError(f"the question is {len(text)} characters; the limit is {limits.max_question_chars}")
     return text
-
-
-def _normalise(question: str) -> str:
-    return " ".join(question.lower().replace("?", " ").split())
-
-
-def _demo_questions() -> frozenset[str]:
-    """Every question the demo task asks (a few dozen), normalised."""
-    from itertools import permutations
-
-    from dreamr_stream.zoo.task import COLOURS, SHAPES, Question
-
-    colours: list[str | None] = [None, *COLOURS]
-    shapes: list[str | None] = [None, *SHAPES]
-    ones = [(c, s) for c in colours for s in shapes if (c, s) != (None, None)]
-    questions = [Question("count", (t,)) for t in ones]
-    questions += [Question("sides", ((c, s),)) for c in colours for s in ("square", "triangle")]
-    pairs = [*permutations([(c, None) for c in COLOURS], 2), *permutations([(None, s) for s in SHAPES], 2)]
-    questions += [Question(kind, pair) for kind in ("diff", "sum") for pair in pairs]
-    return frozenset(_normalise(q.text()) for q in questions)
-
-
-def _looks_like_demo_grid(image: Image.Image) -> bool:
-    """A demo puzzle: 112 px square on a near-white background (its four corners are empty margin)."""
-    from dreamr_stream.zoo.task import IMAGE_SIZE
-
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        return False
-    corners = [(0, 0), (IMAGE_SIZE - 1, 0), (0, IMAGE_SIZE - 1), (IMAGE_SIZE - 1, IMAGE_SIZE - 1)]
-    pixels = [image.convert("RGB").getpixel(xy) for xy in corners]
-    return all(isinstance(p, tuple) and min(p) >= 235 for p in pixels)
-
-
-def demo_task_warnings(image: Image.Image, question: str) -> list[str]:
-    """What in a request lies outside the shipped demo models' task (they only count shapes on a
-    4x4 grid): the models answer anything confidently, so a caller should say so first."""
-    warnings_: list[str] = []
-    if not _looks_like_demo_grid(image):
-        warnings_.append(
-            f"the image ({image.width}x{image.height}) is not a demo grid puzzle; the shipped demo models only "
-            "read 112x112 grids of coloured shapes (dreamr reason --random makes one)"
-        )
-    if _normalise(question) not in _demo_questions():
-        warnings_.append(
-            "the question is not one the demo task asks (e.g. 'How many red shapes are there?'); "
-            "the shipped demo models will still answer with a count"
-        )
-    return warnings_

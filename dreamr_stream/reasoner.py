@@ -13,6 +13,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from PIL import Image
 
+from dreamr_stream.backends import registry
 from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend
 from dreamr_stream.config import SERVED_TARGET_SPECULATING, ReasonerConfig, VerificationConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
@@ -263,7 +264,7 @@ class Reasoner:
         if not cfg.cache.enabled or self.draft is None:
             return None
         digest = await anyio.to_thread.run_sync(image_digest, image)
-        identity = [getattr(r.backend, "identity", r.backend.name) for r in (self.target, self.draft)]
+        identity = [r.capabilities.identity for r in (self.target, self.draft)]
         verifier = cfg.verification.model_dump(mode="json")
         verifier["judge"] = (cfg.verification.judge or self.target.backend.judge).model_dump()
         key = trajectory_key(settings_fingerprint(identity[0], identity[1], verifier), digest, question)
@@ -351,21 +352,19 @@ class Reasoner:
         (``owns_backends``) also releases them, and refuses requests from then on."""
         if self.owns_backends and not self._released:
             self._released = True
-            if any(hasattr(b, "aclose") for b in self._backends()):
+            if any(r.capabilities.release == "async" for r in self._runners()):
                 self.loop.call(self._aclose_backends)  # their connections belong to this loop
         self.loop.close()
         if self._released:
-            for backend in self._backends():
-                if hasattr(backend, "shutdown"):  # a draft's process (ProcessBackend)
-                    backend.shutdown()
+            for runner in self._runners():
+                registry.shutdown(runner.backend)  # a draft's process (ProcessBackend)
 
-    def _backends(self) -> list[Any]:
-        return [r.backend for r in (self.target, self.draft) if r is not None]
+    def _runners(self) -> list[ModelRunner]:
+        return [r for r in (self.target, self.draft) if r is not None]
 
     async def _aclose_backends(self) -> None:
-        for backend in self._backends():
-            if hasattr(backend, "aclose"):
-                await backend.aclose()
+        for runner in self._runners():
+            await registry.aclose(runner.backend)
 
     def _check_open(self) -> None:
         if self._released:

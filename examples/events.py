@@ -8,7 +8,7 @@ from __future__ import annotations
 import anyio
 
 from dreamr_stream import Reasoner
-from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
 
 async def main() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dreamr_stream import Reasoner
 from dreamr_stream.config import ReasonerConfig, VerificationConfig
-from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
 
 def main() -> None:

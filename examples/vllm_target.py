@@ -18,8 +18,8 @@ import anyio
 from dreamr_vllm import VLLMServer, ensure_venv
 
 from dreamr_stream import Reasoner
+from dreamr_stream.tasks.grid.puzzles import Puzzle, make_puzzle, split_seed
 from dreamr_stream.zoo.shipped import demo_paths
-from dreamr_stream.zoo.task import Puzzle, make_puzzle, split_seed
 
 
 async def solve(reasoner: Reasoner, name: str, puzzle: Puzzle) -> None:

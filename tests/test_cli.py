@@ -17,8 +17,8 @@ from PIL import Image
 
 from dreamr_stream import cli
 from dreamr_stream.cli_reason import Comparison
-from dreamr_stream.inputs import demo_task_warnings
-from dreamr_stream.zoo.task import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
 QUESTION = "How many red shapes are there?"
 
@@ -103,19 +103,19 @@ def test_input_errors_come_fast_in_a_fresh_process(tmp_path: Path) -> None:
 def test_demo_puzzles_raise_no_warning() -> None:
     for i in range(200):
         puzzle = make_puzzle(split_seed("test", i), hard=i % 2 == 1)
-        assert demo_task_warnings(puzzle.image, puzzle.question.text()) == [], puzzle.question.text()
+        assert get_task().off_task_warnings(puzzle.image, puzzle.question.text()) == [], puzzle.question.text()
 
 
 def test_photos_and_other_questions_are_warned_about() -> None:
     puzzle = make_puzzle(split_seed("test", 1))
     photo = Image.new("RGB", (640, 480), (30, 90, 40))
     grey_grid = Image.new("RGB", (112, 112), (90, 90, 90))
-    assert len(demo_task_warnings(photo, "What animal is this?")) == 2
-    assert "not a demo grid puzzle" in demo_task_warnings(photo, puzzle.question.text())[0]
-    assert "not a demo grid puzzle" in demo_task_warnings(grey_grid, puzzle.question.text())[0]
-    assert "not one the demo task asks" in demo_task_warnings(puzzle.image, "Is this a cat?")[0]
+    assert len(get_task().off_task_warnings(photo, "What animal is this?")) == 2
+    assert "not a demo grid puzzle" in get_task().off_task_warnings(photo, puzzle.question.text())[0]
+    assert "not a demo grid puzzle" in get_task().off_task_warnings(grey_grid, puzzle.question.text())[0]
+    assert "not one the demo task asks" in get_task().off_task_warnings(puzzle.image, "Is this a cat?")[0]
     # the same question typed differently is still the demo's question
-    assert demo_task_warnings(puzzle.image, "  " + puzzle.question.text().lower().rstrip("?") + " ") == []
+    assert get_task().off_task_warnings(puzzle.image, "  " + puzzle.question.text().lower().rstrip("?") + " ") == []
 
 
 def test_comparison_line_says_measured_or_estimate() -> None:

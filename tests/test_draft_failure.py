@@ -18,8 +18,8 @@ from dreamr_stream.backends.fake import ScriptedBackend
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig
 from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.types import ReasoningResult, StepSource
-from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 TARGET = ["read row one", "read row two", "count them up", "Answer: 4"]
 

@@ -11,7 +11,7 @@ import pytest
 from dreamr_stream.backends.hf import HFSession, TransformersBackend
 from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
 from dreamr_stream.reasoner import Reasoner
-from dreamr_stream.zoo.task import make_puzzle
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
 
 PUZZLE = make_puzzle(7)
 IMAGE, QUESTION = PUZZLE.image, PUZZLE.question.text()

@@ -14,6 +14,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.errors import ConfigError
+from dreamr_stream.tasks.grid.puzzles import JudgeItem, make_judge_item, make_puzzle, split_seed
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.build import ModelShape, build_model, grow_decoder
 from dreamr_stream.zoo.data import STEP_DELIMITER, judge_item_example
@@ -29,7 +30,6 @@ from dreamr_stream.zoo.judge_layers import (
     train,
 )
 from dreamr_stream.zoo.shipped import WEIGHTS
-from dreamr_stream.zoo.task import JudgeItem, make_judge_item, make_puzzle, split_seed
 
 TARGET = WEIGHTS / "target"
 TINY = ModelShape(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32)

@@ -19,7 +19,7 @@ from dreamr_stream.backends.process import ProcessBackend, RemoteSession
 from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.errors import BackendError, ConfigError, ModelLoadError
 from dreamr_stream.reasoner import Reasoner
-from dreamr_stream.zoo.task import make_puzzle
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from dreamr_stream.backends.hf import TransformersBackend
-from dreamr_stream.zoo.task import make_puzzle
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
 
 PUZZLE = make_puzzle(11)
 STOP, CAP = "\n", 24

@@ -16,7 +16,7 @@ from dreamr_stream.sapo.policy import PolicySample, sapo_loss, step_logprobs
 from dreamr_stream.sapo.rewards import RewardWeights, group_advantages, step_reward
 from dreamr_stream.sapo.rollouts import RolloutPrompt, TransformersScorer, rollout_group
 from dreamr_stream.sapo.trainer import sapo_update
-from dreamr_stream.zoo.task import make_puzzle
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
 
 
 def test_reward_formula() -> None:
@@ -190,8 +190,8 @@ def test_trainer_runs_logs_checkpoints_and_resumes(tiny_pair, tmp_path) -> None:
 
     from dreamr_stream.sapo.config import SapoConfig
     from dreamr_stream.sapo.trainer import train
+    from dreamr_stream.tasks.grid.puzzles import Split, split_seed
     from dreamr_stream.zoo.prompts import demo_prompts
-    from dreamr_stream.zoo.task import Split, split_seed
 
     target, draft = tiny_pair
     folders = {}
@@ -225,8 +225,8 @@ def test_trainer_focus_draws_groups_at_rejected_prefixes(tiny_pair, tmp_path, mo
 
     from dreamr_stream.sapo import trainer
     from dreamr_stream.sapo.config import SapoConfig
+    from dreamr_stream.tasks.grid.puzzles import split_seed
     from dreamr_stream.zoo.prompts import demo_prompts
-    from dreamr_stream.zoo.task import split_seed
 
     target, draft = tiny_pair
     for name, backend in (("target", target), ("draft", draft)):
@@ -428,8 +428,8 @@ def test_greedy_matches_agrees_with_the_drafts_decode_loop() -> None:
     """One teacher-forced forward says, per prefix, whether decoding the shipped SFT draft
     writes the step exactly (it does at most prefixes and not at all)."""
     from dreamr_stream.sapo.trajectories import greedy_matches
+    from dreamr_stream.tasks.grid.puzzles import split_seed
     from dreamr_stream.zoo.shipped import demo_paths
-    from dreamr_stream.zoo.task import split_seed
 
     draft = TransformersBackend.from_pretrained(demo_paths("sft").draft, device="cpu", name="draft")
     said = []
@@ -450,8 +450,8 @@ def test_greedy_writes_agrees_with_decoding_the_shipped_target() -> None:
     """The one-forward check says "the target writes the reference" exactly when decoding the
     target step by step gives the reference (on the shipped target, which mostly does)."""
     from dreamr_stream.sapo.trajectories import greedy_writes, target_trajectory
+    from dreamr_stream.tasks.grid.puzzles import split_seed
     from dreamr_stream.zoo.shipped import demo_paths
-    from dreamr_stream.zoo.task import split_seed
 
     target = TransformersBackend.from_pretrained(demo_paths("sft").target, device="cpu", name="target")
     said = []

@@ -9,7 +9,7 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.draft import TransformersDraft
 from dreamr_stream.sapo.rewards import RewardWeights
 from dreamr_stream.sapo.rollouts import RolloutPrompt, StepScore, rollout_group
-from dreamr_stream.zoo.task import make_puzzle
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
 
 
 class ScriptedScorer:

@@ -261,7 +261,7 @@ def test_a_closed_reasoner_starts_a_fresh_loop_on_its_next_call() -> None:
 def test_shipped_models_shared_by_sync_async_and_langchain_callers() -> None:
     """One round on the demo models (real decoding, draft in its own process), the core on a trio
     loop and its callers on asyncio, trio and none: as alone."""
-    from dreamr_stream.zoo.task import make_puzzle, split_seed
+    from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
     demo = Reasoner.demo()
     assert demo.draft is not None

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dreamr_stream.zoo.task import GRID, make_judge_item, make_puzzle, parse_answer, render, split_seed
+from dreamr_stream.tasks.grid.puzzles import GRID, make_judge_item, make_puzzle, parse_answer, render, split_seed
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -13,11 +13,11 @@ import torch
 from dreamr_stream.backends.base import ScoreOutput
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.sapo.rollouts import RolloutPrompt
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.zoo.build import DRAFT_SHAPE
 from dreamr_stream.zoo.data import judge_item_example
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool, sample_draft_steps, write_pool
 from dreamr_stream.zoo.shipped import demo_paths
-from dreamr_stream.zoo.task import make_puzzle, split_seed
 from dreamr_stream.zoo.tbvm_eval import (
     Labelled,
     auroc,
@@ -81,8 +81,8 @@ def test_the_drafts_steps_are_labelled_by_the_reference_and_round_trip(tmp_path:
 
 
 def test_a_judge_item_flags_every_candidate_token_until_the_first_wrong_one() -> None:
+    from dreamr_stream.tasks.grid.puzzles import JudgeItem
     from dreamr_stream.zoo.data import IGNORE
-    from dreamr_stream.zoo.task import JudgeItem
 
     processor = TransformersBackend.from_pretrained(demo_paths().draft, device="cpu").processor
     puzzle = make_puzzle(split_seed("test", 3))

@@ -21,11 +21,11 @@ from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.prompts import TrajectoryCache, held_out
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trajectories import greedy_writes
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.training import TrainingConfig, save_atomic
 from dreamr_stream.zoo.build import DRAFT_SHAPE
 from dreamr_stream.zoo.judge_layers import JudgeLayersConfig
 from dreamr_stream.zoo.prompts import TaskPrompts
-from dreamr_stream.zoo.task import make_puzzle, split_seed
 from dreamr_stream.zoo.train import TrainConfig, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]

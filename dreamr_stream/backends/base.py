@@ -16,14 +16,63 @@ ever subtracts lengths of one session and passes them back to ``rollback``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
 from dreamr_stream.config import JudgeTemplate
 
-__all__ = ["AsyncModelBackend", "ModelBackend", "ScoreOutput", "Session", "SessionT", "StepOutput"]
+__all__ = [
+    "AsyncModelBackend",
+    "Capabilities",
+    "EvidenceKind",
+    "ModelBackend",
+    "ScoreOutput",
+    "Session",
+    "SessionT",
+    "StepOutput",
+]
+
+EvidenceKind = Literal["judge", "likelihood"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do and how it is reached: the engine asks this value, never the object.
+
+    * ``device``: where it computes (``cpu``, ``cuda``, ``cuda:1``; ``remote`` for a server);
+    * ``concurrent``: its operations are coroutines whose calls from many requests run at once
+      (``AsyncModelBackend``: a serving engine batches them); False: blocking calls, one at a
+      time behind the model's lock, in worker threads;
+    * ``repair``: it can start a step from a given text (``begin_step``), so a rejected step is
+      repaired rather than rewritten;
+    * ``evidence``: the TBVM modes its ``score`` supports;
+    * ``cpu_threads``: intra-op threads its calls may use (0: not on this machine's CPU); with
+      ``sets_threads`` it takes a per-call count (``use_threads``, ``engine.threads``);
+    * ``identity``: a stable id of its weights, for trajectory-cache keys;
+    * ``recommended_verification``: its model folder's recommended TBVM settings
+      (``dreamr.json`` "verification"; empty: none);
+    * ``task``: the task its model was trained on (``dreamr.json`` "task"; None: unknown);
+    * ``release``: how its resources are freed when its owner closes (``none``; ``sync``:
+      ``shutdown()``, e.g. a child process; ``async``: ``await aclose()``, e.g. connections).
+    """
+
+    identity: str
+    device: str = "cpu"
+    concurrent: bool = False
+    repair: bool = False
+    evidence: frozenset[EvidenceKind] = frozenset({"judge", "likelihood"})
+    cpu_threads: int = 0
+    sets_threads: bool = False
+    recommended_verification: Mapping[str, Any] = field(default_factory=dict)
+    task: str | None = None
+    release: Literal["none", "sync", "async"] = "none"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ class _FPSR:
         target = ctx.target
         assert target is not None
         self.target: ModelRunner = target
-        self.on_gpu = getattr(getattr(target.backend, "device", None), "type", "cpu") == "cuda"
+        self.on_gpu = target.capabilities.on_gpu
         self.fallbacks: list[_Fallback] = []
 
     def close_fallbacks(self) -> None:

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 import anyio
 
-from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend, ScoreOutput, Session, StepOutput
+from dreamr_stream.backends.base import AsyncModelBackend, Capabilities, ModelBackend, ScoreOutput, Session, StepOutput
+from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.engine.threads import CpuThreaded
 from dreamr_stream.errors import BackendError, DreamrError
@@ -199,9 +200,14 @@ class ModelRunner:
         return await self._op("fork", session, priority=priority)  # type: ignore[no-any-return]
 
     @property
+    def capabilities(self) -> Capabilities:
+        """What the backend declares it can do (``backends.registry.capabilities_of``)."""
+        return capabilities_of(self.backend)
+
+    @property
     def can_repair(self) -> bool:
         """The backend can start a step from a given text (``begin_step``)."""
-        return hasattr(self.backend, "begin_step")
+        return self.capabilities.repair
 
     async def begin_step(self, session: Session, text: str, *, proposal: str = "", priority: int = 0) -> int:
         return await self._op("begin_step", session, text, proposal=proposal, priority=priority)  # type: ignore[no-any-return]

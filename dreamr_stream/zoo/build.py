@@ -22,8 +22,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from dreamr_stream.tasks.grid.puzzles import CELL, IMAGE_SIZE, make_puzzle, split_seed
 from dreamr_stream.training import TrainingConfig
-from dreamr_stream.zoo.task import CELL, IMAGE_SIZE, make_puzzle, split_seed
 
 __all__ = [
     "CHAT_TEMPLATE",

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
+from dreamr_stream.tasks.grid.puzzles import COLOURS, SHAPES, JudgeItem, Puzzle, make_judge_item
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX
-from dreamr_stream.zoo.task import COLOURS, SHAPES, JudgeItem, Puzzle, make_judge_item
 
 __all__ = [
     "STEP_DELIMITER",

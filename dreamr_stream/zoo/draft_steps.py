@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.tasks.grid.puzzles import JudgeItem, Puzzle, Split, make_puzzle, split_seed
 from dreamr_stream.zoo.data import STEP_DELIMITER
-from dreamr_stream.zoo.task import JudgeItem, Puzzle, Split, make_puzzle, split_seed
 
 __all__ = ["DraftStep", "read_pool", "sample_draft_steps", "write_pool"]
 

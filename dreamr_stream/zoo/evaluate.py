@@ -26,9 +26,9 @@ from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import UNVERIFIED_METHODS, Method, Reasoner
 from dreamr_stream.sapo.acceptance import acceptance_of, scored_greedy_steps, verdicts_of
 from dreamr_stream.sapo.prompts import TrajectoryCache
+from dreamr_stream.tasks.grid.puzzles import Split, make_puzzle, parse_answer, split_seed
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.prompts import task_prompts
-from dreamr_stream.zoo.task import Split, make_puzzle, parse_answer, split_seed
 from dreamr_stream.zoo.tbvm_eval import MODES, Labelled, judge_set_scored, labelled_steps, tbvm_report
 
 __all__ = ["MethodReport", "evaluate_method", "evaluate_prefixes", "evaluate_tbvm"]

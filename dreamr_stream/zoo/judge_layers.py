@@ -54,10 +54,10 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from dreamr_stream.backends.hf import read_sidecar
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.errors import ConfigError
+from dreamr_stream.tasks.grid.puzzles import COLOURS, SHAPES, JudgeItem, Split, make_judge_item, make_puzzle, split_seed
 from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
 from dreamr_stream.zoo.build import grow_decoder
 from dreamr_stream.zoo.data import IGNORE, judge_item_example, verdict_ids
-from dreamr_stream.zoo.task import COLOURS, SHAPES, JudgeItem, Split, make_judge_item, make_puzzle, split_seed
 from dreamr_stream.zoo.tbvm_eval import auroc
 from dreamr_stream.zoo.train import draft_pool
 

@@ -17,7 +17,7 @@ from dreamr_stream.sapo.config import DEFAULT_GENERATION
 from dreamr_stream.sapo.prompts import PromptSource, SapoPrompts, TrajectoryCache
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trajectories import greedy_writes, target_trajectory
-from dreamr_stream.zoo.task import Puzzle, Split, make_puzzle, split_seed
+from dreamr_stream.tasks.grid.puzzles import Puzzle, Split, make_puzzle, split_seed
 
 __all__ = ["TaskPrompts", "demo_prompts", "task_prompt", "task_prompts"]
 

@@ -27,9 +27,9 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.sapo.acceptance import ScoredStep, scored_greedy_steps
 from dreamr_stream.sapo.rollouts import RolloutPrompt
+from dreamr_stream.tasks.grid.puzzles import Split, make_judge_item, make_puzzle, split_seed
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.data import STEP_DELIMITER
-from dreamr_stream.zoo.task import Split, make_judge_item, make_puzzle, split_seed
 
 __all__ = [
     "MODES",

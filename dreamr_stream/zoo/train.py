@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
 from dreamr_stream.zoo.build import (
     ModelShape,
@@ -48,7 +49,6 @@ from dreamr_stream.zoo.data import (
     verdict_position,
 )
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool
-from dreamr_stream.zoo.task import make_puzzle, split_seed
 
 __all__ = ["TrainConfig", "draft_pool", "load_or_build_processor", "lr_at", "own_choice_flags", "train"]
 

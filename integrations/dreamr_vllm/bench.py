@@ -20,8 +20,8 @@ import anyio
 
 from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.reasoner import Method, Reasoner
+from dreamr_stream.tasks.grid.puzzles import Puzzle, make_puzzle, split_seed
 from dreamr_stream.types import ReasoningResult
-from dreamr_stream.zoo.task import Puzzle, make_puzzle, split_seed
 
 __all__ = ["METHODS", "Level", "run_levels", "to_markdown"]
 

@@ -140,7 +140,7 @@ def origin_allowed(request: Request, settings: ServerSettings) -> bool:
 
 def demo_puzzle(seed: int | None = None) -> DemoPuzzle:
     """A demo puzzle from the core's task (a random one unless ``seed`` is given)."""
-    from dreamr_stream.zoo.task import make_puzzle, split_seed
+    from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
     seed = secrets.randbelow(10**6) if seed is None else seed
     puzzle = make_puzzle(split_seed("test", seed))
