@@ -595,6 +595,3 @@ def main(argv: list[str] | None = None) -> None:
         cfg = cfg.model_copy(update={"steps": int(state["step"])})
     print(train(cfg, args.out))
 
-
-if __name__ == "__main__":
-    main()
