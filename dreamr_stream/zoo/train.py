@@ -7,6 +7,10 @@ colour and shape in the image tokens (without it the language model learns an "o
 shortcut and training washes shape out of the vision tower); the vision tower trains at a
 lower learning rate; cosine schedule with a floor so late steps still learn.
 
+The items are the config's task's (``TrainConfig.task``, default the grid), drawn by split and
+index as ``task_needs.draw`` gives them; the per-cell loss needs a task with labelled cells
+(``task_needs.PerceptionTask``).
+
 Resumable: ``<out>/checkpoint`` holds model, optimiser and data-stream state every
 ``ckpt_every`` steps; ``<out>/log.jsonl`` one line per log/eval event.
 """
@@ -27,7 +31,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import DEFAULT_TASK, Split, get_task
 from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
 from dreamr_stream.zoo.build import (
     ModelShape,
@@ -38,7 +42,6 @@ from dreamr_stream.zoo.build import (
 )
 from dreamr_stream.zoo.data import (
     IGNORE,
-    N_CELL_CLASSES,
     Batch,
     Example,
     collate,
@@ -49,6 +52,7 @@ from dreamr_stream.zoo.data import (
     verdict_position,
 )
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool
+from dreamr_stream.zoo.task_needs import PerceptionTask, draw, perception_task
 
 __all__ = ["TrainConfig", "draft_pool", "load_or_build_processor", "lr_at", "own_choice_flags", "train"]
 
@@ -63,6 +67,8 @@ class TrainConfig(TrainingConfig):
 
     name: str = Field(min_length=1)
     shape: ModelShape
+    # the task whose items it trains on (``tasks.get_task``): a ``task_needs.PerceptionTask``
+    task: str = DEFAULT_TASK
     seed: int = 0
     steps: int = Field(default=1500, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -123,10 +129,11 @@ class TrainConfig(TrainingConfig):
         return self
 
 
-def load_or_build_processor(folder: Path) -> LlavaProcessor:
+def load_or_build_processor(folder: Path, task: PerceptionTask | None = None) -> LlavaProcessor:
+    """The processor saved in ``folder``, else one built for ``task`` (default: the grid) and saved there."""
     if (folder / "processor_config.json").exists():
         return LlavaProcessor.from_pretrained(folder)
-    processor = build_processor(build_tokenizer())
+    processor = build_processor(build_tokenizer(task=task), task=task)
     processor.save_pretrained(folder)
     return processor
 
@@ -146,9 +153,9 @@ class _AuxHeads(nn.Module):
       judge item's candidate, whether the candidate so far is still the reference (an error flag
       the verdict token can then read with one attention step; see the target's card)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, cell_classes: int) -> None:
         super().__init__()
-        self.head = nn.Linear(hidden, N_CELL_CLASSES)
+        self.head = nn.Linear(hidden, cell_classes)
         self.flag_head = nn.Linear(hidden, 1)
         self.features: torch.Tensor | None = None
         self.layer_out: torch.Tensor | None = None
@@ -221,18 +228,23 @@ def draft_pool(path: str | Path | None) -> tuple[list[DraftStep], list[DraftStep
 
 
 def _make_batch(
-    cfg: TrainConfig, processor: LlavaProcessor, rng: random.Random, pool: list[DraftStep], split: str = "train"
+    cfg: TrainConfig,
+    task: PerceptionTask,
+    processor: LlavaProcessor,
+    rng: random.Random,
+    pool: list[DraftStep],
+    split: Split = "train",
 ) -> Batch:
     examples = []
     for _ in range(cfg.batch_size):
-        puzzle = make_puzzle(split_seed(split, rng.randrange(10**9)), hard=rng.random() < cfg.hard_fraction)  # type: ignore[arg-type]
+        item = draw(task, split, rng.randrange(10**9), hard=rng.random() < cfg.hard_fraction)
         if rng.random() < cfg.judge_fraction:
             if pool and rng.random() < cfg.draft_step_fraction:
                 examples.append(judge_item_example(processor, rng.choice(pool).judge_item())[0])
             else:
-                examples.append(judge_example(processor, puzzle, rng)[0])
+                examples.append(judge_example(processor, item, rng)[0])
         else:
-            examples.append(solution_example(processor, puzzle))
+            examples.append(solution_example(processor, item))
     return collate(examples, processor.tokenizer.pad_token_id)
 
 
@@ -293,14 +305,16 @@ def evaluate(
     aux: _AuxHeads,
     held_out: list[DraftStep] | None = None,
 ) -> dict[str, float]:
-    """Teacher-forced metrics on fixed validation items: token and whole-step accuracy, judge
-    accuracy on the judge set and on the held-out draft steps."""
+    """Teacher-forced metrics on fixed validation items (the first ``eval_size`` of the task's val
+    split): token and whole-step accuracy, judge accuracy on the judge set and on the held-out
+    draft steps."""
     model.eval()
     rng = random.Random(1234)
     tok = processor.tokenizer
     newline = tok("\n", add_special_tokens=False)["input_ids"][0]
-    puzzles = [make_puzzle(split_seed("val", i)) for i in range(cfg.eval_size)]
-    batch = collate([solution_example(processor, p) for p in puzzles], tok.pad_token_id)
+    task = get_task(cfg.task)
+    items = [task.item("val", i) for i in range(cfg.eval_size)]
+    batch = collate([solution_example(processor, item) for item in items], tok.pad_token_id)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
     pred = out.logits[:, :-1].argmax(-1)
     gold = batch.labels[:, 1:]
@@ -332,8 +346,8 @@ def evaluate(
         "val_aux_cell_acc": aux_acc,
     }
     if cfg.judge_fraction > 0:
-        items = [judge_example(processor, p, rng) for p in puzzles]
-        metrics["val_judge_acc"] = _verdict_accuracy(model, processor, items)
+        judged = [judge_example(processor, item, rng) for item in items]
+        metrics["val_judge_acc"] = _verdict_accuracy(model, processor, judged)
         if held_out:
             drafted = [judge_item_example(processor, s.judge_item()) for s in held_out]
             metrics["val_draft_judge_acc"] = _verdict_accuracy(model, processor, drafted)
@@ -341,11 +355,11 @@ def evaluate(
     return metrics
 
 
-def _start_model(cfg: TrainConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+def _start_model(cfg: TrainConfig, task: PerceptionTask, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     """The model the run starts from: ``init_from``'s weights (grown to ``cfg.shape.layers``, the
     layers it had frozen if ``train_only_new_layers``), or fresh ones of ``cfg.shape``."""
     if cfg.init_from is None:
-        return build_model(processor.tokenizer, cfg.shape, cfg.seed)
+        return build_model(processor.tokenizer, cfg.shape, cfg.seed, task=task)
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
     first_new = grow_decoder(model, cfg.shape.layers, cfg.seed)
@@ -406,6 +420,7 @@ class _Run:
 def _train_step(
     cfg: TrainConfig,
     run: _Run,
+    task: PerceptionTask,
     processor: LlavaProcessor,
     lr: float,
     verdict: tuple[int, int],
@@ -414,7 +429,7 @@ def _train_step(
     """One optimiser step on a fresh batch; its losses and gradient norm."""
     for g in run.opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
-    batch = _make_batch(cfg, processor, run.rng, pool)
+    batch = _make_batch(cfg, task, processor, run.rng, pool)
     out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
     if cfg.judge_weight > 0:
         loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict)
@@ -447,12 +462,14 @@ def _write(logf: IO[str], rec: dict[str, Any]) -> None:
 def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = True) -> Path:
     """Train (or resume) and return the folder of the final model (fp32, ``save_pretrained``)."""
     torch.set_num_threads(cfg.threads)
+    # the per-cell loss needs the task's cells: refused before anything is written
+    task = perception_task(get_task(cfg.task), needed_by="the zoo trainer")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    processor = load_or_build_processor(processor_dir)
+    processor = load_or_build_processor(processor_dir, task)
     ckpt = out_dir / "checkpoint"
-    model = _start_model(cfg, processor)
-    aux = _AuxHeads(cfg.shape.hidden)
+    model = _start_model(cfg, task, processor)
+    aux = _AuxHeads(cfg.shape.hidden, task.cell_classes)
     aux.attach(model, cfg.flag_layer, cfg.early_exit_layer)
     run = _Run(model, aux, _optimizer(cfg, model, aux), random.Random(cfg.seed))
     start = run.resume(ckpt) if resume else 0
@@ -466,7 +483,7 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     progress = _progress(cfg.name, start, cfg.steps)
     for step in range(start, cfg.steps):
         progress(step)
-        rec = _train_step(cfg, run, processor, lr_at(cfg, step), verdict, pool)
+        rec = _train_step(cfg, run, task, processor, lr_at(cfg, step), verdict, pool)
         done = step + 1
         if done % 10 == 0:
             _write(logf, {"step": done, **rec, "s_per_step": (time.perf_counter() - t0) / 10})

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.errors import ConfigError
-from dreamr_stream.tasks.grid.puzzles import JudgeItem
+from dreamr_stream.tasks import JudgeItem
 from dreamr_stream.zoo.data import IGNORE, judge_item_example
 
 __all__ = ["JudgeLayers", "Padded", "TrunkItem", "cache_trunk", "pad", "start_layers"]

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.errors import ConfigError
+from dreamr_stream.tasks import DEFAULT_TASK, get_task
 from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
 from dreamr_stream.zoo.build import grow_decoder
 from dreamr_stream.zoo.data import verdict_ids
@@ -35,6 +36,7 @@ class JudgeLayersConfig(TrainingConfig):
 
     name: str = Field(min_length=1)
     init_from: str  # the trained target (its layers stay frozen)
+    task: str = DEFAULT_TASK  # whose judge items it trains on (``tasks.get_task``)
     # a grown target (an earlier stage's ``final``) whose new layers start this stage's
     init_layers_from: str | None = None
     new_layers: int = Field(default=4, ge=3)  # flag, gather, verdict: at least three
@@ -154,14 +156,16 @@ def _datasets(
     if path.exists():
         cached = torch.load(path, weights_only=False)
         return cached["train"], cached["val"]
+    task = get_task(cfg.task)
     train_items = judge_items(
         "train",
         cfg.judge_items,
         seed=cfg.seed,
         swap_fraction=cfg.swap_fraction,
         cell_swap_fraction=cfg.cell_swap_fraction,
+        task=task,
     )
-    val_items = judge_items("val", cfg.val_items, seed=cfg.seed + 1, swap_fraction=0.0)
+    val_items = judge_items("val", cfg.val_items, seed=cfg.seed + 1, swap_fraction=0.0, task=task)
     pool, held_out = draft_pool(cfg.draft_steps)
     train_items += [s.judge_item() for s in pool]
     val_items += [s.judge_item() for s in held_out]
