@@ -14,7 +14,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.errors import ConfigError
-from dreamr_stream.tasks.grid.puzzles import JudgeItem, make_judge_item, make_puzzle, split_seed
+from dreamr_stream.tasks import JudgeItem, get_task
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.build import ModelShape, build_model, grow_decoder
 from dreamr_stream.zoo.data import STEP_DELIMITER, judge_item_example
@@ -32,6 +32,7 @@ from dreamr_stream.zoo.judge_layers import (
 from dreamr_stream.zoo.shipped import WEIGHTS
 
 TARGET = WEIGHTS / "target"
+GRID = get_task("grid")
 TINY = ModelShape(hidden=32, layers=2, heads=2, intermediate=64, vision_hidden=32)
 
 
@@ -78,14 +79,14 @@ def test_the_labels_are_the_likelihood_modes_decisions(processor: LlavaProcessor
     words = ["red", "blue", "circle", "square", "Row", "empty"]
     items = []
     for i in range(8):
-        item = make_judge_item(make_puzzle(split_seed("val", 300 + i)), rng)
+        item = GRID.judge_item(GRID.item("val", 300 + i), rng)
         items.append(swap_word(item, rng, words) if item.correct and i % 2 else item)
     tau = 0.25
     backend = TransformersBackend.from_pretrained(TARGET, device="cpu")
     verifier = make_verifier(VerificationConfig(mode="likelihood", tau=tau))
     engine = []
     for item in items:
-        session = backend.open_session(item.puzzle.image, item.puzzle.question.text())
+        session = backend.open_session(item.item.image, item.item.question)
         for step in item.prefix:
             backend.append(session, step, stop=STEP_DELIMITER)
         score = backend.score(session, item.candidate, stop=STEP_DELIMITER, judge=backend.judge)
@@ -158,8 +159,7 @@ def test_a_swap_replaces_one_word_with_one_of_its_kind() -> None:
     colours_or_shapes = {"red", "blue", "green", "yellow", "circle", "square", "triangle"}
     seen_kinds = 0
     for i in range(40):
-        puzzle = make_puzzle(split_seed("val", i))
-        item = make_judge_item(puzzle, random.Random(i), p_correct=1.0)
+        item = GRID.judge_item(GRID.item("val", i), random.Random(i), p_correct=1.0)
         swapped = swap_word(item, rng, ["Row", "empty"])
         before, after = item.candidate.split(" "), swapped.candidate.split(" ")
         changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
@@ -177,8 +177,7 @@ def test_a_cell_swap_misreads_one_whole_cell_and_keeps_the_rest() -> None:
     rng = random.Random(1)
     directions = set()
     for i in range(60):
-        puzzle = make_puzzle(split_seed("val", i))
-        item = make_judge_item(puzzle, random.Random(i), p_correct=1.0)
+        item = GRID.judge_item(GRID.item("val", i), random.Random(i), p_correct=1.0)
         swapped = swap_cell(item, rng)
         if not item.candidate.startswith("Row "):
             assert swapped is None  # the arithmetic and the answer name no cell
@@ -205,7 +204,7 @@ def test_judge_items_swap_whole_cells_only_when_asked() -> None:
 
     def whole(items: list[JudgeItem]) -> int:  # swaps of one word for two or two for one
         return sum(
-            len(i.candidate.split()) != len(i.puzzle.steps()[len(i.prefix)].split())
+            len(i.candidate.split()) != len(i.item.steps[len(i.prefix)].split())
             for i in items
             if i.corruption == "swap"
         )

@@ -66,7 +66,7 @@ def test_the_drafts_steps_are_labelled_by_the_reference_and_round_trip(tmp_path:
     steps = sample_draft_steps(draft, "train", range(900_000, 900_004), temperatures=(0.0, 1.0), seed=3)
     assert len(steps) == 8
     for s in steps:
-        reference = s.puzzle().steps()
+        reference = list(s.item().steps)
         assert s.correct == (s.text == reference[s.k]) and s.draft == "draft-sapo"
         item = s.judge_item()
         assert item.prefix == reference[: s.k] and item.candidate == s.text and item.correct == s.correct
@@ -81,14 +81,14 @@ def test_the_drafts_steps_are_labelled_by_the_reference_and_round_trip(tmp_path:
 
 
 def test_a_judge_item_flags_every_candidate_token_until_the_first_wrong_one() -> None:
-    from dreamr_stream.tasks.grid.puzzles import JudgeItem
+    from dreamr_stream.tasks import JudgeItem, get_task
     from dreamr_stream.zoo.data import IGNORE
 
     processor = TransformersBackend.from_pretrained(demo_paths().draft, device="cpu").processor
-    puzzle = make_puzzle(split_seed("test", 3))
-    steps = puzzle.steps()
-    right = JudgeItem(puzzle, steps[:1], steps[1], "none")
-    wrong = JudgeItem(puzzle, steps[:1], steps[1].replace("Row 2:", "Row 3:"), "count")
+    item = get_task().item("test", 3)
+    steps = list(item.steps)
+    right = JudgeItem(item, steps[:1], steps[1], "none")
+    wrong = JudgeItem(item, steps[:1], steps[1].replace("Row 2:", "Row 3:"), "count")
     (good, _), (bad, _) = judge_item_example(processor, right), judge_item_example(processor, wrong)
     good_flags = [f for f in good.flags or [] if f != IGNORE]
     bad_flags = [f for f in bad.flags or [] if f != IGNORE]

@@ -21,6 +21,7 @@ from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.prompts import TrajectoryCache, held_out
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trajectories import greedy_writes
+from dreamr_stream.tasks import get_task
 from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.training import TrainingConfig, save_atomic
 from dreamr_stream.zoo.build import DRAFT_SHAPE
@@ -162,7 +163,7 @@ def test_a_grown_model_computes_what_the_original_did_and_trains_only_its_new_la
     shape = {"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32, "vision_hidden": 16}
     start = build_model(processor.tokenizer, TrainConfig(name="x", shape=shape).shape, seed=0)
     start.save_pretrained(tmp_path / "start")
-    batch = collate([solution_example(processor, make_puzzle(split_seed("val", 0)))], processor.tokenizer.pad_token_id)
+    batch = collate([solution_example(processor, get_task().item("val", 0))], processor.tokenizer.pad_token_id)
 
     def logits(model: LlavaForConditionalGeneration) -> torch.Tensor:
         with torch.no_grad():

@@ -2,7 +2,8 @@
 
 The demo models are LLaVA-architecture VLMs (CLIP vision tower + Llama language model) so they
 load through the same ``from_pretrained`` path as real checkpoints. The vision tower uses 28 px
-patches on a 112 px image: 16 visual tokens, one per grid cell of the task.
+patches on a 112 px image: 16 visual tokens, one per grid cell of the task. The sizes and the
+tokenizer's corpus come from the task (``task_needs.PerceptionTask``; default: the grid).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from dreamr_stream.tasks.grid.puzzles import CELL, IMAGE_SIZE, make_puzzle, split_seed
 from dreamr_stream.training import TrainingConfig
+from dreamr_stream.zoo.task_needs import PerceptionTask, draw, perception_task
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -60,13 +61,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def _corpus(n: int, seed: int = 0) -> list[str]:
+def _corpus(task: PerceptionTask, n: int, seed: int = 0) -> list[str]:
+    """The judge prompt's words and the questions and steps of ``n`` train items, a fifth hard."""
     rng = random.Random(seed)
     texts = [f"{JUDGE_SUFFIX}{JUDGE_POS}", f"{JUDGE_SUFFIX}{JUDGE_NEG}"] * 50
     for i in range(n):
-        p = make_puzzle(split_seed("train", rng.randrange(10**9)), hard=i % 5 == 0)
-        texts.append(p.question.text())
-        texts.extend(p.steps())
+        item = draw(task, "train", rng.randrange(10**9), hard=i % 5 == 0)
+        texts.append(item.question)
+        texts.extend(item.steps)
     return texts
 
 
@@ -94,10 +96,14 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, special_tokens: Sequence
     return tok
 
 
-def build_tokenizer(vocab_size: int = 512, corpus_size: int = 4000) -> PreTrainedTokenizerFast:
-    """The demo models' tokenizer: ``train_bpe`` on the task's text, with the chat template."""
+def build_tokenizer(
+    vocab_size: int = 512, corpus_size: int = 4000, *, task: PerceptionTask | None = None
+) -> PreTrainedTokenizerFast:
+    """The demo models' tokenizer: ``train_bpe`` on the task's text (default: the grid's), with the
+    chat template."""
+    corpus = _corpus(perception_task(task, needed_by="the demo tokenizer"), corpus_size)
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe(_corpus(corpus_size), vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS),
+        tokenizer_object=train_bpe(corpus, vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS),
         eos_token="<|endoftext|>",
         pad_token="<|pad|>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
@@ -106,15 +112,17 @@ def build_tokenizer(vocab_size: int = 512, corpus_size: int = 4000) -> PreTraine
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, *, task: PerceptionTask | None = None) -> LlavaProcessor:
+    """The demo models' processor for the task's images (default: the grid's), a patch per cell."""
+    task = perception_task(task, needed_by="the demo processor")
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": task.image_size},
+        crop_size={"height": task.image_size, "width": task.image_size},
     )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=CELL,
+        patch_size=task.cell_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
@@ -135,17 +143,22 @@ TARGET_SHAPE = ModelShape(hidden=128, layers=24, heads=4, intermediate=384)
 DRAFT_SHAPE = ModelShape(hidden=128, layers=2, heads=4, intermediate=384)
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int) -> LlavaForConditionalGeneration:
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int, *, task: PerceptionTask | None = None
+) -> LlavaForConditionalGeneration:
+    """An untrained demo model of ``shape`` for the task's images (default: the grid's): its vision
+    tower sees one patch per cell."""
     import torch
 
+    task = perception_task(task, needed_by="a demo model")
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=shape.vision_hidden,
         intermediate_size=shape.vision_hidden * 2,
         num_hidden_layers=1,
         num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=CELL,
+        image_size=task.image_size,
+        patch_size=task.cell_size,
         projection_dim=shape.vision_hidden,
     )
     text = LlamaConfig(
@@ -168,7 +181,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, shape: ModelShape, seed: int
         # hidden_states[-2] of a 1-layer tower = the patch embeddings: one token per cell
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE_SIZE // CELL) ** 2,
+        image_seq_length=(task.image_size // task.cell_size) ** 2,
         tie_word_embeddings=True,
     )
     model = LlavaForConditionalGeneration(config)

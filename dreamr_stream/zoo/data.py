@@ -1,8 +1,11 @@
-"""Turn task puzzles into training tensors, tokenised exactly as the backend feeds them.
+"""Turn task items into training tensors, tokenised exactly as the backend feeds them.
 
 The backend appends each step as ``tok(step) + tok("\\n")`` and verifies a candidate as
 ``tok(candidate) + tok("\\n") + tok(JUDGE_SUFFIX)`` -> verdict token; the training sequences
 are built from the same pieces, so there is no train/serve tokenisation skew.
+
+Items come from any task (``TaskItem``, ``JudgeItem``); an example's per-cell labels come from
+the item's own task when it has them (``task_needs.PerceptionTask``), else there are none.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
-from dreamr_stream.tasks.grid.puzzles import COLOURS, SHAPES, JudgeItem, Puzzle, make_judge_item
+from dreamr_stream.tasks import JudgeItem, TaskItem
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX
+from dreamr_stream.zoo.task_needs import PerceptionTask, task_of
 
 __all__ = [
+    "IGNORE",
     "STEP_DELIMITER",
     "Batch",
     "Example",
-    "cell_classes",
+    "cell_labels",
     "collate",
     "judge_example",
     "judge_item_example",
@@ -33,7 +38,6 @@ __all__ = [
 
 STEP_DELIMITER = "\n"
 IGNORE = -100
-N_CELL_CLASSES = 1 + len(COLOURS) * len(SHAPES)
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     pixel_values: torch.Tensor  # (3, H, W)
-    cells: list[int]  # one class per grid cell, row-major
+    cells: list[int]  # one class per image cell, row-major (``cell_labels``; none: empty)
     # judge items: per position, whether the candidate so far is the reference so far (1/0), or
     # IGNORE; supervises an error flag at every token of the candidate (``TrainConfig.flag_weight``)
     flags: list[int] | None = None
@@ -53,17 +57,15 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T)
     pixel_values: torch.Tensor  # (B, 3, H, W)
-    cells: torch.Tensor  # (B, n_cells)
+    cells: torch.Tensor  # (B, n_cells); (B, 0) for a task without cell labels
     flags: torch.Tensor  # (B, T), IGNORE where no flag is supervised
 
 
-def cell_classes(puzzle: Puzzle) -> list[int]:
-    colours, shapes = list(COLOURS), list(SHAPES)
-    return [
-        0 if c is None else 1 + colours.index(c[0]) * len(shapes) + shapes.index(c[1])
-        for row in puzzle.grid
-        for c in row
-    ]
+def cell_labels(item: TaskItem) -> list[int]:
+    """Each image cell's class, row by row, from the item's task (a ``PerceptionTask``); none
+    for a task without cells (its examples then carry no perception labels)."""
+    task = task_of(item)
+    return task.cell_labels(item) if isinstance(task, PerceptionTask) else []
 
 
 class _Encoder:
@@ -75,12 +77,12 @@ class _Encoder:
     def ids(self, text: str) -> tuple[int, ...]:
         return tuple(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def prompt(self, puzzle: Puzzle) -> tuple[list[int], torch.Tensor]:
+    def prompt(self, item: TaskItem) -> tuple[list[int], torch.Tensor]:
         messages: list[dict[str, Any]] = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": puzzle.question.text()}]}
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]}
         ]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
-        enc = self.processor(text=text, images=puzzle.image, return_tensors="pt")
+        enc = self.processor(text=text, images=item.image, return_tensors="pt")
         return enc["input_ids"][0].tolist(), enc["pixel_values"][0]
 
 
@@ -91,17 +93,18 @@ def _encoder(processor: ProcessorMixin) -> _Encoder:
     return _ENCODERS.setdefault(id(processor), _Encoder(processor))
 
 
-def solution_example(processor: ProcessorMixin, puzzle: Puzzle) -> Example:
+def solution_example(processor: ProcessorMixin, item: TaskItem) -> Example:
+    """``item``'s reference solution, every step trained (the last one ending in EOS)."""
     enc = _encoder(processor)
-    prompt, pixels = enc.prompt(puzzle)
+    prompt, pixels = enc.prompt(item)
     ids, labels = list(prompt), [IGNORE] * len(prompt)
-    steps = puzzle.steps()
+    steps = item.steps
     for i, step in enumerate(steps):
         piece = list(enc.ids(step))
         piece += list(enc.ids(STEP_DELIMITER)) if i < len(steps) - 1 else [enc.tok.eos_token_id]
         ids += piece
         labels += piece
-    return Example(ids, labels, pixels, cell_classes(puzzle))
+    return Example(ids, labels, pixels, cell_labels(item))
 
 
 def verdict_ids(processor: ProcessorMixin) -> tuple[int, int]:
@@ -117,16 +120,15 @@ def verdict_position(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.sum(1) - 2
 
 
-def judge_example(processor: ProcessorMixin, puzzle: Puzzle, rng: random.Random) -> tuple[Example, bool]:
-    """A judge-set item of ``puzzle`` (``task.make_judge_item``) as a training example."""
-    return judge_item_example(processor, make_judge_item(puzzle, rng))
+def judge_example(processor: ProcessorMixin, item: TaskItem, rng: random.Random) -> tuple[Example, bool]:
+    """A judge-set item of ``item`` (its task's ``judge_item``) as a training example."""
+    return judge_item_example(processor, task_of(item).judge_item(item, rng))
 
 
 def judge_item_example(processor: ProcessorMixin, item: JudgeItem) -> tuple[Example, bool]:
     """Prefix steps (trained), candidate step (not trained), judge suffix, verdict (trained)."""
     enc = _encoder(processor)
-    puzzle = item.puzzle
-    prompt, pixels = enc.prompt(puzzle)
+    prompt, pixels = enc.prompt(item.item)
     ids, labels = list(prompt), [IGNORE] * len(prompt)
     newline = list(enc.ids(STEP_DELIMITER))
     for step in item.prefix:
@@ -134,7 +136,7 @@ def judge_item_example(processor: ProcessorMixin, item: JudgeItem) -> tuple[Exam
         ids += piece
         labels += piece
     candidate = list(enc.ids(item.candidate)) + newline
-    reference = list(enc.ids(puzzle.steps()[len(item.prefix)])) + newline
+    reference = list(enc.ids(item.item.steps[len(item.prefix)])) + newline
     suffix = list(enc.ids(JUDGE_SUFFIX))
     flags = [IGNORE] * len(ids) + _on_track(candidate, reference) + [int(item.correct)] * len(suffix)
     ids += candidate + suffix
@@ -144,7 +146,7 @@ def judge_item_example(processor: ProcessorMixin, item: JudgeItem) -> tuple[Exam
     ids += list(verdict)
     labels += list(verdict)
     flags += [IGNORE]
-    return Example(ids, labels, pixels, cell_classes(puzzle), flags), item.correct
+    return Example(ids, labels, pixels, cell_labels(item.item), flags), item.correct
 
 
 def _on_track(candidate: list[int], reference: list[int]) -> list[int]:
@@ -176,6 +178,6 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         attention_mask=mask,
         labels=labels,
         pixel_values=torch.stack([e.pixel_values for e in examples]),
-        cells=torch.tensor([e.cells for e in examples]),
+        cells=torch.tensor([e.cells for e in examples], dtype=torch.long),
         flags=flags,
     )

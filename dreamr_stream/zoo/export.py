@@ -1,4 +1,7 @@
-"""Export a trained checkpoint as a shipped demo model: bf16 safetensors + processor + sidecar."""
+"""Export a trained checkpoint as a shipped demo model: bf16 safetensors + processor + sidecar.
+
+The sidecar (``dreamr.json``) says which task the model was trained on (``"task"``), its judge
+prompt and the verification it recommends."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.tasks import DEFAULT_TASK, get_task, task_names
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX
 
 __all__ = ["export_model"]
@@ -23,16 +27,22 @@ def export_model(
     verify_mode: str | None = None,
     tau: float | None = None,
     taus: dict[str, float] | None = None,
+    task: str = DEFAULT_TASK,
 ) -> Path:
     """Write ``checkpoint`` as a shipped model folder; ``verify_mode`` and ``tau`` are the TBVM it
-    recommends, ``taus`` the tau measured for each mode (``VerificationConfig.recommended``)."""
+    recommends, ``taus`` the tau measured for each mode (``VerificationConfig.recommended``),
+    ``task`` the task it was trained on (a known one: ``tasks.get_task``)."""
+    task = get_task(task).name  # an unknown task is refused before anything is written
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     processor = LlavaProcessor.from_pretrained(processor_dir)
     if out.exists():
         shutil.rmtree(out)
     model.to(dtype=torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[call-arg]
     processor.save_pretrained(out)
-    sidecar: dict[str, object] = {"judge": {"suffix": JUDGE_SUFFIX, "positive": JUDGE_POS, "negative": JUDGE_NEG}}
+    sidecar: dict[str, object] = {
+        "task": task,
+        "judge": {"suffix": JUDGE_SUFFIX, "positive": JUDGE_POS, "negative": JUDGE_NEG},
+    }
     verification: dict[str, object] = {}
     if verify_mode is not None:
         verification["mode"] = verify_mode
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--processor", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="the task it was trained on")
     parser.add_argument("--verify", choices=["judge", "likelihood"], help="verification mode to recommend")
     parser.add_argument("--tau", type=float, help="TBVM threshold to recommend")
     parser.add_argument(
@@ -68,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--taus: expected mode=tau with mode judge or likelihood, got {part!r}")
         taus[mode] = float(value)
     tau = args.tau if args.tau is not None else taus.get(args.verify) if args.verify else None
-    out = export_model(args.checkpoint, args.processor, args.out, verify_mode=args.verify, tau=tau, taus=taus)
+    out = export_model(
+        args.checkpoint, args.processor, args.out, verify_mode=args.verify, tau=tau, taus=taus, task=args.task
+    )
     print(out)
 
 

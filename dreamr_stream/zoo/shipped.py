@@ -1,13 +1,21 @@
-"""Where the shipped demo models live inside the package."""
+"""Where the shipped demo models live inside the package, and which task each was trained on.
+
+A shipped model is a folder under ``weights/`` with a ``config.json``; its ``dreamr.json`` names
+its task (``"task"``, written by ``zoo.export``; a folder that names none was exported before
+tasks had names, so it is the grid's). Every shipped model today is the grid task's: the target
+``target`` (and ``target-judge``) and the drafts ``draft-<name>``.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from dreamr_stream.errors import ModelLoadError
+from dreamr_stream.tasks import DEFAULT_TASK
 
-__all__ = ["WEIGHTS", "DemoPaths", "default_draft", "demo_paths", "shipped_drafts"]
+__all__ = ["WEIGHTS", "DemoPaths", "default_draft", "demo_paths", "model_task", "shipped_drafts", "shipped_models"]
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -18,25 +26,46 @@ class DemoPaths:
     draft: Path
 
 
-def shipped_drafts() -> list[str]:
-    return sorted(p.name.removeprefix("draft-") for p in WEIGHTS.glob("draft-*") if (p / "config.json").exists())
+def model_task(folder: Path) -> str:
+    """The task a shipped model folder's ``dreamr.json`` says it was trained on (none said: the
+    default task's, whose models predate the field)."""
+    try:
+        task = json.loads((folder / "dreamr.json").read_text()).get("task")
+    except (OSError, ValueError, AttributeError):  # no sidecar, not JSON, not an object
+        task = None
+    return task if isinstance(task, str) else DEFAULT_TASK
 
 
-def default_draft() -> str:
+def shipped_models(task: str | None = None) -> list[str]:
+    """The shipped models' folder names (under ``WEIGHTS``), of ``task`` only if given."""
+    models = sorted(p.name for p in WEIGHTS.glob("*") if (p / "config.json").exists())
+    return [m for m in models if task is None or model_task(WEIGHTS / m) == task]
+
+
+def shipped_drafts(task: str = DEFAULT_TASK) -> list[str]:
+    """The names of ``task``'s shipped drafts (``draft-<name>`` folders)."""
+    return [m.removeprefix("draft-") for m in shipped_models(task) if m.startswith("draft-")]
+
+
+def default_draft(task: str = DEFAULT_TASK) -> str:
     """The demo's draft: the SAPO draft when it ships (it is accepted more often), else SFT."""
-    return "sapo" if "sapo" in shipped_drafts() else "sft"
+    return "sapo" if "sapo" in shipped_drafts(task) else "sft"
 
 
-def demo_paths(draft: str | None = None) -> DemoPaths:
-    """Folders of the shipped target and the named draft (``sft`` or ``sapo``; default: see
+def demo_paths(draft: str | None = None, task: str = DEFAULT_TASK) -> DemoPaths:
+    """Folders of ``task``'s shipped target and the named draft (``sft`` or ``sapo``; default: see
     ``default_draft``)."""
-    draft = draft or default_draft()
+    draft = draft or default_draft(task)
+    mine = shipped_models(task)
+    if not mine:
+        tasks = sorted({model_task(WEIGHTS / m) for m in shipped_models()})
+        raise ModelLoadError(f"no shipped demo models for task {task!r} (shipped: {', '.join(tasks) or 'none'})")
     target = WEIGHTS / "target"
     draft_dir = WEIGHTS / f"draft-{draft}"
     for folder in (target, draft_dir):
-        if not (folder / "config.json").exists():
+        if folder.name not in mine:
             raise ModelLoadError(
-                f"demo model missing at {folder}; shipped drafts: {shipped_drafts() or 'none'} "
-                "(reinstall the package, or train one with `dreamr zoo train`)"
+                f"demo model missing at {folder} for task {task!r}; shipped drafts: "
+                f"{shipped_drafts(task) or 'none'} (reinstall the package, or train one with `dreamr zoo train`)"
             )
     return DemoPaths(target=target, draft=draft_dir)

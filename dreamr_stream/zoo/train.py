@@ -7,6 +7,13 @@ colour and shape in the image tokens (without it the language model learns an "o
 shortcut and training washes shape out of the vision tower); the vision tower trains at a
 lower learning rate; cosine schedule with a floor so late steps still learn.
 
+The items are the config's task's (``TrainConfig.task``, default the grid), drawn by split and
+index as ``task_needs.draw`` gives them; the per-cell loss needs a task with labelled cells
+(``task_needs.PerceptionTask``).
+
+The training-only heads and their losses are ``zoo.heads``; the validation metrics
+``zoo.validation``.
+
 Resumable: ``<out>/checkpoint`` holds model, optimiser and data-stream state every
 ``ckpt_every`` steps; ``<out>/log.jsonl`` one line per log/eval event.
 """
@@ -27,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import DEFAULT_TASK, Split, get_task
 from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
 from dreamr_stream.zoo.build import (
     ModelShape,
@@ -36,19 +43,11 @@ from dreamr_stream.zoo.build import (
     build_tokenizer,
     grow_decoder,
 )
-from dreamr_stream.zoo.data import (
-    IGNORE,
-    N_CELL_CLASSES,
-    Batch,
-    Example,
-    collate,
-    judge_example,
-    judge_item_example,
-    solution_example,
-    verdict_ids,
-    verdict_position,
-)
+from dreamr_stream.zoo.data import Batch, collate, judge_example, judge_item_example, solution_example, verdict_ids
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool
+from dreamr_stream.zoo.heads import AuxHeads, own_choice_flags, step_loss, verdict_loss
+from dreamr_stream.zoo.task_needs import PerceptionTask, draw, perception_task
+from dreamr_stream.zoo.validation import evaluate
 
 __all__ = ["TrainConfig", "draft_pool", "load_or_build_processor", "lr_at", "own_choice_flags", "train"]
 
@@ -63,6 +62,8 @@ class TrainConfig(TrainingConfig):
 
     name: str = Field(min_length=1)
     shape: ModelShape
+    # the task whose items it trains on (``tasks.get_task``): a ``task_needs.PerceptionTask``
+    task: str = DEFAULT_TASK
     seed: int = 0
     steps: int = Field(default=1500, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -123,10 +124,11 @@ class TrainConfig(TrainingConfig):
         return self
 
 
-def load_or_build_processor(folder: Path) -> LlavaProcessor:
+def load_or_build_processor(folder: Path, task: PerceptionTask | None = None) -> LlavaProcessor:
+    """The processor saved in ``folder``, else one built for ``task`` (default: the grid) and saved there."""
     if (folder / "processor_config.json").exists():
         return LlavaProcessor.from_pretrained(folder)
-    processor = build_processor(build_tokenizer())
+    processor = build_processor(build_tokenizer(task=task), task=task)
     processor.save_pretrained(folder)
     return processor
 
@@ -136,57 +138,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     ``min_lr_frac * lr`` at the last step (a floor, so late steps still learn)."""
     end = cfg.warmup + max(1, cfg.steps - cfg.warmup)
     return warmup_cosine(step, peak=cfg.lr, warmup=cfg.warmup, start=cfg.warmup, end=end, floor=cfg.min_lr_frac)
-
-
-class _AuxHeads(nn.Module):
-    """Training-only heads (not shipped) that shape what the model computes inside:
-
-    * ``head``: a per-cell classifier on the projected visual tokens (keeps colour and shape in them);
-    * ``flag_head``: on the hidden state after decoder layer ``flag_layer``, at every token of a
-      judge item's candidate, whether the candidate so far is still the reference (an error flag
-      the verdict token can then read with one attention step; see the target's card)."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.head = nn.Linear(hidden, N_CELL_CLASSES)
-        self.flag_head = nn.Linear(hidden, 1)
-        self.features: torch.Tensor | None = None
-        self.layer_out: torch.Tensor | None = None
-        self.early_out: torch.Tensor | None = None
-
-    def attach(self, model: LlavaForConditionalGeneration, flag_layer: int | None, early_layer: int | None) -> None:
-        layers = model.model.language_model.layers
-        model.model.multi_modal_projector.register_forward_hook(self._keep("features"))  # (B, n_cells, hidden)
-        if flag_layer is not None:
-            layers[flag_layer].register_forward_hook(self._keep("layer_out"))  # (B, T, hidden)
-        if early_layer is not None:
-            layers[early_layer].register_forward_hook(self._keep("early_out"))  # (B, T, hidden)
-        # the final norm and LM head read the early layer; set past nn.Module so that the model is
-        # not registered as a submodule of the heads (its parameters would be optimised twice)
-        object.__setattr__(self, "_reader", model)
-
-    def _keep(self, attr: str) -> Callable[[nn.Module, object, torch.Tensor | tuple[torch.Tensor, ...]], None]:
-        """A forward hook keeping a module's output (a decoder layer's hidden states) as ``attr``."""
-
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
-            setattr(self, attr, output[0] if isinstance(output, tuple) else output)
-
-        return hook
-
-    def early_exit_loss(self, labels: torch.Tensor) -> torch.Tensor:
-        """The language-model loss of the early layer's hidden state through the final norm and LM head."""
-        model: LlavaForConditionalGeneration = self.__dict__["_reader"]
-        logits = model.lm_head(model.model.language_model.norm(self.early_out))[:, :-1]
-        return nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-
-    def flag_loss(self, flags: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy of the flag head where ``flags`` supervises one (0 if nowhere)."""
-        assert self.layer_out is not None
-        where = flags != IGNORE
-        if not bool(where.any()):
-            return self.layer_out.sum() * 0.0
-        logits = self.flag_head(self.layer_out[where]).squeeze(-1)
-        return nn.functional.binary_cross_entropy_with_logits(logits, flags[where].float())
 
 
 def _progress(name: str, start: int, total: int) -> Callable[[int], None]:
@@ -221,131 +172,31 @@ def draft_pool(path: str | Path | None) -> tuple[list[DraftStep], list[DraftStep
 
 
 def _make_batch(
-    cfg: TrainConfig, processor: LlavaProcessor, rng: random.Random, pool: list[DraftStep], split: str = "train"
+    cfg: TrainConfig,
+    task: PerceptionTask,
+    processor: LlavaProcessor,
+    rng: random.Random,
+    pool: list[DraftStep],
+    split: Split = "train",
 ) -> Batch:
     examples = []
     for _ in range(cfg.batch_size):
-        puzzle = make_puzzle(split_seed(split, rng.randrange(10**9)), hard=rng.random() < cfg.hard_fraction)  # type: ignore[arg-type]
+        item = draw(task, split, rng.randrange(10**9), hard=rng.random() < cfg.hard_fraction)
         if rng.random() < cfg.judge_fraction:
             if pool and rng.random() < cfg.draft_step_fraction:
                 examples.append(judge_item_example(processor, rng.choice(pool).judge_item())[0])
             else:
-                examples.append(judge_example(processor, puzzle, rng)[0])
+                examples.append(judge_example(processor, item, rng)[0])
         else:
-            examples.append(solution_example(processor, puzzle))
+            examples.append(solution_example(processor, item))
     return collate(examples, processor.tokenizer.pad_token_id)
 
 
-def _step_loss(model: LlavaForConditionalGeneration, aux: _AuxHeads, batch: Batch, aux_weight: float):
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        pixel_values=batch.pixel_values,
-        labels=batch.labels,
-    )
-    assert aux.features is not None
-    aux_logits = aux.head(aux.features)  # (B, n_cells, classes)
-    aux_loss = nn.functional.cross_entropy(aux_logits.flatten(0, 1), batch.cells.flatten())
-    return out, aux_loss, out.loss + aux_weight * aux_loss, aux_logits
-
-
-def own_choice_flags(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Where ``batch.flags`` supervises a flag: 1 if the token there is the model's greedy choice
-    after the tokens before it (``logits`` of this forward), else 0; IGNORE elsewhere."""
-    own = torch.zeros_like(batch.flags)
-    own[:, 1:] = (logits[:, :-1].detach().argmax(-1) == batch.input_ids[:, 1:]).long()
-    return torch.where(batch.flags != IGNORE, own, torch.full_like(own, IGNORE))
-
-
-def _verdict_loss(logits: torch.Tensor, labels: torch.Tensor, verdict: tuple[int, int]) -> torch.Tensor:
-    """Cross-entropy on the verdict token of judge items (rows whose last label is a verdict)."""
-    last = (labels != IGNORE).long().cumsum(1).argmax(1)  # index of the last supervised token, (B,)
-    rows = torch.arange(labels.shape[0])
-    gold = labels[rows, last]
-    is_judge = (gold == verdict[0]) | (gold == verdict[1])
-    if not bool(is_judge.any()):
-        return logits.sum() * 0.0
-    pred = logits[rows, last - 1]  # logits at t predict token t+1: (B, vocab)
-    return nn.functional.cross_entropy(pred[is_judge], gold[is_judge])
-
-
-@torch.no_grad()
-def _verdict_accuracy(
-    model: LlavaForConditionalGeneration, processor: LlavaProcessor, items: list[tuple[Example, bool]]
-) -> float:
-    """Share of judge items whose verdict (`` yes`` vs `` no`` after the judge suffix) is right."""
-    pos, neg = verdict_ids(processor)
-    batch = collate([e for e, _ in items], processor.tokenizer.pad_token_id)
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
-    ).logits
-    verdict_logits = logits[torch.arange(len(items)), verdict_position(batch.attention_mask)]
-    said_yes = verdict_logits[:, pos] > verdict_logits[:, neg]
-    truth = torch.tensor([c for _, c in items])
-    return float((said_yes == truth).float().mean())
-
-
-@torch.no_grad()
-def evaluate(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
-    cfg: TrainConfig,
-    aux: _AuxHeads,
-    held_out: list[DraftStep] | None = None,
-) -> dict[str, float]:
-    """Teacher-forced metrics on fixed validation items: token and whole-step accuracy, judge
-    accuracy on the judge set and on the held-out draft steps."""
-    model.eval()
-    rng = random.Random(1234)
-    tok = processor.tokenizer
-    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
-    puzzles = [make_puzzle(split_seed("val", i)) for i in range(cfg.eval_size)]
-    batch = collate([solution_example(processor, p) for p in puzzles], tok.pad_token_id)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values)
-    pred = out.logits[:, :-1].argmax(-1)
-    gold = batch.labels[:, 1:]
-    ok = (pred == gold) | (gold == IGNORE)
-    n_steps = steps_ok = rows = rows_ok = 0
-    for b in range(gold.shape[0]):
-        # a step spans the supervised tokens up to and including its delimiter
-        idx = (gold[b] != IGNORE).nonzero().flatten().tolist()
-        current: list[int] = []
-        k = 0
-        for i in idx:
-            current.append(i)
-            if gold[b, i].item() in (newline, tok.eos_token_id):
-                good = bool(ok[b, current].all())
-                n_steps += 1
-                steps_ok += good
-                if k < 4:
-                    rows += 1
-                    rows_ok += good
-                current, k = [], k + 1
-    tok_acc = float(ok[gold != IGNORE].float().mean())
-    aux_acc = (
-        float((aux.head(aux.features).argmax(-1) == batch.cells).float().mean()) if aux.features is not None else 0.0
-    )
-    metrics = {
-        "val_tok_acc": tok_acc,
-        "val_step_acc": steps_ok / max(1, n_steps),
-        "val_row_acc": rows_ok / max(1, rows),
-        "val_aux_cell_acc": aux_acc,
-    }
-    if cfg.judge_fraction > 0:
-        items = [judge_example(processor, p, rng) for p in puzzles]
-        metrics["val_judge_acc"] = _verdict_accuracy(model, processor, items)
-        if held_out:
-            drafted = [judge_item_example(processor, s.judge_item()) for s in held_out]
-            metrics["val_draft_judge_acc"] = _verdict_accuracy(model, processor, drafted)
-    model.train()
-    return metrics
-
-
-def _start_model(cfg: TrainConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+def _start_model(cfg: TrainConfig, task: PerceptionTask, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     """The model the run starts from: ``init_from``'s weights (grown to ``cfg.shape.layers``, the
     layers it had frozen if ``train_only_new_layers``), or fresh ones of ``cfg.shape``."""
     if cfg.init_from is None:
-        return build_model(processor.tokenizer, cfg.shape, cfg.seed)
+        return build_model(processor.tokenizer, cfg.shape, cfg.seed, task=task)
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
     first_new = grow_decoder(model, cfg.shape.layers, cfg.seed)
@@ -359,7 +210,7 @@ def _start_model(cfg: TrainConfig, processor: LlavaProcessor) -> LlavaForConditi
     return model
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module, aux: _AuxHeads) -> torch.optim.Optimizer:
+def _optimizer(cfg: TrainConfig, model: nn.Module, aux: AuxHeads) -> torch.optim.Optimizer:
     """AdamW with the vision tower at ``vision_lr_mult`` times the learning rate (``lr_mult``)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     vision = [p for n, p in params if "vision_tower" in n]
@@ -374,7 +225,7 @@ class _Run:
     """What a checkpoint holds: the model, the auxiliary head, the optimiser and the data stream."""
 
     def __init__(
-        self, model: LlavaForConditionalGeneration, aux: _AuxHeads, opt: torch.optim.Optimizer, rng: random.Random
+        self, model: LlavaForConditionalGeneration, aux: AuxHeads, opt: torch.optim.Optimizer, rng: random.Random
     ) -> None:
         self.model, self.aux, self.opt, self.rng = model, aux, opt, rng
 
@@ -406,6 +257,7 @@ class _Run:
 def _train_step(
     cfg: TrainConfig,
     run: _Run,
+    task: PerceptionTask,
     processor: LlavaProcessor,
     lr: float,
     verdict: tuple[int, int],
@@ -414,10 +266,10 @@ def _train_step(
     """One optimiser step on a fresh batch; its losses and gradient norm."""
     for g in run.opt.param_groups:
         g["lr"] = lr * g["lr_mult"]
-    batch = _make_batch(cfg, processor, run.rng, pool)
-    out, aux_loss, loss, _ = _step_loss(run.model, run.aux, batch, cfg.aux_weight)
+    batch = _make_batch(cfg, task, processor, run.rng, pool)
+    out, aux_loss, loss, _ = step_loss(run.model, run.aux, batch, cfg.aux_weight)
     if cfg.judge_weight > 0:
-        loss = loss + cfg.judge_weight * _verdict_loss(out.logits, batch.labels, verdict)
+        loss = loss + cfg.judge_weight * verdict_loss(out.logits, batch.labels, verdict)
     flag_loss = torch.zeros(())
     if cfg.flag_weight > 0:
         flags = batch.flags if cfg.flag_labels == "on_track" else own_choice_flags(out.logits, batch)
@@ -447,12 +299,14 @@ def _write(logf: IO[str], rec: dict[str, Any]) -> None:
 def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = True) -> Path:
     """Train (or resume) and return the folder of the final model (fp32, ``save_pretrained``)."""
     torch.set_num_threads(cfg.threads)
+    # the per-cell loss needs the task's cells: refused before anything is written
+    task = perception_task(get_task(cfg.task), needed_by="the zoo trainer")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    processor = load_or_build_processor(processor_dir)
+    processor = load_or_build_processor(processor_dir, task)
     ckpt = out_dir / "checkpoint"
-    model = _start_model(cfg, processor)
-    aux = _AuxHeads(cfg.shape.hidden)
+    model = _start_model(cfg, task, processor)
+    aux = AuxHeads(cfg.shape.hidden, task.cell_classes)
     aux.attach(model, cfg.flag_layer, cfg.early_exit_layer)
     run = _Run(model, aux, _optimizer(cfg, model, aux), random.Random(cfg.seed))
     start = run.resume(ckpt) if resume else 0
@@ -466,14 +320,17 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     progress = _progress(cfg.name, start, cfg.steps)
     for step in range(start, cfg.steps):
         progress(step)
-        rec = _train_step(cfg, run, processor, lr_at(cfg, step), verdict, pool)
+        rec = _train_step(cfg, run, task, processor, lr_at(cfg, step), verdict, pool)
         done = step + 1
         if done % 10 == 0:
             _write(logf, {"step": done, **rec, "s_per_step": (time.perf_counter() - t0) / 10})
             t0 = time.perf_counter()
             log.info("%s step %d loss %.4f aux %.4f lr %.2e", cfg.name, done, rec["loss"], rec["aux"], rec["lr"])
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics = {"step": done, **evaluate(model, processor, cfg, aux, held_out)}
+            scores = evaluate(
+                model, processor, aux, task, size=cfg.eval_size, judge=cfg.judge_fraction > 0, held_out=held_out
+            )
+            metrics = {"step": done, **scores}
             _write(logf, metrics)
             log.info("%s eval %s", cfg.name, metrics)
             model.save_pretrained(out_dir / f"step{done:05d}")
