@@ -113,6 +113,8 @@ def test_request_config_applies_options_within_server_limits() -> None:
         request_config(base, RequestOptions(max_steps=11))
     with pytest.raises(ConfigError, match="lookahead"):
         request_config(base, RequestOptions(max_steps=2, lookahead=3))
+    # fewer steps than the server's lookahead, with no lookahead asked for: the lookahead comes down with them
+    assert request_config(base, RequestOptions(max_steps=1)).scheduling.lookahead == 1
 
 
 def test_settings_are_secure_by_default() -> None:
