@@ -1,6 +1,6 @@
 """How long ``dreamr reason --random`` takes to show its first verified step, and to exit.
 
-Each run starts ``python -m dreamr_stream.cli reason --random`` in a fresh process and reads its
+Each run starts ``python -m dreamr_app reason --random`` in a fresh process and reads its
 output as it comes: the time to the first step line (a verified or target step: ``  0.35s ✓
 draft ...``) counts from just before the process starts; the exit time from its last line to its
 end. Beside each run, the floor under the first step of a command that loads the models itself:
@@ -67,7 +67,7 @@ class Variant:
 
 def reason(variant: Variant, seed: int, image: Path, env: dict[str, str]) -> tuple[float, float, float]:
     """First step, exit after the last line, whole command (seconds) of one run."""
-    command = [sys.executable, "-m", "dreamr_stream.cli", "reason", "--random", "--seed", str(seed), *variant.flags]
+    command = [sys.executable, "-m", "dreamr_app", "reason", "--random", "--seed", str(seed), *variant.flags]
     start = time.perf_counter()
     proc = subprocess.Popen(
         [*command, "--save-image", str(image)],
@@ -136,7 +136,7 @@ Command: `{command}`, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} c
 (1 min) {loads[0]:.2f} before and {loads[1]:.2f} after: the machine is shared, so every figure
 moves with the load; the import floor, timed right after each run, shows how much. Times from just
 before the process starts, on a warm disk (one `--no-daemon` round first); then interleaved rounds
-of `python -m dreamr_stream.cli reason --random --seed N` (N = 1, 2, ...). Import floor: a fresh
+of `python -m dreamr_app reason --random --seed N` (N = 1, 2, ...). Import floor: a fresh
 interpreter doing only `{IMPORTS}`.
 
 The daemon's numbered runs reuse the daemon that its cold run started (seed 0, in a fresh runtime
@@ -169,7 +169,7 @@ def main() -> None:
             for variant, runs in results:
                 runs.append(timed_run(variant, seed, args.image, env))
     finally:
-        stop = [sys.executable, "-m", "dreamr_stream.cli", "daemon", "stop"]
+        stop = [sys.executable, "-m", "dreamr_app", "daemon", "stop"]
         subprocess.run(stop, cwd=HERE, env=env, capture_output=True)
         shutil.rmtree(runtime, ignore_errors=True)
     # the older checkout by its commit (in the table), not by where it lies on this machine

@@ -263,7 +263,7 @@ class Client:
 
 def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
     dreamr = Path(sys.executable).with_name("dreamr")
-    command = [str(dreamr)] if dreamr.exists() else [sys.executable, "-m", "dreamr_stream.cli"]
+    command = [str(dreamr)] if dreamr.exists() else [sys.executable, "-m", "dreamr_app"]
     command += ["serve", "--port", "0", "--max-active", str(args.max_active)]
     err = log.open("w")
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)

@@ -8,7 +8,7 @@ import sys
 
 def run_dreamr(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dreamr_stream.cli", *args],
+        [sys.executable, "-m", "dreamr_app", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -15,8 +15,8 @@ import torch
 from cli_support import run_dreamr
 from PIL import Image
 
-from dreamr_stream import cli
-from dreamr_stream.cli_reason import Comparison
+from dreamr_app import cli, reason
+from dreamr_app.reason import Comparison
 from dreamr_stream.tasks import get_task
 from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 
@@ -36,7 +36,7 @@ def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "load_reasoner", refuse)
+    monkeypatch.setattr(reason, "load_reasoner", refuse)
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -87,7 +87,7 @@ def test_unknown_device_is_one_line(tmp_path: Path, no_models: None, capsys: pyt
 def test_input_errors_come_fast_in_a_fresh_process(tmp_path: Path) -> None:
     """A mistyped path is reported without importing torch or transformers, let alone loading a model."""
     code = (
-        "import sys; from dreamr_stream.cli import main; rc = main(sys.argv[1:]); "
+        "import sys; from dreamr_app.cli import main; rc = main(sys.argv[1:]); "
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import'; sys.exit(rc)"
     )
     out = subprocess.run(
@@ -138,7 +138,7 @@ def test_compare_measures_the_target_alone(tmp_path: Path) -> None:
 def test_the_console_script_runs_the_exit_handlers_then_exits_without_the_teardown() -> None:
     code = """
 import atexit
-from dreamr_stream import cli
+from dreamr_app import cli
 
 class Collected:
     def __del__(self):
@@ -155,7 +155,7 @@ cli.entry()
 
 def test_the_console_script_waits_for_threads_that_are_still_working() -> None:
     code = (
-        "import threading, time, sys; from dreamr_stream import cli; "
+        "import threading, time, sys; from dreamr_app import cli; "
         "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True))).start(); "
         "cli.main = lambda argv=None: 0; cli.entry()"
     )

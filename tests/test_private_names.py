@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted(p for d in ("dreamr_stream", "integrations") for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("dreamr_stream", "dreamr_app", "integrations") for p in (ROOT / d).rglob("*.py"))
 
 
 def _module_of(path: Path) -> str:
@@ -46,19 +46,19 @@ def test_no_module_imports_another_modules_private_names() -> None:
 
 def test_the_check_finds_private_imports() -> None:
     source = (
-        "from dreamr_stream.cli import _hidden, load_reasoner\n"
+        "from dreamr_app.common import _hidden, load_reasoner\n"
         "from dreamr_langchain._bridge import iterate_sync\n"
         "from dreamr_stream.backends._process_child import SESSION_OPS\n"
     )
-    assert private_imports(source, "dreamr_stream.daemon") == [
-        "dreamr_stream.cli._hidden",
+    assert private_imports(source, "dreamr_app.daemon.server") == [
+        "dreamr_app.common._hidden",
         "dreamr_langchain._bridge",
         "dreamr_stream.backends._process_child",
     ]
     # within its package a private module is shared; a module's own names are its own
-    assert private_imports(source, "dreamr_stream.cli") == [
+    assert private_imports(source, "dreamr_app.common") == [
         "dreamr_langchain._bridge",
         "dreamr_stream.backends._process_child",
     ]
-    assert private_imports("from dreamr_stream import __version__\n", "dreamr_stream.daemon_files") == []
+    assert private_imports("from dreamr_stream import __version__\n", "dreamr_app.daemon.files") == []
     assert private_imports(source.splitlines()[2], "dreamr_stream.backends.process") == []

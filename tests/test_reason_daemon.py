@@ -24,17 +24,17 @@ from dreamr_websocket.settings import ServerSettings
 from PIL import Image
 from ws_support import QUESTION, make_reasoner
 
-from dreamr_stream import cli
-from dreamr_stream.cli_reason import Request
-from dreamr_stream.daemon import ResidentServer
-from dreamr_stream.daemon_client import RemoteEngine, connect
-from dreamr_stream.daemon_files import DaemonFiles, daemon_alive, daemon_key, identity, runtime_dir
+from dreamr_app import cli
+from dreamr_app.common import Request
+from dreamr_app.daemon.client import RemoteEngine, connect
+from dreamr_app.daemon.files import DaemonFiles, daemon_alive, daemon_key, identity, runtime_dir
+from dreamr_app.daemon.server import ResidentServer
 from dreamr_stream.events import Event, FailedEvent, FinishedEvent
 from dreamr_stream.zoo.shipped import WEIGHTS
 
 # main() as the console script runs it, then a check of what the client imported
 CLIENT = (
-    "import sys; from dreamr_stream.cli import main; rc = main(sys.argv[1:]); "
+    "import sys; from dreamr_app.cli import main; rc = main(sys.argv[1:]); "
     "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
     "heavy and print('the client imported', heavy, file=sys.stderr); sys.exit(99 if heavy else rc)"
 )
@@ -46,7 +46,7 @@ RESENT = "dreamr: the daemon exited before it took the request; sending it to a 
 # sent: a daemon reaching its idle timeout as a command connects, on cue
 STOP_AFTER_HELLO = """
 import os, signal
-from dreamr_stream import daemon_client
+from dreamr_app.daemon import client as daemon_client
 real_connect, stopped = daemon_client.connect, []
 
 async def connect(files):
@@ -62,7 +62,7 @@ daemon_client.connect = connect
 # CLIENT, with the daemon killed right after the request is sent: it may have started it
 KILL_AFTER_SEND = """
 import os, signal
-from dreamr_stream import daemon_client
+from dreamr_app.daemon import client as daemon_client
 real_send = daemon_client.RemoteEngine._send
 
 async def send(self, request, options):
@@ -283,7 +283,7 @@ def test_model_folders_named_relative_to_the_commands_folder_reach_the_daemon(ro
 @pytest.mark.slow
 def test_no_daemon_loads_the_models_in_the_command_and_leaves_nothing_behind(root: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "dreamr_stream.cli", "reason", "--random", "--seed", "1", "--no-daemon",
+        [sys.executable, "-m", "dreamr_app", "reason", "--random", "--seed", "1", "--no-daemon",
          "--save-image", str(root / "p.png")],
         capture_output=True, text=True, timeout=180, env=env(root),
     )  # fmt: skip

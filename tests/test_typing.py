@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow  # one mypy run over every package: about a minute
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = [
     "dreamr_stream",
+    "dreamr_app",
     "integrations/dreamr_langchain",
     "integrations/dreamr_redis",
     "integrations/dreamr_vllm",

@@ -25,7 +25,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 from ws_support import png_b64
 
-from dreamr_stream.cli import build_parser
+from dreamr_app.cli import build_parser
 from dreamr_stream.config import GenerationConfig, InputLimits, ReasonerConfig
 from dreamr_stream.errors import ConfigError, InvalidImageError
 from dreamr_stream.events import FailedEvent, FinishedEvent, RejectedEvent
@@ -113,6 +113,8 @@ def test_request_config_applies_options_within_server_limits() -> None:
         request_config(base, RequestOptions(max_steps=11))
     with pytest.raises(ConfigError, match="lookahead"):
         request_config(base, RequestOptions(max_steps=2, lookahead=3))
+    # fewer steps than the server's lookahead, with no lookahead asked for: the lookahead comes down with them
+    assert request_config(base, RequestOptions(max_steps=1)).scheduling.lookahead == 1
 
 
 def test_settings_are_secure_by_default() -> None:
@@ -142,7 +144,7 @@ def test_cli_defaults_match_server_settings() -> None:
 
 
 def test_cli_token_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dreamr_websocket.cli import settings_from_args
+    from dreamr_app.serve import settings_from_args
 
     monkeypatch.setenv("DREAMR_TOKEN", "from-the-environment")
     assert settings_from_args(build_parser().parse_args(["serve"])).token == "from-the-environment"

@@ -25,12 +25,10 @@ from dreamr_stream import (
     BackendError,
     DreamrError,
     Event,
-    GenerationConfig,
     Method,
     Reasoner,
     ReasonerConfig,
     ReasoningResult,
-    SchedulingConfig,
     Step,
     Verdict,
 )
@@ -61,17 +59,12 @@ Update = StepUpdate | VerdictUpdate
 def with_generation(base: ReasonerConfig, **changes: Any) -> ReasonerConfig:
     """``base`` with some ``GenerationConfig`` fields replaced, validated again (ConfigError).
 
-    A ``max_steps`` below the scheduling lookahead lowers the lookahead with it: the caller asked
-    for fewer steps, not for a configuration error about how far the draft may run ahead.
+    Through ``ReasonerConfig.override``, the one way request options reach a config: a
+    ``max_steps`` below the scheduling lookahead lowers the lookahead with it (the caller asked
+    for fewer steps, not for a configuration error about how far the draft may run ahead).
     """
-    if not changes:
-        return base
-    generation = GenerationConfig(**{**base.generation.model_dump(), **changes})
-    fields = {name: getattr(base, name) for name in type(base).model_fields}
-    scheduling = base.scheduling
-    if scheduling.lookahead > generation.max_steps:
-        scheduling = SchedulingConfig(**{**scheduling.model_dump(), "lookahead": generation.max_steps})
-    return ReasonerConfig(**{**fields, "generation": generation, "scheduling": scheduling})
+    max_steps = changes.pop("max_steps", None)  # by name: override lowers the lookahead with it
+    return base.override(max_steps=max_steps, generation=changes)
 
 
 def _is_last(step: Step, config: ReasonerConfig) -> bool:

@@ -78,7 +78,8 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy exports: ``dreamr_websocket.cli`` (and so ``dreamr --help``) must not need websockets."""
+    """Lazy exports: importing the package (``dreamr reason``'s daemon client does, to find its code)
+    must not import the server, and with it the core's engine and models."""
     if name in _HOMES:
         import importlib
 

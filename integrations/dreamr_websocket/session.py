@@ -11,6 +11,8 @@ Why it is shaped like this:
   data); on timeout the transport is aborted, which ends the reader loop and so the request.
 * Input is checked before the request takes a slot in the admission queue: a bad image never
   waits in line or holds a slot. Images arrive only as base64; a string is never a path.
+* A session sees its server through ``SessionHost``, the few things it uses of it: the server
+  imports this module to run its connections, and this module never imports the server.
 """
 
 from __future__ import annotations
@@ -20,28 +22,22 @@ import base64
 import binascii
 import itertools
 import logging
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import anyio
 from PIL import Image
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from dreamr_stream.config import (
-    CacheConfig,
-    GenerationConfig,
-    InputLimits,
-    ReasonerConfig,
-    SchedulingConfig,
-    VerificationConfig,
-)
+from dreamr_stream.config import InputLimits, ReasonerConfig
 from dreamr_stream.errors import ConfigError, DreamrError, InputError, InvalidImageError, InvalidQuestionError
 from dreamr_stream.events import DraftedEvent, Event, FailedEvent, FinishedEvent
 from dreamr_stream.inputs import check_question, load_image
-from dreamr_websocket.admission import Busy
+from dreamr_websocket.admission import Admission, Busy
 from dreamr_websocket.protocol import (
     AskMessage,
     CancelledMessage,
@@ -49,20 +45,36 @@ from dreamr_websocket.protocol import (
     CloseCode,
     ErrorCode,
     ErrorMessage,
+    HelloMessage,
     QueuedMessage,
     RequestOptions,
     ServerMessage,
     from_event,
     parse_client_message,
 )
+from dreamr_websocket.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from dreamr_websocket.server import DreamrServer
+    from dreamr_stream.reasoner import Reasoner
 
-__all__ = ["ClientGone", "Outbox", "Session", "decode_image", "request_config"]
+__all__ = ["ClientGone", "Outbox", "Session", "SessionHost", "decode_image", "request_config"]
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count(1)
+
+
+class SessionHost(Protocol):
+    """What a session uses of the server it belongs to (``DreamrServer`` is one)."""
+
+    reasoner: Reasoner  # shared by every connection
+    settings: ServerSettings
+    admission: Admission  # the bounded queue every request waits in for a slot
+    totals: Counter[str]  # the server's counters, which each session adds to
+    decode_limiter: anyio.CapacityLimiter | None  # image decoding threads; None before the server starts
+
+    def hello(self) -> HelloMessage:
+        """The first message of every connection."""
+        ...
 
 
 class ClientGone(Exception):
@@ -111,17 +123,13 @@ def request_config(base: ReasonerConfig, options: RequestOptions) -> ReasonerCon
     """The server's config with the client's options applied; clients may only lower max_steps."""
     if options.max_steps is not None and options.max_steps > base.generation.max_steps:
         raise ConfigError(f"options.max_steps: at most {base.generation.max_steps} on this server")
-
-    def update(group: Any, cls: type[Any], **values: Any) -> Any:
-        values = {k: v for k, v in values.items() if v is not None}
-        return cls(**{**dict(group), **values}) if values else group
-
-    return ReasonerConfig(
-        generation=update(base.generation, GenerationConfig, max_steps=options.max_steps),
-        verification=update(base.verification, VerificationConfig, tau=options.tau, mode=options.verify),
-        scheduling=update(base.scheduling, SchedulingConfig, lookahead=options.lookahead, fallback=options.fallback),
-        limits=base.limits,
-        cache=update(base.cache, CacheConfig, enabled=options.cache),
+    return base.override(
+        tau=options.tau,
+        mode=options.verify,
+        max_steps=options.max_steps,
+        lookahead=options.lookahead,
+        fallback=options.fallback,
+        cache=options.cache,
     )
 
 
@@ -147,7 +155,7 @@ class _Prepared:
 
 
 class Session:
-    def __init__(self, ws: ServerConnection, server: DreamrServer) -> None:
+    def __init__(self, ws: ServerConnection, server: SessionHost) -> None:
         self.ws = ws
         self.server = server
         self.totals = server.totals

@@ -1,7 +1,10 @@
-"""``dreamr serve``: the command behind the core CLI's subcommand (its arguments live there).
+"""``dreamr serve``: the WebSocket server and live page (``dreamr_websocket``) around the models the
+flags describe (its arguments are ``cli``'s).
 
-Why split this way: ``dreamr --help`` and ``dreamr reason`` must work without the
-``websocket`` extra, so the core CLI only imports this module when ``serve`` runs.
+Why here, and not in the integration: the command composes the core's ``Reasoner`` with the
+WebSocket adapter, which is the application's job; the integration stays an adapter that knows
+nothing of the command line. ``cli`` imports this module only when ``serve`` runs, once it has
+checked that the ``websocket`` extra is installed (``dreamr --help`` does not need it).
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from dreamr_stream.config import GenerationConfig, ReasonerConfig, VerificationConfig
+from dreamr_app.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, load_reasoner
 from dreamr_stream.errors import DreamrError
 
 if TYPE_CHECKING:
+    from dreamr_websocket.server import DreamrServer
     from dreamr_websocket.settings import ServerSettings
 
-__all__ = ["serve", "settings_from_args"]
+__all__ = ["TOKEN_ENV", "serve", "settings_from_args"]
 
 TOKEN_ENV = "DREAMR_TOKEN"
 
@@ -43,31 +47,22 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from dreamr_stream.cli import load_reasoner
     from dreamr_websocket.protocol import protocol_schema
-    from dreamr_websocket.server import DreamrServer, run
+    from dreamr_websocket.server import run
 
     if args.print_schema:
         print(json.dumps(protocol_schema(), indent=2, sort_keys=True))
-        return 0
+        return EXIT_OK
     try:
         settings = settings_from_args(args)
         token = settings.token
         t0 = time.perf_counter()
         reasoner = load_reasoner(args)
         # start from what the target recommends (dreamr.json), then apply the flags given
-        base = reasoner.config
-        verification = base.verification if args.tau is None else base.verification.model_copy(update={"tau": args.tau})
-        reasoner.config = ReasonerConfig(
-            generation=GenerationConfig(max_steps=args.max_steps),
-            verification=VerificationConfig(**verification.model_dump()),
-            scheduling=base.scheduling,
-            limits=base.limits,
-            cache=base.cache,
-        )
+        reasoner.config = reasoner.config.override(tau=args.tau, max_steps=args.max_steps)
     except DreamrError as e:
         print(f"dreamr serve: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     loaded_s = time.perf_counter() - t0
 
     def ready(server: DreamrServer) -> None:
@@ -78,5 +73,5 @@ def serve(args: argparse.Namespace) -> int:
         run(reasoner, settings, on_ready=ready)
     except OSError as e:  # e.g. the port is taken
         print(f"dreamr serve: cannot listen on {settings.host}:{settings.port}: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK

@@ -3,10 +3,10 @@
 Everything a user can get wrong (a missing file, a file that is no image, an empty question, a
 device this torch cannot use) is checked before any model loads, and reported in one line.
 
-By default the models live in a resident daemon (``dreamr_stream.daemon_client``; its files
-and start in ``daemon_files``), which this command starts if none runs; ``--no-daemon`` loads
-them here. Both paths feed the same events to the same ``run`` (rendering, summary, the
-comparison with the target alone) through an ``Engine``.
+By default the models live in a resident daemon (``dreamr_app.daemon.client``, which imports this
+module; the daemon's files and start are ``dreamr_app.daemon.files``), which this command starts if
+none runs; ``--no-daemon`` loads them here (``reason_here``). Both paths feed the same events to the
+same ``run`` (rendering, summary, the comparison with the target alone) through an ``Engine``.
 """
 
 from __future__ import annotations
@@ -21,30 +21,38 @@ from typing import TYPE_CHECKING, Protocol, assert_never
 from rich.console import Console
 from rich.markup import escape
 
+from dreamr_app.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Request,
+    UsageError,
+    check_device,
+    load_reasoner,
+    uses_demo_models,
+)
 from dreamr_stream.errors import DreamrError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-    from PIL import Image
 
     from dreamr_stream.config import ReasonerConfig
     from dreamr_stream.events import Event
     from dreamr_stream.reasoner import Method, Reasoner
     from dreamr_stream.types import ReasoningResult
 
-__all__ = ["Comparison", "Engine", "LocalEngine", "Request", "UsageError", "check_device", "reason"]
-
-
-class UsageError(Exception):
-    """Bad input on the command line: reported in one line, exit status 2."""
-
-
-@dataclass(frozen=True)
-class Request:
-    image: Image.Image
-    question: str
-    expected: int | None = None  # a demo puzzle's answer
+__all__ = [
+    "Comparison",
+    "Engine",
+    "LocalEngine",
+    "estimate_alone",
+    "load",
+    "measure_alone",
+    "prepare",
+    "read_request",
+    "reason_here",
+    "run",
+    "warn",
+]
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class Comparison:
 
 
 class Engine(Protocol):
-    """Where the models are: this process (``LocalEngine``) or the daemon (``daemon_client.RemoteEngine``)."""
+    """Where the models are: this process (``LocalEngine``) or the daemon (``daemon.client.RemoteEngine``)."""
 
     def stream(self, request: Request, method: Method) -> AsyncIterator[Event]:
         """The request's events, configured by the command's flags."""
@@ -82,16 +90,16 @@ class Engine(Protocol):
 
 # ---------------------------------------------------------------------------------- input
 def random_request(args: argparse.Namespace, console: Console) -> Request:
-    """A fresh demo puzzle (saved, so the user can look at it)."""
-    from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+    """A fresh item of the demo task's test split (its image saved, so the user can look at it)."""
+    from dreamr_stream.tasks import get_task
 
     seed = args.seed if args.seed is not None else random.randrange(10**6)
-    puzzle = make_puzzle(split_seed("test", seed))
+    item = get_task().item("test", seed)
     saved = Path(args.save_image or "dreamr-puzzle.png")
-    puzzle.image.save(saved)
+    item.image.save(saved)
     console.print(f"[dim]puzzle test#{seed} saved to {saved}[/dim]")
-    question = check_question_arg(args.question or puzzle.question.text())
-    return Request(puzzle.image, question, puzzle.answer if args.question is None else None)
+    question = check_question_arg(args.question or item.question)
+    return Request(item.image, question, item.answer if args.question is None else None)
 
 
 def file_request(args: argparse.Namespace) -> Request:
@@ -119,46 +127,21 @@ def check_question_arg(question: str) -> str:
         raise UsageError(str(e)) from e
 
 
-def check_device(device: str) -> None:
-    """A device this torch build can use, or a UsageError that says what to do instead."""
-    if device == "cpu":  # every build has it; not importing torch here lets the draft's process start first
-        return
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:
-        raise UsageError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from e
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {device}: this torch {torch.__version__} sees no CUDA GPU "
-            "(a CPU-only build, or no GPU here); use --device cpu, or install a CUDA build of torch"
-        )
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
-
-
-def uses_demo_models(args: argparse.Namespace) -> bool:
-    return not (args.target or args.draft or args.target_url or args.draft_url)
-
-
 # ---------------------------------------------------------------------------------- models
 def load(args: argparse.Namespace, console: Console) -> Reasoner:
     """The models, with a spinner while they load, configured by the flags."""
-    from dreamr_stream.cli import load_reasoner
-    from dreamr_stream.config import GenerationConfig, ReasonerConfig, SchedulingConfig, VerificationConfig
-
     t0 = time.perf_counter()
     with console.status("loading the models…", spinner="dots"):
         # the first request must not wait for the draft's process to start: a copy of the
         # draft in this process serves until it is ready
         reasoner = load_reasoner(args, draft_stand_in=True)
     # the target's recommended verification (dreamr.json), then the flags given
-    flags = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
-    reasoner.config = ReasonerConfig(
-        generation=GenerationConfig(max_steps=args.max_steps),
-        verification=VerificationConfig(**{**reasoner.config.verification.model_dump(), **flags}),
-        scheduling=SchedulingConfig(lookahead=min(args.lookahead, args.max_steps), fallback=args.fallback),
+    reasoner.config = reasoner.config.override(
+        tau=args.tau,
+        mode=args.verify,
+        max_steps=args.max_steps,
+        lookahead=min(args.lookahead, args.max_steps),
+        fallback=args.fallback,
     )
     console.print(f"[dim]models loaded in {time.perf_counter() - t0:.2f}s[/dim]")
     return reasoner
@@ -213,13 +196,7 @@ def summary(result: ReasoningResult, expected: int | None, console: Console) -> 
 # ---------------------------------------------------------------------------------- the target alone
 def _alone_config(base: ReasonerConfig, max_steps: int | None = None) -> ReasonerConfig:
     """``base`` without the trajectory cache (the request just filled it), optionally fewer steps."""
-    from dreamr_stream.config import CacheConfig, GenerationConfig, SchedulingConfig
-
-    update: dict[str, object] = {"cache": CacheConfig(enabled=False)}
-    if max_steps is not None:
-        update["generation"] = GenerationConfig(**{**base.generation.model_dump(), "max_steps": max_steps})
-        update["scheduling"] = SchedulingConfig(**{**base.scheduling.model_dump(), "lookahead": max_steps})
-    return base.model_copy(update=update)
+    return base.override(cache=False, max_steps=max_steps, lookahead=max_steps)
 
 
 def _prefill_s(result: ReasoningResult) -> float:
@@ -270,7 +247,7 @@ def read_request(args: argparse.Namespace, console: Console) -> Request:
 
 
 def warn(args: argparse.Namespace, request: Request, console: Console) -> None:
-    """A photo or a question outside the demo task, when the demo models will answer it."""
+    """A photo or a question outside the demo task, when the demo models will answer it (the task's own warnings)."""
     if uses_demo_models(args):
         from dreamr_stream.tasks import get_task
 
@@ -287,42 +264,25 @@ def prepare(args: argparse.Namespace, console: Console) -> Request:
 
 
 async def run(engine: Engine, request: Request, args: argparse.Namespace, console: Console) -> int:
+    """Stream the request through ``engine`` and show it; then the comparison with the target alone."""
     from dreamr_stream.events import FailedEvent, FinishedEvent
 
     result: ReasoningResult | None = None
     async for event in engine.stream(request, args.method):
         show(event, args, console)
         if isinstance(event, FailedEvent):
-            return 1
+            return EXIT_FAILED
         if isinstance(event, FinishedEvent):
             result = event.result
             summary(result, request.expected, console)
     if result is None:
-        return 1
+        return EXIT_FAILED
     if args.method != "target_only":
         compare = measure_alone if args.compare else estimate_alone
         with console.status("timing the target alone…", spinner="dots"):
             comparison = await compare(engine, request, result)
         console.print(f"[bold]{comparison.line(args.method.upper())}[/bold]", soft_wrap=True)
-    return 0
-
-
-def daemon_usable(args: argparse.Namespace) -> bool:
-    """The daemon, unless ``--no-daemon``, or this system has no unix sockets, or no websockets."""
-    import importlib.util
-    import socket
-
-    if getattr(args, "no_daemon", False) or not hasattr(socket, "AF_UNIX"):
-        return False
-    return importlib.util.find_spec("websockets") is not None
-
-
-def reason(args: argparse.Namespace, console: Console) -> int:
-    if daemon_usable(args):
-        from dreamr_stream import daemon_client
-
-        return daemon_client.reason(args, console)
-    return reason_here(args, console)
+    return EXIT_OK
 
 
 def reason_here(args: argparse.Namespace, console: Console) -> int:
@@ -334,12 +294,12 @@ def reason_here(args: argparse.Namespace, console: Console) -> int:
         reasoner = load(args, console)
     except DreamrError as e:
         console.print(f"[red]{e}[/red]")
-        return 1
+        return EXIT_FAILED
     console.print(f"[bold]Q:[/bold] {request.question}")
     try:
         return anyio.run(run, LocalEngine(reasoner), request, args, console)
     except DreamrError as e:
         console.print(f"[red]{type(e).__name__}: {e}[/red]")
-        return 1
+        return EXIT_FAILED
     finally:
         reasoner.close()

@@ -1,9 +1,10 @@
 """The resident daemon's life outside it: its files, its identity, starting or joining it, and
 ``dreamr daemon status`` / ``stop``.
 
-The client (``daemon_client``) and the daemon (``daemon``) both use this module, so like the
-client it imports only the standard library, rich and the light modules of this package: never
-torch, transformers, or a module that imports them (tests/test_reason_daemon.py checks it).
+The client (``client``) and the daemon (``server``) both use this module, and it imports neither:
+what they agree on (how the daemon is run, its last words, the close that says a request did not
+run) lives here. Like the client it imports only the standard library, rich and light modules:
+never torch, transformers, or a module that imports them (tests/test_reason_daemon.py checks it).
 
 Files, per user, in ``$DREAMR_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/dreamr``, else
 ``~/.cache/dreamr`` (a 0700 folder), each named by the daemon's key (its models, device and
@@ -35,8 +36,11 @@ from dreamr_stream import __version__
 from dreamr_stream.errors import DreamrError
 
 __all__ = [
+    "DAEMON_MODULE",
     "ERROR_PREFIX",
     "IDLE_ENV",
+    "NOT_SERVED_CODE",
+    "NOT_SERVED_REASON",
     "RUNTIME_ENV",
     "USAGE_PREFIX",
     "DaemonFailed",
@@ -52,6 +56,8 @@ __all__ = [
     "stop",
 ]
 
+# the daemon is run as ``python -m DAEMON_MODULE``, and a live process is known for one by that name
+DAEMON_MODULE = "dreamr_app.daemon.server"
 RUNTIME_ENV = "DREAMR_RUNTIME_DIR"
 IDLE_ENV = "DREAMR_DAEMON_IDLE"  # seconds a started daemon waits for the next request
 DEFAULT_IDLE_S = 600.0
@@ -59,6 +65,10 @@ READY_TIMEOUT_S = 900.0  # big models on a busy machine load slowly; a dead daem
 # the daemon's last words in its log, for the client that waits for it to be ready
 ERROR_PREFIX = "dreamr daemon: error: "
 USAGE_PREFIX = "dreamr daemon: usage: "
+# the close of a daemon that exits before it accepted any request of the connection: 1013 is
+# "try again later" (RFC 6455), a code dreamr serve never sends, so it cannot be mistaken
+NOT_SERVED_CODE = 1013
+NOT_SERVED_REASON = "the daemon is exiting; no request of this connection ran"
 
 
 class DaemonFailed(DreamrError):
@@ -141,7 +151,7 @@ def daemon_alive(pid: int) -> bool:
     if not cmdline.parent.exists():  # no /proc here: trust the pid
         return True
     try:
-        return b"dreamr_stream.daemon" in cmdline.read_bytes()  # empty for a zombie
+        return DAEMON_MODULE.encode() in cmdline.read_bytes()  # empty for a zombie
     except OSError:
         return False
 
@@ -158,10 +168,14 @@ def _fingerprint(folder: Path) -> str:
 
 
 def _code_roots() -> list[Path]:
-    """Where this package and the websocket integration are imported from: the daemon runs the same code."""
+    """Where the application, the core and the websocket integration are imported from: the daemon
+    runs the same code."""
     import dreamr_websocket
 
-    roots = [Path(__file__).resolve().parent.parent]
+    import dreamr_stream
+
+    roots = [Path(__file__).resolve().parents[2]]
+    roots += [Path(p).resolve().parent for p in dreamr_stream.__path__]
     roots += [Path(p).resolve().parent for p in dreamr_websocket.__path__]
     return list(dict.fromkeys(roots))
 
@@ -197,7 +211,7 @@ def idle_timeout(args: argparse.Namespace) -> float:
 # ---------------------------------------------------------------------------------- start
 def _spawn(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) -> subprocess.Popen[bytes]:
     """The daemon, detached: a session of its own (a Ctrl-C here does not reach it), its output in its log."""
-    command = [sys.executable, "-m", "dreamr_stream.daemon", "--runtime-dir", str(files.root), "--key", files.key]
+    command = [sys.executable, "-m", DAEMON_MODULE, "--runtime-dir", str(files.root), "--key", files.key]
     command += ["--idle-timeout", str(idle_timeout(args)), "--identity", json.dumps(ident), "--device", args.device]
     for flag in ("target", "draft", "demo_draft", "target_url", "draft_url"):
         if value := getattr(args, flag, None):

@@ -1,9 +1,9 @@
-"""``python -m dreamr_stream.daemon``: the resident process behind ``dreamr reason``.
+"""``python -m dreamr_app.daemon.server``: the resident process behind ``dreamr reason``.
 
 It loads the models once, then serves ``dreamr serve``'s WebSocket protocol on a unix socket
 (0600, in a 0700 folder) to the commands of the same user, until it has had no connection for
 ``--idle-timeout`` seconds, or gets SIGTERM (``dreamr daemon stop``). ``dreamr reason`` starts it
-(``dreamr_stream.daemon_files``: the files, the key, the lock); nothing else needs to.
+(``dreamr_app.daemon.files``: the files, the key, the lock); nothing else needs to.
 
 Once the daemon decides to exit it accepts no new request: it closes the connections that have
 asked nothing with ``NOT_SERVED`` (their clients send the request to a fresh daemon, knowing it
@@ -11,7 +11,8 @@ did not run here), and cancels only the requests already running.
 
 Why the protocol of ``dreamr serve``: it already streams a Reasoner's events with a schema,
 cancels a request whose client leaves, and queues concurrent requests; a second protocol for
-the same events would drift from it.
+the same events would drift from it. The daemon is an application of that integration: it
+composes ``dreamr_websocket``'s server with the core's ``Reasoner``, and neither knows of it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,25 @@ from dreamr_websocket.server import DreamrServer
 from dreamr_websocket.session import Session
 from dreamr_websocket.settings import ServerSettings
 
-from dreamr_stream.daemon_client import NOT_SERVED_CODE, NOT_SERVED_REASON
-from dreamr_stream.daemon_files import ERROR_PREFIX, USAGE_PREFIX, DaemonFiles
+from dreamr_app.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    add_model_flags,
+    check_device,
+    exit_now,
+    load_reasoner,
+    quiet_libraries,
+)
+from dreamr_app.daemon.files import (
+    DAEMON_MODULE,
+    ERROR_PREFIX,
+    NOT_SERVED_CODE,
+    NOT_SERVED_REASON,
+    USAGE_PREFIX,
+    DaemonFiles,
+)
 from dreamr_stream.errors import DreamrError
 
 if TYPE_CHECKING:
@@ -44,15 +62,13 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_STEPS_CEILING", "ResidentServer", "base_config", "main", "serve"]
 
-log = logging.getLogger("dreamr_stream.daemon")
+log = logging.getLogger(DAEMON_MODULE)
 # requests set their own max_steps (the flag); the daemon's is only a ceiling, the config's own
 MAX_STEPS_CEILING = 1024
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    from dreamr_stream.cli import add_model_flags
-
-    p = argparse.ArgumentParser(prog="python -m dreamr_stream.daemon", description=__doc__)
+    p = argparse.ArgumentParser(prog=f"python -m {DAEMON_MODULE}", description=__doc__)
     p.add_argument("--runtime-dir", required=True, help="the folder of the daemon's socket, info and log")
     p.add_argument("--key", required=True, help="the daemon's identity (its files' names)")
     p.add_argument("--identity", default="{}", help="what the key is made of (JSON), for `dreamr daemon status`")
@@ -63,12 +79,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def base_config(reasoner: Reasoner) -> ReasonerConfig:
     """What ``dreamr reason --no-daemon`` starts from: the target's recommended verification, the
-    rest defaults; each request then applies its own flags (``daemon_client.RemoteEngine``)."""
-    from dreamr_stream.config import GenerationConfig, ReasonerConfig
+    rest defaults, the ceiling of steps; each request then applies its own flags
+    (``client.RemoteEngine``)."""
+    from dreamr_stream.config import ReasonerConfig
 
-    return ReasonerConfig(
-        generation=GenerationConfig(max_steps=MAX_STEPS_CEILING), verification=reasoner.config.verification
-    )
+    return ReasonerConfig(verification=reasoner.config.verification).override(max_steps=MAX_STEPS_CEILING)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
@@ -187,9 +202,6 @@ async def serve(reasoner: Reasoner, files: DaemonFiles, idle_timeout_s: float) -
 
 
 def _load(args: argparse.Namespace) -> Reasoner:
-    from dreamr_stream.cli import load_reasoner
-    from dreamr_stream.cli_reason import check_device
-
     check_device(args.device)
     t0 = time.perf_counter()
     # a copy of the draft here serves the first requests until the draft's own process is ready
@@ -200,26 +212,22 @@ def _load(args: argparse.Namespace) -> Reasoner:
 
 
 def _run(args: argparse.Namespace, files: DaemonFiles) -> int:
-    from dreamr_stream.cli_reason import UsageError
-
     try:
         reasoner = _load(args)
     except UsageError as e:
         print(f"{USAGE_PREFIX}{e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USAGE
     except DreamrError as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
-        return 1
+        return EXIT_FAILED
     try:
         asyncio.run(serve(reasoner, files, args.idle_timeout))
     finally:
         reasoner.close()
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreamr_stream.cli import quiet_libraries
-
     args = parse(argv)
     os.umask(0o077)  # the socket, info and log: this user's only, from their creation
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -244,6 +252,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dreamr_stream.cli import exit_now
-
     exit_now(main())

@@ -1,14 +1,15 @@
 """The thin client of ``dreamr reason``: connect to the resident daemon that holds the models
-(started or joined through ``daemon_files``), then stream the request through it.
+(started or joined through ``files``), then stream the request through it.
 
 Why a daemon: importing torch and transformers alone takes 4-6 s, and loading the models more,
 so a command that does both cannot show a step within 2 s. A process that keeps the models
-loaded (``python -m dreamr_stream.daemon``) answers the next ``dreamr reason`` at once. It serves
-the WebSocket protocol of ``dreamr serve`` (``dreamr_websocket.protocol``) on a unix socket.
+loaded (``python -m dreamr_app.daemon.server``) answers the next ``dreamr reason`` at once. It
+serves the WebSocket protocol of ``dreamr serve`` (``dreamr_websocket.protocol``) on a unix socket.
 
 This module is the client's whole path, so it imports only the standard library, rich, PIL,
-pydantic, websockets and the light modules of this package: never torch, transformers, or a
-module that imports them (tests/test_reason_daemon.py checks it in a fresh process).
+pydantic, websockets and light modules (``dreamr_app.reason`` for the request and its output):
+never torch, transformers, or a module that imports them (tests/test_reason_daemon.py checks it
+in a fresh process).
 
 A daemon may exit (idle, or stopped) just as a command connects. It then closes the connections
 that have asked nothing with ``NOT_SERVED``, and refuses their late requests the same way, so
@@ -29,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from dreamr_stream.daemon_files import (
+from dreamr_app.common import EXIT_FAILED, Request, UsageError, check_device
+from dreamr_app.daemon.files import (
+    NOT_SERVED_CODE,
     DaemonFailed,
     DaemonFiles,
     daemon_key,
@@ -38,6 +41,7 @@ from dreamr_stream.daemon_files import (
     runtime_dir,
     start_or_join,
 )
+from dreamr_app.reason import read_request, run, warn
 from dreamr_stream.errors import DreamrError
 
 if TYPE_CHECKING:
@@ -45,17 +49,12 @@ if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
     from websockets.exceptions import ConnectionClosed
 
-    from dreamr_stream.cli_reason import Request
     from dreamr_stream.events import Event
     from dreamr_stream.types import ReasoningResult
 
-__all__ = ["NOT_SERVED_CODE", "NOT_SERVED_REASON", "NotServed", "RemoteEngine", "connect", "reason"]
+__all__ = ["NotServed", "RemoteEngine", "connect", "reason"]
 
 _WS_URI = "ws://localhost/ws"  # the Host a loopback server accepts; the socket path says where
-# the close of a daemon that exits before it accepted any request of the connection: 1013 is
-# "try again later" (RFC 6455), a code dreamr serve never sends, so it cannot be mistaken
-NOT_SERVED_CODE = 1013
-NOT_SERVED_REASON = "the daemon is exiting; no request of this connection ran"
 
 
 class NotServed(DreamrError):
@@ -126,7 +125,7 @@ Reconnect = Callable[[], Awaitable["ClientConnection"]]
 
 
 class RemoteEngine:
-    """``cli_reason.Engine`` over a daemon's connection: the same events, rebuilt from its messages.
+    """``reason.Engine`` over a daemon's connection: the same events, rebuilt from its messages.
 
     ``reconnect`` gives a connection to a fresh daemon; it is called at most once per command, when
     the daemon went away before it accepted a request (``NotServed``)."""
@@ -272,8 +271,6 @@ async def _connected(
 async def _ready(args: argparse.Namespace, request: Request, console: Console) -> RemoteEngine:
     """An engine over the daemon for these flags, connected; the device checked and the warnings
     shown first, in the order ``dreamr reason --no-daemon`` has them."""
-    from dreamr_stream.cli_reason import UsageError, check_device, warn
-
     ident = identity(args)
     files = DaemonFiles(runtime_dir(), daemon_key(ident))
 
@@ -300,24 +297,22 @@ async def _ready(args: argparse.Namespace, request: Request, console: Console) -
 
 
 async def _reason(args: argparse.Namespace, console: Console) -> int:
-    from dreamr_stream.cli_reason import read_request, run
-
     request = read_request(args, console)  # the image and the question before anything else
     try:
         engine = await _ready(args, request, console)
     except DreamrError as e:  # as a model that fails to load without the daemon
         console.print(f"[red]{e}[/red]")
-        return 1
+        return EXIT_FAILED
     console.print(f"[bold]Q:[/bold] {request.question}")
     try:
         return await run(engine, request, args, console)
     except DreamrError as e:
         console.print(f"[red]{type(e).__name__}: {e}[/red]")
-        return 1
+        return EXIT_FAILED
     finally:
         await engine.close()
 
 
 def reason(args: argparse.Namespace, console: Console) -> int:
-    """``dreamr reason`` through the daemon, with the output and exit codes of ``cli_reason.reason``."""
+    """``dreamr reason`` through the daemon, with the output and exit codes of ``reason.reason_here``."""
     return asyncio.run(_reason(args, console))
