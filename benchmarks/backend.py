@@ -25,7 +25,7 @@ from transformers import LlavaProcessor
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import JudgeTemplate
-from dreamr_stream.tasks.grid.puzzles import make_puzzle
+from dreamr_stream.tasks import get_task
 from dreamr_stream.zoo.build import (
     DRAFT_SHAPE,
     JUDGE_SUFFIX,
@@ -43,8 +43,8 @@ def bench(shape_name: str, processor: LlavaProcessor, tokens: int, repeats: int)
     model = build_model(processor.tokenizer, shape, seed=0).eval()
     backend = TransformersBackend(model, processor, name=shape_name, judge=JudgeTemplate(suffix=JUDGE_SUFFIX))
     backend.eos_ids = set()  # decode exactly `tokens` tokens
-    puzzle = make_puzzle(0)
-    image, question = puzzle.image, puzzle.question.text()
+    item = get_task().item("train", 0)
+    image, question = item.image, item.question
     inputs = backend.prompt_inputs(image, question)
     candidate = " red" * 20  # 20 tokens in the demo tokenizer
     n_cand = len(backend.encode(candidate))

@@ -19,11 +19,12 @@ from datetime import date
 from pathlib import Path
 
 import anyio
+from PIL import Image
 
 from dreamr_stream import Reasoner
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.store import MemoryTrajectoryStore
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task
 
 
 async def run(n: int, redis_url: str | None) -> dict[str, object]:
@@ -67,9 +68,9 @@ async def run(n: int, redis_url: str | None) -> dict[str, object]:
     return report
 
 
-def _puzzle(i: int) -> tuple[object, str, int]:
-    p = make_puzzle(split_seed("test", i))
-    return p.image, p.question.text(), p.answer
+def _puzzle(i: int) -> tuple[Image.Image, str, int]:
+    item = get_task().item("test", i)
+    return item.image, item.question, item.answer
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task
 from dreamr_stream.zoo.build import JUDGE_SUFFIX, grow_decoder
 from dreamr_stream.zoo.data import (
     IGNORE,
@@ -62,7 +62,8 @@ def main() -> None:
     _, held_out = draft_pool(cfg.draft_steps)
     rng = random.Random(0)
     items = [judge_item_example(processor, s.judge_item()) for s in held_out[: args.items]]
-    items += [judge_example(processor, make_puzzle(split_seed("val", i)), rng) for i in range(args.items)]
+    grid = get_task("grid")  # the demo models' task
+    items += [judge_example(processor, grid.item("val", i), rng) for i in range(args.items)]
     batch = collate([e for e, _ in items], processor.tokenizer.pad_token_id)
     truth = torch.tensor([c for _, c in items])
     tok = processor.tokenizer

@@ -1,6 +1,6 @@
 """Does the demo target know whether a step is right, even where its yes/no verdict does not say it?
 
-For judge items (``zoo/task.make_judge_item``: the reference step or a corrupted one, after a
+For judge items (``Task.judge_item``: the reference step or a corrupted one, after a
 correct prefix, then ``\\nCheck:``) this reads, at the position that predicts the verdict token:
 
 * the verdict itself: accuracy of ``p(" yes") > p(" no")`` and the AUROC of ``p_yes / p_no``;
@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.tasks.grid.puzzles import Split, make_puzzle, split_seed
+from dreamr_stream.tasks import Split, get_task
 from dreamr_stream.zoo.data import IGNORE, collate, judge_example, solution_example, verdict_ids, verdict_position
 from dreamr_stream.zoo.tbvm_eval import auroc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = ROOT / "dreamr_stream" / "zoo" / "weights" / "target"
+GRID = get_task("grid")  # the demo models' task
 
 
 @torch.no_grad()
@@ -51,10 +52,7 @@ def features(
     rng = random.Random(seed)
     verdict, cand_end, odds, labels = [], [], [], []
     for start in range(0, n, 32):
-        items = [
-            judge_example(processor, make_puzzle(split_seed(split, 20_000 + i)), rng)
-            for i in range(start, min(n, start + 32))
-        ]
+        items = [judge_example(processor, GRID.item(split, 20_000 + i), rng) for i in range(start, min(n, start + 32))]
         batch = collate([e for e, _ in items], tok.pad_token_id)
         out = model(
             input_ids=batch.input_ids,
@@ -82,7 +80,7 @@ def features(
 def logit_lens(model: LlavaForConditionalGeneration, processor: LlavaProcessor, n: int) -> dict[str, dict[str, float]]:
     """Per layer: the share of reference-solution tokens that layer's hidden state predicts (top 1)."""
     tok = processor.tokenizer
-    examples = [solution_example(processor, make_puzzle(split_seed("val", i))) for i in range(n)]
+    examples = [solution_example(processor, GRID.item("val", i)) for i in range(n)]
     batch = collate(examples, tok.pad_token_id)
     out = model(
         input_ids=batch.input_ids,

@@ -20,7 +20,7 @@ from typing import Any
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
-from dreamr_stream.tasks.grid.puzzles import make_puzzle
+from dreamr_stream.tasks import get_task
 from dreamr_stream.zoo.shipped import demo_paths
 
 TOKENS = 48
@@ -28,11 +28,11 @@ TOKENS = 48
 
 def per_token_ms(backend: Any, threads: int, reps: int, out: list[float]) -> None:
     """Median ms/token of ``reps`` decodes of ``TOKENS`` tokens (no stop, no end of answer)."""
-    puzzle = make_puzzle(1)
+    item = get_task().item("train", 1)
     backend.use_threads(threads)
     times = []
     for _ in range(reps):
-        s = backend.open_session(puzzle.image, puzzle.question.text())
+        s = backend.open_session(item.image, item.question)
         t = time.perf_counter()
         backend.generate_step(s, max_tokens=TOKENS, stop="\x00")
         times.append((time.perf_counter() - t) / TOKENS * 1000)

@@ -54,7 +54,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task, items
 
 TERMINAL = {"stats", "error", "cancelled"}
 ACTIONS: tuple[tuple[str, float], ...] = (("ask", 0.45), ("cancel", 0.2), ("leave", 0.25), ("reconnect", 0.1))
@@ -132,11 +132,10 @@ class Puzzle:
 
 def puzzles(n: int) -> list[Puzzle]:
     out = []
-    for i in range(n):
-        p = make_puzzle(split_seed("test", 70_000 + i))
+    for item in items(get_task(), "test", n, start=70_000):
         buf = io.BytesIO()
-        p.image.save(buf, format="PNG")
-        out.append(Puzzle(base64.b64encode(buf.getvalue()).decode(), p.question.text()))
+        item.image.save(buf, format="PNG")
+        out.append(Puzzle(base64.b64encode(buf.getvalue()).decode(), item.question))
     return out
 
 

@@ -13,7 +13,7 @@ from datetime import date
 from pathlib import Path
 
 from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task
 from dreamr_stream.types import ReasoningResult
 
 LANES = ("draft", "verify", "target")
@@ -60,9 +60,9 @@ def main() -> None:
         update={"scheduling": SchedulingConfig(fallback=args.fallback), "cache": CacheConfig(enabled=False)}
     )
     reasoner = Reasoner(base.target.backend, base.draft.backend, config=config)  # type: ignore[union-attr]
-    puzzle = make_puzzle(split_seed("test", args.seed))
-    reasoner.invoke(puzzle.image, puzzle.question.text())  # warm-up
-    result = reasoner.invoke(puzzle.image, puzzle.question.text())
+    item = get_task().item("test", args.seed)
+    reasoner.invoke(item.image, item.question)  # warm-up
+    result = reasoner.invoke(item.image, item.question)
     text = render(result, args.width)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = f"python benchmarks/timeline.py --seed {args.seed} --fallback {args.fallback}"

@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task, items
 from dreamr_stream.types import LaneSpan, ReasoningResult
 from dreamr_stream.zoo.shipped import default_draft
 
@@ -83,15 +83,15 @@ def main() -> None:
         config=config,
         split_threads=not args.no_split,
     )
-    warm = make_puzzle(split_seed("val", 0))
-    reasoner.invoke(warm.image, warm.question.text(), method=args.method)
+    task = get_task()
+    warm = task.item("val", 0)
+    reasoner.invoke(warm.image, warm.question, method=args.method)
     rows: dict[str, list[float]] = defaultdict(list)
     ratio = []
     per_request: list[dict[str, float]] = []
-    for i in range(args.n):
-        p = make_puzzle(split_seed("test", i))
-        spec = reasoner.invoke(p.image, p.question.text(), method=args.method)
-        alone = reasoner.invoke(p.image, p.question.text(), method="target_only")
+    for p in items(task, "test", args.n):
+        spec = reasoner.invoke(p.image, p.question, method=args.method)
+        alone = reasoner.invoke(p.image, p.question, method="target_only")
         ratio.append(alone.stats.wall_s / spec.stats.wall_s)
         per_request.append(breakdown(spec))
         rows["target-only wall"].append(alone.stats.wall_s)

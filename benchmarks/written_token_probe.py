@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from dreamr_stream.tasks.grid.puzzles import COLOURS, SHAPES, Split
+from dreamr_stream.tasks import Split, get_task
 from dreamr_stream.zoo.data import IGNORE, judge_item_example
 from dreamr_stream.zoo.judge_layers import judge_items, likelihood_threshold
 from dreamr_stream.zoo.shipped import WEIGHTS
+from dreamr_stream.zoo.task_needs import swap_task
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = WEIGHTS / "target"
@@ -108,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         "target": "shipped target" if args.target == DEFAULT_TARGET else args.target.name,
     }
     threshold = likelihood_threshold(args.target)  # at the likelihood tau the target recommends
-    for kind, words in (("shape", list(SHAPES)), ("colour", list(COLOURS))):
+    # the words the grid task (the demo models') names a cell by: what this probe is about
+    vocabulary = swap_task(get_task("grid"), needed_by="the written-token probe").words
+    for kind in ("shape", "colour"):
+        words = list(vocabulary[kind])
         train_x, train_y, train_ok = cell_words(model, processor, "train", args.train, words, threshold)
         test_x, test_y, test_ok = cell_words(model, processor, "test", args.test, words, threshold)
         per_layer = {}

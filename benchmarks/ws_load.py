@@ -39,7 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.reasoner import Reasoner
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task, items
 
 STEP_TYPES = {"verified", "fallback"}
 TERMINAL = {"stats", "error", "cancelled"}
@@ -73,11 +73,10 @@ def pct(values: list[float], q: float) -> float:
 
 def puzzles(n: int) -> list[Puzzle]:
     out = []
-    for i in range(n):
-        p = make_puzzle(split_seed("test", 50_000 + i))
+    for item in items(get_task(), "test", n, start=50_000):
         buf = io.BytesIO()
-        p.image.save(buf, format="PNG")
-        out.append(Puzzle(base64.b64encode(buf.getvalue()).decode(), p.question.text(), str(p.answer)))
+        item.image.save(buf, format="PNG")
+        out.append(Puzzle(base64.b64encode(buf.getvalue()).decode(), item.question, str(item.answer)))
     return out
 
 

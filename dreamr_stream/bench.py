@@ -1,6 +1,7 @@
 """`dreamr bench`: speed and accuracy of every method side by side, in one process.
 
-Methods run on the same test prompts, interleaved per prompt in a rotating order so that
+Methods run on the same test prompts (the first ``n`` items of a task's test split, the grid
+task's unless told), interleaved per prompt in a rotating order so that
 machine noise hits all of them alike:
 
 * ``target_only``       our cached decode loop, target writes every step; on a Reasoner with no
@@ -60,7 +61,7 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import UNVERIFIED_METHODS, Reasoner
-from dreamr_stream.tasks.grid.puzzles import Puzzle, make_puzzle, parse_answer, split_seed
+from dreamr_stream.tasks import DEFAULT_TASK, Task, TaskItem, TaskLike, as_task
 
 __all__ = ["ALL_METHODS", "BenchResult", "ideal_speedup", "run_bench"]
 
@@ -202,13 +203,16 @@ def run_bench(
     device: str = "cpu",
     tau: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    task: TaskLike = DEFAULT_TASK,
 ) -> BenchResult:
+    """Every method of ``methods`` on the first ``n`` test items of ``task`` (see the module)."""
     target = TransformersBackend.from_pretrained(target_dir, device=device, name="target")
     sft = TransformersBackend.from_pretrained(sft_dir, device=device, name="draft")
     sapo = TransformersBackend.from_pretrained(sapo_dir, device=device, name="draft") if sapo_dir else None
     # the target's recommended TBVM mode and tau (as `Reasoner.from_pretrained` uses); --tau overrides tau
-    verification = VerificationConfig.recommended(target.recommended_verification, tau=tau)
-    config = ReasonerConfig(verification=verification, cache=CacheConfig(enabled=False))
+    recommended = VerificationConfig.recommended(target.recommended_verification)
+    config = ReasonerConfig(verification=recommended, cache=CacheConfig(enabled=False)).override(tau=tau)
+    verification = config.verification
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
         raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
@@ -231,13 +235,12 @@ def run_bench(
                 if engine.draft not in processes:
                     processes[engine.draft] = ProcessBackend.from_pretrained(folder, device=device, name="draft")
                 backend = processes[engine.draft]
-        scheduling = config.scheduling.model_copy(update={"repair": engine.repair})
-        update: dict[str, Any] = {"scheduling": scheduling}
+        groups: dict[str, Any] = {}
         if engine.mode is not None:  # that mode at the target's tau for it
-            update["verification"] = VerificationConfig.recommended(target.recommended_verification, mode=engine.mode)
-        reasoners[engine] = Reasoner(target, backend, config=config.model_copy(update=update))
+            groups["verification"] = VerificationConfig.recommended(target.recommended_verification, mode=engine.mode)
+        reasoners[engine] = Reasoner(target, backend, config=config.override(repair=engine.repair, **groups))
     try:
-        return _measure(target, sft, sapo, reasoners, methods, config, n, device, progress)
+        return _measure(target, sft, sapo, reasoners, methods, config, n, device, progress, as_task(task))
     finally:
         for reasoner in reasoners.values():
             reasoner.close()
@@ -255,25 +258,27 @@ def _measure(
     n: int,
     device: str,
     progress: Callable[[int, int], None] | None,
+    task: Task,
 ) -> BenchResult:
     alone = reasoners[_ENGINE["target_only"]]
-    probe = make_puzzle(split_seed("val", 0))
+    probe = task.item("val", 0)
     # every torch call runs on a Reasoner's model threads, engine or not (see call_model)
-    costs = alone.call_model(measure_costs, target, sft, probe.image, probe.question.text())
+    costs = alone.call_model(measure_costs, target, sft, probe.image, probe.question)
     rows = {m: MethodRows(tbvm=_tbvm(_ENGINE[m], reasoners[_ENGINE[m]]) if m in _ENGINE else None) for m in methods}
     for engine, warm in reasoners.items():  # warm-up every path once
-        warm.invoke(probe.image, probe.question.text(), method=engine.method)  # type: ignore[arg-type]
+        warm.invoke(probe.image, probe.question, method=engine.method)  # type: ignore[arg-type]
     for i in range(n):
-        puzzle = make_puzzle(split_seed("test", i))
+        item = task.item("test", i)
         for m in methods[i % len(methods) :] + methods[: i % len(methods)]:  # rotating order
             if m in ("target_generate", "assisted"):
                 helper = (sapo or sft) if m == "assisted" else None
-                _run_generate(rows[m], alone, target, puzzle, helper)
+                _run_generate(rows[m], alone, target, item, helper, task)
             else:
-                _run_engine(rows[m], reasoners[_ENGINE[m]], _ENGINE[m], target, puzzle, count_all=m == "draft_only")
+                _run_engine(rows[m], reasoners[_ENGINE[m]], _ENGINE[m], target, item, count_all=m == "draft_only")
         if progress:
             progress(i + 1, n)
     cfg = {
+        "task": task.name,
         "n": n,
         "device": device,
         "verification": config.verification.model_dump(mode="json"),
@@ -293,27 +298,32 @@ def _tbvm(engine: _Engine, reasoner: Reasoner) -> str | None:
 
 
 def _run_generate(
-    row: MethodRows, alone: Reasoner, target: TransformersBackend, puzzle: Puzzle, helper: TransformersBackend | None
+    row: MethodRows,
+    alone: Reasoner,
+    target: TransformersBackend,
+    item: TaskItem,
+    helper: TransformersBackend | None,
+    task: Task,
 ) -> None:
     """One ``generate()`` run (assisted when ``helper`` is given), on the target-alone threads."""
     t = time.perf_counter()
-    text, tokens = alone.call_model(_generate_text, target, puzzle.image, puzzle.question.text(), helper)
+    text, tokens = alone.call_model(_generate_text, target, item.image, item.question, helper)
     row.wall.append(time.perf_counter() - t)
-    row.correct.append(parse_answer(text) == puzzle.answer)
+    row.correct.append(task.parse_answer(text) == item.answer)
     row.tokens += tokens
 
 
 def _run_engine(
-    row: MethodRows, reasoner: Reasoner, engine: _Engine, target: TransformersBackend, puzzle: Puzzle, count_all: bool
+    row: MethodRows, reasoner: Reasoner, engine: _Engine, target: TransformersBackend, item: TaskItem, count_all: bool
 ) -> None:
     """One request on the engine, on the Reasoner's own long-lived loop and worker threads, as in a
     service (a fresh anyio.run per request would also pay for new threads and their OpenMP teams).
     Tokens are the answer's (target tokens of its steps), or every token decoded with ``count_all``."""
-    r = reasoner.invoke(puzzle.image, puzzle.question.text(), method=engine.method)  # type: ignore[arg-type]
+    r = reasoner.invoke(item.image, item.question, method=engine.method)  # type: ignore[arg-type]
     s = r.stats
     row.wall.append(s.wall_s)
     row.first.append(s.time_to_first_step_s or s.wall_s)
-    row.correct.append(r.answer == str(puzzle.answer))
+    row.correct.append(r.answer == str(item.answer))
     row.judged += s.draft_steps_judged
     row.accepted += s.draft_steps_accepted
     row.steps += len(r.steps)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import anyio
 
 from dreamr_stream import Reasoner
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task
 
 
 async def main() -> None:
     reasoner = Reasoner.demo()
-    puzzle = make_puzzle(split_seed("test", 42))
-    async for event in reasoner.astream_events(puzzle.image, puzzle.question.text()):
+    puzzle = get_task("grid").item("test", 42)
+    async for event in reasoner.astream_events(puzzle.image, puzzle.question):
         if event.type == "finished":
             stats = event.result.stats
             print(f"answer {event.result.answer} (truth {puzzle.answer}); acceptance {stats.acceptance_rate}")

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from dreamr_stream import Reasoner
 from dreamr_stream.config import ReasonerConfig, VerificationConfig
-from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
+from dreamr_stream.tasks import get_task
 
 
 def main() -> None:
     reasoner = Reasoner.demo()
     config = ReasonerConfig(verification=reasoner.config.verification.model_copy(update={"tau": 20.0}))
     assert isinstance(config.verification, VerificationConfig)
-    puzzle = make_puzzle(split_seed("test", 3))
-    result = reasoner.invoke(puzzle.image, puzzle.question.text(), config=config)
+    puzzle = get_task("grid").item("test", 3)
+    result = reasoner.invoke(puzzle.image, puzzle.question, config=config)
     for step in result.steps:
         if step.rejected_draft is None:
             print(f"{step.index:2d} {step.source.value:6s} {step.text}")

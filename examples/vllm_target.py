@@ -18,14 +18,14 @@ import anyio
 from dreamr_vllm import VLLMServer, ensure_venv
 
 from dreamr_stream import Reasoner
-from dreamr_stream.tasks.grid.puzzles import Puzzle, make_puzzle, split_seed
+from dreamr_stream.tasks import TaskItem, get_task
 from dreamr_stream.zoo.shipped import demo_paths
 
 
-async def solve(reasoner: Reasoner, name: str, puzzle: Puzzle) -> None:
-    async for step in reasoner.astream(puzzle.image, puzzle.question.text()):
+async def solve(reasoner: Reasoner, name: str, puzzle: TaskItem) -> None:
+    async for step in reasoner.astream(puzzle.image, puzzle.question):
         print(f"[{name}] {step.index} {step.source.value:6} {step.text}")
-    result = await reasoner.ainvoke(puzzle.image, puzzle.question.text())  # cached now: instant
+    result = await reasoner.ainvoke(puzzle.image, puzzle.question)  # cached now: instant
     st = result.stats
     print(
         f"[{name}] answer {result.answer} (truth {puzzle.answer}); repaired {st.steps_repaired}, "
@@ -35,9 +35,10 @@ async def solve(reasoner: Reasoner, name: str, puzzle: Puzzle) -> None:
 
 async def main(url: str) -> None:
     reasoner = Reasoner.demo(target_url=url)
+    grid = get_task("grid")  # the demo models' task
     async with anyio.create_task_group() as tg:
         for i in range(2):  # a third at once would pass max_speculating (2): the target alone
-            tg.start_soon(solve, reasoner, f"q{i}", make_puzzle(split_seed("test", 100 + i)))
+            tg.start_soon(solve, reasoner, f"q{i}", grid.item("test", 100 + i))
 
 
 if __name__ == "__main__":

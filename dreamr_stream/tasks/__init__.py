@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.tasks.base import SPLITS, JudgeItem, Split, Task, TaskItem
@@ -19,10 +19,16 @@ __all__ = [
     "Split",
     "Task",
     "TaskItem",
+    "TaskLike",
+    "as_task",
     "get_task",
+    "items",
     "register_task",
     "task_names",
 ]
+
+# what a function that works on any task takes: the task itself, or its name
+TaskLike = Task | str
 
 DEFAULT_TASK = "grid"
 
@@ -62,3 +68,14 @@ def get_task(name: str = DEFAULT_TASK) -> Task:
             raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
         _LOADED[name] = factory()
     return _LOADED[name]
+
+
+def as_task(task: TaskLike = DEFAULT_TASK) -> Task:
+    """``task`` itself, or the registered task of that name (``get_task``)."""
+    return get_task(task) if isinstance(task, str) else task
+
+
+def items(task: TaskLike, split: Split, n: int, start: int = 0) -> Iterator[TaskItem]:
+    """Items ``start .. start + n - 1`` of ``split``, in order, each made when it is reached."""
+    chosen = as_task(task)
+    return (chosen.item(split, i) for i in range(start, start + n))

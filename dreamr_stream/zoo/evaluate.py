@@ -1,4 +1,5 @@
-"""Measure the demo models on held-out puzzles, through the real engine paths.
+"""Measure the demo models on held-out puzzles of a task (the grid task's unless told), through
+the real engine paths.
 
 * final-answer accuracy of a method (target-only, draft-only, FPSR, ...) on a split;
 * TBVM step acceptance of a draft (FPSR stats: accepted / judged);
@@ -26,7 +27,7 @@ from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import UNVERIFIED_METHODS, Method, Reasoner
 from dreamr_stream.sapo.acceptance import acceptance_of, scored_greedy_steps, verdicts_of
 from dreamr_stream.sapo.prompts import TrajectoryCache
-from dreamr_stream.tasks.grid.puzzles import Split, make_puzzle, parse_answer, split_seed
+from dreamr_stream.tasks import DEFAULT_TASK, Split, Task, TaskLike, as_task, get_task, items
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.prompts import task_prompts
 from dreamr_stream.zoo.tbvm_eval import MODES, Labelled, judge_set_scored, labelled_steps, tbvm_report
@@ -47,19 +48,18 @@ class MethodReport:
     wrong: list[int] = field(default_factory=list)
 
 
-async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, start: int = 0) -> MethodReport:
+async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, task: Task) -> MethodReport:
     correct = judged = accepted = steps = 0
     wall = 0.0
     draft_words = draft_steps = 0
     wrong = []
-    for i in range(start, start + n):
-        puzzle = make_puzzle(split_seed(split, i), hard=split == "hard")
-        result = await reasoner.ainvoke(puzzle.image, puzzle.question.text(), method=method)
-        got = parse_answer(result.steps[-1].text) if result.steps else None
-        if got == puzzle.answer:
+    for item in items(task, split, n):
+        result = await reasoner.ainvoke(item.image, item.question, method=method)
+        got = task.parse_answer(result.steps[-1].text) if result.steps else None
+        if got == item.answer:
             correct += 1
         else:
-            wrong.append(i)
+            wrong.append(item.index)
         judged += result.stats.draft_steps_judged
         accepted += result.stats.draft_steps_accepted
         steps += len(result.steps)
@@ -81,8 +81,11 @@ async def _method(reasoner: Reasoner, method: Method, split: Split, n: int, star
     )
 
 
-def evaluate_method(reasoner: Reasoner, method: Method, split: Split = "test", n: int = 100) -> MethodReport:
-    return anyio.run(_method, reasoner, method, split, n)
+def evaluate_method(
+    reasoner: Reasoner, method: Method, split: Split = "test", n: int = 100, *, task: TaskLike = DEFAULT_TASK
+) -> MethodReport:
+    """``method`` on the first ``n`` items of ``split`` of ``task``, answers read by the task."""
+    return anyio.run(_method, reasoner, method, split, n, as_task(task))
 
 
 def evaluate_tbvm(sets: Mapping[str, Sequence[Labelled]], taus: Mapping[str, float]) -> dict[str, dict[str, object]]:
@@ -91,21 +94,33 @@ def evaluate_tbvm(sets: Mapping[str, Sequence[Labelled]], taus: Mapping[str, flo
 
 
 def evaluate_prefixes(
-    target: TransformersBackend, draft: TransformersBackend, verification: VerificationConfig, split: Split, n: int
+    target: TransformersBackend,
+    draft: TransformersBackend,
+    verification: VerificationConfig,
+    split: Split,
+    n: int,
+    *,
+    task: TaskLike = DEFAULT_TASK,
 ) -> tuple[dict[str, float], list[Labelled]]:
     """The draft's greedy step at every prefix of the target's own trajectories on ``n`` puzzles
     (the same prefixes for every draft, so two drafts compare step for step), scored once with
     the judge suffix, so that every TBVM mode reads the same forward: TBVM acceptance as
     ``verification`` with the draft's and the target's mean step lengths there
     (``acceptance_of``), and the steps labelled for ``evaluate_tbvm``."""
-    prompts = task_prompts(target, TrajectoryCache(), split, n)
+    prompts = task_prompts(target, TrajectoryCache(), split, n, task=task)
     steps = list(scored_greedy_steps(target, draft, prompts, judge=True))
     verdicts = verdicts_of(steps, draft, make_verifier(verification))
     return {"puzzles": n, **acceptance_of(verdicts, prompts, draft)}, labelled_steps(steps, prompts)
 
 
 def _run_methods(
-    reasoner: Reasoner, verification: VerificationConfig, methods: list[str], split: Split, n: int, suffix: str
+    reasoner: Reasoner,
+    verification: VerificationConfig,
+    methods: list[str],
+    split: Split,
+    n: int,
+    suffix: str,
+    task: Task,
 ) -> dict[str, object]:
     """``methods`` on a Reasoner of ``reasoner``'s models with TBVM as ``verification`` (with a
     ``suffix``, only those that verify)."""
@@ -117,7 +132,7 @@ def _run_methods(
         for method in methods:
             if suffix and method in UNVERIFIED_METHODS:  # one run, in the recommended mode
                 continue
-            r = evaluate_method(run, method, split, n)  # type: ignore[arg-type]
+            r = evaluate_method(run, method, split, n, task=task)  # type: ignore[arg-type]
             out[method + suffix] = asdict(r)
             print(json.dumps({k: v for k, v in asdict(r).items() if k != "wrong"}))
     finally:
@@ -131,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate demo models on held-out puzzles.")
     parser.add_argument("--target", type=Path, required=True)
     parser.add_argument("--draft", type=Path)
+    parser.add_argument("--task", default=DEFAULT_TASK, help="the task whose items to evaluate on")
     parser.add_argument("--methods", default="target_only", help="comma-separated methods (may be empty)")
     parser.add_argument("--split", default="test")
     parser.add_argument("-n", type=int, default=100)
@@ -151,9 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("tau", args.tau), ("mode", args.verify)) if v is not None}
+    task = get_task(args.task)
     report: dict[str, object] = {
         "command": shlex.join(["dreamr", "zoo", "eval", *argv]),
         "date": date.today().isoformat(),
+        "task": task.name,
         "split": args.split,
         "models": {"target": str(args.target), "draft": str(args.draft) if args.draft else None},
     }
@@ -168,14 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     per_mode[verification.mode] = verification
     methods = [m for m in args.methods.split(",") if m]
     for mode, v in per_mode.items():
-        report.update(_run_methods(reasoner, v, methods, args.split, args.n, "" if v is verification else f"_{mode}"))
+        suffix = "" if v is verification else f"_{mode}"
+        report.update(_run_methods(reasoner, v, methods, args.split, args.n, suffix, task))
     sets: dict[str, list[Labelled]] = {}
     if args.judge_n:
-        sets["judge_set"] = judge_set_scored(target, args.split, args.judge_n)
+        sets["judge_set"] = judge_set_scored(target, args.split, args.judge_n, task=task)
     if args.prefixes and args.draft:
         draft = TransformersBackend.from_pretrained(args.draft, device="cpu", name="draft")
         report["prefixes"], sets["draft_steps"] = evaluate_prefixes(
-            target, draft, verification, args.split, args.prefixes
+            target, draft, verification, args.split, args.prefixes, task=task
         )
         print(json.dumps(report["prefixes"]))
     if sets:

@@ -1,8 +1,10 @@
-"""SAPO's prompts on the demo task: puzzles of a split with the target's greedy trajectories.
+"""SAPO's prompts on a task (the grid task's unless told): items of a split with the target's
+greedy trajectories.
 
 ``demo_prompts`` is the ``PromptSource`` ``dreamr sapo train`` uses without a log: rollout groups
 drawn from the train split (each trajectory computed on first draw and cached in the run
-folder), validation on the val split.
+folder), validation on the val split. A trajectory's cache key is ``<split>:<index>`` (a run
+folder holds one task's trajectories).
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from dreamr_stream.sapo.config import DEFAULT_GENERATION
 from dreamr_stream.sapo.prompts import PromptSource, SapoPrompts, TrajectoryCache
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trajectories import greedy_writes, target_trajectory
-from dreamr_stream.tasks.grid.puzzles import Puzzle, Split, make_puzzle, split_seed
+from dreamr_stream.tasks import DEFAULT_TASK, Split, TaskItem, TaskLike, as_task
 
 __all__ = ["TaskPrompts", "demo_prompts", "task_prompt", "task_prompts"]
 
 
-def _trajectory(target: TransformersBackend, puzzle: Puzzle, gen: GenerationConfig) -> list[str]:
+def _trajectory(target: TransformersBackend, item: TaskItem, gen: GenerationConfig) -> list[str]:
     """The target's greedy trajectory: the reference solution where one forward shows the
     target writes exactly that, else decoded step by step."""
-    image, question, reference = puzzle.image, puzzle.question.text(), puzzle.steps()
+    image, question, reference = item.image, item.question, list(item.steps)
     if greedy_writes(target, image, question, reference, gen=gen):
         return reference
     return target_trajectory(target, image, question, gen=gen)
@@ -38,12 +40,13 @@ def task_prompt(
     i: int,
     *,
     gen: GenerationConfig = DEFAULT_GENERATION,
+    task: TaskLike = DEFAULT_TASK,
 ) -> RolloutPrompt:
-    """Puzzle ``i`` of a task split with the target's trajectory (from ``cache`` if there)."""
-    puzzle = make_puzzle(split_seed(split, i), hard=split == "hard")
+    """Item ``i`` of a task split with the target's trajectory (from ``cache`` if there)."""
+    item = as_task(task).item(split, i)
     key = f"{split}:{i}"
-    steps = cache.get(key, partial(_trajectory, target, puzzle, gen))
-    return RolloutPrompt(puzzle.image, puzzle.question.text(), steps, key=key)
+    steps = cache.get(key, partial(_trajectory, target, item, gen))
+    return RolloutPrompt(item.image, item.question, steps, key=key)
 
 
 def task_prompts(
@@ -54,19 +57,28 @@ def task_prompts(
     start: int = 0,
     *,
     gen: GenerationConfig = DEFAULT_GENERATION,
+    task: TaskLike = DEFAULT_TASK,
 ) -> list[RolloutPrompt]:
-    """Puzzles ``start .. start + n - 1`` of a task split with the target's trajectories."""
-    return [task_prompt(target, cache, split, i, gen=gen) for i in range(start, start + n)]
+    """Items ``start .. start + n - 1`` of a task split with the target's trajectories."""
+    chosen = as_task(task)
+    return [task_prompt(target, cache, split, i, gen=gen, task=chosen) for i in range(start, start + n)]
 
 
 class TaskPrompts(Sequence[RolloutPrompt]):
-    """The first ``n`` puzzles of a split as a sequence whose items are computed on first access:
-    SAPO draws from thousands of puzzles and needs the target's trajectory only of those drawn."""
+    """The first ``n`` items of a split as a sequence whose prompts are computed on first access:
+    SAPO draws from thousands of items and needs the target's trajectory only of those drawn."""
 
     def __init__(
-        self, target: TransformersBackend, cache: TrajectoryCache, split: Split, n: int, gen: GenerationConfig
+        self,
+        target: TransformersBackend,
+        cache: TrajectoryCache,
+        split: Split,
+        n: int,
+        gen: GenerationConfig,
+        task: TaskLike = DEFAULT_TASK,
     ) -> None:
         self.target, self.cache, self.split, self.n, self.gen = target, cache, split, n, gen
+        self.task = as_task(task)
         self.items: dict[int, RolloutPrompt] = {}
 
     def __len__(self) -> int:
@@ -84,17 +96,21 @@ class TaskPrompts(Sequence[RolloutPrompt]):
         if not 0 <= i < self.n:
             raise IndexError(i)
         if i not in self.items:
-            self.items[i] = task_prompt(self.target, self.cache, self.split, i, gen=self.gen)
+            self.items[i] = task_prompt(self.target, self.cache, self.split, i, gen=self.gen, task=self.task)
         return self.items[i]
 
 
-def demo_prompts(pool: int, val: int, gen: GenerationConfig = DEFAULT_GENERATION) -> PromptSource:
-    """The demo task's source: the first ``pool`` train puzzles to draw from, the first ``val``
-    val puzzles to validate on."""
+def demo_prompts(
+    pool: int, val: int, gen: GenerationConfig = DEFAULT_GENERATION, *, task: TaskLike = DEFAULT_TASK
+) -> PromptSource:
+    """A task's source: the first ``pool`` train items to draw from, the first ``val`` val items
+    to validate on."""
+    chosen = as_task(task)
 
     def source(target: TransformersBackend, cache: TrajectoryCache) -> SapoPrompts:
         return SapoPrompts(
-            train=TaskPrompts(target, cache, "train", pool, gen), val=task_prompts(target, cache, "val", val, gen=gen)
+            train=TaskPrompts(target, cache, "train", pool, gen, chosen),
+            val=task_prompts(target, cache, "val", val, gen=gen, task=chosen),
         )
 
     return source

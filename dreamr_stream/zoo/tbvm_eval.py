@@ -3,7 +3,8 @@
 Two sets of labelled candidate steps:
 
 * the judge set: after a correct prefix, the reference step (right) or a corruption of it
-  (``task.make_judge_item``: misread cell, wrong mark, wrong totals, wrong arithmetic, wrong answer);
+  (``Task.judge_item``; the grid task's: misread cell, wrong mark, wrong totals, wrong arithmetic,
+  wrong answer);
 * the drafts' real steps: at every prefix of the target's own greedy trajectory, a draft's greedy
   step, right iff it is the target's own step there ("the target would have written this"): what
   TBVM decides in FPSR.
@@ -27,7 +28,7 @@ from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.sapo.acceptance import ScoredStep, scored_greedy_steps
 from dreamr_stream.sapo.rollouts import RolloutPrompt
-from dreamr_stream.tasks.grid.puzzles import Split, make_judge_item, make_puzzle, split_seed
+from dreamr_stream.tasks import DEFAULT_TASK, Split, TaskLike, as_task, get_task
 from dreamr_stream.verify import make_verifier
 from dreamr_stream.zoo.data import STEP_DELIMITER
 
@@ -86,14 +87,16 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def judge_set_scored(target: TransformersBackend, split: Split = "test", n: int = 200, seed: int = 0) -> list[Labelled]:
-    """The judge set's items (puzzles ``10_000 + i`` of ``split``), scored by the target."""
+def judge_set_scored(
+    target: TransformersBackend, split: Split = "test", n: int = 200, seed: int = 0, *, task: TaskLike = DEFAULT_TASK
+) -> list[Labelled]:
+    """The judge set's items (from items ``10_000 + i`` of ``split`` of ``task``), scored by the target."""
+    chosen = as_task(task)
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        puzzle = make_puzzle(split_seed(split, 10_000 + i))
-        item = make_judge_item(puzzle, rng)
-        session = target.open_session(puzzle.image, puzzle.question.text())
+        item = chosen.judge_item(chosen.item(split, 10_000 + i), rng)
+        session = target.open_session(item.item.image, item.item.question)
         try:
             for step in item.prefix:
                 target.append(session, step, stop=STEP_DELIMITER)
@@ -165,21 +168,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Choose TBVM's tau in each mode on labelled steps of one split.")
     parser.add_argument("--target", type=Path, required=True)
     parser.add_argument("--draft", type=Path, action="append", default=[], help="a draft folder (repeatable)")
+    parser.add_argument("--task", default=DEFAULT_TASK, help="the task whose items to judge")
     parser.add_argument("--split", default="val", help="choose on this split, report the test split elsewhere")
     parser.add_argument("--judge-n", type=int, default=300)
     parser.add_argument("--prefixes", type=int, default=50, help="puzzles whose every prefix a draft writes a step at")
     parser.add_argument("--json", type=Path)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    task = get_task(args.task)
     target = TransformersBackend.from_pretrained(args.target, device="cpu", name="target")
-    items = judge_set_scored(target, args.split, args.judge_n)
-    prompts = task_prompts(target, TrajectoryCache(), args.split, args.prefixes)
+    items = judge_set_scored(target, args.split, args.judge_n, task=task)
+    prompts = task_prompts(target, TrajectoryCache(), args.split, args.prefixes, task=task)
     for folder in args.draft:
         draft = TransformersBackend.from_pretrained(folder, device="cpu", name=folder.name)
         items += draft_steps_scored(target, draft, prompts)
     report: dict[str, object] = {
         "command": shlex.join(["dreamr", "zoo", "tbvm", *argv]),
         "date": date.today().isoformat(),
+        "task": task.name,
         "split": args.split,
         "items": len(items),
     }

@@ -1,4 +1,5 @@
-"""FPSR over a served target against the target served alone, on demo puzzles, at given loads.
+"""FPSR over a served target against the target served alone, on a task's test items (the grid
+task's unless told), at given loads.
 
 Per concurrency level ``C``, each round runs every puzzle once per method with ``C`` requests
 in flight (a semaphore); methods alternate round by round so that drift hits both. Reported per
@@ -20,7 +21,7 @@ import anyio
 
 from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.reasoner import Method, Reasoner
-from dreamr_stream.tasks.grid.puzzles import Puzzle, make_puzzle, split_seed
+from dreamr_stream.tasks import DEFAULT_TASK, TaskItem, TaskLike, items
 from dreamr_stream.types import ReasoningResult
 
 __all__ = ["METHODS", "Level", "run_levels", "to_markdown"]
@@ -44,15 +45,15 @@ class Level:
 
 
 async def _round(
-    reasoners: dict[str, Reasoner], puzzles: list[Puzzle], method: Method, level: Level, config: ReasonerConfig
+    reasoners: dict[str, Reasoner], puzzles: list[TaskItem], method: Method, level: Level, config: ReasonerConfig
 ) -> None:
     reasoner = reasoners[method]
     gate = anyio.Semaphore(level.concurrency)
 
-    async def one(i: int, p: Puzzle) -> None:
+    async def one(i: int, p: TaskItem) -> None:
         async with gate:
             t0 = time.perf_counter()
-            result: ReasoningResult = await reasoner.ainvoke(p.image, p.question.text(), method=method, config=config)
+            result: ReasoningResult = await reasoner.ainvoke(p.image, p.question, method=method, config=config)
             level.latency[method].setdefault(i, []).append(time.perf_counter() - t0)
         level.answered[method] += 1
         level.correct[method] += result.answer is not None and result.answer.strip() == str(p.answer)
@@ -123,11 +124,13 @@ async def run_levels(
     rounds: int,
     seed0: int = 0,
     report: Callable[[dict[str, Any]], None] | None = None,
+    task: TaskLike = DEFAULT_TASK,
 ) -> list[dict[str, Any]]:
-    """``reasoners``: the Reasoner for each method (``target_only``, ``fpsr``); they may be one."""
-    cases = [make_puzzle(split_seed("test", seed0 + i)) for i in range(puzzles)]
+    """``reasoners``: the Reasoner for each method (``target_only``, ``fpsr``); they may be one.
+    The puzzles are test items ``seed0 .. seed0 + puzzles - 1`` of ``task``."""
+    cases = list(items(task, "test", puzzles, start=seed0))
     for m in METHODS:  # warm both paths (the server's caches, the draft's first call)
-        await reasoners[m].ainvoke(cases[0].image, cases[0].question.text(), method=m, config=config)
+        await reasoners[m].ainvoke(cases[0].image, cases[0].question, method=m, config=config)
     rows = []
     for c in concurrency:
         level = Level(c)

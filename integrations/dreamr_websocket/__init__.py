@@ -6,7 +6,8 @@ One port serves everything (``websockets``' asyncio server, plain HTTP through
 =================  ==========================================================================
 ``GET /``          the live page (plain HTML/CSS/JS shipped in the package; no build step)
 ``GET /ws``        the WebSocket stream (token and Origin checked at the handshake)
-``GET /puzzle``    a fresh demo puzzle: ``{seed, image (data URL), question, answer}``
+``GET /puzzle``    a task's test item (``?task=grid&seed=7``; random seed unless given):
+                   ``{task, seed, image (data URL), question, answer}``
 ``GET /stats``     server state: active, queued, in-flight model calls, totals (``ServerStats``)
 ``GET /schema.json`` the protocol's JSON Schema (also committed as ``schema/protocol-v1.json``)
 =================  ==========================================================================

@@ -1,5 +1,8 @@
 """Plain HTTP beside the WebSocket on the same port: the page, a demo puzzle, stats, the schema.
 
+The demo puzzle is an item of a task's test split (``GET /puzzle?task=NAME&seed=N``; the grid
+task's and a random seed unless told), so that a second task needs no change here.
+
 Why on one port: the page connects back to the origin it came from, so no CORS and one
 Origin rule. Only a fixed table of static files is served (a client never names a path),
 and the handshake gates live here as pure functions of the request, so they are easy to test:
@@ -26,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from dreamr_stream.errors import ConfigError
+from dreamr_stream.tasks import DEFAULT_TASK, TaskLike, as_task
 from dreamr_websocket.settings import LOOPBACK_HOSTS, ServerSettings
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "host_allowed",
     "json_response",
     "origin_allowed",
+    "puzzle_response",
     "query",
     "response",
     "static_file",
@@ -54,10 +60,11 @@ _CSP = (
 
 
 class DemoPuzzle(BaseModel):
-    """``GET /puzzle``: a fresh demo-task image with its question and known answer."""
+    """``GET /puzzle``: a fresh image of a task with its question and known answer."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    seed: int
+    task: str = Field(description="the task's name")
+    seed: int = Field(description="the item's index in the task's test split")
     image: str = Field(description="data:image/png;base64,...")
     question: str
     answer: str
@@ -138,15 +145,35 @@ def origin_allowed(request: Request, settings: ServerSettings) -> bool:
     return bool(host) and origin in (f"http://{host}", f"https://{host}") and host_allowed(request, settings)
 
 
-def demo_puzzle(seed: int | None = None) -> DemoPuzzle:
-    """A demo puzzle from the core's task (a random one unless ``seed`` is given)."""
-    from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
-
+def demo_puzzle(seed: int | None = None, *, task: TaskLike = DEFAULT_TASK) -> DemoPuzzle:
+    """Item ``seed`` of ``task``'s test split (a random one unless ``seed`` is given)."""
+    chosen = as_task(task)
     seed = secrets.randbelow(10**6) if seed is None else seed
-    puzzle = make_puzzle(split_seed("test", seed))
+    item = chosen.item("test", seed)
     buf = io.BytesIO()
-    puzzle.image.save(buf, format="PNG")
+    item.image.save(buf, format="PNG")
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return DemoPuzzle(
-        seed=seed, image=f"data:image/png;base64,{data}", question=puzzle.question.text(), answer=str(puzzle.answer)
+        task=chosen.name,
+        seed=seed,
+        image=f"data:image/png;base64,{data}",
+        question=item.question,
+        answer=str(item.answer),
     )
+
+
+def _bad_request(message: str) -> Response:
+    return response(HTTPStatus.BAD_REQUEST, f"{message}\n".encode(), "text/plain; charset=utf-8")
+
+
+def puzzle_response(request: Request) -> Response:
+    """``GET /puzzle[?task=NAME][&seed=N]``: ``demo_puzzle``'s JSON, or 400 naming what is wrong."""
+    params = query(request)
+    seed = params.get("seed")
+    if seed is not None and not (seed.isdigit() and len(seed) <= 9):
+        return _bad_request("seed must be a non-negative integer")
+    try:
+        puzzle = demo_puzzle(int(seed) if seed is not None else None, task=params.get("task", DEFAULT_TASK))
+    except ConfigError as e:  # an unknown task: the message names the known ones
+        return _bad_request(str(e))
+    return json_response(puzzle)

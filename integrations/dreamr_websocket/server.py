@@ -178,10 +178,7 @@ class DreamrServer:
             return routes.json_response(self.stats())
         if path == "/schema.json":
             return routes.json_response(protocol_schema())
-        seed = routes.query(request).get("seed")
-        if seed is not None and not (seed.isdigit() and len(seed) <= 9):
-            return connection.respond(HTTPStatus.BAD_REQUEST, "seed must be a non-negative integer\n")
-        return routes.json_response(routes.demo_puzzle(int(seed) if seed is not None else None))
+        return routes.puzzle_response(request)
 
     async def handle(self, ws: ServerConnection) -> None:
         """Serve one connection to its end (a subclass may wrap it: count it, or turn it away)."""
