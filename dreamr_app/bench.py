@@ -33,6 +33,7 @@ def served(args: argparse.Namespace) -> int:
             puzzles=args.n,
             concurrency=concurrency,
             rounds=args.rounds,
+            task=args.task,
         )
     )
     meta = {"command": "dreamr bench " + " ".join(sys.argv[2:]), "when": time.strftime("%Y-%m-%d")}
@@ -73,6 +74,7 @@ def local(args: argparse.Namespace) -> int:
             methods=methods,
             device=args.device,
             tau=args.tau,
+            task=args.task,
             progress=lambda i, n: bar.update(task, completed=i),
         )
     save(result, Path(args.out), args.tag or args.device)

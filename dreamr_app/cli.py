@@ -12,7 +12,16 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
-from dreamr_app.common import EXIT_FAILED, EXIT_USAGE, UsageError, adapter, add_model_flags, exit_now, quiet_libraries
+from dreamr_app.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    adapter,
+    add_model_flags,
+    add_task_flag,
+    exit_now,
+    quiet_libraries,
+)
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -107,6 +116,7 @@ def _add_reason(sub: Subparsers) -> None:
     r.add_argument("--random", action="store_true", help="a fresh demo puzzle (image saved to ./dreamr-puzzle.png)")
     r.add_argument("--seed", type=int, help="puzzle seed for --random")
     r.add_argument("--save-image", help="where --random saves its image")
+    add_task_flag(r)
     r.add_argument("--events", action="store_true", help="also show drafts, rejections and verdicts")
     r.add_argument("--method", default="fpsr", choices=["fpsr", "sequential", "target_only", "draft_only"])
     r.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")
@@ -153,6 +163,7 @@ def _add_sapo(sub: Subparsers) -> None:
     s.add_argument("--from-log", help="read rollout prompts from a Redis trajectory log (redis://...)")
     s.add_argument("--prefix", default="dreamr:", help="key prefix of that trajectory store")
     s.add_argument("--log-limit", type=int, default=10_000)
+    add_task_flag(s)
     s.set_defaults(fn=_sapo)
 
 
@@ -173,6 +184,7 @@ def _add_bench(sub: Subparsers) -> None:
     b.add_argument("--demo-draft", help="with --target-url: which shipped draft (default: sapo if shipped)")
     b.add_argument("--concurrency", default="1", help="with --target-url: requests in flight, e.g. 1,16")
     b.add_argument("--rounds", type=int, default=2, help="with --target-url: rounds per method and load")
+    add_task_flag(b)
     b.set_defaults(fn=_bench)
 
 

@@ -32,10 +32,12 @@ __all__ = [
     "UsageError",
     "adapter",
     "add_model_flags",
+    "add_task_flag",
     "check_device",
     "exit_now",
     "load_reasoner",
     "quiet_libraries",
+    "task_name",
     "uses_demo_models",
 ]
 
@@ -68,6 +70,22 @@ def quiet_libraries() -> None:
     # no "Loading weights" bars in a CLI; by environment, so that importing transformers waits
     # until a model is loaded (input errors come first) and the draft's child process inherits it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def task_name(name: str) -> str:
+    """``--task``'s value: a known task's name (a usage error naming the known ones otherwise)."""
+    from dreamr_stream.tasks import task_names
+
+    if name not in task_names():
+        raise argparse.ArgumentTypeError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    return name
+
+
+def add_task_flag(p: argparse.ArgumentParser) -> None:
+    """``--task``: which task's items a command draws (``dreamr_stream.tasks``; default: the grid task)."""
+    p.add_argument(
+        "--task", type=task_name, default="grid", help="the task whose items it draws (default: grid, the demo task)"
+    )
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

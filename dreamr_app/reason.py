@@ -94,7 +94,7 @@ def random_request(args: argparse.Namespace, console: Console) -> Request:
     from dreamr_stream.tasks import get_task
 
     seed = args.seed if args.seed is not None else random.randrange(10**6)
-    item = get_task().item("test", seed)
+    item = get_task(args.task).item("test", seed)
     saved = Path(args.save_image or "dreamr-puzzle.png")
     item.image.save(saved)
     console.print(f"[dim]puzzle test#{seed} saved to {saved}[/dim]")
@@ -251,7 +251,7 @@ def warn(args: argparse.Namespace, request: Request, console: Console) -> None:
     if uses_demo_models(args):
         from dreamr_stream.tasks import get_task
 
-        for warning in get_task().off_task_warnings(request.image, request.question):
+        for warning in get_task(args.task).off_task_warnings(request.image, request.question):
             console.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
 
 

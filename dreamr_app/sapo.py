@@ -43,7 +43,7 @@ def train(args: argparse.Namespace) -> int:
     paths = demo_paths("sft") if not (args.target and args.draft) else None
     target = Path(args.target) if args.target else paths.target  # type: ignore[union-attr]
     draft = Path(args.draft) if args.draft else paths.draft  # type: ignore[union-attr]
-    source = demo_prompts(cfg.pool, cfg.eval_prompts, cfg.generation)
+    source = demo_prompts(cfg.pool, cfg.eval_prompts, cfg.generation, task=args.task)
     if args.from_log:
         prompts = _prompts_from_log(args)
         if not prompts:

@@ -70,6 +70,16 @@ def test_bad_input_is_one_line_before_any_model(
     assert "BytesIO" not in err and "Traceback" not in err
 
 
+def test_an_unknown_task_is_a_usage_error_naming_the_known_ones(
+    no_models: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(["--random", "--task", "nope", "--no-daemon"], capsys)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'nope'; known tasks: " in err and "grid" in err
+
+
 def test_cuda_without_cuda_is_one_line(
     tmp_path: Path, no_models: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
