@@ -15,7 +15,8 @@ from PIL import Image
 
 from dreamr_stream.backends import registry
 from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend
-from dreamr_stream.config import SERVED_TARGET_SPECULATING, ReasonerConfig, VerificationConfig
+from dreamr_stream.backends.loading import demo_sources, load_pair
+from dreamr_stream.config import SERVED_TARGET_SPECULATING, ReasonerConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
 from dreamr_stream.engine.owner import LoopBackend, OwnerLoop
@@ -69,45 +70,6 @@ def _is_terminal(event: Event) -> bool:
     return isinstance(event, (FinishedEvent, FailedEvent))
 
 
-def _is_url(path: str | Path) -> bool:
-    return isinstance(path, str) and path.startswith(("http://", "https://"))
-
-
-def _device(device: str) -> str:
-    """``device`` with ``auto`` resolved; imports torch only for ``auto`` (a child process can
-    start before this process's heavy imports)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _with_stand_in(draft: str | Path, device: str) -> Any:
-    """The draft in its own process, served from a copy loaded here until that process is ready.
-
-    The process starts after this one has loaded, not beside it: with the stand-in nothing waits
-    for it, and on a busy machine two imports of torch and transformers at once took 13 s each
-    against 7 s alone, so starting it earlier delayed the first request by the child's import.
-    """
-    from dreamr_stream.backends.hf import TransformersBackend
-    from dreamr_stream.backends.process import ProcessBackend
-
-    stand_in = TransformersBackend.from_pretrained(draft, device=device, name="draft")
-    backend = ProcessBackend.from_pretrained(draft, device=device, name="draft", wait=False)
-    backend.use_stand_in(stand_in)
-    return backend
-
-
-def _served(url: str, *, name: str, settings_from: str | Path | None) -> AsyncModelBackend[Any]:
-    """A backend for a model served by vLLM at ``url``."""
-    try:
-        from dreamr_vllm import VLLMBackend
-    except ImportError as e:  # httpx missing
-        raise ConfigError(f"serving {name} from {url} needs the vllm extra: pip install 'dreamr-stream[vllm]'") from e
-    return VLLMBackend.connect(url, name=name, settings_from=settings_from)
-
-
 class Reasoner:
     """Multimodal speculative reasoning over a target and a draft backend.
 
@@ -144,7 +106,11 @@ class Reasoner:
         they load belongs to the Reasoner. False: the backends belong to the caller, who may
         share them between Reasoners, and ``close()`` leaves them as they are."""
         self.config = config or ReasonerConfig()
-        t_threads, d_threads = _split(target, draft) if split_threads else (None, None)
+        t_threads, d_threads = (
+            _split(registry.capabilities_of(target), registry.capabilities_of(draft) if draft is not None else None)
+            if split_threads
+            else (None, None)
+        )
         self.target = ModelRunner(target, "target", t_threads)
         self.draft = ModelRunner(draft, "draft", d_threads) if draft is not None else None
         self.store = store if store is not None else MemoryTrajectoryStore()
@@ -169,8 +135,9 @@ class Reasoner:
     ) -> Reasoner:
         """Load local model folders (no downloads) into transformers backends, or reach models
         served by vLLM: a ``target`` or ``draft`` that is a URL (``http://host:8000/v1``) is
-        driven over the server's OpenAI-compatible API (``dreamr_vllm``). The Reasoner owns
-        what it loads: ``close()`` releases it.
+        driven over the server's OpenAI-compatible API (``backends.vllm``; nothing connects
+        before the first request). Each is opened by ``backends.registry.open`` and loaded by
+        ``backends.loading.load_pair``. The Reasoner owns what it loads: ``close()`` releases it.
 
         ``draft_process``: serve a local draft from its own process (``ProcessBackend``), so that
         its calls overlap the target's instead of waiting for this process's GIL; default: on
@@ -181,40 +148,22 @@ class Reasoner:
         before returning. For interactive use (``dreamr reason``): a benchmark that times the
         first requests would time the stand-in.
         ``settings_from``: a local folder whose ``dreamr.json`` (judge template, recommended
-        verification) applies to a served target (a local target folder has its own)."""
-        from dreamr_stream.backends.process import ProcessBackend
-
-        dev = _device(device)
-        local_draft = draft is not None and not _is_url(draft)
-        separate = local_draft and (draft_process if draft_process is not None else dev.startswith("cpu"))
-        d: ModelBackend[Any] | AsyncModelBackend[Any] | None = None
-        if draft is not None and _is_url(draft):
-            d = _served(str(draft), name="draft", settings_from=None)
-        elif draft is not None and separate and not draft_stand_in:
-            # started before torch and transformers are imported here: the child imports them
-            # beside this process, and loads while the target loads
-            d = ProcessBackend.from_pretrained(draft, device=dev, name="draft", wait=False)
-        try:
-            from dreamr_stream.backends.hf import TransformersBackend
-
-            t: Any
-            if _is_url(target):
-                t = _served(str(target), name="target", settings_from=settings_from)
-            else:
-                t = TransformersBackend.from_pretrained(target, device=dev, name="target")
-            if draft is not None and separate and draft_stand_in:
-                d = _with_stand_in(draft, dev)
-            elif isinstance(d, ProcessBackend):
-                d.ready()
-        except BaseException:
-            if isinstance(d, ProcessBackend):  # no orphan child when the target fails to load
-                d.shutdown()
-            raise
-        if draft is not None and d is None:
-            d = TransformersBackend.from_pretrained(draft, device=dev, name="draft")
-        if config is None and t.recommended_verification:  # the target knows how it judges best
-            config = ReasonerConfig(verification=VerificationConfig.recommended(t.recommended_verification))
-        return cls(t, d, config=config, owns_backends=True)
+        verification, task) applies to a served target (a local target folder has its own).
+        Without a ``config``, the target's recommended verification applies."""
+        models = load_pair(
+            target,
+            draft,
+            device=device,
+            draft_process=draft_process,
+            draft_stand_in=draft_stand_in,
+            settings_from=settings_from,
+        )
+        return cls(
+            models.target,
+            models.draft,
+            config=config if config is not None else models.recommended_config(),
+            owns_backends=True,
+        )
 
     @classmethod
     def demo(
@@ -232,20 +181,23 @@ class Reasoner:
         or ``sapo``; default: the SAPO draft when it ships); ``draft_process`` and
         ``draft_stand_in`` as in ``from_pretrained``. ``target_url`` / ``draft_url``: the same models served by vLLM
         (``python -m dreamr_vllm``), reached over HTTP."""
-        from dreamr_stream.zoo.shipped import demo_paths
-
-        paths = demo_paths(draft)
+        shipped = demo_sources(draft, target_url=target_url, draft_url=draft_url)
         return cls.from_pretrained(
-            target=target_url or paths.target,
-            draft=draft_url or paths.draft,
+            target=shipped.target,
+            draft=shipped.draft,
             config=config,
             device=device,
             draft_process=draft_process,
             draft_stand_in=draft_stand_in,
-            settings_from=paths.target,
+            settings_from=shipped.settings_from,
         )
 
     # ------------------------------------------------------------------ state
+    @property
+    def task(self) -> str | None:
+        """The task the target was trained on (its ``dreamr.json`` "task"); None when unknown."""
+        return self.target.capabilities.task
+
     @property
     def in_flight(self) -> int:
         """Model calls running in worker threads right now (all requests)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from dreamr_stream.backends import registry
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend, RemoteSession
 from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig, VerificationConfig
@@ -132,6 +133,21 @@ def test_a_replacement_that_cannot_load_backs_off(tmp_path: Path, folders: dict[
         backend.open_session(puzzle.image, puzzle.question.text())
     assert backend.pid == pid and backend.restarts == 1
     backend.shutdown()
+
+
+def test_it_declares_the_capabilities_of_the_backend_in_the_child(folders: dict[str, Path]) -> None:
+    local = TransformersBackend.from_pretrained(folders["draft"], name="draft")
+    backend = registry.open(folders["draft"], name="draft", device="cpu", process=True, wait=False)
+    assert isinstance(backend, ProcessBackend)
+    try:
+        caps = registry.capabilities_of(backend)  # waits for the child, which tells them
+        assert backend.alive and caps.cpu_threads >= 1
+        # blocking calls that take a thread count, released by shutdown; the rest is the child's
+        expected = registry.capabilities_of(local).but(sets_threads=True, release="sync")
+        assert caps.but(cpu_threads=0) == expected.but(cpu_threads=0)
+    finally:
+        registry.shutdown(backend)
+    assert not backend.alive
 
 
 # ---------------------------------------------------------------------- the in-process stand-in

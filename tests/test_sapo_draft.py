@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamr_stream.backends.base import ScoreOutput, StepOutput
+from dreamr_stream.backends.base import Capabilities, ScoreOutput, StepOutput
 from dreamr_stream.config import GenerationConfig, JudgeTemplate
 from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
 from dreamr_stream.sapo.draft import DraftPolicy, SampledStep, StepSampling
@@ -119,6 +119,7 @@ class ByteBackend:
 
     name = "bytes"
     judge = JudgeTemplate()
+    capabilities = Capabilities(identity="bytes")
 
     def __init__(self, model: ByteDraft) -> None:
         self.model = model

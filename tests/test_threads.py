@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dreamr_stream.backends.base import Capabilities
 from dreamr_stream.backends.fake import ScriptedBackend
+from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import CacheConfig, ReasonerConfig, SchedulingConfig
 from dreamr_stream.engine.threads import split_threads
 from dreamr_stream.reasoner import Reasoner
@@ -25,7 +27,11 @@ class CpuFake(ScriptedBackend):
     def __init__(self, *args: Any, log: list[tuple[str, str, int]], threads: int = 4, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.log = log
-        self.cpu_threads = threads
+        self.threads = threads
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return super().capabilities.but(cpu_threads=self.threads, sets_threads=True)
 
     def use_threads(self, n: int) -> None:
         self.log.append((self.name, threading.current_thread().name, n))
@@ -40,13 +46,31 @@ def make(log: list[tuple[str, str, int]], *, split: bool = True, draft: bool = T
 
 def test_split_arithmetic() -> None:
     log: list[tuple[str, str, int]] = []
-    t = CpuFake(STEPS, log=log, threads=4)
-    assert split_threads(t, CpuFake(STEPS, log=log, threads=4)) == (2, 2)
-    assert split_threads(t, CpuFake(STEPS, log=log, threads=1)) == (1, 1)  # the smaller count, shared
+
+    def cpu(threads: int) -> Capabilities:
+        return capabilities_of(CpuFake(STEPS, log=log, threads=threads))
+
+    t, elsewhere = cpu(4), capabilities_of(ScriptedBackend(STEPS))
+    assert split_threads(t, cpu(4)) == (2, 2)
+    assert split_threads(t, cpu(1)) == (1, 1)  # the smaller count, shared
     assert split_threads(t, None) == (4, None)  # alone: all of them
-    assert split_threads(t, ScriptedBackend(STEPS)) == (4, None)  # the draft is not on this CPU
-    assert split_threads(ScriptedBackend(STEPS), None) == (None, None)
-    assert split_threads(CpuFake(STEPS, log=log, threads=0), t) == (None, 4)  # threads 0: on a GPU
+    assert split_threads(t, elsewhere) == (4, None)  # the draft is not on this CPU
+    assert split_threads(elsewhere, None) == (None, None)
+    assert split_threads(cpu(0), t) == (None, 4)  # threads 0: on a GPU
+    # a server on loopback computes on these cores: the draft takes its share, the server's
+    # own threads are its business (it sets none)
+    served = Capabilities(identity="served", device="remote", concurrent=True, cpu_threads=4)
+    assert split_threads(served, cpu(4)) == (2, 2)
+
+
+@pytest.mark.asyncio
+async def test_only_a_backend_that_sets_threads_is_given_a_count() -> None:
+    log: list[tuple[str, str, int]] = []
+    config = ReasonerConfig(cache=CacheConfig(enabled=False), scheduling=SchedulingConfig(lookahead=2, fallback="off"))
+    r = Reasoner(ScriptedBackend(STEPS, name="target"), CpuFake(STEPS, name="draft", log=log), config=config)
+    assert (r.target.threads, r.draft.threads if r.draft else None) == (None, 4)
+    await r.ainvoke(IMAGE, "q")
+    assert {name for name, _, _ in log} == {"draft"}
 
 
 @pytest.mark.asyncio

@@ -6,7 +6,7 @@ fails, stalls or answers garbage, each a ``VLLMError`` naming its URL."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -14,7 +14,9 @@ import pytest
 from dreamr_vllm import VLLMBackend, VLLMError
 from PIL import Image
 
+from dreamr_stream.backends.openai_compat import OpenAICompatBackend
 from dreamr_stream.config import JudgeTemplate
+from dreamr_stream.errors import ConfigError
 
 URL = "http://127.0.0.1:9999/v1"
 IMAGE = Image.new("RGB", (16, 16), (1, 2, 3))
@@ -157,3 +159,45 @@ async def test_the_model_name_comes_from_the_server_when_not_given() -> None:
     b = VLLMBackend(URL, transport=httpx.MockTransport(handler))
     with pytest.raises(VLLMError, match="serves \\['a', 'b'\\]; pass model="):
         await b.resolve_model()
+
+
+class OtherServer(OpenAICompatBackend):
+    """Another server's dialect (SGLang-like): how to continue a message and read an end."""
+
+    kind = "other"
+
+    def continuation(self, continuing: bool) -> dict[str, Any]:
+        return {"continue_final_message": continuing}
+
+    def ended_at_eos(self, choice: Mapping[str, Any]) -> bool:
+        return choice.get("finish_reason") == "stop" and not isinstance(choice.get("matched_stop"), str)
+
+
+@pytest.mark.asyncio
+async def test_another_server_is_a_small_subclass_of_the_openai_compatible_base() -> None:
+    tops = [{"token": " yes", "logprob": -0.1}, {"token": " no", "logprob": -2.5}]
+    replies = iter(
+        [
+            sse({"choices": [{"delta": {"content": "Row 1"}, "finish_reason": "stop", "matched_stop": "\n"}]}),
+            httpx.Response(200, json={"choices": [{"logprobs": {"content": [{"top_logprobs": tops}]}}]}),
+        ]
+    )
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return next(replies)
+
+    b = OtherServer(URL, model="m", transport=httpx.MockTransport(handler))
+    caps = b.capabilities
+    assert caps.evidence == {"judge"} and caps.concurrent and caps.identity == f"other:{URL}:m"
+    s = await b.open_session(IMAGE, "q?")
+    out = await b.generate_step(s, max_tokens=8, stop="\n")
+    assert (out.text, out.eos, s.text) == ("Row 1", False, "Row 1\n")
+    assert bodies[0]["continue_final_message"] is False and "skip_special_tokens" not in bodies[0]
+    score = await b.score(s, "Row 2", stop="\n", judge=JudgeTemplate(suffix="Check:"))
+    assert score.p_pos == pytest.approx(0.9048, abs=1e-4) and bodies[1]["continue_final_message"] is True
+    with pytest.raises(ConfigError, match="use judge mode"):  # the OpenAI API has no prompt log-probs
+        await b.score(s, "Row 3", stop="\n", judge=None)
+    with pytest.raises(TypeError, match="abstract"):
+        OpenAICompatBackend(URL)  # type: ignore[abstract]

@@ -22,9 +22,10 @@ import sys
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
-from dreamr_stream.backends.base import ModelBackend
+from dreamr_stream.backends.base import Capabilities, ModelBackend, Repairs, SetsThreads
+from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.errors import BackendError
 
 __all__ = ["SESSION_OPS"]
@@ -44,22 +45,34 @@ def _portable(e: BaseException) -> BaseException:
         return BackendError(f"{type(e).__name__}: {e}")
 
 
+def _operations(backend: ModelBackend[Any], caps: Capabilities) -> dict[str, Callable[..., Any]]:
+    """The session operations the backend offers, by the name the parent sends."""
+    ops: dict[str, Callable[..., Any]] = {
+        "generate_step": backend.generate_step,
+        "score": backend.score,
+        "append": backend.append,
+        "rollback": backend.rollback,
+        "fork": backend.fork,
+    }
+    if caps.repair:
+        ops["begin_step"] = cast(Repairs, backend).begin_step
+    return ops
+
+
 def _serve(conn: Connection, factory: Callable[[], ModelBackend[Any]], first_id: int) -> None:
     """The child's loop: build the backend, then answer requests until shutdown or EOF.
     Session ids count from ``first_id`` (the parent's numbering of its children)."""
     try:
         backend = factory()
+        caps = capabilities_of(backend)
+        # the identity computed here, once: the parent gets plain values
+        info = {"name": backend.name, "judge": backend.judge, "capabilities": caps.but(identity=caps.identity)}
     except BaseException as e:
         with contextlib.suppress(OSError):  # the parent may be gone already
             conn.send(("error", _portable(e), traceback.format_exc()))
         return
-    info = {
-        "name": backend.name,
-        "judge": backend.judge,
-        "identity": getattr(backend, "identity", backend.name),
-        "recommended_verification": getattr(backend, "recommended_verification", {}),
-        "cpu_threads": getattr(backend, "cpu_threads", 0),
-    }
+    ops = _operations(backend, caps)
+    threaded = cast(SetsThreads, backend) if caps.sets_threads else None
     try:
         conn.send(("ok", info, None))
     except OSError:  # the parent went while this child was building: nobody to serve
@@ -79,8 +92,8 @@ def _serve(conn: Connection, factory: Callable[[], ModelBackend[Any]], first_id:
         if op == "shutdown":
             break
         try:
-            if threads and hasattr(backend, "use_threads"):
-                backend.use_threads(threads)
+            if threads and threaded is not None:
+                threaded.use_threads(threads)
             if op == "open_session":
                 sid = next(ids)
                 sessions[sid] = backend.open_session(*args, **kwargs)
@@ -94,7 +107,11 @@ def _serve(conn: Connection, factory: Callable[[], ModelBackend[Any]], first_id:
                     del sessions[sid]
                     backend.close(session)
                     continue  # fire-and-forget: no reply
-                value = getattr(backend, op)(session, *rest, **kwargs)
+                if op not in ops:
+                    raise BackendError(
+                        f"{backend.name}: {op} is not an operation of this backend (see its capabilities)"
+                    )
+                value = ops[op](session, *rest, **kwargs)
                 touched = [state(sid)]
                 if op == "fork":
                     new = next(ids)

@@ -7,7 +7,11 @@ tokenizers. Two flavours of one interface:
   process or in a child); the engine calls them from worker threads, one call at a time per
   model (``engine.runner``), never on the event loop;
 * ``AsyncModelBackend``: the same operations as coroutines, for a model that a server computes
-  (``dreamr_vllm``): calls from many requests run at once and the server batches them.
+  (``backends.vllm``): calls from many requests run at once and the server batches them.
+
+Each also declares what it can do in one typed value, ``Capabilities`` (its optional operations,
+``begin_step``, ``use_threads``, ``shutdown``/``aclose``, included), which the engine reads
+instead of inspecting the object.
 
 A session's ``length`` counts whatever unit its backend rolls back by: tokens for an
 in-process model, characters for a session held on the client of a remote one. The engine only
@@ -16,9 +20,9 @@ ever subtracts lengths of one session and passes them back to ``rollback``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 from PIL import Image
 
@@ -26,40 +30,77 @@ from dreamr_stream.config import JudgeTemplate
 
 __all__ = [
     "AsyncModelBackend",
+    "AsyncReleases",
     "Capabilities",
+    "ComputedOnce",
     "EvidenceKind",
     "ModelBackend",
+    "Releases",
+    "Repairs",
     "ScoreOutput",
     "Session",
     "SessionT",
+    "SetsThreads",
     "StepOutput",
 ]
 
 EvidenceKind = Literal["judge", "likelihood"]
 
 
+class ComputedOnce:
+    """A ``Capabilities`` field given as its value or as a function that computes it on first
+    read (then kept). Why: a model's identity hashes some of its weights, which takes seconds for
+    a large model, and only a request with the trajectory cache on ever reads it; declaring what
+    a backend can do must stay as cheap as building the backend."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> ComputedOnce: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> str: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> str | ComputedOnce:
+        if obj is None:  # no class-level default: the field is required
+            raise AttributeError(self.name)
+        value = obj.__dict__[self.name]
+        if callable(value):
+            value = obj.__dict__[self.name] = value()
+        return str(value)
+
+    def __set__(self, obj: object, value: str | Callable[[], str]) -> None:
+        obj.__dict__[self.name] = value  # also on a frozen dataclass: set once, by its __init__
+
+
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do and how it is reached: the engine asks this value, never the object.
+    """What a backend can do and how it is reached: every backend declares one as its
+    ``capabilities`` attribute (``backends.registry.capabilities_of`` reads it); the engine and
+    the Reasoner ask this value, never the backend object.
 
+    * ``identity``: a stable id of its weights, for trajectory-cache keys (a string, or a
+      function computing it on first read: ``ComputedOnce``);
     * ``device``: where it computes (``cpu``, ``cuda``, ``cuda:1``; ``remote`` for a server);
     * ``concurrent``: its operations are coroutines whose calls from many requests run at once
       (``AsyncModelBackend``: a serving engine batches them); False: blocking calls, one at a
       time behind the model's lock, in worker threads;
-    * ``repair``: it can start a step from a given text (``begin_step``), so a rejected step is
-      repaired rather than rewritten;
+    * ``repair``: it can start a step from a given text (``begin_step``, ``Repairs``), so a
+      rejected step is repaired rather than rewritten;
     * ``evidence``: the TBVM modes its ``score`` supports;
-    * ``cpu_threads``: intra-op threads its calls may use (0: not on this machine's CPU); with
-      ``sets_threads`` it takes a per-call count (``use_threads``, ``engine.threads``);
-    * ``identity``: a stable id of its weights, for trajectory-cache keys;
+    * ``cpu_threads``: this machine's cores its model computes on (intra-op threads of its calls;
+      a server on loopback counts them too; 0: not on this CPU), shared out between the models
+      (``engine.threads``); with ``sets_threads`` it takes a per-call count (``use_threads``,
+      ``SetsThreads``);
     * ``recommended_verification``: its model folder's recommended TBVM settings
-      (``dreamr.json`` "verification"; empty: none);
+      (``dreamr.json`` "verification", ``backends.settings``; empty: none);
     * ``task``: the task its model was trained on (``dreamr.json`` "task"; None: unknown);
     * ``release``: how its resources are freed when its owner closes (``none``; ``sync``:
       ``shutdown()``, e.g. a child process; ``async``: ``await aclose()``, e.g. connections).
     """
 
-    identity: str
+    identity: ComputedOnce = ComputedOnce()
     device: str = "cpu"
     concurrent: bool = False
     repair: bool = False
@@ -73,6 +114,36 @@ class Capabilities:
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    def but(self, **changes: Any) -> Capabilities:
+        """A copy with ``changes``; an identity not computed yet stays so (``dataclasses.replace``
+        would compute it)."""
+        return replace(self, **{"identity": self.__dict__["identity"], **changes})
+
+
+class Repairs(Protocol):
+    """The operation ``Capabilities.repair`` announces (a coroutine on an async backend)."""
+
+    def begin_step(self, session: Any, text: str, *, proposal: str = "") -> Any: ...
+
+
+class SetsThreads(Protocol):
+    """The operation ``Capabilities.sets_threads`` announces: run this thread's next calls on
+    ``n`` intra-op threads (called in the worker thread that makes them)."""
+
+    def use_threads(self, n: int) -> None: ...
+
+
+class Releases(Protocol):
+    """``Capabilities.release == "sync"``: free what the backend holds outside this process."""
+
+    def shutdown(self) -> None: ...
+
+
+class AsyncReleases(Protocol):
+    """``Capabilities.release == "async"``: close what it holds (connections) on their loop."""
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -135,6 +206,12 @@ class ModelBackend(Protocol[SessionT]):
     name: str
     judge: JudgeTemplate
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """What it can do and how it is reached (read for every request: it may change, e.g.
+        once a child process has started)."""
+        ...
+
     def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> SessionT:
         """Prefill image + question once; the session owns its cache."""
         ...
@@ -185,6 +262,9 @@ class AsyncModelBackend(Protocol[SessionT]):
 
     name: str
     judge: JudgeTemplate
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     async def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> SessionT: ...
 

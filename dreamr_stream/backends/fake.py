@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import anyio
 from PIL import Image
 
-from dreamr_stream.backends.base import ScoreOutput, StepOutput
+from dreamr_stream.backends.base import Capabilities, ScoreOutput, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
 
@@ -87,6 +87,11 @@ class ScriptedBackend:
         self.active_calls = 0
         self.open_sessions = 0
         self._lock = threading.Lock()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Blocking calls, no repair, nothing to release; not on the CPU's intra-op threads."""
+        return Capabilities(identity=self.identity)
 
     # ------------------------------------------------------------------ bookkeeping
     def _enter(self) -> None:
@@ -205,6 +210,11 @@ class AsyncScriptedBackend:
         self.token_delay_s = token_delay_s
         self.active = 0  # calls in progress now
         self.peak_active = 0  # the most calls ever in progress at once
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Concurrent calls that repair, like a served model's."""
+        return Capabilities(identity=self.identity, concurrent=True, repair=True)
 
     def _enter(self) -> None:
         self.active += 1

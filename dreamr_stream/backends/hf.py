@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +20,14 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel
 
-from dreamr_stream.backends.base import ScoreOutput, StepOutput
+from dreamr_stream.backends.base import Capabilities, ScoreOutput, StepOutput
+from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ModelLoadError
 
 __all__ = ["HFSession", "TransformersBackend", "read_sidecar", "resolve_device"]
 
 log = logging.getLogger(__name__)
-SIDECAR = "dreamr.json"  # optional per-model settings: judge template, delimiter
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -38,9 +37,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def read_sidecar(folder: Path) -> dict[str, Any]:
-    """A model folder's ``dreamr.json`` settings (judge template, recommended verification); none: {}."""
-    sidecar = folder / SIDECAR
-    return json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    """A model folder's ``dreamr.json`` as a plain dict (none: {}); ``backends.settings.read_settings``
+    reads it typed, and is the one reader."""
+    return read_settings(folder).to_dict()
 
 
 @dataclass
@@ -86,10 +85,25 @@ class TransformersBackend:
         self.eos_ids = self._eos_ids()
         self._uses_mrope = hasattr(getattr(model, "model", model), "get_rope_index")
         self._identity: str | None = None
-        # verification defaults the model folder recommends (dreamr.json "verification")
+        # what the model folder's dreamr.json says (backends.settings): the verification it
+        # recommends and the task it was trained on
         self.recommended_verification: dict[str, Any] = {}
+        self.task: str | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.verdict_ids(self.judge)  # fail at load, not mid-request, on a bad template
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Blocking calls in this process, repairs, both evidence kinds; identity hashed on first read."""
+        return Capabilities(
+            identity=lambda: self.identity,
+            device=str(self.device),
+            repair=True,
+            cpu_threads=self.cpu_threads,
+            sets_threads=True,
+            recommended_verification=self.recommended_verification,
+            task=self.task,
+        )
 
     @property
     def cpu_threads(self) -> int:
@@ -122,6 +136,7 @@ class TransformersBackend:
         folder = Path(path)
         if not folder.is_dir():
             raise ModelLoadError(f"no model folder at {folder} (downloads are not supported: pass a local folder)")
+        settings = read_settings(folder)  # a malformed dreamr.json fails before the weights load
         dev = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
         try:
@@ -129,10 +144,9 @@ class TransformersBackend:
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device=dev)  # type: ignore[call-arg]
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"could not load a vision-language model from {folder}: {e}") from e
-        settings = read_sidecar(folder)
-        judge = JudgeTemplate(**settings["judge"]) if "judge" in settings else None
-        backend = cls(model, processor, name=name or folder.name, judge=judge)
-        backend.recommended_verification = settings.get("verification", {})
+        backend = cls(model, processor, name=name or folder.name, judge=settings.judge)
+        backend.recommended_verification = dict(settings.verification)
+        backend.task = settings.task
         return backend
 
     def _eos_ids(self) -> set[int]:

@@ -53,12 +53,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
 from dreamr_stream.backends._process_child import SESSION_OPS
-from dreamr_stream.backends.base import ModelBackend, ScoreOutput, StepOutput
+from dreamr_stream.backends.base import Capabilities, ModelBackend, Repairs, ScoreOutput, SetsThreads, StepOutput
+from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
 
@@ -172,9 +173,12 @@ class ProcessBackend:
         self._retry_at = 0.0  # no replacement before this time (monotonic), after failed starts
         self.restarts = 0
         self.name = "model"  # until the child tells its backend's
+        # what the child's backend declares (or the stand-in's, until the child has told)
+        self._declared: Capabilities | None = None
         # the in-process stand-in (``use_stand_in``), its open sessions by id(), and whether it
         # serves for good because the child failed to start
         self._stand_in: ModelBackend[Any] | None = None
+        self._stand_in_sets_threads = False
         self._stand_in_sessions: dict[int, Any] = {}
         self._stand_in_lock = threading.Lock()
         self._stand_in_only = False
@@ -205,9 +209,7 @@ class ProcessBackend:
         """The child has built its backend: take what it tells about it."""
         self.name = info["name"]
         self.judge: JudgeTemplate = info["judge"]
-        self.identity: str = info["identity"]
-        self.recommended_verification: dict[str, Any] = info["recommended_verification"]
-        self._cpu_threads: int = info["cpu_threads"]
+        self._declared = info["capabilities"]
         child.built.set()
         self._failed_starts = 0
 
@@ -254,9 +256,8 @@ class ProcessBackend:
             return  # nothing to wait for
         self._stand_in = backend
         self.name, self.judge = backend.name, backend.judge
-        self.identity = getattr(backend, "identity", backend.name)
-        self.recommended_verification = getattr(backend, "recommended_verification", {})
-        self._cpu_threads = getattr(backend, "cpu_threads", 0)
+        self._declared = capabilities_of(backend)
+        self._stand_in_sets_threads = self._declared.sets_threads
 
     @property
     def serving_here(self) -> bool:
@@ -374,18 +375,38 @@ class ProcessBackend:
         self.restarts += 1
         return child
 
-    # ------------------------------------------------------------------ CPU threads (engine.threads)
+    # ------------------------------------------------------------------ what it declares
+    @property
+    def capabilities(self) -> Capabilities:
+        """The child's backend's (the stand-in's until the child has started; without a
+        stand-in, waits for the child): blocking calls that take a thread count (sent to the
+        child with each call), released by ``shutdown``."""
+        declared = self._declared
+        if declared is None:
+            self.ready()
+            declared = self._declared
+            assert declared is not None  # set by a successful start
+        return declared.but(concurrent=False, sets_threads=True, release="sync")
+
+    @property
+    def identity(self) -> str:
+        return self.capabilities.identity
+
+    @property
+    def recommended_verification(self) -> dict[str, Any]:
+        return dict(self.capabilities.recommended_verification)
+
     @property
     def cpu_threads(self) -> int:
-        return self._cpu_threads
+        return self.capabilities.cpu_threads
 
     def use_threads(self, n: int) -> None:
         """Sent with the next call: the child sets its own intra-op threads (a stand-in sets
         this thread's)."""
         self._threads = n
         stand_in = self._stand_in
-        if stand_in is not None and hasattr(stand_in, "use_threads"):
-            stand_in.use_threads(n)
+        if stand_in is not None and self._stand_in_sets_threads:
+            cast(SetsThreads, stand_in).use_threads(n)
 
     # ------------------------------------------------------------------ ModelBackend
     def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> Any:
@@ -423,7 +444,7 @@ class ProcessBackend:
 
     def begin_step(self, session: Any, text: str, *, proposal: str = "") -> int:
         if not isinstance(session, RemoteSession):
-            return self._here().begin_step(session, text, proposal=proposal)  # type: ignore[attr-defined,no-any-return]
+            return cast(int, cast(Repairs, self._here()).begin_step(session, text, proposal=proposal))
         n, _ = self._call("begin_step", session.id, text, proposal=proposal)
         return n  # type: ignore[no-any-return]
 

@@ -17,18 +17,25 @@
 from __future__ import annotations
 
 import heapq
-import inspect
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
-from dreamr_stream.backends.base import AsyncModelBackend, Capabilities, ModelBackend, ScoreOutput, Session, StepOutput
+from dreamr_stream.backends.base import (
+    AsyncModelBackend,
+    Capabilities,
+    ModelBackend,
+    Repairs,
+    ScoreOutput,
+    Session,
+    SetsThreads,
+    StepOutput,
+)
 from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import JudgeTemplate
-from dreamr_stream.engine.threads import CpuThreaded
 from dreamr_stream.errors import BackendError, DreamrError
 
 __all__ = ["ModelRunner", "Priority", "PriorityLock"]
@@ -105,20 +112,20 @@ class ModelRunner:
     ) -> None:
         self.backend = backend
         self.name = name
-        # an async backend is awaited as it is; a blocking one goes through ``call`` (the two
-        # protocols have the same attribute names, so ask the method itself)
-        self.concurrent = inspect.iscoroutinefunction(backend.generate_step)
+        caps = capabilities_of(backend)
+        # an async backend is awaited as it is; a blocking one goes through ``call``
+        self.concurrent = caps.concurrent
         # intra-op threads of every call (None: as the thread has them); only a backend that
         # can set them takes them
-        self.threads = threads if isinstance(backend, CpuThreaded) else None
+        self._threaded = cast(SetsThreads, backend) if caps.sets_threads else None
+        self.threads = threads if self._threaded is not None else None
         self.lock = PriorityLock()
         self.in_flight = 0  # model calls running in a thread now
         self.calls = 0
 
     async def call(self, fn: Callable[..., T], *args: Any, priority: int = 0, **kwargs: Any) -> T:
         await self.lock.acquire(priority)
-        threads = self.threads
-        threaded = self.backend if isinstance(self.backend, CpuThreaded) else None
+        threads, threaded = self.threads, self._threaded
         try:
             self.in_flight += 1
             self.calls += 1
@@ -137,8 +144,8 @@ class ModelRunner:
         finally:
             self.lock.release()
 
-    async def _op(self, op: str, *args: Any, priority: int = 0, **kwargs: Any) -> Any:
-        fn = getattr(self.backend, op)
+    async def _op(self, op: str, fn: Callable[..., Any], *args: Any, priority: int = 0, **kwargs: Any) -> Any:
+        """``fn``, the backend's method ``op``, called as its kind of backend needs."""
         try:
             if not self.concurrent:
                 return await self.call(fn, *args, priority=priority, **kwargs)
@@ -161,7 +168,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ the backend operations
     async def open_session(self, image: Any, question: str, *, seed: int = 0, priority: int = 0) -> Session:
-        return await self._op("open_session", image, question, seed=seed, priority=priority)  # type: ignore[no-any-return]
+        fn = self.backend.open_session
+        return await self._op("open_session", fn, image, question, seed=seed, priority=priority)  # type: ignore[no-any-return]
 
     async def generate_step(
         self,
@@ -177,6 +185,7 @@ class ModelRunner:
             budget = None
         return await self._op(  # type: ignore[no-any-return]
             "generate_step",
+            self.backend.generate_step,
             session,
             max_tokens=max_tokens,
             stop=stop,
@@ -188,20 +197,23 @@ class ModelRunner:
     async def score(
         self, session: Session, text: str, *, stop: str, judge: JudgeTemplate | None, priority: int = 0
     ) -> ScoreOutput:
-        return await self._op("score", session, text, stop=stop, judge=judge, priority=priority)  # type: ignore[no-any-return]
+        fn = self.backend.score
+        return await self._op("score", fn, session, text, stop=stop, judge=judge, priority=priority)  # type: ignore[no-any-return]
 
     async def append(self, session: Session, text: str, *, stop: str, priority: int = 0) -> int:
-        return await self._op("append", session, text, stop=stop, priority=priority)  # type: ignore[no-any-return]
+        fn = self.backend.append
+        return await self._op("append", fn, session, text, stop=stop, priority=priority)  # type: ignore[no-any-return]
 
     async def rollback(self, session: Session, n_tokens: int, *, priority: int = 0) -> None:
-        await self._op("rollback", session, n_tokens, priority=priority)
+        await self._op("rollback", self.backend.rollback, session, n_tokens, priority=priority)
 
     async def fork(self, session: Session, *, priority: int = 0) -> Session:
-        return await self._op("fork", session, priority=priority)  # type: ignore[no-any-return]
+        return await self._op("fork", self.backend.fork, session, priority=priority)  # type: ignore[no-any-return]
 
     @property
     def capabilities(self) -> Capabilities:
-        """What the backend declares it can do (``backends.registry.capabilities_of``)."""
+        """What the backend declares it can do (``backends.registry.capabilities_of``), read
+        afresh: a backend may learn more once started (a child process's model)."""
         return capabilities_of(self.backend)
 
     @property
@@ -210,7 +222,11 @@ class ModelRunner:
         return self.capabilities.repair
 
     async def begin_step(self, session: Session, text: str, *, proposal: str = "", priority: int = 0) -> int:
-        return await self._op("begin_step", session, text, proposal=proposal, priority=priority)  # type: ignore[no-any-return]
+        """Start a step from ``text``; only for a backend that declares ``repair``."""
+        if not self.can_repair:
+            raise BackendError(f"{self.name}: this backend cannot start a step from a text (no repair)")
+        begin = cast(Repairs, self.backend).begin_step
+        return await self._op("begin_step", begin, session, text, proposal=proposal, priority=priority)  # type: ignore[no-any-return]
 
     def close(self, session: Session) -> None:
         """Free a session (never blocks: called from cleanup paths on the event loop)."""

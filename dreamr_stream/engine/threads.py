@@ -13,39 +13,23 @@ was tried first: a call that started alone kept its team when the other began, w
 case to avoid, and it measured no better than no split at all. So the split is static: with
 a draft on the same CPU each model gets ``max(1, total // 2)`` threads for every call; a
 target alone keeps them all. OpenMP's thread count is a per-thread setting, so each call's
-worker thread sets its own (``use_threads``); a backend in its own process
-(``ProcessBackend``) passes the count to its child with the call.
+worker thread sets its own (``use_threads``, announced by ``Capabilities.sets_threads``); a
+backend in its own process (``ProcessBackend``) passes the count to its child with the call.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dreamr_stream.backends.base import Capabilities
 
-__all__ = ["CpuThreaded", "split_threads"]
-
-
-@runtime_checkable
-class CpuThreaded(Protocol):
-    """A backend whose calls run on the CPU's intra-op threads (``TransformersBackend``)."""
-
-    @property
-    def cpu_threads(self) -> int:
-        """Threads its calls may use; 0 when it does not run on the CPU."""
-        ...
-
-    def use_threads(self, n: int) -> None:
-        """Run the next call on ``n`` intra-op threads (called in the thread that makes it)."""
-        ...
+__all__ = ["split_threads"]
 
 
-def _cpu_threads(backend: object | None) -> int:
-    return backend.cpu_threads if isinstance(backend, CpuThreaded) else 0
-
-
-def split_threads(target: object, draft: object | None) -> tuple[int | None, int | None]:
-    """Intra-op threads for every call of (target, draft); None: leave that model alone (not
-    on the CPU, or a backend that cannot set them)."""
-    counts = (_cpu_threads(target), _cpu_threads(draft))
+def split_threads(target: Capabilities, draft: Capabilities | None) -> tuple[int | None, int | None]:
+    """Intra-op threads for every call of (target, draft), from what each declares
+    (``cpu_threads``: a server on loopback counts too, since it computes on these cores); None:
+    that model is not on this CPU. A backend takes its count only if it ``sets_threads``
+    (``engine.runner``)."""
+    counts = (target.cpu_threads, draft.cpu_threads if draft is not None else 0)
     on_cpu = [c for c in counts if c > 0]
     if not on_cpu:
         return None, None

@@ -1,5 +1,6 @@
-"""FPSR over models served by vLLM: an async backend for its OpenAI-compatible API, and a
-launcher for a local server.
+"""FPSR over models served by vLLM: a launcher for a local server (``python -m dreamr_vllm``),
+its load bench, and the async backend for its OpenAI-compatible API (which lives in the core,
+``dreamr_stream.backends.vllm``, re-exported here).
 
     from dreamr_stream import Reasoner
     reasoner = Reasoner.from_pretrained(target="http://127.0.0.1:8000/v1", draft="path/to/draft")
