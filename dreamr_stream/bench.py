@@ -59,6 +59,7 @@ import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
+from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import UNVERIFIED_METHODS, Reasoner
 from dreamr_stream.tasks import DEFAULT_TASK, Task, TaskItem, TaskLike, as_task
@@ -210,7 +211,8 @@ def run_bench(
     sft = TransformersBackend.from_pretrained(sft_dir, device=device, name="draft")
     sapo = TransformersBackend.from_pretrained(sapo_dir, device=device, name="draft") if sapo_dir else None
     # the target's recommended TBVM mode and tau (as `Reasoner.from_pretrained` uses); --tau overrides tau
-    recommended = VerificationConfig.recommended(target.recommended_verification)
+    recommendation = capabilities_of(target).recommended_verification
+    recommended = VerificationConfig.recommended(recommendation)
     config = ReasonerConfig(verification=recommended, cache=CacheConfig(enabled=False)).override(tau=tau)
     verification = config.verification
     unknown = set(methods) - set(ALL_METHODS)
@@ -237,7 +239,7 @@ def run_bench(
                 backend = processes[engine.draft]
         groups: dict[str, Any] = {}
         if engine.mode is not None:  # that mode at the target's tau for it
-            groups["verification"] = VerificationConfig.recommended(target.recommended_verification, mode=engine.mode)
+            groups["verification"] = VerificationConfig.recommended(recommendation, mode=engine.mode)
         reasoners[engine] = Reasoner(target, backend, config=config.override(repair=engine.repair, **groups))
     try:
         return _measure(target, sft, sapo, reasoners, methods, config, n, device, progress, as_task(task))

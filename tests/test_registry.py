@@ -16,7 +16,7 @@ from PIL import Image
 from dreamr_stream.backends import registry
 from dreamr_stream.backends.base import Capabilities
 from dreamr_stream.backends.fake import AsyncScriptedBackend, ScriptedBackend
-from dreamr_stream.backends.hf import TransformersBackend, read_sidecar
+from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.settings import ModelSettings, read_settings
 from dreamr_stream.backends.vllm import VLLMBackend
 from dreamr_stream.config import CacheConfig, JudgeTemplate, ReasonerConfig, SchedulingConfig
@@ -51,9 +51,9 @@ def test_read_settings_of_a_good_file_and_of_none(tmp_path: Path) -> None:
     settings = read_settings(tmp_path)
     assert settings.task == "grid" and settings.judge == JudgeTemplate(suffix="Check:")
     assert settings.verification == SETTINGS["verification"] and settings.extra == {"notes": "kept"}
-    assert read_sidecar(tmp_path) == {**SETTINGS, "notes": "kept"}  # the dict form, as written
+    assert settings.to_dict() == {**SETTINGS, "notes": "kept"}  # the dict form, as written
     assert read_settings(tmp_path / "elsewhere") == ModelSettings()  # no file: the defaults
-    assert read_sidecar(tmp_path / "elsewhere") == {}
+    assert read_settings(tmp_path / "elsewhere").to_dict() == {}
 
 
 @pytest.mark.parametrize(

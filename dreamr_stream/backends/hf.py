@@ -25,7 +25,7 @@ from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ModelLoadError
 
-__all__ = ["HFSession", "TransformersBackend", "read_sidecar", "resolve_device"]
+__all__ = ["HFSession", "TransformersBackend", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def read_sidecar(folder: Path) -> dict[str, Any]:
-    """A model folder's ``dreamr.json`` as a plain dict (none: {}); ``backends.settings.read_settings``
-    reads it typed, and is the one reader."""
-    return read_settings(folder).to_dict()
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 import anyio
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import UNVERIFIED_METHODS, Method, Reasoner
 from dreamr_stream.sapo.acceptance import acceptance_of, scored_greedy_steps, verdicts_of
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     reasoner = Reasoner.from_pretrained(target=args.target, draft=args.draft, device="cpu")
     target = reasoner.target.backend
     assert isinstance(target, TransformersBackend)
-    recommended = target.recommended_verification
+    recommended = capabilities_of(target).recommended_verification
     verification = VerificationConfig.recommended(recommended, **overrides)
     report["verification"] = {"mode": verification.mode, "tau": verification.tau}
     modes = [verification.mode] + [m for m in args.modes.split(",") if m and m != verification.mode]

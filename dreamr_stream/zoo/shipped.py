@@ -8,10 +8,10 @@ tasks had names, so it is the grid's). Every shipped model today is the grid tas
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.errors import ModelLoadError
 from dreamr_stream.tasks import DEFAULT_TASK
 
@@ -29,11 +29,7 @@ class DemoPaths:
 def model_task(folder: Path) -> str:
     """The task a shipped model folder's ``dreamr.json`` says it was trained on (none said: the
     default task's, whose models predate the field)."""
-    try:
-        task = json.loads((folder / "dreamr.json").read_text()).get("task")
-    except (OSError, ValueError, AttributeError):  # no sidecar, not JSON, not an object
-        task = None
-    return task if isinstance(task, str) else DEFAULT_TASK
+    return read_settings(folder).task or DEFAULT_TASK
 
 
 def shipped_models(task: str | None = None) -> list[str]:

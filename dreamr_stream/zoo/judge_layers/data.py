@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dreamr_stream.backends.hf import read_sidecar
+from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.tasks import JudgeItem, Split, Task, get_task
@@ -115,7 +115,7 @@ def likelihood_threshold(folder: Path, tau: float | None = None) -> float:
     """The per-token probability the likelihood mode needs at ``tau`` (default: the likelihood
     tau ``folder``'s ``dreamr.json`` recommends)."""
     if tau is None:
-        recommended = read_sidecar(folder).get("verification", {})
+        recommended = read_settings(folder).verification
         if recommended.get("mode") != "likelihood" and "likelihood" not in recommended.get("taus", {}):
             raise ConfigError(f"{folder} recommends no likelihood tau: set the config's tau")
         tau = VerificationConfig.recommended(recommended, mode="likelihood").tau
