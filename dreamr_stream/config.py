@@ -54,6 +54,12 @@ class GenerationConfig(_Config):
     temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 = greedy")
     seed: int = 0
 
+    def is_final(self, text: str, eos: bool = False) -> bool:
+        """The one rule for a step that ends the reasoning: the model ended its answer (``eos``)
+        or the step starts with ``answer_prefix``. Leading whitespace is ignored, so that a
+        model that writes `` Answer: 3`` is not asked for steps after its answer."""
+        return eos or text.lstrip().startswith(self.answer_prefix)
+
 
 class VerificationConfig(_Config):
     mode: Literal["judge", "likelihood"] = "judge"

@@ -18,22 +18,17 @@ from dreamr_stream.backends.base import AsyncModelBackend, ModelBackend
 from dreamr_stream.backends.loading import demo_sources, load_pair
 from dreamr_stream.config import SERVED_TARGET_SPECULATING, ReasonerConfig
 from dreamr_stream.engine.baselines import run_draft_only, run_sequential, run_target_only
+from dreamr_stream.engine.cache import CacheContext, open_cache
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
 from dreamr_stream.engine.owner import LoopBackend, OwnerLoop
-from dreamr_stream.engine.request import CacheContext, RequestContext
+from dreamr_stream.engine.request import RequestContext
+from dreamr_stream.engine.request_messages import LoadChanged
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.engine.threads import split_threads as _split
 from dreamr_stream.errors import BackendError, ConfigError, DreamrError
 from dreamr_stream.events import Event, FailedEvent, FallbackEvent, FinishedEvent, StartedEvent, VerifiedEvent
 from dreamr_stream.inputs import ImageInput, check_question, load_image
-from dreamr_stream.store import (
-    GuardedStore,
-    MemoryTrajectoryStore,
-    TrajectoryStore,
-    image_digest,
-    settings_fingerprint,
-    trajectory_key,
-)
+from dreamr_stream.store import GuardedStore, MemoryTrajectoryStore, TrajectoryStore
 from dreamr_stream.types import ReasoningResult, Step
 from dreamr_stream.verify import Verifier, make_verifier
 
@@ -213,22 +208,9 @@ class Reasoner:
         return make_verifier(config.verification)
 
     async def _cache_context(self, cfg: ReasonerConfig, image: Any, question: str) -> CacheContext | None:
-        if not cfg.cache.enabled or self.draft is None:
+        if self.draft is None:
             return None
-        digest = await anyio.to_thread.run_sync(image_digest, image)
-        identity = [r.capabilities.identity for r in (self.target, self.draft)]
-        verifier = cfg.verification.model_dump(mode="json")
-        verifier["judge"] = (cfg.verification.judge or self.target.backend.judge).model_dump()
-        key = trajectory_key(settings_fingerprint(identity[0], identity[1], verifier), digest, question)
-        return CacheContext(
-            self._store_guard,
-            timeout_s=cfg.cache.timeout_s,
-            key=key,
-            image=digest,
-            pil=image,
-            trust=cfg.cache.trust,
-            log=cfg.cache.log,
-        )
+        return await open_cache(cfg, self._store_guard, self.target, self.draft, image, question)
 
     # ------------------------------------------------------------------ streams
     async def astream_events(
@@ -355,12 +337,11 @@ class Reasoner:
         with the typed error (sent beside the event, for the caller that raises it)."""
         method = ctx.method
         await ctx.emit(StartedEvent(question=ctx.question, method=method))
-        limit = self._speculation_limit(ctx.config)  # the load-aware switch
-        if method == "fpsr" and limit is not None and self.active_requests > limit:
-            ctx.go_alone(f"load: {self.active_requests} requests in flight (max_speculating {limit})")
+        # the load-aware switch: the request's policy decides from the requests in flight
+        load = LoadChanged(self.active_requests, self._speculation_limit(ctx.config))
         try:
             if method == "fpsr":
-                await run_fpsr(ctx, image, inspect=inspect)
+                await run_fpsr(ctx, image, load=load, inspect=inspect)
             else:
                 await _RUNS[method](ctx, image)
         except Exception as e:

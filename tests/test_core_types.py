@@ -79,6 +79,15 @@ def test_bad_config_raises_config_error(build) -> None:  # type: ignore[no-untyp
     assert isinstance(info.value, DreamrError) and str(info.value)
 
 
+def test_one_rule_says_which_step_is_final() -> None:
+    """The engine and SAPO ask ``GenerationConfig.is_final``: the end of the answer, or a step
+    starting with the answer prefix (leading whitespace aside)."""
+    gen = GenerationConfig()
+    assert gen.is_final("Answer: 3") and gen.is_final(" Answer: 3") and gen.is_final("3 shapes", eos=True)
+    assert not gen.is_final("The Answer: 3") and not gen.is_final("count the red shapes")
+    assert GenerationConfig(answer_prefix="So:").is_final("So: 3")
+
+
 def test_config_is_keyword_only_and_frozen() -> None:
     with pytest.raises(TypeError):
         ReasonerConfig(GenerationConfig())  # type: ignore[misc]

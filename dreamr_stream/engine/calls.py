@@ -10,9 +10,9 @@ from dreamr_stream.backends.base import ScoreOutput, Session, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.engine.request import RequestContext
 from dreamr_stream.engine.runner import ModelRunner
-from dreamr_stream.types import StepCost, StepSource, Verdict
+from dreamr_stream.types import Step, StepCost, StepSource, Verdict
 
-__all__ = ["DRAFT_CHUNK_TOKENS", "judge", "open_session", "step_cost", "target_alone", "write_alone", "write_step"]
+__all__ = ["DRAFT_CHUNK_TOKENS", "judge", "open_session", "step_cost", "write_alone", "write_own", "write_step"]
 
 DRAFT_CHUNK_TOKENS = 8  # tokens per model call: bounds how long a cancelled lane lingers
 
@@ -87,16 +87,16 @@ async def judge(
     return verdict, score
 
 
+async def write_own(ctx: RequestContext, runner: ModelRunner, session: Session, source: StepSource) -> Step:
+    """One step written by one model alone on ``session``, verified as it is (a target's step
+    with its cost)."""
+    out = await write_step(ctx, runner, session, index=len(ctx.steps), lane=runner.name)
+    cost = step_cost(out) if source is StepSource.TARGET else None
+    return await ctx.accept(out.text, source, eos=out.eos, cost=cost)
+
+
 async def write_alone(ctx: RequestContext, runner: ModelRunner, session: Session, source: StepSource) -> None:
     """Write the remaining steps with one model alone on ``session`` (the single-model
-    baselines, and FPSR once speculation stopped)."""
+    baselines)."""
     while not ctx.done():
-        out = await write_step(ctx, runner, session, index=len(ctx.steps), lane=runner.name)
-        cost = step_cost(out) if source is StepSource.TARGET else None
-        await ctx.accept(out.text, source, eos=out.eos, cost=cost)
-
-
-async def target_alone(ctx: RequestContext, session: Session) -> None:
-    """Write the remaining steps with the target alone on ``session``."""
-    assert ctx.target is not None
-    await write_alone(ctx, ctx.target, session, StepSource.TARGET)
+        await write_own(ctx, runner, session, source)

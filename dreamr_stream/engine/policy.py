@@ -2,7 +2,10 @@
 
 An epoch starts from the verified prefix (``start`` steps) and ends with the first step the
 target writes itself (after a rejection, an empty draft, or drafts that ran out) or with the
-final step. ``EpochPolicy`` decides; ``engine.fpsr`` performs. The driver feeds what happened
+final step. ``EpochPolicy`` decides; ``engine.fpsr`` performs. It runs inside the request's
+policy (``engine.request_policy.RequestPolicy``), which starts each epoch, passes its actions
+on and owns what spans epochs: the lookahead window (the draft lane writes only the steps that
+policy permits), the cache replay, resyncs, going alone. The driver feeds what happened
 (``Observation``) and performs what the policy answers (``Action``), in order:
 
 * from the draft lane, whenever it happens: ``Drafted`` (in index order), ``DraftsEnded``;
@@ -113,7 +116,8 @@ class Judge:
 
 @dataclass(frozen=True)
 class Accept:
-    """Drafted step ``index`` is verified: yield it; the draft may run one step further."""
+    """Drafted step ``index`` is verified: yield it (the request's policy then permits the
+    draft one step further)."""
 
     index: int
 

@@ -1,7 +1,8 @@
 """Per-request state shared by FPSR and the baselines: steps, counts, timeline, events.
 
 It calls no model: the calls a request makes, with their spans and counts, are
-``engine.calls``; what to do when is ``engine.policy`` (FPSR) or a baseline's loop.
+``engine.calls``; what to do when is ``engine.request_policy`` and ``engine.policy`` (FPSR)
+or a baseline's loop; what the request caches and logs is ``engine.cache``.
 """
 
 from __future__ import annotations
@@ -9,16 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from dreamr_stream.config import ReasonerConfig
+from dreamr_stream.engine.cache import CacheContext
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.events import Event, FallbackEvent, VerifiedEvent
-from dreamr_stream.store import GuardedStore, LogEntry
 from dreamr_stream.types import LaneSpan, ReasoningResult, ReasoningStats, Step, StepCost, StepSource, Verdict
 from dreamr_stream.verify import Verifier
 
-__all__ = ["CacheContext", "Emit", "RequestContext", "extract_answer"]
+__all__ = ["Emit", "RequestContext", "extract_answer"]
 
 Emit = Callable[[Event], Awaitable[None]]
 
@@ -26,22 +26,6 @@ Emit = Callable[[Event], Awaitable[None]]
 def extract_answer(text: str, prefix: str) -> str | None:
     idx = text.rfind(prefix)
     return text[idx + len(prefix) :].strip() if idx >= 0 else None
-
-
-class CacheContext:
-    """A request's view of the trajectory store: where its trajectory lives, what it logs."""
-
-    def __init__(
-        self, store: GuardedStore, *, key: str, image: str, pil: Any, trust: bool, log: bool, timeout_s: float
-    ) -> None:
-        self.store = store
-        self.timeout_s = timeout_s
-        self.key = key
-        self.image = image
-        self.pil = pil  # encoded to PNG only when a trajectory is stored
-        self.trust = trust
-        self.log = log
-        self.entries: list[LogEntry] = []
 
 
 class RequestContext:
@@ -109,18 +93,10 @@ class RequestContext:
         if source is StepSource.DRAFT:
             self.counts["judged"] += 1
             self.counts["accepted"] += verdict.accepted
-        if self.cache is not None and self.cache.log:
-            self.cache.entries.append(
-                LogEntry(
-                    key=self.cache.key,
-                    image=self.cache.image,
-                    question=self.question,
-                    index=index,
-                    prefix=[s.text for s in self.steps],
-                    draft=text,
-                    verdict=verdict,
-                    source=source.value,
-                )
+        if self.cache is not None:
+            prefix = [s.text for s in self.steps]
+            self.cache.log_verdict(
+                verdict, index=index, question=self.question, prefix=prefix, text=text, source=source
             )
 
     def go_alone(self, reason: str) -> None:
@@ -133,8 +109,8 @@ class RequestContext:
         return self.alone_reason is not None
 
     # ------------------------------------------------------------------ steps
-    def is_final(self, text: str, eos: bool) -> bool:
-        return eos or text.lstrip().startswith(self.config.generation.answer_prefix)
+    def is_final(self, text: str, eos: bool = False) -> bool:
+        return self.config.generation.is_final(text, eos)
 
     def done(self) -> bool:
         return bool(self.steps and self.steps[-1].is_final) or len(self.steps) >= self.config.generation.max_steps
@@ -165,9 +141,8 @@ class RequestContext:
         self.steps.append(step)
         if self.alone and self.alone_from is None and source is StepSource.TARGET:
             self.alone_from = step.index
-        entries = self.cache.entries if self.cache is not None else []
-        if rejected_draft is not None and entries and entries[-1].index == step.index:
-            entries[-1] = entries[-1].model_copy(update={"target_step": text})
+        if rejected_draft is not None and self.cache is not None:
+            self.cache.log_target_step(step.index, text)
         if self.first_step_s is None:
             self.first_step_s = elapsed
         event: Event = (

@@ -35,6 +35,7 @@ from typing import IO
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
 from dreamr_stream.sapo.config import SapoConfig, lr_at
@@ -252,12 +253,13 @@ def _sample_means(samples: list[PolicySample]) -> dict[str, float]:
 
 
 def _load(cfg: SapoConfig, target_dir: Path, draft_dir: Path) -> tuple[TransformersBackend, DraftPolicy, Verifier]:
-    """The two models, and TBVM as the target recommends it (with the run's overrides)."""
+    """The two models, and TBVM as the target recommends it with the run's overrides on top
+    (``VerificationConfig.recommended``, as every entry point that loads a model folder: a mode
+    alone takes that mode's measured tau)."""
     target = TransformersBackend.from_pretrained(target_dir, device="cpu", name="target")
     draft = TransformersDraft(TransformersBackend.from_pretrained(draft_dir, device="cpu", name="draft"))
-    verification = VerificationConfig.recommended(
-        target.recommended_verification, mode=cfg.verify_mode or None, tau=cfg.tau
-    )
+    recommendation = capabilities_of(target).recommended_verification
+    verification = VerificationConfig.recommended(recommendation, mode=cfg.verify_mode or None, tau=cfg.tau)
     return target, draft, make_verifier(verification)
 
 

@@ -39,7 +39,7 @@ def target_trajectory(
         while len(steps) < max_steps:
             out = target.generate_step(s, max_tokens=TRAJECTORY_STEP_TOKENS, stop=gen.step_delimiter)
             steps.append(out.text)
-            if out.eos or out.text.startswith(gen.answer_prefix):
+            if gen.is_final(out.text, out.eos):
                 break
     finally:
         target.close(s)
@@ -89,12 +89,11 @@ def greedy_writes(
     gen: GenerationConfig = DEFAULT_GENERATION,
 ) -> bool:
     """Whether ``target_trajectory`` would return exactly ``steps`` (``greedy_matches`` at every
-    step, the last, starting with the answer prefix, ending the answer). A task's reference solution then stands in
+    step, only the last one final, ending the answer). A task's reference solution then stands in
     for the target's trajectory at about 1% of the cost of decoding it token by token."""
-    answer, delimiter = gen.answer_prefix, gen.step_delimiter
-    if not steps or len(steps) > max_steps or not steps[-1].startswith(answer):
+    if not steps or len(steps) > max_steps or not gen.is_final(steps[-1]):
         return False
-    if any(st.startswith(answer) or delimiter in st for st in steps[:-1]):
+    if any(gen.is_final(st) or gen.step_delimiter in st for st in steps[:-1]):
         return False
     # the step text must survive the round trip, and no step may reach the decode cap
     for st in steps:
