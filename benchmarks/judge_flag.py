@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.backends.shipped import WEIGHTS
 from dreamr_stream.tasks import get_task
 from dreamr_stream.zoo.build import JUDGE_SUFFIX, grow_decoder
 from dreamr_stream.zoo.data import (
@@ -34,7 +35,6 @@ from dreamr_stream.zoo.data import (
     verdict_ids,
     verdict_position,
 )
-from dreamr_stream.zoo.shipped import WEIGHTS
 from dreamr_stream.zoo.tbvm_eval import auroc
 from dreamr_stream.zoo.train import TrainConfig, draft_pool, own_choice_flags
 

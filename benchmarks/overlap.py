@@ -20,8 +20,8 @@ from typing import Any
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.process import ProcessBackend
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.tasks import get_task
-from dreamr_stream.zoo.shipped import demo_paths
 
 TOKENS = 48
 

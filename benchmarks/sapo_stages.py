@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.shipped import WEIGHTS
 from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.draft import TransformersDraft
 from dreamr_stream.sapo.prompts import TrajectoryCache
@@ -29,7 +30,6 @@ from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.sapo.trainer import train
 from dreamr_stream.sapo.trajectories import greedy_matches
 from dreamr_stream.zoo.prompts import demo_prompts, task_prompts
-from dreamr_stream.zoo.shipped import WEIGHTS
 
 
 def exact_share(draft_dir: Path, prompts: list[RolloutPrompt]) -> tuple[float, int]:

@@ -25,9 +25,9 @@ import anyio
 from dreamr_vllm.bench import run_levels, to_markdown
 
 from dreamr_stream.backends.process import ProcessBackend
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.reasoner import Reasoner
-from dreamr_stream.zoo.shipped import demo_paths
 
 
 def _start(args: argparse.Namespace, cpus: list[int] | None, log: str | None) -> Any:

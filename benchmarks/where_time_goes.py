@@ -23,9 +23,9 @@ from datetime import date
 from pathlib import Path
 
 from dreamr_stream import CacheConfig, Reasoner, SchedulingConfig
+from dreamr_stream.backends.shipped import default_draft
 from dreamr_stream.tasks import get_task, items
 from dreamr_stream.types import LaneSpan, ReasoningResult
-from dreamr_stream.zoo.shipped import default_draft
 
 
 def _union(spans: list[LaneSpan]) -> float:

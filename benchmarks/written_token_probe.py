@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.backends.shipped import WEIGHTS
 from dreamr_stream.tasks import Split, get_task
 from dreamr_stream.zoo.data import IGNORE, judge_item_example
 from dreamr_stream.zoo.judge_layers import judge_items, likelihood_threshold
-from dreamr_stream.zoo.shipped import WEIGHTS
 from dreamr_stream.zoo.task_needs import swap_task
 
 ROOT = Path(__file__).resolve().parent.parent

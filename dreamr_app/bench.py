@@ -52,8 +52,8 @@ def local(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import Progress
 
+    from dreamr_stream.backends.shipped import WEIGHTS, demo_paths
     from dreamr_stream.bench import ALL_METHODS, run_bench, save, to_markdown
-    from dreamr_stream.zoo.shipped import WEIGHTS, demo_paths
 
     if args.threads:
         torch.set_num_threads(args.threads)

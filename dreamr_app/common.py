@@ -112,12 +112,14 @@ def load_reasoner(args: argparse.Namespace, *, draft_stand_in: bool = False) -> 
     ``--draft-url``: vLLM's OpenAI-compatible API), or the shipped demo. ``draft_stand_in``: as
     in ``Reasoner.from_pretrained``."""
     from dreamr_stream.reasoner import Reasoner
+    from dreamr_stream.tasks import DEFAULT_TASK
 
+    task = getattr(args, "task", DEFAULT_TASK)  # commands without --task (serve) run the default task's demo
     target_url, draft_url = getattr(args, "target_url", None), getattr(args, "draft_url", None)
     if args.target or (draft_url and not target_url):
-        from dreamr_stream.zoo.shipped import demo_paths
+        from dreamr_stream.backends.shipped import demo_paths
 
-        target = target_url or args.target or demo_paths(args.demo_draft).target
+        target = target_url or args.target or demo_paths(args.demo_draft, task).target
         settings = args.target if target_url and args.target else None
         return Reasoner.from_pretrained(
             target=target,
@@ -128,6 +130,7 @@ def load_reasoner(args: argparse.Namespace, *, draft_stand_in: bool = False) -> 
         )
     return Reasoner.demo(
         draft=args.demo_draft,
+        task=task,
         device=args.device,
         draft_stand_in=draft_stand_in,
         target_url=target_url,

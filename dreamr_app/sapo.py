@@ -31,11 +31,11 @@ def _prompts_from_log(args: argparse.Namespace) -> list[Any]:
 
 
 def train(args: argparse.Namespace) -> int:
+    from dreamr_stream.backends.shipped import demo_paths
     from dreamr_stream.sapo.config import SapoConfig
     from dreamr_stream.sapo.prompts import held_out
     from dreamr_stream.sapo.trainer import train as sapo_train
     from dreamr_stream.zoo.prompts import demo_prompts
-    from dreamr_stream.zoo.shipped import demo_paths
 
     cfg = SapoConfig.from_json(Path(args.config)) if args.config else SapoConfig()
     if args.steps is not None:

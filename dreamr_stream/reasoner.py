@@ -29,6 +29,7 @@ from dreamr_stream.errors import BackendError, ConfigError, DreamrError
 from dreamr_stream.events import Event, FailedEvent, FallbackEvent, FinishedEvent, StartedEvent, VerifiedEvent
 from dreamr_stream.inputs import ImageInput, check_question, load_image
 from dreamr_stream.store import GuardedStore, MemoryTrajectoryStore, TrajectoryStore
+from dreamr_stream.tasks import DEFAULT_TASK
 from dreamr_stream.types import ReasoningResult, Step
 from dreamr_stream.verify import Verifier, make_verifier
 
@@ -171,12 +172,14 @@ class Reasoner:
         draft_stand_in: bool = False,
         target_url: str | None = None,
         draft_url: str | None = None,
+        task: str = DEFAULT_TASK,
     ) -> Reasoner:
-        """The shipped demo models (CPU, no downloads). ``draft`` names a shipped draft (``sft``
-        or ``sapo``; default: the SAPO draft when it ships); ``draft_process`` and
-        ``draft_stand_in`` as in ``from_pretrained``. ``target_url`` / ``draft_url``: the same models served by vLLM
+        """The shipped demo models (CPU, no downloads) of ``task`` (``dreamr_stream.tasks``;
+        default: the grid task). ``draft`` names a shipped draft (``sft`` or ``sapo``; default:
+        the SAPO draft when it ships); ``draft_process`` and ``draft_stand_in`` as in
+        ``from_pretrained``. ``target_url`` / ``draft_url``: the same models served by vLLM
         (``python -m dreamr_vllm``), reached over HTTP."""
-        shipped = demo_sources(draft, target_url=target_url, draft_url=draft_url)
+        shipped = demo_sources(draft, task=task, target_url=target_url, draft_url=draft_url)
         return cls.from_pretrained(
             target=shipped.target,
             draft=shipped.draft,

@@ -18,8 +18,8 @@ import anyio
 from dreamr_vllm import VLLMServer, ensure_venv
 
 from dreamr_stream import Reasoner
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.tasks import TaskItem, get_task
-from dreamr_stream.zoo.shipped import demo_paths
 
 
 async def solve(reasoner: Reasoner, name: str, puzzle: TaskItem) -> None:

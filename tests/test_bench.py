@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.bench import ALL_METHODS, ideal_speedup, run_bench, save, to_markdown
-from dreamr_stream.zoo.shipped import demo_paths
 
 
 def test_ideal_speedup_formula() -> None:

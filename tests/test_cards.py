@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from dreamr_stream.backends.shipped import WEIGHTS
 from dreamr_stream.zoo.cards import MODELS, RESULTS, card_from_spec, main
-from dreamr_stream.zoo.shipped import WEIGHTS
 
 
 def test_the_shipped_cards_are_written_from_the_committed_eval_reports() -> None:

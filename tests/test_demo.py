@@ -9,8 +9,8 @@ import pytest
 from cli_support import run_dreamr
 
 from dreamr_stream import Reasoner, ReasonerConfig, StepSource, VerificationConfig
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.tasks.grid.puzzles import make_puzzle, parse_answer, split_seed
-from dreamr_stream.zoo.shipped import demo_paths
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.shipped import WEIGHTS
 from dreamr_stream.config import VerificationConfig
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.tasks import JudgeItem, get_task
@@ -29,7 +30,6 @@ from dreamr_stream.zoo.judge_layers import (
     swap_word,
     train,
 )
-from dreamr_stream.zoo.shipped import WEIGHTS
 
 TARGET = WEIGHTS / "target"
 GRID = get_task("grid")

@@ -29,8 +29,8 @@ from dreamr_app.common import Request
 from dreamr_app.daemon.client import RemoteEngine, connect
 from dreamr_app.daemon.files import DaemonFiles, daemon_alive, daemon_key, identity, runtime_dir
 from dreamr_app.daemon.server import ResidentServer
+from dreamr_stream.backends.shipped import WEIGHTS
 from dreamr_stream.events import Event, FailedEvent, FinishedEvent
-from dreamr_stream.zoo.shipped import WEIGHTS
 
 # main() as the console script runs it, then a check of what the client imported
 CLIENT = (

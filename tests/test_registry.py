@@ -208,4 +208,4 @@ def test_the_backends_and_the_reasoner_import_no_integration_and_only_loading_kn
         for p, names in imports.items()
     }
     assert {p: names for p, names in integrations.items() if names} == {}
-    assert [p for p, names in imports.items() if "dreamr_stream.zoo.shipped" in names] == ["loading.py"]
+    assert [p for p, names in imports.items() if "dreamr_stream.backends.shipped" in names] == ["loading.py"]

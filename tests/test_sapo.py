@@ -427,9 +427,9 @@ def test_greedy_verdicts_are_what_acceptance_counts(tiny_pair) -> None:  # type:
 def test_greedy_matches_agrees_with_the_drafts_decode_loop() -> None:
     """One teacher-forced forward says, per prefix, whether decoding the shipped SFT draft
     writes the step exactly (it does at most prefixes and not at all)."""
+    from dreamr_stream.backends.shipped import demo_paths
     from dreamr_stream.sapo.trajectories import greedy_matches
     from dreamr_stream.tasks.grid.puzzles import split_seed
-    from dreamr_stream.zoo.shipped import demo_paths
 
     draft = TransformersBackend.from_pretrained(demo_paths("sft").draft, device="cpu", name="draft")
     said = []
@@ -449,9 +449,9 @@ def test_greedy_matches_agrees_with_the_drafts_decode_loop() -> None:
 def test_greedy_writes_agrees_with_decoding_the_shipped_target() -> None:
     """The one-forward check says "the target writes the reference" exactly when decoding the
     target step by step gives the reference (on the shipped target, which mostly does)."""
+    from dreamr_stream.backends.shipped import demo_paths
     from dreamr_stream.sapo.trajectories import greedy_writes, target_trajectory
     from dreamr_stream.tasks.grid.puzzles import split_seed
-    from dreamr_stream.zoo.shipped import demo_paths
 
     target = TransformersBackend.from_pretrained(demo_paths("sft").target, device="cpu", name="target")
     said = []

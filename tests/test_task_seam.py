@@ -17,6 +17,7 @@ from dreamr_websocket.routes import DemoPuzzle
 from task_support import QUESTION, DigitsModel, DigitsTask, sum_is_wrong
 from ws_support import ask, client, http_get, serving, until_terminal
 
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.bench import run_bench
 from dreamr_stream.config import CacheConfig, ReasonerConfig
 from dreamr_stream.inputs import load_image
@@ -24,7 +25,6 @@ from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.tasks import SPLITS, Split, Task, TaskItem, as_task, get_task, items, register_task, task_names
 from dreamr_stream.tasks.grid.puzzles import make_judge_item, make_puzzle, split_seed
 from dreamr_stream.zoo.evaluate import evaluate_method
-from dreamr_stream.zoo.shipped import demo_paths
 
 N = 8  # test items the scripted models have seen
 

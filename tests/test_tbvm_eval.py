@@ -12,12 +12,12 @@ import torch
 
 from dreamr_stream.backends.base import ScoreOutput
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.zoo.build import DRAFT_SHAPE
 from dreamr_stream.zoo.data import judge_item_example
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool, sample_draft_steps, write_pool
-from dreamr_stream.zoo.shipped import demo_paths
 from dreamr_stream.zoo.tbvm_eval import (
     Labelled,
     auroc,

@@ -24,10 +24,10 @@ from dreamr_vllm import VLLMBackend, VLLMError, VLLMServer, ensure_venv
 
 from dreamr_stream import Reasoner
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.tasks.grid.puzzles import make_puzzle, split_seed
 from dreamr_stream.types import ReasoningResult
-from dreamr_stream.zoo.shipped import demo_paths
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

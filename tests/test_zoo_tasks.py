@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from transformers import LlavaProcessor
 
+from dreamr_stream.backends.shipped import WEIGHTS, demo_paths, shipped_drafts, shipped_models
 from dreamr_stream.errors import ConfigError, ModelLoadError
 from dreamr_stream.tasks import JudgeItem, Split, TaskItem, get_task, register_task
 from dreamr_stream.tasks.grid.puzzles import COLOURS, SHAPES, make_puzzle, split_seed
@@ -21,7 +22,6 @@ from dreamr_stream.zoo.data import judge_item_example, solution_example
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool
 from dreamr_stream.zoo.export import export_model
 from dreamr_stream.zoo.judge_layers import judge_items, swap_cell, swap_word
-from dreamr_stream.zoo.shipped import WEIGHTS, demo_paths, shipped_drafts, shipped_models
 from dreamr_stream.zoo.task_needs import MixedTask, PerceptionTask, SwapTask, draw, perception_task
 from dreamr_stream.zoo.train import TrainConfig, train
 

@@ -182,7 +182,7 @@ def _code_roots() -> list[Path]:
 
 def identity(args: argparse.Namespace) -> dict[str, str]:
     """What a daemon must share with this command to serve it: models, device and code."""
-    from dreamr_stream.zoo.shipped import demo_paths
+    from dreamr_stream.backends.shipped import demo_paths
 
     ident = {"device": args.device, "version": __version__, "code": os.pathsep.join(map(str, _code_roots()))}
     for flag in ("target", "draft", "demo_draft", "target_url", "draft_url"):

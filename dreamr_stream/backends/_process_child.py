@@ -25,7 +25,6 @@ from multiprocessing.connection import Connection
 from typing import Any, cast
 
 from dreamr_stream.backends.base import Capabilities, ModelBackend, Repairs, SetsThreads
-from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.errors import BackendError
 
 __all__ = ["SESSION_OPS"]
@@ -64,7 +63,7 @@ def _serve(conn: Connection, factory: Callable[[], ModelBackend[Any]], first_id:
     Session ids count from ``first_id`` (the parent's numbering of its children)."""
     try:
         backend = factory()
-        caps = capabilities_of(backend)
+        caps = backend.capabilities
         # the identity computed here, once: the parent gets plain values
         info = {"name": backend.name, "judge": backend.judge, "capabilities": caps.but(identity=caps.identity)}
     except BaseException as e:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from dreamr_stream.backends import registry
 from dreamr_stream.backends.registry import Backend, is_url
 from dreamr_stream.config import ReasonerConfig, VerificationConfig
+from dreamr_stream.tasks import DEFAULT_TASK
 
 if TYPE_CHECKING:
     from dreamr_stream.backends.base import ModelBackend
@@ -115,11 +116,15 @@ class DemoSources:
 
 
 def demo_sources(
-    draft: str | None = None, *, target_url: str | None = None, draft_url: str | None = None
+    draft: str | None = None,
+    *,
+    task: str = DEFAULT_TASK,
+    target_url: str | None = None,
+    draft_url: str | None = None,
 ) -> DemoSources:
     """The shipped demo models that ``Reasoner.demo`` runs (its docstring says what each
     argument does)."""
-    from dreamr_stream.zoo.shipped import demo_paths
+    from dreamr_stream.backends.shipped import demo_paths
 
-    paths = demo_paths(draft)
+    paths = demo_paths(draft, task)
     return DemoSources(target=target_url or paths.target, draft=draft_url or paths.draft, settings_from=paths.target)

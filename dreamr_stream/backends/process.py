@@ -59,7 +59,6 @@ from PIL import Image
 
 from dreamr_stream.backends._process_child import SESSION_OPS
 from dreamr_stream.backends.base import Capabilities, ModelBackend, Repairs, ScoreOutput, SetsThreads, StepOutput
-from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
 
@@ -256,7 +255,7 @@ class ProcessBackend:
             return  # nothing to wait for
         self._stand_in = backend
         self.name, self.judge = backend.name, backend.judge
-        self._declared = capabilities_of(backend)
+        self._declared = backend.capabilities
         self._stand_in_sets_threads = self._declared.sets_threads
 
     @property

@@ -221,7 +221,7 @@ def _evaluation(spec: dict[str, Any], results: Path) -> dict[str, Any]:
 def card_from_spec(model: str, *, weights: Path | None = None, specs: Path = SPECS, results: Path = RESULTS) -> str:
     """The card of shipped model ``model`` (a folder name under ``zoo/weights``) from its spec,
     notes and eval report."""
-    from dreamr_stream.zoo.shipped import WEIGHTS
+    from dreamr_stream.backends.shipped import WEIGHTS
 
     spec = json.loads((specs / f"{model}.json").read_text())
     stages = [
@@ -247,7 +247,7 @@ def card_from_spec(model: str, *, weights: Path | None = None, specs: Path = SPE
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from dreamr_stream.zoo.shipped import WEIGHTS
+    from dreamr_stream.backends.shipped import WEIGHTS
 
     parser = argparse.ArgumentParser(description="Write the shipped demo models' cards from their eval reports.")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated folders under zoo/weights")

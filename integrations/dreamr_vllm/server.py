@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
     if args.model is None:
-        from dreamr_stream.zoo.shipped import demo_paths
+        from dreamr_stream.backends.shipped import demo_paths
 
         args.model = demo_paths().target
     cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else None

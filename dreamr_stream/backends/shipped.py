@@ -17,7 +17,7 @@ from dreamr_stream.tasks import DEFAULT_TASK
 
 __all__ = ["WEIGHTS", "DemoPaths", "default_draft", "demo_paths", "model_task", "shipped_drafts", "shipped_models"]
 
-WEIGHTS = Path(__file__).parent / "weights"
+WEIGHTS = Path(__file__).parent.parent / "zoo" / "weights"  # package data beside the pipeline that made them
 
 
 @dataclass(frozen=True)
