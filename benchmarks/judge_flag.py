@@ -26,6 +26,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.backends.shipped import WEIGHTS
 from dreamr_stream.tasks import get_task
+from dreamr_stream.training import load_checkpoint
 from dreamr_stream.zoo.build import JUDGE_SUFFIX, grow_decoder
 from dreamr_stream.zoo.data import (
     IGNORE,
@@ -54,7 +55,7 @@ def main() -> None:
     processor = LlavaProcessor.from_pretrained(args.processor)
     model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
     grow_decoder(model, cfg.shape.layers, cfg.seed)
-    state = torch.load(args.run / "checkpoint" / "state.pt", weights_only=False)
+    state = load_checkpoint(args.run / "checkpoint" / "state.pt")
     model.load_state_dict(state["model"])
     model.eval()
     w, b = state["aux"]["flag_head.weight"], state["aux"]["flag_head.bias"]

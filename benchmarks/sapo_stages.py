@@ -23,6 +23,7 @@ import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.shipped import WEIGHTS
+from dreamr_stream.jsonl import read_jsonl
 from dreamr_stream.sapo.config import SapoConfig
 from dreamr_stream.sapo.draft import TransformersDraft
 from dreamr_stream.sapo.prompts import TrajectoryCache
@@ -64,7 +65,7 @@ def main() -> None:
         final = train(cfg, args.target, args.draft, args.out, demo_prompts(cfg.pool, cfg.eval_prompts, cfg.generation))
         shutil.copytree(final, snapshot, dirs_exist_ok=True)
         share, judged = exact_share(snapshot, val)
-        rows = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
+        rows = read_jsonl(args.out / "log.jsonl")
         last = [r for r in rows if "reward" in r][-1]
         minutes = sum(r["s"] for r in rows if "reward" in r) / 60
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "ConfigError",
+    "CorruptFileError",
     "DreamrError",
     "InputError",
     "InvalidImageError",
@@ -19,6 +20,10 @@ class DreamrError(Exception):
 
 class ConfigError(DreamrError, ValueError):
     """A configuration value is invalid."""
+
+
+class CorruptFileError(DreamrError, ValueError):
+    """A file the library wrote (a log, a checkpoint) holds what no crash of its writer explains."""
 
 
 class InputError(DreamrError, ValueError):

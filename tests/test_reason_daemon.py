@@ -8,6 +8,7 @@ interpreter, wrapped so that it fails if the client imported torch or transforme
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -27,9 +28,20 @@ from ws_support import QUESTION, make_reasoner
 from dreamr_app import cli
 from dreamr_app.common import Request
 from dreamr_app.daemon.client import RemoteEngine, connect
-from dreamr_app.daemon.files import DaemonFiles, daemon_alive, daemon_key, identity, runtime_dir
+from dreamr_app.daemon.files import (
+    DAEMON_MODULE,
+    DaemonFiles,
+    daemon_alive,
+    daemon_key,
+    identity,
+    locked,
+    runtime_dir,
+    start_or_join,
+)
+from dreamr_app.daemon.ownership import start_time
 from dreamr_app.daemon.server import ResidentServer
 from dreamr_stream.backends.shipped import WEIGHTS
+from dreamr_stream.errors import DreamrError
 from dreamr_stream.events import Event, FailedEvent, FinishedEvent
 
 # main() as the console script runs it, then a check of what the client imported
@@ -37,6 +49,11 @@ CLIENT = (
     "import sys; from dreamr_app.cli import main; rc = main(sys.argv[1:]); "
     "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
     "heavy and print('the client imported', heavy, file=sys.stderr); sys.exit(99 if heavy else rc)"
+)
+# holds a start lock as another command does, says so, and waits
+HOLD_LOCK = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); "
+    "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); time.sleep(60)"
 )
 STEP = re.compile(r"^\s*\d+\.\d+s [✓●]", re.MULTILINE)
 COMPARISON = re.compile(r"^FPSR \d+\.\d\d s, the target alone ≈?\d+\.\d\d s: ≈?\d+\.\d\dx (faster|slower) \(.*\)$")
@@ -159,6 +176,77 @@ def test_status_and_stop_with_no_daemon_and_a_dead_ones_files(
     assert "no dreamr daemon is running" in capsys.readouterr().out
 
 
+def test_a_symlinked_or_open_daemon_file_is_refused(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DREAMR_RUNTIME_DIR", str(root))
+    files = DaemonFiles(root, "0123456789abcdef")
+    elsewhere = root / "elsewhere.txt"
+    elsewhere.write_text(json.dumps({"pid": os.getpid(), "state": "ready"}))
+    elsewhere.chmod(0o600)
+    try:
+        for path in (files.info, files.lock, files.log):
+            path.symlink_to(elsewhere)
+        with pytest.raises(DreamrError, match=f"{files.info} is a symbolic link: refused"):
+            files.read_info()
+        with pytest.raises(DreamrError, match=f"{files.lock} is a symbolic link: refused"):
+            asyncio.run(locked(files.lock, 1.0).__aenter__())
+        assert cli.main(["daemon", "status"]) == cli.EXIT_FAILED
+        assert "is a symbolic link: refused" in capsys.readouterr().err
+        files.info.unlink()
+        files.write_info(pid=os.getpid(), state="ready")  # replaces a link, never writes through it
+        assert not files.info.is_symlink() and files.info.stat().st_mode & 0o777 == 0o600
+        assert json.loads(elsewhere.read_text()) == {"pid": os.getpid(), "state": "ready"}
+        files.info.chmod(0o644)
+        with pytest.raises(DreamrError, match="has mode 0644, not 0600: refused"):
+            files.read_info()
+    finally:
+        for path in (files.info, files.lock, files.log):
+            path.unlink(missing_ok=True)
+
+
+def test_a_start_lock_held_by_another_process_fails_after_its_deadline_naming_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = DaemonFiles(root, "0123456789abcdef")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(files.lock)], stdout=subprocess.PIPE, text=True, env=env(root)
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        monkeypatch.setenv("DREAMR_DAEMON_LOCK_TIMEOUT", "0.3")
+        args = cli.build_parser().parse_args(["reason", "--random"])
+        started = time.monotonic()
+        with pytest.raises(DreamrError, match=f"another dreamr command \\(pid {holder.pid}\\) has been starting"):
+            asyncio.run(asyncio.wait_for(start_or_join(files, args, {}), 10))  # before a deadline: a hang
+        assert time.monotonic() - started < 5 and holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stop_never_signals_a_process_that_reused_the_daemons_pid(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DREAMR_RUNTIME_DIR", str(root))
+    # a later process with the daemon's pid (and even the daemon's name on its command line)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", DAEMON_MODULE])
+    try:
+        files = DaemonFiles(root, "0123456789abcdef")
+        daemon_started = start_time(os.getpid())  # when the daemon that had the pid started: earlier
+        assert daemon_started is not None and daemon_started != start_time(later.pid)
+        files.write_info(pid=later.pid, pid_start=daemon_started, state="ready")
+        assert cli.main(["daemon", "stop"]) == 0
+        assert "no dreamr daemon is running" in capsys.readouterr().out
+        assert later.poll() is None and not files.info.exists()
+        files.write_info(pid=later.pid, state="ready")  # its own start time: it is the daemon
+        assert cli.main(["daemon", "stop"]) == 0
+        assert f"(pid {later.pid})" in capsys.readouterr().out and later.wait(10) == -signal.SIGTERM
+    finally:
+        later.kill()
+        later.wait()
+
+
 # ---------------------------------------------------------------------------------- exiting daemons
 def resident(files: DaemonFiles) -> ResidentServer:
     """The daemon's server on scripted models; on closing it says so in its info, as the daemon does."""
@@ -180,7 +268,8 @@ def test_a_daemon_that_reaches_its_idle_timeout_as_a_command_connects_refuses_it
             await server.until_idle(0.0)  # decided: no connection was open
             # the socket is still there (the real daemon unlinks it now): a command that connects
             # in this moment finds the daemon leaving, in its info too, so it starts the next one
-            assert server.closing and files.read_info() == {"pid": os.getpid(), "state": "stopping"}
+            info = {"pid": os.getpid(), "pid_start": start_time(os.getpid()), "state": "stopping"}
+            assert server.closing and files.read_info() == info
             assert await connect(files) is None
 
     asyncio.run(scenario())

@@ -155,6 +155,23 @@ async def test_foreign_and_corrupt_values_are_ignored(store: RedisTrajectoryStor
 
 
 @pytest.mark.asyncio
+async def test_a_log_entry_that_does_not_parse_is_skipped_with_a_warning_and_the_rest_is_read(
+    store: RedisTrajectoryStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    await reasoner(store).ainvoke(IMAGE, "how many?")
+    good = await store.read_log()
+    whole = good[0].model_dump_json().encode()
+    await store.client.xadd(f"{store.prefix}log", {"e": whole[: len(whole) // 2] + b"\xc3"})  # torn mid-character
+    await store.append_log(good[:1])
+    with caplog.at_level(logging.WARNING, logger="dreamr_redis.store"):
+        entries = await store.read_log()
+    assert entries == [*good, good[0]]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 entries of the log {store.prefix}log that do not parse"
+    ]
+
+
+@pytest.mark.asyncio
 async def test_redis_killed_mid_stream_still_finishes(
     private_redis: tuple[subprocess.Popen[bytes], int], caplog: pytest.LogCaptureFixture
 ) -> None:

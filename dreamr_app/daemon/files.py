@@ -9,8 +9,11 @@ never torch, transformers, or a module that imports them (tests/test_reason_daem
 Files, per user, in ``$DREAMR_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/dreamr``, else
 ``~/.cache/dreamr`` (a 0700 folder), each named by the daemon's key (its models, device and
 code, so that a daemon for other models is never reused): ``KEY.sock`` (0600), ``KEY.json``
-(pid, state, models), ``KEY.log`` (the daemon's output) and ``KEY.lock`` (held while one is
-started, so that two commands at once start one daemon).
+(pid and its start time, state, models), ``KEY.log`` (the daemon's output) and ``KEY.lock``
+(held while one is started, so that two commands at once start one daemon; a command waits for it
+at most ``$DREAMR_DAEMON_LOCK_TIMEOUT`` seconds).
+
+Each file is opened and each pid signalled only after the checks of ``ownership``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ from typing import Any
 
 from rich.console import Console
 
+from dreamr_app.daemon.ownership import (
+    DAEMON_MODULE,
+    daemon_alive,
+    open_private,
+    running,
+    signal_daemon,
+    start_time,
+)
 from dreamr_stream import __version__
 from dreamr_stream.errors import DreamrError
 
@@ -39,6 +50,7 @@ __all__ = [
     "DAEMON_MODULE",
     "ERROR_PREFIX",
     "IDLE_ENV",
+    "LOCK_TIMEOUT_ENV",
     "NOT_SERVED_CODE",
     "NOT_SERVED_REASON",
     "RUNTIME_ENV",
@@ -50,18 +62,20 @@ __all__ = [
     "daemon_key",
     "identity",
     "idle_timeout",
+    "running",
     "runtime_dir",
     "start_or_join",
     "status",
     "stop",
 ]
 
-# the daemon is run as ``python -m DAEMON_MODULE``, and a live process is known for one by that name
-DAEMON_MODULE = "dreamr_app.daemon.server"
 RUNTIME_ENV = "DREAMR_RUNTIME_DIR"
 IDLE_ENV = "DREAMR_DAEMON_IDLE"  # seconds a started daemon waits for the next request
 DEFAULT_IDLE_S = 600.0
 READY_TIMEOUT_S = 900.0  # big models on a busy machine load slowly; a dead daemon is noticed at once anyway
+LOCK_TIMEOUT_ENV = "DREAMR_DAEMON_LOCK_TIMEOUT"  # seconds a command waits for another's start of the daemon
+# the lock's holder waits up to READY_TIMEOUT_S for its daemon (and 30 s for an exiting one to go)
+DEFAULT_LOCK_TIMEOUT_S = READY_TIMEOUT_S + 60.0
 # the daemon's last words in its log, for the client that waits for it to be ready
 ERROR_PREFIX = "dreamr daemon: error: "
 USAGE_PREFIX = "dreamr daemon: usage: "
@@ -119,18 +133,26 @@ class DaemonFiles:
         return self.root / f"{self.key}.lock"
 
     def read_info(self) -> dict[str, Any] | None:
+        """The info file's fields (None: none, or not an info file); ``DreamrError`` for a file
+        that ``open_private`` refuses."""
         try:
-            data = json.loads(self.info.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            with os.fdopen(open_private(self.info, os.O_RDONLY), encoding="utf-8") as f:
+                data = json.loads(f.read())
+        except (FileNotFoundError, ValueError):
             return None
         return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None
 
     def write_info(self, *, merge: bool = True, **fields: Any) -> None:
-        """``fields`` merged into the info file (or replacing it); atomically, as clients poll it."""
+        """``fields`` merged into the info file (or replacing it); atomically, as clients poll it.
+        A ``pid`` is written with its start time (``pid_start``), which ``running`` checks."""
+        if "pid" in fields:
+            fields.setdefault("pid_start", start_time(fields["pid"]))
         data = {**((self.read_info() or {}) if merge else {}), **fields}
         tmp = self.info.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        tmp.replace(self.info)
+        tmp.unlink(missing_ok=True)  # one a killed writer of this pid left: O_EXCL below
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=1))
+        tmp.replace(self.info)  # a rename replaces a link itself, never what it points to
 
     def remove(self, pid: int | None = None) -> None:
         """The socket and info file; with ``pid``, only while the info file is that daemon's."""
@@ -139,21 +161,6 @@ class DaemonFiles:
             return
         self.socket.unlink(missing_ok=True)
         self.info.unlink(missing_ok=True)
-
-
-def daemon_alive(pid: int) -> bool:
-    """A live process of ours that is a dreamr daemon (not a process that reused a dead one's pid)."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if not cmdline.parent.exists():  # no /proc here: trust the pid
-        return True
-    try:
-        return DAEMON_MODULE.encode() in cmdline.read_bytes()  # empty for a zombie
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------- identity
@@ -199,13 +206,17 @@ def daemon_key(ident: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _seconds(env: str, default: float) -> float:
+    try:
+        return float(os.environ.get(env, default))
+    except ValueError:
+        return default
+
+
 def idle_timeout(args: argparse.Namespace) -> float:
     if getattr(args, "daemon_idle", None) is not None:
         return float(args.daemon_idle)
-    try:
-        return float(os.environ.get(IDLE_ENV, DEFAULT_IDLE_S))
-    except ValueError:
-        return DEFAULT_IDLE_S
+    return _seconds(IDLE_ENV, DEFAULT_IDLE_S)
 
 
 # ---------------------------------------------------------------------------------- start
@@ -221,7 +232,7 @@ def _spawn(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) 
     # from "/" so that it holds no user folder; the same code as this command, wherever that came from
     path = [*map(str, _code_roots()), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    log = os.open(files.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    log = open_private(files.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         return subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd="/", env=env
@@ -233,7 +244,8 @@ def _spawn(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) 
 def _last_words(files: DaemonFiles) -> tuple[str, bool]:
     """The daemon's error line from its log (and whether it is about a flag), else where the log is."""
     try:
-        lines = files.log.read_text(encoding="utf-8", errors="replace").splitlines()
+        with os.fdopen(open_private(files.log, os.O_RDONLY), encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
     except OSError:
         lines = []
     for line in reversed(lines):
@@ -257,9 +269,9 @@ async def _wait_ready(files: DaemonFiles, pid: int, proc: subprocess.Popen[bytes
         await asyncio.sleep(0.05)
 
 
-async def _wait_gone(pid: int, timeout_s: float) -> bool:
+async def _wait_gone(info: dict[str, Any], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while daemon_alive(pid):
+    while running(info):
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.05)
@@ -267,18 +279,29 @@ async def _wait_gone(pid: int, timeout_s: float) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _locked(path: Path) -> AsyncIterator[None]:
-    """The key's lock, polled so that the event loop (and the spinner) keep going meanwhile."""
+async def locked(path: Path, timeout_s: float) -> AsyncIterator[None]:
+    """The key's lock, polled so that the event loop (and the spinner) keep going meanwhile; a
+    ``DreamrError`` naming its holder after ``timeout_s`` (a holder stopped or hung must not hang
+    every later command). The holder writes its pid in it."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_private(path, os.O_RDWR | os.O_CREAT)
     try:
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise DreamrError(
+                        f"another dreamr command (pid {holder}) has been starting the daemon for over "
+                        f"{timeout_s:g} s and still holds {path}; set ${LOCK_TIMEOUT_ENV} to wait longer"
+                    ) from None
                 await asyncio.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock; so does this process dying
@@ -293,14 +316,14 @@ class Started:
 async def start_or_join(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) -> Started | None:
     """Under the lock: join a daemon that is still loading, else replace a dead one's files and start one.
     Returns what was started, or None when another command's daemon serves now."""
-    async with _locked(files.lock):
+    async with locked(files.lock, _seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S)):
         info = files.read_info()
-        if info is not None and daemon_alive(info["pid"]):
+        if info is not None and running(info):
             if info.get("state") != "stopping":
                 with contextlib.suppress(DaemonFailed):
                     await _wait_ready(files, info["pid"], None)
                     return None
-            await _wait_gone(info["pid"], 30.0)  # it is exiting (idle): let it go, then start afresh
+            await _wait_gone(info, 30.0)  # it is exiting (idle): let it go, then start afresh
         files.remove()  # a daemon that died (killed, crashed) leaves its socket and info behind
         proc = _spawn(files, args, ident)
         await _wait_ready(files, proc.pid, proc)
@@ -325,29 +348,29 @@ def _describe(info: dict[str, Any]) -> str:
 
 def status(console: Console) -> int:
     """Every daemon of this user: 0 if one runs, 3 if none (as ``systemctl status``)."""
-    running = 0
+    alive = 0
     for files, info in _daemons(runtime_dir()):
-        if daemon_alive(info["pid"]):
-            running += 1
+        if running(info):
+            alive += 1
             console.print(f"dreamr daemon {files.key}: {_describe(info)}", soft_wrap=True)
         else:
             files.remove(info["pid"])
             console.print(f"[dim]dreamr daemon {files.key}: pid {info['pid']} is gone; removed its files[/dim]")
-    if not running:
+    if not alive:
         console.print("no dreamr daemon is running")
-    return 0 if running else 3
+    return 0 if alive else 3
 
 
 def stop(console: Console, timeout_s: float = 15.0) -> int:
-    """Stop every daemon of this user: SIGTERM, then SIGKILL if it has not exited in ``timeout_s``."""
+    """Stop every daemon of this user: SIGTERM, then SIGKILL if it has not exited in ``timeout_s``;
+    only the processes the info files name that are still those daemons (``running``)."""
     stopped = 0
     for files, info in _daemons(runtime_dir()):
         pid = info["pid"]
-        if daemon_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            if not asyncio.run(_wait_gone(pid, timeout_s)):
-                os.kill(pid, signal.SIGKILL)
-                asyncio.run(_wait_gone(pid, 5.0))
+        if signal_daemon(info, signal.SIGTERM):
+            if not asyncio.run(_wait_gone(info, timeout_s)):
+                signal_daemon(info, signal.SIGKILL)
+                asyncio.run(_wait_gone(info, 5.0))
             stopped += 1
             console.print(f"stopped the dreamr daemon {files.key} (pid {pid})")
         files.remove(pid)

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.jsonl import open_append, read_jsonl
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.store import LogEntry
 
@@ -51,15 +52,14 @@ class TrajectoryCache:
         self.path = path
         self.items: dict[str, list[str]] = {}
         if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
+            for rec in read_jsonl(path):
                 self.items[rec["key"]] = rec["steps"]
 
     def get(self, key: str, compute: Callable[[], list[str]]) -> list[str]:
         if key not in self.items:
             self.items[key] = compute()
             if self.path is not None:
-                with self.path.open("a") as f:
+                with open_append(self.path) as f:
                     f.write(json.dumps({"key": key, "steps": self.items[key]}) + "\n")
         return self.items[key]
 

@@ -37,6 +37,7 @@ import torch
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import VerificationConfig
+from dreamr_stream.jsonl import open_append, read_jsonl
 from dreamr_stream.sapo.acceptance import acceptance_at_prefixes
 from dreamr_stream.sapo.config import SapoConfig, lr_at
 from dreamr_stream.sapo.draft import DraftPolicy, TransformersDraft
@@ -44,7 +45,7 @@ from dreamr_stream.sapo.policy import PolicySample, gather_steps, sapo_loss, ste
 from dreamr_stream.sapo.prompts import PromptSource, TrajectoryCache
 from dreamr_stream.sapo.rollouts import RolloutPrompt, StepScorer, TransformersScorer, rollout_group, trajectory_sample
 from dreamr_stream.sapo.trajectories import greedy_matches
-from dreamr_stream.training import save_atomic
+from dreamr_stream.training import load_checkpoint, save_atomic, save_folder_atomic
 from dreamr_stream.verify import Verifier, make_verifier
 
 __all__ = ["sapo_update", "train"]
@@ -123,7 +124,7 @@ def _plot(log_path: Path, png: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is optional (the `plot` extra)
         return
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    rows = read_jsonl(log_path)
     upd = [r for r in rows if "reward" in r]
     ev = [r for r in rows if "acceptance" in r]
     panels = [
@@ -284,7 +285,7 @@ def _resume(ckpt: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimize
     """The updates done: restored from ``ckpt`` if a run saved one there, else 0."""
     if not (ckpt / "state.pt").exists():
         return 0
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = load_checkpoint(ckpt / "state.pt")
     policy.load_state_dict(state["policy"])
     optimizer.load_state_dict(state["opt"])
     rng.setstate(state["rng"])
@@ -326,7 +327,7 @@ def train(cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, prompts
         _write(logf, ev)
         log.info("SAPO eval %s", ev)
 
-    logf = (out / "log.jsonl").open("a")
+    logf = open_append(out / "log.jsonl")
     if start == 0:
         evaluate(0)
     for step in range(start, cfg.steps):
@@ -348,8 +349,7 @@ def train(cfg: SapoConfig, target_dir: Path, draft_dir: Path, out: Path, prompts
             evaluate(done)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             _save(ckpt, policy, optimizer, rng, done)
-    final = out / "final"
-    draft.save(final)
+    final = save_folder_atomic(draft.save, out / "final")
     _plot(out / "log.jsonl", out / "curves.png")
     return final
 

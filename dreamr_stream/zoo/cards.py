@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreamr_stream.jsonl import read_jsonl
+
 __all__ = ["Stage", "card_from_spec", "model_card", "sapo_notes"]
 
 ZOO = Path(__file__).parent
@@ -61,7 +63,7 @@ class Stage:
     def minutes(self) -> float | None:
         if self.log is None or not self.log.exists():
             return self.known_minutes
-        rows = [json.loads(x) for x in self.log.read_text().splitlines()]
+        rows = read_jsonl(self.log)
         return sum(r["s_per_step"] * 10 for r in rows if "s_per_step" in r and r["step"] <= self.step) / 60
 
     def line(self) -> str:
@@ -130,7 +132,7 @@ def sapo_notes(run: Path, *, command: str, settings: tuple[str, ...] = ()) -> st
     default: the recipe's main knobs), and the validation curve (acceptance of the greedy draft
     step at the target's prefixes)."""
     cfg = json.loads((run / "config.json").read_text())
-    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run / "log.jsonl")
     updates = [r for r in rows if "reward" in r]
     evals = [r for r in rows if "acceptance" in r]
     minutes = sum(r["s"] for r in updates) / 60

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.jsonl import read_jsonl
 from dreamr_stream.tasks import DEFAULT_TASK, JudgeItem, Split, Task, TaskItem, get_task
 from dreamr_stream.zoo.data import STEP_DELIMITER
 from dreamr_stream.zoo.task_needs import draw
@@ -91,7 +92,7 @@ def write_pool(steps: Sequence[DraftStep], path: Path) -> None:
 
 
 def read_pool(path: Path) -> list[DraftStep]:
-    return [DraftStep(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [DraftStep(**rec) for rec in read_jsonl(path)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,21 @@
 """Export a trained checkpoint as a shipped demo model: bf16 safetensors + processor + sidecar.
 
 The sidecar (``dreamr.json``) says which task the model was trained on (``"task"``), its judge
-prompt and the verification it recommends."""
+prompt and the verification it recommends.
+
+The folder is written beside the one it replaces and swapped in by rename
+(``training.save_folder_atomic``): an export that stops halfway leaves the shipped model as it was."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.tasks import DEFAULT_TASK, get_task, task_names
+from dreamr_stream.training import save_folder_atomic
 from dreamr_stream.zoo.build import JUDGE_NEG, JUDGE_POS, JUDGE_SUFFIX
 
 __all__ = ["export_model"]
@@ -35,10 +38,6 @@ def export_model(
     task = get_task(task).name  # an unknown task is refused before anything is written
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     processor = LlavaProcessor.from_pretrained(processor_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    model.to(dtype=torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[call-arg]
-    processor.save_pretrained(out)
     sidecar: dict[str, object] = {
         "task": task,
         "judge": {"suffix": JUDGE_SUFFIX, "positive": JUDGE_POS, "negative": JUDGE_NEG},
@@ -52,10 +51,15 @@ def export_model(
         verification["taus"] = taus
     if verification:  # what `Reasoner.from_pretrained` uses when no config is given
         sidecar["verification"] = verification
-    (out / "dreamr.json").write_text(json.dumps(sidecar, indent=2) + "\n")
-    if card is not None:
-        (out / "README.md").write_text(card)
-    return out
+
+    def write(folder: Path) -> None:
+        model.to(dtype=torch.bfloat16).save_pretrained(folder, safe_serialization=True)  # type: ignore[call-arg]
+        processor.save_pretrained(folder)
+        (folder / "dreamr.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        if card is not None:
+            (folder / "README.md").write_text(card)
+
+    return save_folder_atomic(write, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,8 +34,9 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.jsonl import open_append
 from dreamr_stream.tasks import DEFAULT_TASK, Split, get_task
-from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
+from dreamr_stream.training import TrainingConfig, load_checkpoint, save_atomic, save_pretrained_atomic, warmup_cosine
 from dreamr_stream.zoo.build import (
     ModelShape,
     build_model,
@@ -233,7 +234,7 @@ class _Run:
         """The steps done: restored from ``ckpt`` if a run saved one there, else 0."""
         if not (ckpt / "state.pt").exists():
             return 0
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = load_checkpoint(ckpt / "state.pt")
         self.model.load_state_dict(state["model"])
         self.aux.load_state_dict(state["aux"])
         self.opt.load_state_dict(state["opt"])
@@ -315,7 +316,7 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     model.train()
     verdict = verdict_ids(processor)
     pool, held_out = draft_pool(cfg.draft_steps)
-    logf = (out_dir / "log.jsonl").open("a")
+    logf = open_append(out_dir / "log.jsonl")
     t0 = time.perf_counter()
     progress = _progress(cfg.name, start, cfg.steps)
     for step in range(start, cfg.steps):
@@ -333,14 +334,11 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
             metrics = {"step": done, **scores}
             _write(logf, metrics)
             log.info("%s eval %s", cfg.name, metrics)
-            model.save_pretrained(out_dir / f"step{done:05d}")
+            save_pretrained_atomic(out_dir / f"step{done:05d}", model)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             run.save(ckpt, done)
     progress(cfg.steps)
-    final = out_dir / "final"
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
-    return final
+    return save_pretrained_atomic(out_dir / "final", model, processor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,19 +140,23 @@ class RedisTrajectoryStore:
         self._ok()
 
     async def read_log(self, limit: int = 1000) -> list[LogEntry]:
-        """The newest ``limit`` entries, oldest first; corrupt entries are skipped."""
+        """The newest ``limit`` entries, oldest first; an entry that does not parse (foreign, or
+        torn) is skipped, with one warning per read that counts them: one bad entry must not
+        cost SAPO the whole log."""
         self._check()
         try:
             rows = await self.client.xrevrange(self._k("log"), count=limit)
         except (RedisError, OSError) as e:
             self._failed(e)
         self._ok()
-        entries = []
+        entries, skipped = [], 0
         for _id, fields in reversed(list(rows or [])):
             try:
                 entries.append(LogEntry.model_validate_json((fields or {})[b"e"]))
-            except (KeyError, ValidationError, ValueError):
-                continue
+            except (KeyError, TypeError, ValidationError, ValueError):
+                skipped += 1
+        if skipped:
+            log.warning("skipped %d entries of the log %s that do not parse", skipped, self._k("log"))
         return entries
 
     async def get_image(self, digest: str) -> bytes | None:

@@ -17,8 +17,9 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from dreamr_stream.errors import ConfigError
+from dreamr_stream.jsonl import open_append
 from dreamr_stream.tasks import DEFAULT_TASK, get_task
-from dreamr_stream.training import TrainingConfig, save_atomic, warmup_cosine
+from dreamr_stream.training import TrainingConfig, load_checkpoint, save_atomic, save_pretrained_atomic, warmup_cosine
 from dreamr_stream.zoo.build import grow_decoder
 from dreamr_stream.zoo.data import verdict_ids
 from dreamr_stream.zoo.judge_layers.data import Labels, judge_items, likelihood_labels, likelihood_threshold
@@ -154,7 +155,7 @@ def _datasets(
     """The cached trunk of the training and validation items (built once, kept in ``out``)."""
     path = out / "trunk.pt"
     if path.exists():
-        cached = torch.load(path, weights_only=False)
+        cached = load_checkpoint(path, allow=[TrunkItem])
         return cached["train"], cached["val"]
     task = get_task(cfg.task)
     train_items = judge_items(
@@ -213,7 +214,7 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
     ckpt = out / "checkpoint.pt"
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_checkpoint(ckpt)
         judge.load_state_dict(state["judge"])
         opt.load_state_dict(state["opt"])
         rng.setstate(state["rng"])
@@ -227,7 +228,7 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
         "gather": cfg.gather_weight,
         "copy": cfg.copy_weight,
     }
-    logf = (out / "log.jsonl").open("a")
+    logf = open_append(out / "log.jsonl")
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         lr = warmup_cosine(step, peak=cfg.lr, warmup=cfg.warmup, start=cfg.warmup, end=cfg.steps, floor=cfg.min_lr_frac)
@@ -250,10 +251,7 @@ def train(cfg: JudgeLayersConfig, out: Path) -> Path:
             log.info("%s step %d %s", cfg.name, done, metrics)
             state = {"judge": judge.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(), "step": done}
             save_atomic(state, ckpt)
-    final = out / "final"
-    grown.save_pretrained(final)
-    processor.save_pretrained(final)
-    return final
+    return save_pretrained_atomic(out / "final", grown, processor)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,6 +270,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None:
         cfg = cfg.model_copy(update={"steps": args.steps})
     if args.save_only:
-        state = torch.load(args.out / "checkpoint.pt", weights_only=False)
+        state = load_checkpoint(args.out / "checkpoint.pt")
         cfg = cfg.model_copy(update={"steps": int(state["step"])})
     print(train(cfg, args.out))
