@@ -264,6 +264,8 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[
     dreamr = Path(sys.executable).with_name("dreamr")
     command = [str(dreamr)] if dreamr.exists() else [sys.executable, "-m", "dreamr_app"]
     command += ["serve", "--port", "0", "--max-active", str(args.max_active)]
+    # every client is on this machine's loopback address: lift what one address may take
+    command += ["--requests-per-minute", "0", "--max-connections-per-address", str(args.clients + 2)]
     err = log.open("w")
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
     assert proc.stdout is not None

@@ -164,7 +164,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     serial = statistics.median(p.serial_s for p in bank)
     print(f"models {load_s:.1f}s; {len(bank)} references, serial median {serial:.2f}s")
 
-    settings = ServerSettings(port=0, max_active=args.max_active, max_waiting=args.max_waiting, send_timeout_s=30)
+    settings = ServerSettings(
+        port=0,
+        max_active=args.max_active,
+        max_waiting=args.max_waiting,
+        send_timeout_s=30,
+        # every client is on this machine's loopback address: lift what one address may take
+        max_connections_per_address=args.clients + args.storm + 2,
+        requests_per_minute=None,
+    )
     async with DreamrServer(reasoner, settings) as server:
         url, port = server.ws_url, server.port
         run, peak = Run(), {"active_requests": 0, "queued": 0, "in_flight": 0, "connections": 0}

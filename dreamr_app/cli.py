@@ -201,6 +201,16 @@ def _add_serve(sub: Subparsers) -> None:
     s.add_argument("--max-connections", type=int, default=256, help="open WebSockets (default: 256)")
     s.add_argument("--max-message-bytes", type=int, default=8 * 2**20, help="largest upload (default: 8 MiB)")
     s.add_argument("--send-timeout", type=float, default=10.0, help="abort a client that stops reading (s)")
+    s.add_argument("--max-connections-per-address", type=int, default=16,
+                   help="open WebSockets from one client address (default: 16)")  # fmt: skip
+    s.add_argument("--max-held-image-bytes", type=int, default=256 * 2**20,
+                   help="decoded images of running and queued requests before 'busy' (default: 256 MiB)")  # fmt: skip
+    s.add_argument("--requests-per-minute", type=float, default=120.0,
+                   help="requests a minute from one address; 0 = no limit (default: 120)")  # fmt: skip
+    s.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="close a connection with no request for this long, in s; 0 = never (default: 60)")  # fmt: skip
+    s.add_argument("--parse-in-thread-bytes", type=int, default=64 * 2**10,
+                   help="parse larger messages in a worker thread (default: 64 KiB)")  # fmt: skip
     s.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")
     s.add_argument("--max-steps", type=int, default=24)
     add_model_flags(s)

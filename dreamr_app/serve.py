@@ -43,6 +43,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_connections=args.max_connections,
         max_message_bytes=args.max_message_bytes,
         send_timeout_s=args.send_timeout,
+        max_connections_per_address=args.max_connections_per_address,
+        max_held_image_bytes=args.max_held_image_bytes,
+        requests_per_minute=args.requests_per_minute or None,  # 0: no limit
+        idle_timeout_s=args.idle_timeout or None,  # 0: never
+        parse_in_thread_bytes=args.parse_in_thread_bytes,
     )
 
 

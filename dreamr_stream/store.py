@@ -1,7 +1,12 @@
 """Trajectory store: verified trajectories as free drafts, and a verification log for SAPO.
 
-* ``TrajectoryStore`` is the protocol; ``MemoryTrajectoryStore`` (bounded LRU with TTL) is the
-  embedded default; ``dreamr_redis.RedisTrajectoryStore`` shares one cache between replicas.
+* ``TrajectoryStore`` is the protocol; ``MemoryTrajectoryStore`` (an LRU with TTL, bounded in
+  entries and in bytes) is the embedded default; ``dreamr_redis.RedisTrajectoryStore`` shares one
+  cache between replicas.
+* The prompt image is kept beside its trajectory (SAPO rebuilds prompts from the log) as a PNG
+  scaled down to what the models read (``stored_image``); an image over ``STORED_IMAGE_BYTES``
+  is kept by no store. An upload can be megapixels: kept as it came, a few of them would fill
+  any budget.
 * Keys: a fingerprint of (target, draft, verifier settings, tau), a hash of the DECODED image
   pixels (so the same picture in PNG or JPEG-re-encoded-losslessly, or as base64, hits), and the
   normalised question.
@@ -16,7 +21,7 @@ import io
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -27,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dreamr_stream.types import Verdict
 
 __all__ = [
+    "STORED_IMAGE_BYTES",
+    "STORED_IMAGE_SIDE",
     "GuardedStore",
     "LogEntry",
     "MemoryTrajectoryStore",
@@ -36,11 +43,16 @@ __all__ = [
     "image_png",
     "normalise_question",
     "settings_fingerprint",
+    "storable_image",
+    "stored_image",
     "trajectory_key",
 ]
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+STORED_IMAGE_SIDE = 448  # the long side of a stored image: what the models' processors read, and more
+STORED_IMAGE_BYTES = 2 * 2**20  # the largest stored image, in every store
+_ENTRY_OVERHEAD = 512  # bytes of a memory store entry beside its value: key, tuple, table slot
 
 
 class Trajectory(BaseModel):
@@ -89,6 +101,26 @@ def image_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def stored_image(image: Image.Image, max_side: int = STORED_IMAGE_SIDE) -> bytes:
+    """The PNG a store keeps of a prompt image: scaled down to ``max_side`` on its long side.
+
+    An image already that small is kept pixel for pixel (the demo's puzzles are), so a prompt
+    rebuilt from the store is the prompt the request ran on. Runs in a worker thread.
+    """
+    if max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image_png(image)
+
+
+def storable_image(png: bytes | None, max_bytes: int = STORED_IMAGE_BYTES) -> bytes | None:
+    """``png`` if a store may keep it, else None: every store applies the same cap."""
+    if png is None or len(png) <= max_bytes:
+        return png
+    log.debug("not storing a %d-byte image (the cap is %d)", len(png), max_bytes)
+    return None
+
+
 def settings_fingerprint(target: str, draft: str, verifier: dict[str, object]) -> str:
     blob = json.dumps({"target": target, "draft": draft, "verifier": verifier}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -113,40 +145,72 @@ class TrajectoryStore(Protocol):
 
 
 class MemoryTrajectoryStore:
-    """In-process LRU with TTL, bounded in entries; the log is a bounded deque."""
+    """In-process LRU with TTL, bounded in entries (of each kind) and in bytes; the log is a bounded deque.
 
-    def __init__(self, *, max_items: int = 1024, ttl_s: float = 3600.0, max_log: int = 10_000) -> None:
+    Trajectories and images share one use order and one byte budget, so the least recently used
+    entry of either kind goes first when a new one does not fit. Expired entries are dropped when
+    read, or in turn as the least recently used.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_items: int = 1024,
+        max_bytes: int = 64 * 2**20,
+        max_image_bytes: int = STORED_IMAGE_BYTES,
+        ttl_s: float = 3600.0,
+        max_log: int = 10_000,
+    ) -> None:
         self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.max_image_bytes = max_image_bytes
         self.ttl_s = ttl_s
-        self._items: OrderedDict[str, tuple[float, Trajectory]] = OrderedDict()
-        self._images: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        # ("traj", key) or ("img", digest) -> (expires, value, its size), least recently used first
+        self._entries: OrderedDict[tuple[str, str], tuple[float, Trajectory | bytes, int]] = OrderedDict()
+        self._counts: Counter[str] = Counter()
+        self.nbytes = 0  # the sizes of every entry held
         self._log: deque[LogEntry] = deque(maxlen=max_log)
 
-    def _live(self, table: OrderedDict[str, tuple[float, object]], key: str) -> object | None:
-        item = table.get(key)
+    def _live(self, kind: str, key: str) -> Trajectory | bytes | None:
+        item = self._entries.get((kind, key))
         if item is None:
             return None
-        expires, value = item
+        expires, value, _ = item
         if expires < time.monotonic():
-            del table[key]
+            self._drop((kind, key))
             return None
-        table.move_to_end(key)
+        self._entries.move_to_end((kind, key))
         return value
 
+    def _drop(self, entry: tuple[str, str]) -> None:
+        _, _, size = self._entries.pop(entry)
+        self._counts[entry[0]] -= 1
+        self.nbytes -= size
+
+    def _keep(self, kind: str, key: str, value: Trajectory | bytes, size: int, expires: float) -> None:
+        if (kind, key) in self._entries:
+            self._drop((kind, key))
+        if size > self.max_bytes:  # would evict everything else and still not fit
+            return
+        self._entries[(kind, key)] = (expires, value, size)
+        self._counts[kind] += 1
+        self.nbytes += size
+        while self._counts[kind] > self.max_items:  # the oldest of this kind
+            self._drop(next(e for e in self._entries if e[0] == kind))
+        while self.nbytes > self.max_bytes:  # the oldest of any kind
+            self._drop(next(iter(self._entries)))
+
     async def get(self, key: str) -> Trajectory | None:
-        value = self._live(self._items, key)  # type: ignore[arg-type]
+        value = self._live("traj", key)
         return value if isinstance(value, Trajectory) else None
 
     async def put(self, key: str, trajectory: Trajectory, image_png: bytes | None = None) -> None:
         expires = time.monotonic() + self.ttl_s
-        self._items[key] = (expires, trajectory)
-        self._items.move_to_end(key)
+        # the text as stored, plus what Python adds around a few strings: an estimate, not a measure
+        self._keep("traj", key, trajectory, len(trajectory.model_dump_json()) + _ENTRY_OVERHEAD, expires)
+        image_png = storable_image(image_png, self.max_image_bytes)
         if image_png is not None:
-            self._images[trajectory.image] = (expires, image_png)
-            self._images.move_to_end(trajectory.image)
-        for table in (self._items, self._images):
-            while len(table) > self.max_items:
-                table.popitem(last=False)
+            self._keep("img", trajectory.image, image_png, len(image_png) + _ENTRY_OVERHEAD, expires)
 
     async def append_log(self, entries: Sequence[LogEntry]) -> None:
         self._log.extend(entries)
@@ -155,7 +219,7 @@ class MemoryTrajectoryStore:
         return list(self._log)[-limit:]
 
     async def get_image(self, digest: str) -> bytes | None:
-        value = self._live(self._images, digest)  # type: ignore[arg-type]
+        value = self._live("img", digest)
         return value if isinstance(value, bytes) else None
 
 

@@ -22,8 +22,8 @@ from dreamr_stream.store import (
     LogEntry,
     Trajectory,
     image_digest,
-    image_png,
     settings_fingerprint,
+    stored_image,
     trajectory_key,
 )
 from dreamr_stream.types import StepSource, Verdict
@@ -52,7 +52,7 @@ class CacheContext:
         self.timeout_s = timeout_s
         self.key = key
         self.image = image
-        self.pil = pil  # encoded to PNG only when a trajectory is stored
+        self.pil = pil  # encoded (scaled down) only when a trajectory is stored
         self.trust = trust
         self.log = log
         self.entries: list[LogEntry] = []
@@ -65,8 +65,11 @@ class CacheContext:
         return self.steps if hit is not None else None
 
     async def store_trajectory(self, steps: list[str], question: str) -> None:
-        """Keep a finished trajectory (its last step final) for the next identical request."""
-        png = await anyio.to_thread.run_sync(image_png, self.pil)
+        """Keep a finished trajectory (its last step final) for the next identical request.
+
+        Its image goes with it, scaled down to what the models read: SAPO rebuilds prompts from it.
+        """
+        png = await anyio.to_thread.run_sync(stored_image, self.pil)
         trajectory = Trajectory(steps=steps, image=self.image, question=question)
         await self.store.put(self.key, trajectory, png, timeout_s=self.timeout_s)
 

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from dreamr_stream.store import LogEntry, Trajectory
+from dreamr_stream.store import STORED_IMAGE_BYTES, LogEntry, Trajectory, storable_image
 
 __all__ = ["RedisTrajectoryStore"]
 
@@ -40,7 +40,7 @@ class RedisTrajectoryStore:
         prefix: str = "dreamr:",
         ttl_s: float = 3600.0,
         max_log: int = 100_000,
-        max_image_bytes: int = 2 * 2**20,
+        max_image_bytes: int = STORED_IMAGE_BYTES,
         timeout_s: float = 0.2,
         max_backoff_s: float = 30.0,
         client: aioredis.Redis | None = None,
@@ -119,7 +119,8 @@ class RedisTrajectoryStore:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.set(self._k("traj", key), trajectory.model_dump_json(), px=self.ttl_ms)
-                if image_png is not None and len(image_png) <= self.max_image_bytes:
+                image_png = storable_image(image_png, self.max_image_bytes)
+                if image_png is not None:
                     pipe.set(self._k("img", trajectory.image), image_png, px=self.ttl_ms)
                 await pipe.execute()
         except (RedisError, OSError) as e:

@@ -84,7 +84,8 @@ ErrorCode = Literal[
     "invalid_image",  # not base64, not an image, too large or too small
     "invalid_question",  # empty or too long
     "request_in_progress",  # this connection already runs a request (one at a time)
-    "busy",  # the server's queue is full; retry later (``retryable``)
+    "busy",  # the server's queue, or its budget for held images, is full; retry later (``retryable``)
+    "rate_limited",  # this address asked too often; the message says when to retry (``retryable``)
     "model_error",  # a model call failed while serving the request
     "internal_error",  # a bug in the server
 ]

@@ -3,7 +3,10 @@
 Why one ``Reasoner`` for every connection: the models are loaded once and shared; the
 core already serialises calls per model (a priority lock each) and keeps concurrent requests
 independent (invariant 6). The server adds what the core cannot know: how many requests may
-run and wait (``Admission``), who may connect, and what a connection may send.
+run and wait (``Admission``), who may connect, and what a connection may send. No one client
+address may hold more than its share of the connections, or ask faster than its rate: one
+client in a loop must not lock out the rest (neither applies on a unix socket, which only its
+owner can reach).
 
 >>> async with DreamrServer(Reasoner.demo(), ServerSettings(port=0)) as server:
 ...     print(server.http_url)  # open it in a browser
@@ -32,9 +35,9 @@ from dreamr_stream import __version__
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.reasoner import Reasoner
 from dreamr_websocket import routes
-from dreamr_websocket.admission import Admission
+from dreamr_websocket.admission import Admission, RequestRate
 from dreamr_websocket.protocol import HelloMessage, ServerLimits, ServerStats, protocol_schema
-from dreamr_websocket.session import Session
+from dreamr_websocket.session import Session, client_address
 from dreamr_websocket.settings import ServerSettings
 
 __all__ = ["DreamrServer", "run"]
@@ -49,9 +52,11 @@ TOTALS = (
     "cancelled",
     "client_gone",
     "busy",
+    "rate_limited",
     "rejected_input",
     "bad_messages",
     "slow_client_aborts",
+    "idle_timeouts",
     "internal_errors",
 )
 
@@ -66,7 +71,9 @@ class DreamrServer:
     def __init__(self, reasoner: Reasoner, settings: ServerSettings | None = None) -> None:
         self.reasoner = reasoner
         self.settings = settings or ServerSettings()
-        self.admission = Admission(self.settings.max_active, self.settings.max_waiting)
+        s = self.settings
+        self.admission = Admission(s.max_active, s.max_waiting, s.max_held_image_bytes)
+        self.rate = RequestRate(s.requests_per_minute) if s.requests_per_minute is not None else None
         self.totals: Counter[str] = Counter(dict.fromkeys(TOTALS, 0))
         self.decode_limiter: anyio.CapacityLimiter | None = None
         self._server: Server | None = None
@@ -171,14 +178,27 @@ class DreamrServer:
         if not routes.token_ok(request, s.token):
             return connection.respond(HTTPStatus.UNAUTHORIZED, "a valid token is required\n")
         if path == "/ws":
-            if self._server is not None and len(self._server.connections) >= s.max_connections:
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")
-            return None
+            return self._room_for(connection)
         if path == "/stats":
             return routes.json_response(self.stats())
         if path == "/schema.json":
             return routes.json_response(protocol_schema())
         return routes.puzzle_response(request)
+
+    def _room_for(self, connection: ServerConnection) -> Response | None:
+        """None if the server, and the client's share of it, has room for one more connection."""
+        open_now = self._server.connections if self._server is not None else set()
+        if len(open_now) >= self.settings.max_connections:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")
+        address = client_address(connection)
+        if address is not None:
+            mine = sum(1 for c in open_now if client_address(c) == address)
+            if mine >= self.settings.max_connections_per_address:
+                log.info("refused a connection from %s: it holds %d already", address, mine)
+                return connection.respond(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "too many connections from this address; retry later\n"
+                )
+        return None
 
     async def handle(self, ws: ServerConnection) -> None:
         """Serve one connection to its end (a subclass may wrap it: count it, or turn it away)."""

@@ -11,6 +11,10 @@ Why it is shaped like this:
   data); on timeout the transport is aborted, which ends the reader loop and so the request.
 * Input is checked before the request takes a slot in the admission queue: a bad image never
   waits in line or holds a slot. Images arrive only as base64; a string is never a path.
+* What one client may take is bounded: its requests a minute (per address, counted before any
+  decoding), and its time connected without asking (``idle_timeout_s``: a connection that holds
+  a place and asks nothing is closed, however well it answers pings). A large message is parsed
+  in a worker thread: parsing megabytes of JSON on the event loop would stall every connection.
 * A session sees its server through ``SessionHost``, the few things it uses of it: the server
   imports this module to run its connections, and this module never imports the server.
 """
@@ -37,11 +41,12 @@ from dreamr_stream.config import InputLimits, ReasonerConfig
 from dreamr_stream.errors import ConfigError, DreamrError, InputError, InvalidImageError, InvalidQuestionError
 from dreamr_stream.events import DraftedEvent, Event, FailedEvent, FinishedEvent
 from dreamr_stream.inputs import check_question, load_image
-from dreamr_websocket.admission import Admission, Busy
+from dreamr_websocket.admission import Admission, Busy, RateLimited, RequestRate
 from dreamr_websocket.protocol import (
     AskMessage,
     CancelledMessage,
     CancelMessage,
+    ClientMessage,
     CloseCode,
     ErrorCode,
     ErrorMessage,
@@ -57,7 +62,16 @@ from dreamr_websocket.settings import ServerSettings
 if TYPE_CHECKING:
     from dreamr_stream.reasoner import Reasoner
 
-__all__ = ["ClientGone", "Outbox", "Session", "SessionHost", "decode_image", "request_config"]
+__all__ = [
+    "ClientGone",
+    "Outbox",
+    "Session",
+    "SessionHost",
+    "client_address",
+    "decode_image",
+    "held_bytes",
+    "request_config",
+]
 
 log = logging.getLogger(__name__)
 _request_ids = itertools.count(1)
@@ -69,6 +83,7 @@ class SessionHost(Protocol):
     reasoner: Reasoner  # shared by every connection
     settings: ServerSettings
     admission: Admission  # the bounded queue every request waits in for a slot
+    rate: RequestRate | None  # requests a minute per client address; None: no limit
     totals: Counter[str]  # the server's counters, which each session adds to
     decode_limiter: anyio.CapacityLimiter | None  # image decoding threads; None before the server starts
 
@@ -119,6 +134,17 @@ def decode_image(text: str, limits: InputLimits) -> Image.Image:
     return load_image(data, limits)
 
 
+def client_address(ws: ServerConnection) -> str | None:
+    """The client's IP address; None on a unix socket (only its owner can connect)."""
+    peer = ws.remote_address
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+def held_bytes(image: Image.Image) -> int:
+    """The memory a decoded image holds: Pillow keeps an RGB pixel in 4 bytes."""
+    return image.width * image.height * 4
+
+
 def request_config(base: ReasonerConfig, options: RequestOptions) -> ReasonerConfig:
     """The server's config with the client's options applied; clients may only lower max_steps."""
     if options.max_steps is not None and options.max_steps > base.generation.max_steps:
@@ -164,6 +190,7 @@ class Session:
         self._scope: anyio.CancelScope | None = None
         self._task_id: str | None = None
         self._ended = False  # the running request sent its last message (it may still be closing)
+        self._idle_since = asyncio.get_running_loop().time()  # connected, or its last request ended
 
     def _on_abort(self) -> None:
         self.totals["slow_client_aborts"] += 1
@@ -173,21 +200,64 @@ class Session:
         self.totals["connections"] += 1
         try:
             await self.outbox.send(self.server.hello())
-            async for raw in self.ws:
+            while (raw := await self._next_message()) is not None:
                 if isinstance(raw, bytes):
                     self.totals["bad_messages"] += 1
                     await self.ws.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported: send JSON text")
                     break
                 await self.on_message(raw)
                 del raw  # an upload can be megabytes: do not hold it while waiting for the next message
+            else:
+                self.totals["idle_timeouts"] += 1
+                await self.ws.close(CloseCode.NORMAL, f"idle: no request for {self.server.settings.idle_timeout_s:g} s")
         except (ConnectionClosed, ClientGone):
             pass
         finally:
             await self._stop_request()
 
+    async def _next_message(self) -> str | bytes | None:
+        """The client's next message; None once the connection has been idle for ``idle_timeout_s``.
+
+        Idle means no request running: the clock starts at connect and again when a request
+        ends, and only a request stops it (pings, cancels and bad messages do not).
+        """
+        timeout_s = self.server.settings.idle_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            if timeout_s is None:
+                return await self.ws.recv()
+            running = self._task is not None and not self._task.done()
+            wait_s = timeout_s if running else self._idle_since + timeout_s - loop.time()
+            if wait_s <= 0:
+                return None
+            try:
+                async with asyncio.timeout(wait_s):  # a cancelled recv loses nothing: the next one reads it
+                    return await self.ws.recv()
+            except TimeoutError:
+                continue  # look again: a request may have started or ended meanwhile
+
+    async def _parse(self, raw: str) -> ClientMessage | ErrorMessage:
+        """``raw`` parsed: inline when small, in a worker thread when large (an upload)."""
+        if len(raw) <= self.server.settings.parse_in_thread_bytes:
+            return parse_client_message(raw)
+        return await anyio.to_thread.run_sync(parse_client_message, raw, limiter=self.server.decode_limiter)
+
+    async def _rate_limited(self, ask: AskMessage) -> bool:
+        """Count an ask against its client's rate; True (and the client told) when over it."""
+        address = client_address(self.ws)
+        if self.server.rate is None or address is None:
+            return False
+        try:
+            self.server.rate.take(address)
+        except RateLimited as e:
+            self.totals["rate_limited"] += 1
+            await self.outbox.send(ErrorMessage(id=ask.id, code="rate_limited", message=str(e), retryable=True))
+            return True
+        return False
+
     async def on_message(self, raw: str) -> None:
         """Act on one client message: a request, a cancel, or a bad message answered with an error."""
-        message = parse_client_message(raw)
+        message = await self._parse(raw)
         if isinstance(message, ErrorMessage):
             self.totals["bad_messages"] += 1
             await self.outbox.send(message)
@@ -206,13 +276,17 @@ class Session:
                     "(wait for its stats or error, or send cancel)",
                 )
             )
-        else:
+        elif not await self._rate_limited(message):
             if self._task is not None:  # ended for the client, maybe still closing its stream: a moment
                 await asyncio.wait([self._task])
             self._task_id = message.id or f"r{next(_request_ids)}"
             self._ended = False
             self._scope = anyio.CancelScope()
             self._task = asyncio.get_running_loop().create_task(self._serve(message, self._task_id, self._scope))
+            self._task.add_done_callback(self._request_done)
+
+    def _request_done(self, _task: asyncio.Task[None]) -> None:
+        self._idle_since = asyncio.get_running_loop().time()
 
     async def _stop_request(self) -> None:
         """Cancel the running request and wait until its stream is closed (no model work left).
@@ -242,7 +316,7 @@ class Session:
                     await self.outbox.send(QueuedMessage(id=rid, position=position))
 
                 try:
-                    async with self.server.admission.slot(on_wait) as waited_s:
+                    async with self.server.admission.slot(on_wait, image_bytes=held_bytes(prepared.image)) as waited_s:
                         await self._stream(prepared, waited_s)
                 except Busy as e:
                     self.totals["busy"] += 1

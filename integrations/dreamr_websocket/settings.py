@@ -42,6 +42,23 @@ class ServerSettings(BaseModel):
     max_active: int = Field(default=4, ge=1, le=256, description="requests running in the engine at once")
     max_waiting: int = Field(default=64, ge=0, le=10_000, description="requests queued for a slot; more get 'busy'")
     max_connections: int = Field(default=256, ge=1, description="open WebSockets; more are refused with HTTP 503")
+    max_connections_per_address: int = Field(
+        default=16, ge=1, description="open WebSockets from one client address; more are refused with HTTP 503"
+    )
+    max_held_image_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1,
+        description="decoded images held by the requests running and waiting; a request over it gets 'busy'",
+    )
+    requests_per_minute: float | None = Field(
+        default=120.0, gt=0.0, description="requests from one client address (in bursts up to as many); None = any"
+    )
+    idle_timeout_s: float | None = Field(
+        default=60.0, gt=0.0, description="close a connection with no request for this long (pings do not count)"
+    )
+    parse_in_thread_bytes: int = Field(
+        default=64 * 2**10, ge=0, description="client messages larger than this are parsed in a worker thread"
+    )
     max_message_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest client message (the upload)")
     send_timeout_s: float = Field(default=10.0, gt=0.0, description="a send that takes longer aborts the connection")
     ping_interval_s: float | None = Field(default=20.0, gt=0.0)
