@@ -36,6 +36,12 @@
       state.ready = false;
       if (state.running) finish("error", "The connection was lost; the request stopped.");
       updateButtons();
+      if (e.code === 1000 && (e.reason || "").startsWith("idle")) {
+        // the server closes connections that ask nothing for a while (--idle-timeout): an open
+        // page is not a fault, so it reconnects at once and quietly
+        connect();
+        return;
+      }
       const why = e.code === 1009 ? "the image is too large for this server" : (e.reason || `code ${e.code}`);
       const wait = Math.min(10000, 500 * 2 ** state.retries++);
       setConn("down", `Disconnected (${why}); retrying in ${Math.round(wait / 1000)} s`);
