@@ -53,6 +53,7 @@ def daemon_usable(args: argparse.Namespace) -> bool:
 
 def _reason(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(highlight=False)
     try:
@@ -64,12 +65,15 @@ def _reason(args: argparse.Namespace) -> int:
 
         return reason_here(args, console)
     except UsageError as e:  # bad input: one line, before any model is loaded
-        Console(stderr=True, highlight=False).print(f"[red]dreamr reason: error: {e}[/red]", soft_wrap=True)
+        Console(stderr=True, highlight=False).print(
+            f"[red]dreamr reason: error: {escape(str(e))}[/red]", soft_wrap=True
+        )
         return EXIT_USAGE
 
 
 def _daemon(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from dreamr_app.daemon import files
     from dreamr_stream.errors import DreamrError
@@ -78,7 +82,7 @@ def _daemon(args: argparse.Namespace) -> int:
     try:
         return files.status(console) if args.daemon_cmd == "status" else files.stop(console)
     except DreamrError as e:
-        Console(stderr=True, highlight=False).print(f"[red]dreamr daemon: {e}[/red]", soft_wrap=True)
+        Console(stderr=True, highlight=False).print(f"[red]dreamr daemon: {escape(str(e))}[/red]", soft_wrap=True)
         return EXIT_FAILED
 
 

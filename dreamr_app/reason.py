@@ -97,7 +97,7 @@ def random_request(args: argparse.Namespace, console: Console) -> Request:
     item = get_task(args.task).item("test", seed)
     saved = Path(args.save_image or "dreamr-puzzle.png")
     item.image.save(saved)
-    console.print(f"[dim]puzzle test#{seed} saved to {saved}[/dim]")
+    console.print(f"[dim]puzzle test#{seed} saved to {escape(str(saved))}[/dim]")
     question = check_question_arg(args.question or item.question)
     return Request(item.image, question, item.answer if args.question is None else None)
 
@@ -156,10 +156,10 @@ def show(event: Event, args: argparse.Namespace, console: Console) -> None:
     t = f"[dim]{event.elapsed_s:6.2f}s[/dim]"
     match event:
         case ev.DraftedEvent() if args.events:
-            console.print(f"{t} [dim]  draft #{event.index}: {event.text}[/dim]")
+            console.print(f"{t} [dim]  draft #{event.index}: {escape(event.text)}[/dim]")
         case ev.RejectedEvent() if args.events:
             ratio = f"ratio {event.verdict.ratio:.3g}"
-            console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{event.text}[/strike][/red]")
+            console.print(f"{t} [red]  rejected #{event.index} ({ratio}): [strike]{escape(event.text)}[/strike][/red]")
         case ev.CacheHitEvent() if args.events:
             console.print(f"{t} [dim]  cache: {event.steps} steps to verify[/dim]")
         case ev.VerifiedEvent(step=step):
@@ -172,7 +172,7 @@ def show(event: Event, args: argparse.Namespace, console: Console) -> None:
         case ev.FallbackEvent(step=step):
             console.print(f"{t} [yellow]● target[/yellow] {escape(step.text)}")
         case ev.FailedEvent():
-            console.print(f"[red]failed: {event.error}: {event.message}[/red]")
+            console.print(f"[red]failed: {escape(event.error)}: {escape(event.message)}[/red]")
         case ev.StartedEvent() | ev.FinishedEvent() | ev.DraftedEvent() | ev.RejectedEvent() | ev.CacheHitEvent():
             pass  # the summary tells the end; the rest only with --events
         case _:
@@ -185,7 +185,7 @@ def summary(result: ReasoningResult, expected: int | None, console: Console) -> 
     if expected is not None:
         ok = result.answer is not None and result.answer.strip() == str(expected)
         verdict = " [green](correct)[/green]" if ok else f" [red](expected {expected})[/red]"
-    console.print(f"[bold]Answer: {result.answer}[/bold]{verdict}")
+    console.print(f"[bold]Answer: {escape(str(result.answer))}[/bold]{verdict}")
     acc = f"{s.acceptance_rate:.0%}" if s.acceptance_rate is not None else "n/a"
     console.print(
         f"[dim]{len(result.steps)} steps in {s.wall_s:.2f}s, first step {s.time_to_first_step_s or 0:.2f}s, "
@@ -252,7 +252,7 @@ def warn(args: argparse.Namespace, request: Request, console: Console) -> None:
         from dreamr_stream.tasks import get_task
 
         for warning in get_task(args.task).off_task_warnings(request.image, request.question):
-            console.print(f"[yellow]warning: {warning}[/yellow]", soft_wrap=True)
+            console.print(f"[yellow]warning: {escape(warning)}[/yellow]", soft_wrap=True)
 
 
 def prepare(args: argparse.Namespace, console: Console) -> Request:
@@ -293,13 +293,13 @@ def reason_here(args: argparse.Namespace, console: Console) -> int:
     try:
         reasoner = load(args, console)
     except DreamrError as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(f"[red]{escape(str(e))}[/red]")
         return EXIT_FAILED
-    console.print(f"[bold]Q:[/bold] {request.question}")
+    console.print(f"[bold]Q:[/bold] {escape(request.question)}")
     try:
         return anyio.run(run, LocalEngine(reasoner), request, args, console)
     except DreamrError as e:
-        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        console.print(f"[red]{type(e).__name__}: {escape(str(e))}[/red]")
         return EXIT_FAILED
     finally:
         reasoner.close()

@@ -133,16 +133,36 @@ class CacheConfig(_Config):
     """The trajectory store: verified trajectories reused as drafts, and the verification log."""
 
     enabled: bool = True
-    trust: bool = Field(default=False, description="yield cached steps without re-verifying them")
+    trust: bool = Field(
+        default=False,
+        description="yield cached steps without re-verifying them: whoever can write to the store (a shared "
+        "Redis) then chooses the answers this Reasoner reports as verified; only for a store you alone write to",
+    )
     log: bool = Field(default=True, description="append every verification to the store's log")
     timeout_s: float = Field(default=0.25, gt=0.0, le=30.0, description="per store call; slower is a miss")
 
 
 class InputLimits(_Config):
+    """What a request may send; checked before any model work (``dreamr_stream.inputs``)."""
+
     max_image_bytes: int = Field(default=20 * 2**20, ge=1)
-    max_image_pixels: int = Field(default=4096 * 4096, ge=1, description="decompression-bomb cap")
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="decompression-bomb cap: a larger image is refused, not decoded"
+    )
+    max_image_side: int = Field(
+        default=1024,
+        ge=1,
+        description="a larger image is downscaled (aspect kept) to this long side before any model work; "
+        "1024 is above what the demo models (112 px) and Qwen2-VL-class processors (about 1 M pixels) read",
+    )
     min_image_side: int = Field(default=8, ge=1)
     max_question_chars: int = Field(default=2000, ge=1)
+
+    @model_validator(mode="after")
+    def _sides(self) -> InputLimits:
+        if self.max_image_side < self.min_image_side:
+            raise ValueError("max_image_side cannot be below min_image_side")
+        return self
 
 
 class ReasonerConfig(_Config):

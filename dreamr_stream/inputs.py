@@ -1,4 +1,11 @@
-"""Input checks that run before any model work: images and questions."""
+"""Input checks that run before any model work: images and questions.
+
+Why a narrow image surface: Pillow opens some forty formats, a few of them through external
+programs (EPS runs Ghostscript where it is installed) or rarely used parsers. A request decodes
+only what a browser or a camera makes: PNG, JPEG, WebP, GIF (its first frame) and BMP. Why a
+downscale: a model reads a few hundred pixels a side, and an upload of thousands would become
+thousands of visual tokens; ``InputLimits.max_image_side`` bounds it before any model work.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,11 @@ from PIL import Image, UnidentifiedImageError
 from dreamr_stream.config import InputLimits
 from dreamr_stream.errors import InvalidImageError, InvalidQuestionError
 
-__all__ = ["ImageInput", "check_question", "load_image"]
+__all__ = ["IMAGE_FORMATS", "ImageInput", "check_question", "load_image"]
+
+#: The formats a request may send, by Pillow's names (an animated GIF gives its first frame).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+_FORMAT_NAMES = "PNG, JPEG, WebP, GIF or BMP"
 
 ImageInput = Union[bytes, bytearray, memoryview, str, Path, Image.Image]
 
@@ -27,10 +38,13 @@ def _decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InvalidImageError("the image string is neither an existing file nor valid base64") from e
+        raise InvalidImageError("the image string is not valid base64 (pass a file as a pathlib.Path)") from e
 
 
 def _to_bytes(source: ImageInput, limits: InputLimits) -> bytes:
+    """The encoded image. A ``str`` is always data (base64 or a data URL), never a file name:
+    strings arrive from users, web clients and models' tool calls, and none of them may make
+    the library read a file of this machine. A caller that means a file passes a ``Path``."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, Path):
@@ -39,13 +53,9 @@ def _to_bytes(source: ImageInput, limits: InputLimits) -> bytes:
         stripped = source.strip()
         if not stripped:
             raise InvalidImageError("the image is empty")
-        if len(stripped) < 4096 and not stripped.startswith("data:"):
-            path = Path(stripped).expanduser()
-            if path.is_file():
-                return _read_file(path, limits)
         return _decode_base64(stripped)
     raise InvalidImageError(
-        f"unsupported image type {type(source).__name__}: pass bytes, base64, a path or a PIL image"
+        f"unsupported image type {type(source).__name__}: pass bytes, base64, a pathlib.Path or a PIL image"
     )
 
 
@@ -67,16 +77,33 @@ def _check_size(width: int, height: int, limits: InputLimits) -> None:
         raise InvalidImageError(f"image is {width}x{height}; each side must be at least {limits.min_image_side} px")
 
 
-def load_image(source: ImageInput, limits: InputLimits | None = None) -> Image.Image:
-    """Decode and validate an image; returns a fully loaded RGB PIL image.
+def _fit(image: Image.Image, limits: InputLimits) -> Image.Image:
+    """``image`` downscaled (aspect kept, Lanczos) so that its long side is at most
+    ``limits.max_image_side``; an image within it is returned as it is. A very thin image keeps
+    a short side of ``min_image_side`` (or its own, if smaller) rather than vanish to a line."""
+    long_side = max(image.width, image.height)
+    if long_side <= limits.max_image_side:
+        return image
+    scale = limits.max_image_side / long_side
 
-    Accepts raw bytes, base64 (optionally a data URL), a file path or a PIL image. The pixel
-    count is checked from the header before decoding, so a decompression bomb costs nothing.
+    def side(n: int) -> int:
+        return min(limits.max_image_side, max(round(n * scale), min(n, limits.min_image_side)))
+
+    return image.resize((side(image.width), side(image.height)), Image.Resampling.LANCZOS)
+
+
+def load_image(source: ImageInput, limits: InputLimits | None = None) -> Image.Image:
+    """Decode and validate an image; returns a fully loaded RGB PIL image of at most
+    ``limits.max_image_side`` pixels a side (larger ones are downscaled, aspect kept).
+
+    Accepts raw bytes, base64 (optionally a data URL), a ``pathlib.Path`` or a PIL image; a
+    ``str`` is never opened as a file. Only :data:`IMAGE_FORMATS` are decoded. The pixel count
+    is checked from the header before decoding, so a decompression bomb costs nothing.
     """
     limits = limits or InputLimits()
     if isinstance(source, Image.Image):
         _check_size(source.width, source.height, limits)
-        return source.convert("RGB")
+        return _fit(source.convert("RGB"), limits)
     data = _to_bytes(source, limits)
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)")
@@ -85,7 +112,7 @@ def load_image(source: ImageInput, limits: InputLimits | None = None) -> Image.I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             _check_size(image.width, image.height, limits)
             image.load()  # decode now: truncated files fail here, not inside the model call
     except InvalidImageError:
@@ -94,11 +121,11 @@ def load_image(source: ImageInput, limits: InputLimits | None = None) -> Image.I
         raise InvalidImageError(f"image pixel count is over the limit (a decompression bomb?): {e}") from e
     except UnidentifiedImageError as e:  # its message names an internal BytesIO, not the user's file
         raise InvalidImageError(
-            f"not a readable image: {len(data)} bytes in no format Pillow reads (PNG, JPEG, GIF, BMP, WebP, ...)"
+            f"not a readable image: {len(data)} bytes in none of the accepted formats ({_FORMAT_NAMES})"
         ) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InvalidImageError(f"the image data is corrupt or truncated: {e}") from e
-    return image.convert("RGB")
+    return _fit(image.convert("RGB"), limits)
 
 
 def check_question(question: object, limits: InputLimits | None = None) -> str:

@@ -171,3 +171,33 @@ def test_the_console_script_waits_for_threads_that_are_still_working() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == "thread done\n", out.stderr
+
+
+def test_model_text_is_printed_as_text_never_as_markup() -> None:
+    """A model (or a cache, or a question) writing rich markup gets it shown literally: no style
+    switched by it, and no crash on a closing tag that closes nothing."""
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from dreamr_stream import events as ev
+    from dreamr_stream.types import ReasoningResult, ReasoningStats, Step, StepSource, Verdict
+
+    hostile = "[/red][bold link=https://evil.example]3[/bold] [/]"
+    verdict = Verdict(p_pos=0.1, p_neg=0.9, ratio=0.11, tau=1.0, accepted=False)
+    step = Step(index=0, text=f"Answer: {hostile}", source=StepSource.TARGET, is_final=True)
+    shown = [
+        ev.DraftedEvent(index=0, text=hostile),
+        ev.RejectedEvent(index=0, text=hostile, verdict=verdict),
+        ev.FallbackEvent(step=step),
+        ev.FailedEvent(error="BackendError", message=hostile),
+    ]
+    out = io.StringIO()
+    console = Console(file=out, width=400, color_system=None, highlight=False)
+    for event in shown:
+        reason.show(event, argparse.Namespace(events=True), console)
+    result = ReasoningResult(question="q", steps=[step], answer=hostile, stats=ReasoningStats())
+    reason.summary(result, None, console)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 6 and all(hostile in line for line in lines[:5]), lines

@@ -247,6 +247,19 @@ def test_stop_never_signals_a_process_that_reused_the_daemons_pid(
         later.wait()
 
 
+def test_a_flag_the_protocol_refuses_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    """The daemon speaks the WebSocket protocol, whose tau is finite: ``--tau inf`` is one line, not a traceback."""
+    from dreamr_app.common import UsageError
+
+    parse = cli.build_parser().parse_args
+    files = DaemonFiles(tmp_path, "0123456789abcdef")
+    assert RemoteEngine(None, parse(["reason", "--random", "--tau", "2"]), files)._options("fpsr").tau == 2  # type: ignore[arg-type]
+    for tau in ("inf", "nan", "-1"):
+        engine = RemoteEngine(None, parse(["reason", "--random", "--tau", tau]), files)  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match=r"^--tau: "):
+            engine._options("fpsr")
+
+
 # ---------------------------------------------------------------------------------- exiting daemons
 def resident(files: DaemonFiles) -> ResidentServer:
     """The daemon's server on scripted models; on closing it says so in its info, as the daemon does."""

@@ -11,6 +11,7 @@ import pytest
 from dreamr_websocket import routes
 from dreamr_websocket.protocol import (
     SCHEMA_PATH,
+    TAU_MAX,
     AskMessage,
     ErrorMessage,
     RequestOptions,
@@ -53,6 +54,13 @@ def test_committed_schema_matches_the_models() -> None:
         ('{"v": 1, "type": "ask", "image": "x", "question": "q", "extra": 1}', "bad_request"),
         ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"temperature": 2}}', "invalid_option"),
         ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"tau": -1}}', "invalid_option"),
+        # Python's JSON reads these as floats (1e999 as inf): a client's tau is finite and at most TAU_MAX
+        ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"tau": Infinity}}', "invalid_option"),
+        ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"tau": -Infinity}}', "invalid_option"),
+        ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"tau": NaN}}', "invalid_option"),
+        ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"tau": "inf"}}', "invalid_option"),
+        ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"tau": 1e999}}', "invalid_option"),
+        ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"tau": 1e300}}', "invalid_option"),
         ('{"v": 1, "type": "ask", "image": "x", "question": "q", "options": {"method": "magic"}}', "invalid_option"),
     ],
 )
@@ -60,6 +68,15 @@ def test_bad_client_messages_become_error_messages(raw: str, code: str) -> None:
     message = parse_client_message(raw)
     assert isinstance(message, ErrorMessage) and message.code == code, message
     assert '"x"' not in message.message  # input values are never echoed back
+
+
+def test_a_finite_tau_up_to_the_maximum_is_taken() -> None:
+    for tau in (0, 0.25, 1e6):
+        raw = json.dumps({"v": 1, "type": "ask", "image": "aGk=", "question": "q", "options": {"tau": tau}})
+        message = parse_client_message(raw)
+        assert isinstance(message, AskMessage) and message.options.tau == tau
+    with pytest.raises(ValueError, match="finite"):
+        RequestOptions(tau=math.inf)
 
 
 def test_valid_ask_and_id_echo() -> None:
@@ -105,8 +122,8 @@ def test_decode_image_takes_base64_only_never_a_path(tmp_path) -> None:  # type:
 
 def test_request_config_applies_options_within_server_limits() -> None:
     base = ReasonerConfig(generation=GenerationConfig(max_steps=10))
-    cfg = request_config(base, RequestOptions(tau=math.inf, max_steps=5, lookahead=3, cache=False))
-    assert cfg.verification.tau == math.inf and cfg.generation.max_steps == 5 and cfg.scheduling.lookahead == 3
+    cfg = request_config(base, RequestOptions(tau=TAU_MAX, max_steps=5, lookahead=3, cache=False))
+    assert cfg.verification.tau == TAU_MAX and cfg.generation.max_steps == 5 and cfg.scheduling.lookahead == 3
     assert not cfg.cache.enabled and cfg.limits == base.limits
     assert request_config(base, RequestOptions()) == base
     with pytest.raises(ConfigError, match="at most 10"):

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from dreamr_app.common import EXIT_FAILED, Request, UsageError, check_device
 from dreamr_app.daemon.files import (
@@ -151,25 +152,31 @@ class RemoteEngine:
         return self._image[1]
 
     def _options(self, method: str, max_steps: int | None = None, *, alone: bool = False) -> RequestOptions:
-        """The flags as request options; the same config ``dreamr reason --no-daemon`` builds from them."""
+        """The flags as request options; the same config ``dreamr reason --no-daemon`` builds from them.
+        A flag the protocol refuses (``--tau inf``: a client's tau is finite) is a usage error."""
         from dreamr_websocket.protocol import RequestOptions
+        from pydantic import ValidationError
 
         steps = max_steps or self.args.max_steps
-        return RequestOptions.model_validate(
-            {
-                "method": method,
-                "tau": self.args.tau,
-                "verify": self.args.verify,
-                "lookahead": min(self.args.lookahead, steps),
-                "fallback": self.args.fallback,
-                "max_steps": steps,
-                # off: a repeated question must not become a cache hit because the models stayed
-                # loaded, or the output would differ from --no-daemon's (its cache starts empty)
-                "cache": False,
-                "drafts": bool(self.args.events) and not alone,
-                "timeline": alone,  # the estimate of the target alone reads its prefill from it
-            }
-        )
+        fields = {
+            "method": method,
+            "tau": self.args.tau,
+            "verify": self.args.verify,
+            "lookahead": min(self.args.lookahead, steps),
+            "fallback": self.args.fallback,
+            "max_steps": steps,
+            # off: a repeated question must not become a cache hit because the models stayed
+            # loaded, or the output would differ from --no-daemon's (its cache starts empty)
+            "cache": False,
+            "drafts": bool(self.args.events) and not alone,
+            "timeline": alone,  # the estimate of the target alone reads its prefill from it
+        }
+        try:
+            return RequestOptions.model_validate(fields)
+        except ValidationError as e:
+            wrong = e.errors(include_input=False, include_url=False)[0]
+            flag = "--" + str(wrong["loc"][0]).replace("_", "-")
+            raise UsageError(f"{flag}: {wrong['msg']} (the daemon's protocol refuses it; --no-daemon does not)") from e
 
     async def _send(self, request: Request, options: RequestOptions) -> None:
         from dreamr_websocket.protocol import AskMessage
@@ -301,13 +308,13 @@ async def _reason(args: argparse.Namespace, console: Console) -> int:
     try:
         engine = await _ready(args, request, console)
     except DreamrError as e:  # as a model that fails to load without the daemon
-        console.print(f"[red]{e}[/red]")
+        console.print(f"[red]{escape(str(e))}[/red]")
         return EXIT_FAILED
-    console.print(f"[bold]Q:[/bold] {request.question}")
+    console.print(f"[bold]Q:[/bold] {escape(request.question)}")
     try:
         return await run(engine, request, args, console)
     except DreamrError as e:
-        console.print(f"[red]{type(e).__name__}: {e}[/red]")
+        console.print(f"[red]{type(e).__name__}: {escape(str(e))}[/red]")
         return EXIT_FAILED
     finally:
         await engine.close()

@@ -7,10 +7,16 @@ judged by TBVM in one target forward, or with ``trust`` yielded as they are). Ev
 is logged for SAPO (``LogEntry``), and a rejected step's log entry gets the target's own step.
 The stores themselves (protocol, in-memory, guarded, key helpers) are ``dreamr_stream.store``;
 a slow or failing store is a miss there, never a broken request.
+
+A store is shared (a Redis that replicas and other programs can write), so a hit is checked
+before it is used: its image digest and question must be this request's, and its steps no more
+and no longer than this request could have written (at most ``max_steps`` steps, each of at most
+``max_step_tokens * CHARS_PER_TOKEN`` characters). Anything else is a miss with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -22,13 +28,20 @@ from dreamr_stream.store import (
     LogEntry,
     Trajectory,
     image_digest,
+    normalise_question,
     settings_fingerprint,
     stored_image,
     trajectory_key,
 )
 from dreamr_stream.types import StepSource, Verdict
 
-__all__ = ["CacheContext", "cache_key", "open_cache"]
+__all__ = ["CHARS_PER_TOKEN", "CacheContext", "cache_key", "open_cache"]
+
+log = logging.getLogger(__name__)
+
+#: Characters a token may stand for, when bounding a cached step by ``max_step_tokens``: generous
+#: (BPE tokens average about four), so that no honest trajectory is refused.
+CHARS_PER_TOKEN = 16
 
 
 def cache_key(
@@ -46,23 +59,54 @@ class CacheContext:
     """A request's view of the trajectory store: where its trajectory lives, what it logs."""
 
     def __init__(
-        self, store: GuardedStore, *, key: str, image: str, pil: Any, trust: bool, log: bool, timeout_s: float
+        self,
+        store: GuardedStore,
+        *,
+        key: str,
+        image: str,
+        pil: Any,
+        question: str,
+        max_steps: int,
+        max_step_chars: int,
+        trust: bool,
+        log: bool,
+        timeout_s: float,
     ) -> None:
         self.store = store
         self.timeout_s = timeout_s
         self.key = key
         self.image = image
         self.pil = pil  # encoded (scaled down) only when a trajectory is stored
+        self.question = question
+        self.max_steps = max_steps
+        self.max_step_chars = max_step_chars
         self.trust = trust
         self.log = log
         self.entries: list[LogEntry] = []
         self.steps: list[str] = []  # a hit's cached steps
 
     async def lookup(self) -> list[str] | None:
-        """The cached steps of this request's trajectory (kept as ``steps``), or None: a miss."""
+        """The cached steps of this request's trajectory (kept as ``steps``), or None: a miss
+        (nothing stored, or a stored value that is not this request's: see the module)."""
         hit = await self.store.get(self.key, timeout_s=self.timeout_s)
-        self.steps = list(hit.steps) if hit is not None else []
-        return self.steps if hit is not None else None
+        wrong = self.mismatch(hit) if hit is not None else None
+        if wrong is not None:
+            log.warning("the trajectory store's value under %s is ignored: %s", self.key, wrong)
+        self.steps = list(hit.steps) if hit is not None and wrong is None else []
+        return self.steps or None
+
+    def mismatch(self, hit: Trajectory) -> str | None:
+        """Why ``hit`` cannot be this request's trajectory (None: it can)."""
+        if hit.image != self.image:
+            return "its image digest is another image's"
+        if normalise_question(hit.question) != normalise_question(self.question):
+            return "its question is another question"
+        if len(hit.steps) > self.max_steps:
+            return f"{len(hit.steps)} steps, over max_steps={self.max_steps}"
+        longest = max((len(step) for step in hit.steps), default=0)
+        if longest > self.max_step_chars:
+            return f"a step of {longest} characters, over {self.max_step_chars}"
+        return None
 
     async def store_trajectory(self, steps: list[str], question: str) -> None:
         """Keep a finished trajectory (its last step final) for the next identical request.
@@ -124,6 +168,9 @@ async def open_cache(
         key=key,
         image=digest,
         pil=image,
+        question=question,
+        max_steps=config.generation.max_steps,
+        max_step_chars=config.generation.max_step_tokens * CHARS_PER_TOKEN,
         trust=config.cache.trust,
         log=config.cache.log,
     )

@@ -8,7 +8,6 @@ train on what a deployment verified and validate on puzzles of the same log it d
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -16,9 +15,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from dreamr_stream.backends.hf import TransformersBackend
+from dreamr_stream.errors import InvalidImageError
+from dreamr_stream.inputs import load_image
 from dreamr_stream.jsonl import open_append, read_jsonl
 from dreamr_stream.sapo.rollouts import RolloutPrompt
 from dreamr_stream.store import LogEntry
@@ -66,14 +65,20 @@ class TrajectoryCache:
 
 def prompts_from_log(entries: Iterable[LogEntry], images: dict[str, bytes]) -> list[RolloutPrompt]:
     """Rollout prompts from logged verifications: the prefix, then the target's step (the step
-    the target wrote after a rejection, or the accepted draft)."""
+    the target wrote after a rejection, or the accepted draft). The images come from the store,
+    which others may write, so they are decoded as a request's are; one that is not an image is
+    skipped with a warning."""
     prompts = []
     for e in entries:
         target_step = e.target_step or (e.draft if e.verdict is not None and e.verdict.accepted else None)
         png = images.get(e.image)
         if target_step is None or png is None:
             continue
-        image = Image.open(io.BytesIO(png)).convert("RGB")
+        try:
+            image = load_image(png)
+        except InvalidImageError as err:
+            log.warning("the log's image %s is skipped: %s", e.image, err)
+            continue
         prompts.append(RolloutPrompt(image, e.question, [*e.prefix, target_step], key=e.key, start=e.index))
     return prompts
 

@@ -160,7 +160,7 @@ class ChatDreamr(BaseChatModel):
     stop: list[str] | None = None
     timeout: float | None = None
     default_image: Any = Field(default=None, exclude=True)
-    """Image for conversations that carry none (bytes, base64, a path or a PIL image)."""
+    """Image for conversations that carry none (bytes, base64, a pathlib.Path or a PIL image)."""
 
     @field_validator("model_name")
     @classmethod

@@ -13,8 +13,8 @@ The reasoner answers one question about one image; it has no notion of a convers
 * two images, remote URLs, provider file ids, audio, video, PDFs and unknown blocks are errors:
   guessing which picture a question is about, or fetching URLs, would be silent surprises.
 
-Image data is decoded here to bytes, never passed on as a string: the core would try a short
-string as a file path first, and message content must never be able to read local files.
+Image data is decoded here to bytes. (The core reads a file only from a ``pathlib.Path``, never
+from a string, so message content cannot name a local file to read.)
 
 Output side: a reply carries its verified steps in ``additional_kwargs["dreamr_steps"]`` and the
 answer as its text. :func:`reply_blocks` and :func:`reply_chunk_blocks` are the content

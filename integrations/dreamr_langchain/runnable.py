@@ -36,7 +36,7 @@ class _InputSchema(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    image: Any = Field(description="PNG/JPEG bytes, base64 or a data URL, a file path, or a PIL image")
+    image: Any = Field(description="image bytes, base64 or a data URL, a pathlib.Path (never a str), or a PIL image")
     question: str = Field(description="the question about the image")
 
 
@@ -44,7 +44,7 @@ class ReasonerRunnable(Runnable[ReasoningInput, ReasoningChunk]):
     """Stream a :class:`~dreamr_stream.Reasoner`'s verified steps through LangChain.
 
     >>> chain = ReasonerRunnable(Reasoner.demo())
-    >>> async for chunk in chain.astream({"image": "puzzle.png", "question": "How many circles?"}):
+    >>> async for chunk in chain.astream({"image": Path("puzzle.png"), "question": "How many circles?"}):
     ...     print(chunk.steps[0].text)
     >>> chain.invoke({...}).answer          # the sum of the chunks: every step, plus the result
 

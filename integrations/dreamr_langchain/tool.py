@@ -92,8 +92,8 @@ class ImageRegistry:
             candidates = [path] if path.is_absolute() else [d / path for d in self.allowed_dirs]
             for candidate in candidates:
                 real = candidate.resolve()  # follows symlinks and '..' before the containment check
-                if real.is_file() and any(real.is_relative_to(d) for d in self.allowed_dirs):
-                    return real
+                if any(real.is_relative_to(d) for d in self.allowed_dirs) and real.is_file():
+                    return real  # a Path: the core reads it as a file (a str would be image data)
         raise ImageNotAllowedError(f"unknown image {ref!r}; pass {self.describe()}")
 
 

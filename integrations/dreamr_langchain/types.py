@@ -24,7 +24,8 @@ __all__ = [
 #: Name of the custom event (``on_custom_event`` in ``astream_events``) sent for each TBVM verdict.
 VERDICT_EVENT = "dreamr_verdict"
 
-#: What the core accepts as an image: raw bytes, base64 / a data URL, a file path, or a PIL image.
+#: What the core accepts as an image: raw bytes, base64 / a data URL (a ``str`` is always data),
+#: a file as a ``pathlib.Path``, or a PIL image.
 ImageLike = Union[bytes, bytearray, memoryview, str, Path, Image.Image]
 
 

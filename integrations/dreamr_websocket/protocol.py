@@ -34,6 +34,7 @@ __all__ = [
     "EVENT_MESSAGES",
     "PROTOCOL_VERSION",
     "SCHEMA_PATH",
+    "TAU_MAX",
     "AnswerMessage",
     "AskMessage",
     "CancelMessage",
@@ -62,6 +63,11 @@ SCHEMA_PATH = Path(__file__).parent / "schema" / f"protocol-v{PROTOCOL_VERSION}.
 Method = Literal["fpsr", "target_only", "draft_only", "sequential"]
 _ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=f"^{_ID.pattern}$")]
+# A client's tau is finite and bounded: Python's JSON reads ``Infinity``, ``NaN`` and ``1e999``
+# (inf) as numbers, and a server should not run on values its operator never chose. A ratio of
+# 1e6 already rejects almost every step; a client that wants the target alone asks for
+# ``method: target_only``. (The library's own ``tau=inf``, reject-all, is unchanged.)
+TAU_MAX: Final = 1e6
 
 
 class CloseCode(IntEnum):
@@ -102,7 +108,13 @@ class RequestOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     method: Method = "fpsr"
-    tau: float | None = Field(default=None, ge=0.0, description="TBVM threshold on p_pos / p_neg")
+    tau: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=TAU_MAX,
+        allow_inf_nan=False,
+        description=f"TBVM threshold on p_pos / p_neg, a finite number from 0 to {TAU_MAX:g}",
+    )
     verify: Literal["judge", "likelihood"] | None = None
     lookahead: int | None = Field(default=None, ge=1, le=16)
     fallback: Literal["on", "off", "auto"] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -96,7 +97,7 @@ def test_every_image_form_gives_the_same_steps(reasoner: Reasoner, png: bytes, t
         "bytes": png,
         "base64": b64(png),
         "data_url": "data:image/png;base64," + b64(png),
-        "path": str(path),
+        "path": path,  # a file is a Path; a str is image data
         "pil": Image.new("RGB", (32, 32), (200, 10, 10)),
     }[form]
     got = ReasonerRunnable(reasoner).invoke({"image": image, "question": QUESTION})
@@ -223,6 +224,17 @@ def test_bad_input_gives_a_clear_typed_error(reasoner: Reasoner, png: bytes, req
         ReasonerRunnable(reasoner).invoke(request_)
     assert isinstance(info.value, ValueError) and str(info.value)
     assert reasoner.target.calls == 0  # rejected before any model work
+
+
+def test_a_string_image_is_data_never_a_file_name(reasoner: Reasoner, png: bytes, tmp_path: Path) -> None:
+    """Input may come from a client or a model: a file is read only from a ``pathlib.Path``."""
+    path = tmp_path / "puzzle.png"
+    path.write_bytes(png)
+    for name in (str(path), "/etc/passwd", "/etc/hostname"):
+        with pytest.raises(InvalidImageError):
+            ReasonerRunnable(reasoner).invoke({"image": name, "question": QUESTION})
+    assert reasoner.target.calls == 0
+    assert ReasonerRunnable(reasoner).invoke({"image": path, "question": QUESTION}).answer is not None
 
 
 def test_unknown_call_options_are_rejected(reasoner: Reasoner, png: bytes) -> None:

@@ -85,6 +85,7 @@ async def test_tool_works_async_and_sync_inside_a_loop(reasoner: Reasoner, regis
         ("blue", "how many?", "unknown image 'blue'"),
         ("data:image/png;base64,AAAA", "how many?", "not accepted as a tool argument"),
         ("../secret.png", "how many?", "unknown image"),
+        ("/etc/passwd", "how many?", "ImageNotAllowedError: unknown image '/etc/passwd'"),
         ("red", "   ", "the question is empty"),
     ],
 )
@@ -96,6 +97,23 @@ def test_bad_arguments_come_back_as_error_messages_the_model_can_read(
     assert isinstance(message, ToolMessage) and message.status == "error"
     assert match in str(message.content)
     assert reasoner.target.calls == 0
+
+
+def test_a_tool_call_never_reads_a_file_outside_the_allowed_folders(
+    reasoner: Reasoner, registry: ImageRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model's string names a server file: an invalid-image error, and no file is opened."""
+    opened: list[Path] = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self) or read_bytes(self))
+    tool = ImageReasoningTool.from_reasoner(reasoner, registry)
+    for ref in ("/etc/passwd", str(tmp_path / "secret.png"), "../secret.png", "/etc/../etc/passwd"):
+        message = tool.invoke(call(tool, image=ref, question="how many?"))
+        assert message.status == "error" and "ImageNotAllowedError" in str(message.content)
+    assert opened == [] and reasoner.target.calls == 0
+    assert issubclass(ImageNotAllowedError, InvalidImageError)
+    assert tool.invoke(call(tool, image="cat.png", question="how many?")).status == "success"
+    assert opened == [(tmp_path / "allowed" / "cat.png").resolve()]  # the allowed file, read as a Path
 
 
 def test_a_non_image_file_is_an_error_too(reasoner: Reasoner, tmp_path: Path) -> None:
