@@ -122,6 +122,7 @@ def test_shipped_draft_process_killed_mid_request(demo: Reasoner, caplog: pytest
         result = anyio.run(killed_after_the_first_step)
     assert went_alone(result), result.stats
     assert any("restarting it" in rec.message for rec in caplog.records)
+    draft.ready()  # replaced in the background; requests meanwhile go alone at once
     again = demo.invoke(*ask(1), config=config)
     assert draft.pid != first_pid and draft.restarts == 1
     assert speculated(again), again.stats

@@ -109,7 +109,8 @@ def test_a_dead_child_is_a_clear_error_and_the_next_session_opens_in_a_restarted
         backend.generate_step(s, max_tokens=4, stop="\n")
     assert any("restarting it" in r.message for r in caplog.records)
     backend.close(s)  # nothing to close: no error
-    fresh = backend.open_session(puzzle.image, puzzle.question.text())  # waits for the new child
+    backend.ready()  # the new child starts in the background; calls fail at once meanwhile
+    fresh = backend.open_session(puzzle.image, puzzle.question.text())
     assert backend.pid != first_pid and backend.restarts == 1 and backend.alive
     assert backend.generate_step(fresh, max_tokens=4, stop="\n") == before
     with pytest.raises(BackendError, match="lost"):  # an old handle never reaches a new session
@@ -124,13 +125,18 @@ def test_a_replacement_that_cannot_load_backs_off(tmp_path: Path, folders: dict[
     shutil.copytree(folders["draft"], folder)
     backend = ProcessBackend.from_pretrained(folder, name="draft")
     puzzle = make_puzzle(4)
+    backend.close(backend.open_session(puzzle.image, puzzle.question.text()))
     shutil.rmtree(folder)  # the model cannot load any more
     _kill(backend)
-    with pytest.raises(BackendError, match="failed to start"):  # a BackendError: a draft's request goes on
+    with pytest.raises(BackendError, match="not running"):  # a BackendError: a draft's request goes on
         backend.open_session(puzzle.image, puzzle.question.text())
+    with pytest.raises(BackendError, match="failed to start"):
+        backend.ready()
     pid = backend.pid
+    start = time.monotonic()
     with pytest.raises(BackendError, match="next restart in"):  # at once, no new child meanwhile
         backend.open_session(puzzle.image, puzzle.question.text())
+    assert time.monotonic() - start < 0.5
     assert backend.pid == pid and backend.restarts == 1
     backend.shutdown()
 

@@ -15,6 +15,10 @@ a session's ``length`` counts characters.
   OpenAI API cannot ask for: a dialect that can (vLLM's ``prompt_logprobs``) provides them.
 * connections: one pooled ``httpx`` client per event loop (a pooled connection belongs to the
   loop that opened it), closed by ``aclose``.
+* deadlines: every call has a total one, streaming included (``step_deadline_s``,
+  ``score_deadline_s``), since a server that trickles bytes never trips the per-read
+  ``timeout_s``; and a ``CircuitBreaker`` fails calls at once while the server is down, so a
+  request does not pay the wait for each failure again (``backends.breaker``).
 
 It is abstract: a server's dialect says how a request continues the last assistant message (not
 in the OpenAI API) and how a stream tells the model's end of sequence from the delimiter;
@@ -32,6 +36,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -40,6 +45,7 @@ import anyio
 from PIL import Image
 
 from dreamr_stream.backends.base import Capabilities, EvidenceKind, ScoreOutput, StepOutput
+from dreamr_stream.backends.breaker import CircuitBreaker
 from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ConfigError, ModelLoadError
@@ -56,7 +62,14 @@ TOP_LOGPROBS = 20  # OpenAI's maximum and vLLM's default --max-logprobs: verdict
 
 
 class ServedModelError(BackendError):
-    """The server could not be reached, failed, or answered something we cannot read."""
+    """The server could not be reached, failed, or answered something we cannot read.
+
+    ``unavailable``: the server is down or overloaded (no connection, no answer within the
+    deadline, a 5xx), which counts towards opening the circuit breaker."""
+
+    def __init__(self, message: str, *, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
 
 
 @dataclass
@@ -81,8 +94,10 @@ class OpenAICompatBackend(ABC):
     ``url`` is the API base (``http://host:8000/v1``); ``model`` the served model name (default:
     the only one the server lists). ``judge``, ``recommended_verification`` and ``task`` play
     the role of a local model folder's ``dreamr.json`` (``connect(settings_from=...)`` reads
-    them from one). ``transport`` replaces the pooled HTTP transport (``httpx.MockTransport``
-    in tests).
+    them from one). ``timeout_s`` bounds each read; ``step_deadline_s`` a whole streamed step
+    and ``score_deadline_s`` any other call (a score, the model list); ``breaker`` (default: 3
+    failures in a row open it for 5 s, doubling to 60 s while probes fail) is this backend's.
+    ``transport`` replaces the pooled HTTP transport (``httpx.MockTransport`` in tests).
     """
 
     kind: ClassVar[str] = "openai"  # the dialect's name, the first part of ``identity``
@@ -100,6 +115,9 @@ class OpenAICompatBackend(ABC):
         task: str | None = None,
         timeout_s: float = 60.0,
         connect_timeout_s: float = 5.0,
+        step_deadline_s: float = 60.0,
+        score_deadline_s: float = 30.0,
+        breaker: CircuitBreaker | None = None,
         max_connections: int = 256,
         api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -113,6 +131,9 @@ class OpenAICompatBackend(ABC):
         self.recommended_verification = dict(recommended_verification or {})
         self.task = task
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.step_deadline_s = step_deadline_s
+        self.score_deadline_s = score_deadline_s
+        self.breaker = breaker or CircuitBreaker(name=f"{name} at {self.url}")
         self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._transport = transport
@@ -203,10 +224,23 @@ class OpenAICompatBackend(ABC):
             with contextlib.suppress(Exception):
                 await client.aclose()
 
-    def _fail(self, what: str, e: BaseException | str) -> ServedModelError:
-        """The error for a failed exchange with the server (named by its URL)."""
+    def _fail(self, what: str, e: BaseException | str, *, unavailable: bool = False) -> ServedModelError:
+        """The error for a failed exchange with the server (named by its URL); a transport
+        error or a 5xx means the server is ``unavailable``."""
         detail = f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else e
-        return self.error(f"{self.name}: {what} at {self.url} failed: {detail}")
+        if isinstance(e, httpx.HTTPStatusError):
+            unavailable = e.response.status_code >= 500
+        unavailable = unavailable or isinstance(e, httpx.TransportError)
+        return self.error(f"{self.name}: {what} at {self.url} failed: {detail}", unavailable=unavailable)
+
+    def _guarded(self, what: str, deadline_s: float) -> AbstractAsyncContextManager[None]:
+        """One call to the server, with its deadline and through the breaker."""
+        return self.breaker.guard(
+            deadline_s,
+            refused=lambda why: self.error(f"{self.name}: the server at {self.url} is {why}", unavailable=True),
+            timed_out=lambda: self._fail(what, f"no complete answer within {deadline_s:g} s", unavailable=True),
+            failed=lambda e: isinstance(e, ServedModelError) and e.unavailable,
+        )
 
     async def resolve_model(self) -> str:
         """The served model name (asks ``/models`` once when none was given)."""
@@ -222,21 +256,24 @@ class OpenAICompatBackend(ABC):
         return self.model
 
     async def _get_json(self, path: str) -> Any:
-        try:
-            r = await self._client().get(self.url + path)
-            r.raise_for_status()
-            return r.json()
-        except (httpx.HTTPError, ValueError) as e:
-            raise self._fail(f"GET {path}", e) from e
+        async with self._guarded(f"GET {path}", self.score_deadline_s):
+            try:
+                r = await self._client().get(self.url + path)
+                r.raise_for_status()
+                return r.json()
+            except (httpx.HTTPError, ValueError) as e:
+                raise self._fail(f"GET {path}", e) from e
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         """A chat completion's answer (checked to hold choices)."""
-        try:
-            r = await self._client().post(self.url + "/chat/completions", json=body)
-        except httpx.HTTPError as e:
-            raise self._fail("POST /chat/completions", e) from e
-        if r.status_code != 200:
-            raise self._fail("POST /chat/completions", f"HTTP {r.status_code}: {r.text[:300]}")
+        async with self._guarded("POST /chat/completions", self.score_deadline_s):
+            try:
+                r = await self._client().post(self.url + "/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                raise self._fail("POST /chat/completions", e) from e
+            if r.status_code != 200:
+                detail = f"HTTP {r.status_code}: {r.text[:300]}"
+                raise self._fail("POST /chat/completions", detail, unavailable=r.status_code >= 500)
         try:
             data = r.json()
         except ValueError as e:
@@ -256,7 +293,8 @@ class OpenAICompatBackend(ABC):
             async with self._client().stream("POST", self.url + "/chat/completions", json=body) as r:
                 if r.status_code != 200:
                     text = (await r.aread()).decode(errors="replace")
-                    raise self._fail("POST /chat/completions", f"HTTP {r.status_code}: {text[:300]}")
+                    detail = f"HTTP {r.status_code}: {text[:300]}"
+                    raise self._fail("POST /chat/completions", detail, unavailable=r.status_code >= 500)
                 async for line in r.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -319,15 +357,16 @@ class OpenAICompatBackend(ABC):
         parts: list[str] = []
         finished: Mapping[str, Any] | None = None  # the choice that carried the finish reason
         tokens = 0
-        async for chunk in self._stream(body):
-            usage = chunk.get("usage")
-            if usage:
-                tokens = int(usage.get("completion_tokens") or tokens)
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                parts.append(delta.get("content") or "")
-                if choice.get("finish_reason"):
-                    finished = choice
+        async with self._guarded("streamed step", self.step_deadline_s):
+            async for chunk in self._stream(body):
+                usage = chunk.get("usage")
+                if usage:
+                    tokens = int(usage.get("completion_tokens") or tokens)
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    parts.append(delta.get("content") or "")
+                    if choice.get("finish_reason"):
+                        finished = choice
         if finished is None:
             raise self._fail("streamed completion", "the stream ended without a finish reason")
         text = begun + "".join(parts)

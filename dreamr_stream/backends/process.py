@@ -15,12 +15,13 @@ draft and target), so only text, images and small results cross the pipe. ``clos
 fire-and-forget, since the engine calls it from the event loop. The child exits on ``shutdown``
 or when its parent goes (the pipe closes).
 
-A child that dies (killed, out of memory, a crash in native code) fails the calls on its sessions
-with ``BackendError``, which for a draft means its request goes on with the target alone
-(``engine.fpsr``), and is replaced at once by a fresh child (one warning in the log), so the next
-request opens its session in a restarted model. Session ids carry the child's generation, so a
-handle from a dead child can never reach a session of its successor. A replacement that fails to
-build its backend is retried only after a back-off, so a model that cannot load costs no time.
+Every call has a deadline (``call_timeout_s``; waiting for another call's turn counts): a child
+that does not answer in time (stopped, hung) is killed. A child that dies or is killed fails the
+calls on its sessions with ``BackendError``, which for a draft means its request goes on with the
+target alone (``engine.fpsr``), and is replaced in the background (one warning in the log); until
+the replacement serves, calls fail at once, so requests go alone instead of waiting for it. Session
+ids carry the child's generation, so a handle from a dead child can never reach a session of its
+successor. Crash loops back off (``_process_supervision``), and ``close`` never blocks.
 
 The child is a fresh interpreter (``python -m dreamr_stream.backends._process_child``) over a socket
 pair, not a ``multiprocessing`` spawn: spawn re-imports the parent's main script in the child,
@@ -43,21 +44,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
 
 from PIL import Image
 
 from dreamr_stream.backends._process_child import SESSION_OPS
+from dreamr_stream.backends._process_supervision import Child, Supervisor, outcome, read_start
 from dreamr_stream.backends.base import Capabilities, ModelBackend, Repairs, ScoreOutput, SetsThreads, StepOutput
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
@@ -74,63 +73,6 @@ class RemoteSession:
     id: int
     length: int = 0
     finished: bool = False
-
-
-def _stop(proc: subprocess.Popen[bytes], conn: Connection, built: threading.Event) -> None:
-    """Stop a child: one that serves exits at once on ``shutdown`` (``_process_child``); one still
-    building its backend would read the request only when done, seconds of imports and loading
-    that nobody will use, so it is killed at once."""
-    if not built.is_set():
-        proc.kill()
-    else:
-        with contextlib.suppress(OSError, ValueError):
-            conn.send(("shutdown", 0, (), {}))
-    try:  # the timeout is for a hung child
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    conn.close()
-
-
-_ID_BITS = 32  # a session id is (child generation << _ID_BITS) + n
-_BACKOFF_S = (5.0, 300.0)  # after a replacement failed to start: first wait, longest wait
-
-
-@dataclass
-class _Child:
-    """One child process serving the backend, and the pipe to it."""
-
-    proc: subprocess.Popen[bytes]
-    conn: Connection
-    generation: int
-    stop: weakref.finalize[Any, Any]  # stops it; also at exit, or when the backend is collected
-    built: threading.Event  # set once the child has built its backend and serves
-
-    @property
-    def ready(self) -> bool:
-        return self.built.is_set()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None and self.stop.alive
-
-    def holds(self, session_id: int) -> bool:
-        return session_id >> _ID_BITS == self.generation
-
-
-def _spawn(owner: object, factory: Callable[[], ModelBackend[Any]], generation: int) -> _Child:
-    """Start a child that builds ``factory()`` (without waiting for it)."""
-    ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dreamr_stream.backends._process_child", str(theirs.fileno())],
-        pass_fds=(theirs.fileno(),),
-    )
-    theirs.close()
-    conn = Connection(ours.detach())
-    conn.send((factory, (generation << _ID_BITS) + 1))
-    built = threading.Event()
-    return _Child(proc, conn, generation, weakref.finalize(owner, _stop, proc, conn, built), built)
 
 
 @dataclass(frozen=True)
@@ -156,22 +98,27 @@ class ProcessBackend:
     """
 
     def __init__(
-        self, factory: Callable[[], ModelBackend[Any]], *, wait: bool = True, start_timeout_s: float = 300.0
+        self,
+        factory: Callable[[], ModelBackend[Any]],
+        *,
+        wait: bool = True,
+        start_timeout_s: float = 300.0,
+        call_timeout_s: float = 30.0,
+        backoff_s: tuple[float, float] = (5.0, 300.0),
     ) -> None:
         """``factory``: a picklable callable that builds the backend in the child. ``wait``:
-        block until it is built; else call ``ready()`` before use (load something meanwhile)."""
-        self._factory = factory
+        block until it is built; else call ``ready()`` before use (load something meanwhile).
+        ``call_timeout_s``: the deadline of each call (a small model's call takes well under a
+        second); ``backoff_s``: the first and the longest wait before restarting a child that
+        crashed before it answered anything (on start, or on every request)."""
         self._lock = threading.Lock()  # one request/reply at a time
         self._send_lock = threading.Lock()  # fire-and-forget closes may interleave with a request
+        self._closes: deque[int] = deque()  # sessions to close, when ``close`` could not send at once
         self._threads = 0  # intra-op threads for the next call (0: leave as is)
         self._sessions: weakref.WeakValueDictionary[int, RemoteSession] = weakref.WeakValueDictionary()
         self._start_timeout_s = start_timeout_s
-        self._cpus: set[int] | None = None
+        self._call_timeout_s = call_timeout_s
         self._shut_down = False
-        self._failed_starts = 0
-        self._retry_at = 0.0  # no replacement before this time (monotonic), after failed starts
-        self.restarts = 0
-        self.name = "model"  # until the child tells its backend's
         # what the child's backend declares (or the stand-in's, until the child has told)
         self._declared: Capabilities | None = None
         # the in-process stand-in (``use_stand_in``), its open sessions by id(), and whether it
@@ -181,53 +128,51 @@ class ProcessBackend:
         self._stand_in_sessions: dict[int, Any] = {}
         self._stand_in_lock = threading.Lock()
         self._stand_in_only = False
-        self._child = _spawn(self, factory, 1)
+        self._life = Supervisor(self, factory, start_timeout_s=start_timeout_s, backoff_s=backoff_s)
+        self.name = "model"  # until the child tells its backend's
         if wait:
             self.ready()
+
+    @property
+    def name(self) -> str:
+        return self._life.name
+
+    @name.setter
+    def name(self, name: str) -> None:
+        self._life.name = name
+
+    @property
+    def _child(self) -> Child:
+        return self._life.child
+
+    @property
+    def restarts(self) -> int:
+        """How many replacement children were started."""
+        return self._life.restarts
 
     def ready(self) -> ProcessBackend:
         """Wait until the child has built the backend. Its error if it failed: on the first
         start as it is (the backend is shut down), for a replacement as a ``BackendError``."""
         child = self._child
+        if self._life.down:  # a replacement is due: wait for a start under way
+            self._life.await_restart()
+            return self
         if child.ready:
             return self
         try:
-            info = self._await_start(child)
-        except Exception as e:
-            if child.generation > 1:  # a replacement: the caller goes on without this model
-                raise self._start_failed(e) from e
-            self.shutdown()
-            raise
-        except BaseException:  # interrupted while waiting: leave no child behind
+            info = read_start(child, self._start_timeout_s)
+        except BaseException:  # failed, or interrupted while waiting: leave no child behind
             self.shutdown()
             raise
         self._started(child, info)
         return self
 
-    def _started(self, child: _Child, info: dict[str, Any]) -> None:
+    def _started(self, child: Child, info: dict[str, Any]) -> None:
         """The child has built its backend: take what it tells about it."""
         self.name = info["name"]
         self.judge: JudgeTemplate = info["judge"]
         self._declared = info["capabilities"]
         child.built.set()
-        self._failed_starts = 0
-
-    def _await_start(self, child: _Child) -> Any:
-        if not child.conn.poll(self._start_timeout_s):
-            raise BackendError(f"the backend process did not start within {self._start_timeout_s:.0f} s")
-        try:
-            return self._reply(child)
-        except (EOFError, OSError) as e:
-            raise BackendError(f"the backend process died while starting (exit code {child.proc.poll()})") from e
-
-    def _start_failed(self, e: BaseException) -> BackendError:
-        """A replacement that could not build its backend: retry only after a back-off."""
-        self._child.stop()
-        self._failed_starts += 1
-        wait = min(_BACKOFF_S[1], _BACKOFF_S[0] * 2 ** (self._failed_starts - 1))
-        self._retry_at = time.monotonic() + wait
-        log.warning("%s: the restarted backend process failed to start (%s); next try in %.0f s", self.name, e, wait)
-        return BackendError(f"{self.name}: the restarted backend process failed to start: {e}")
 
     @property
     def pid(self) -> int:
@@ -236,15 +181,21 @@ class ProcessBackend:
     def pin(self, cpus: set[int]) -> None:
         """Run the child on these cores only (e.g. the ones a local model server leaves free);
         a restarted child is pinned the same way."""
-        self._cpus = set(cpus)
+        self._life.cpus = set(cpus)
         os.sched_setaffinity(self._child.proc.pid, cpus)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str = "cpu", name: str = "model", wait: bool = True
+        cls,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        name: str = "model",
+        wait: bool = True,
+        call_timeout_s: float = 30.0,
     ) -> ProcessBackend:
         """A ``TransformersBackend`` loaded from a local folder, in its own process."""
-        return cls(TransformersLoader(Path(path), device=device, name=name), wait=wait)
+        return cls(TransformersLoader(Path(path), device=device, name=name), wait=wait, call_timeout_s=call_timeout_s)
 
     # ------------------------------------------------------------------ the stand-in
     def use_stand_in(self, backend: ModelBackend[Any]) -> None:
@@ -273,7 +224,7 @@ class ProcessBackend:
             if self._stand_in_only or (child.alive and not child.conn.poll(0)):
                 return True  # still starting
             try:
-                info = self._await_start(child)  # answered (or gone): no wait
+                info = read_start(child, 0)  # answered (or gone): no wait
             except Exception as e:
                 child.stop()
                 self._stand_in_only = True
@@ -303,26 +254,15 @@ class ProcessBackend:
                     self._stand_in = None
 
     # ------------------------------------------------------------------ plumbing
-    def _reply(self, child: _Child) -> Any:
-        """The child's answer (EOFError or OSError: the child is gone)."""
-        status, value, trace = child.conn.recv()
-        if status == "error":
-            log.debug("backend process traceback:\n%s", trace)
-            raise value
-        return value
-
     def _call(self, op: str, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
+        limit = self._call_timeout_s
+        if not self._lock.acquire(timeout=limit):
+            raise BackendError(f"{self.name}: {op} waited {limit:g} s for the backend process to finish another call")
+        try:
             child = self._child_for(op, args)
-            try:
-                with self._send_lock:
-                    child.conn.send((op, self._threads, args, kwargs))
-                value, touched = self._reply(child)
-            except (EOFError, OSError) as e:  # the pipe broke: the child is gone
-                self._replace(child, f"died during {op}")
-                raise BackendError(
-                    f"{self.name}: the backend process died during {op} (exit code {child.proc.returncode})"
-                ) from e
+            value, touched = self._exchange(child, op, (op, self._threads, args, kwargs))
+        finally:
+            self._lock.release()
         handles = []
         for sid, length, finished in touched:
             handle = self._sessions.get(sid) or RemoteSession(sid)
@@ -331,48 +271,52 @@ class ProcessBackend:
             handles.append(handle)
         return value, handles
 
-    def _child_for(self, op: str, args: tuple[Any, ...]) -> _Child:
-        """The child to send ``op`` to, built and running: a dead one is replaced first (a new
-        session opens in the replacement; one of the dead child's cannot be served)."""
-        if self._shut_down:
-            raise BackendError(f"{self.name}: the backend process was shut down")
-        child = self._child
-        if not child.alive:
-            child = self._replace(child, f"was found dead before {op}")
+    def _exchange(self, child: Child, op: str, message: Any) -> Any:
+        """Send ``message`` and read the child's answer within the call's deadline; a child
+        that does not answer in time is killed (the caller gets ``BackendError`` at once)."""
+        limit = self._call_timeout_s
+        deadline = time.monotonic() + limit
+        try:
+            with self._send_lock:
+                self._send_closes(child, deadline - time.monotonic())
+                child.send(message, deadline - time.monotonic())
+            if not child.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError
+            reply = child.reply()
+            child.answered = True
+        except (BlockingIOError, TimeoutError) as e:  # it does not read, or does not answer
+            self._life.lost(child, f"did not answer {op} within {limit:g} s")
+            raise BackendError(
+                f"{self.name}: the backend process did not answer {op} within {limit:g} s (killed)"
+            ) from e
+        except (EOFError, OSError) as e:  # the pipe broke: the child is gone
+            self._life.lost(child, f"died during {op}")
+            raise BackendError(
+                f"{self.name}: the backend process died during {op} (exit code {child.proc.returncode})"
+            ) from e
+        return outcome(reply)
+
+    def _child_for(self, op: str, args: tuple[Any, ...]) -> Child:
+        """The child to send ``op`` to, built and running (``BackendError`` at once while none
+        serves; a session of a lost child cannot be served)."""
+        child = self._life.serving(op)
         if op in SESSION_OPS and not child.holds(args[0]):
             raise BackendError(
                 f"{self.name}: {op}: session {args[0]} was lost with its backend process, which is not running "
                 f"(a new one serves new sessions)"
             )
-        if not child.ready:
+        if not child.ready:  # the first child, still starting
             self.ready()
         return child
 
-    def _replace(self, dead: _Child, why: str) -> _Child:
-        """Start a fresh child in place of ``dead`` (once: a caller that finds it replaced
-        already gets the replacement)."""
-        if self._child is not dead:
-            return self._child
-        dead.stop()  # reaped (killed if it still ran with a broken pipe), its pipe closed
-        if time.monotonic() < self._retry_at:
-            raise BackendError(
-                f"{self.name}: the backend process is not running; next restart in "
-                f"{self._retry_at - time.monotonic():.0f} s"
-            )
-        log.warning(
-            "%s: the backend process (pid %d, exit code %s) %s; restarting it",
-            self.name,
-            dead.proc.pid,
-            dead.proc.returncode,
-            why,
-        )
-        child = _spawn(self, self._factory, dead.generation + 1)
-        if self._cpus is not None:
-            os.sched_setaffinity(child.proc.pid, self._cpus)
-        with self._send_lock:
-            self._child = child
-        self.restarts += 1
-        return child
+    def _send_closes(self, child: Child, within_s: float) -> None:
+        """Send the closes ``close`` left, with ``_send_lock`` held: those of ``child``'s
+        sessions (the rest went with their child). ``within_s`` 0: only while the pipe takes
+        them at once."""
+        while self._closes and (within_s > 0 or child.writable):
+            sid = self._closes.popleft()
+            if child.holds(sid):
+                child.send(("close", 0, (sid,), {}), max(within_s, 0.01))
 
     # ------------------------------------------------------------------ what it declares
     @property
@@ -460,16 +404,21 @@ class ProcessBackend:
         return new
 
     def close(self, session: Any) -> None:
-        """Fire-and-forget (the engine closes sessions from the event loop)."""
+        """Fire-and-forget, and never blocks (the engine closes sessions from the event loop):
+        sent now if the pipe takes it at once, else before the next call."""
         if not isinstance(session, RemoteSession):
             self._close_here(session)
             return
-        with self._send_lock:
-            child = self._child
-            if self._shut_down or not child.alive or not child.holds(session.id):
-                return  # its child is gone: so is the session
-            with contextlib.suppress(OSError):
-                child.conn.send(("close", 0, (session.id,), {}))
+        child = self._child
+        if self._shut_down or not child.alive or not child.holds(session.id):
+            return  # its child is gone: so is the session
+        self._closes.append(session.id)
+        if self._send_lock.acquire(blocking=False):
+            try:
+                with contextlib.suppress(OSError):
+                    self._send_closes(child, 0.0)
+            finally:
+                self._send_lock.release()
 
     def _close_here(self, session: Any) -> None:
         with self._stand_in_lock:
@@ -482,13 +431,13 @@ class ProcessBackend:
     # ------------------------------------------------------------------ lifecycle
     @property
     def alive(self) -> bool:
-        """The current child runs (a dead one is replaced at the next call)."""
+        """The current child runs (a lost one is being replaced)."""
         return not self._shut_down and self._child.alive
 
     def shutdown(self) -> None:
         """Stop the child process for good (also done when this object is collected, or at
         exit) and drop the stand-in: every later call raises ``BackendError``."""
         self._shut_down = True
-        self._child.stop()
+        self._life.shutdown()
         with self._stand_in_lock:
             self._stand_in, self._stand_in_sessions = None, {}

@@ -1,0 +1,47 @@
+"""Backends for a ``ProcessBackend``'s child that crash its process, as a crash in native code
+would. The child imports this module by name: a test puts this folder on its ``PYTHONPATH``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dreamr_stream.backends.base import StepOutput
+from dreamr_stream.backends.fake import FakeSession, ScriptedBackend
+
+SCRIPT = ["read row one", "Answer: 4"]
+
+
+def _crash_when(switch: Path, mode: str) -> None:
+    if switch.is_file() and switch.read_text() == mode:
+        os._exit(3)
+
+
+class _CrashingBackend(ScriptedBackend):
+    """A scripted backend whose process exits at each call while ``switch`` says ``call``."""
+
+    def __init__(self, switch: Path) -> None:
+        super().__init__(SCRIPT, name="draft")
+        self.switch = switch
+
+    def open_session(self, image: Any, question: str, *, seed: int = 0) -> FakeSession:
+        _crash_when(self.switch, "call")
+        return super().open_session(image, question, seed=seed)
+
+    def generate_step(self, session: FakeSession, **kwargs: Any) -> StepOutput:
+        _crash_when(self.switch, "call")
+        return super().generate_step(session, **kwargs)
+
+
+@dataclass(frozen=True)
+class Crashing:
+    """Builds a ``_CrashingBackend``; its process exits while starting when ``switch`` says
+    ``start``. Without the file it works."""
+
+    switch: Path
+
+    def __call__(self) -> ScriptedBackend:
+        _crash_when(self.switch, "start")
+        return _CrashingBackend(self.switch)

@@ -1,0 +1,156 @@
+"""A stalled or crash-looping draft process never freezes requests: every call to the child has a
+deadline, a child past it is killed and replaced in the background, calls fail at once while no
+child serves (a draft's request goes on with the target alone), crash loops back off, and
+``shutdown`` never waits for a stopped child."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from PIL import Image
+from process_support import Crashing
+
+from dreamr_stream.backends.process import ProcessBackend
+from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig
+from dreamr_stream.errors import BackendError
+from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.tasks.grid.puzzles import make_puzzle
+from dreamr_stream.types import StepSource
+
+DEADLINE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def draft_folder(tmp_path_factory: pytest.TempPathFactory, tiny_pair) -> Path:  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp("draft")
+    tiny_pair[1].model.save_pretrained(folder)
+    tiny_pair[1].processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def draft(draft_folder: Path) -> Iterator[ProcessBackend]:
+    backend = ProcessBackend.from_pretrained(draft_folder, name="draft", call_timeout_s=DEADLINE_S)
+    puzzle = make_puzzle(4)
+    backend.close(backend.open_session(puzzle.image, puzzle.question.text()))  # it has served: no back-off
+    yield backend
+    backend.shutdown()
+
+
+def _stop(backend: ProcessBackend) -> int:
+    pid = backend.pid
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def _fails_within(seconds: float, match: str, call: Callable[..., object], *args: object, **kwargs: object) -> None:
+    start = time.monotonic()
+    with pytest.raises(BackendError, match=match):
+        call(*args, **kwargs)
+    assert time.monotonic() - start < seconds
+
+
+def _restarted(backend: ProcessBackend, restarts: int) -> float:
+    """When the backend starts a child after its first ``restarts`` replacements (polled)."""
+    give_up = time.monotonic() + 10
+    while backend.restarts <= restarts and time.monotonic() < give_up:
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_child_fails_the_call_at_its_deadline_and_a_fresh_one_serves(draft: ProcessBackend) -> None:
+    puzzle = make_puzzle(4)
+    s = draft.open_session(puzzle.image, puzzle.question.text())
+    before = draft.generate_step(s, max_tokens=4, stop="\n")
+    first = _stop(draft)  # paused mid-request: its reply never comes
+    _fails_within(
+        DEADLINE_S + 1, "did not answer generate_step within 2 s", draft.generate_step, s, max_tokens=4, stop="\n"
+    )
+    # while the replacement starts (seconds of imports), calls fail at once: requests go alone
+    _fails_within(0.5, "not running", draft.open_session, puzzle.image, puzzle.question.text())
+    draft.close(s)  # never blocks
+    draft.ready()
+    fresh = draft.open_session(puzzle.image, puzzle.question.text())
+    assert draft.pid != first and draft.restarts == 1
+    assert draft.generate_step(fresh, max_tokens=4, stop="\n") == before
+    # a stopped child does not read either: a send too big for the pipe's buffer has the deadline too
+    _stop(draft)
+    big = Image.new("RGB", (1500, 1500), (7, 8, 9))  # megabytes pickled
+    _fails_within(DEADLINE_S + 1, "did not answer open_session", draft.open_session, big, "q?")
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_does_not_wait_for_a_stopped_child(draft: ProcessBackend) -> None:
+    proc = draft._child.proc
+    _stop(draft)
+    start = time.monotonic()
+    draft.shutdown()
+    assert time.monotonic() - start < 2.0 and proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_request_whose_draft_process_is_stopped_finishes_with_the_target_alone(
+    draft: ProcessBackend, tiny_pair
+) -> None:  # type: ignore[no-untyped-def]
+    config = ReasonerConfig(cache=CacheConfig(enabled=False), generation=GenerationConfig(max_steps=3))
+    puzzle = make_puzzle(6)
+    r = Reasoner(tiny_pair[0], draft, config=config)
+    _stop(draft)
+    start = time.monotonic()
+    result = await r.ainvoke(puzzle.image, puzzle.question.text())
+    assert time.monotonic() - start < DEADLINE_S + 3
+    assert "did not answer" in (result.stats.target_alone_reason or ""), result.stats
+    assert result.steps and all(s.source is StepSource.TARGET for s in result.steps)
+    # a request cancelled while its draft call hangs stops within the call's deadline
+    draft.ready()
+    _stop(draft)
+    start = time.monotonic()
+    with anyio.move_on_after(0.3):
+        await r.ainvoke(puzzle.image, puzzle.question.text())
+    assert time.monotonic() - start < DEADLINE_S + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_loop_backs_off_and_calls_fail_at_once_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tests = str(Path(__file__).parent)  # the child imports the crashing backend from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (tests, os.environ.get("PYTHONPATH")))))
+    switch = tmp_path / "crash"
+    switch.write_text("call")  # the child starts, then dies at every call
+    backend = ProcessBackend(Crashing(switch), backoff_s=(0.4, 10.0))
+    image = Image.new("RGB", (8, 8))
+    delays = []
+    try:
+        for _ in range(3):
+            with pytest.raises(BackendError, match="died during open_session"):
+                backend.open_session(image, "q?")
+            lost, started = time.monotonic(), backend.restarts
+            _fails_within(0.2, "next restart in", backend.open_session, image, "q?")
+            delays.append(_restarted(backend, started) - lost)
+            backend.ready()
+        # each wait doubles (0.4, 0.8, 1.6 s), not one restart per request
+        for delay, backoff in zip(delays, (0.4, 0.8, 1.6), strict=True):
+            assert backoff <= delay < backoff + 0.4, delays
+        switch.unlink()  # fixed: it answers, which resets the back-off
+        assert backend.open_session(image, "q?").length == 1
+        switch.write_text("start")  # now it dies while starting
+        started = backend.restarts
+        os.kill(backend.pid, signal.SIGKILL)
+        backend._child.proc.wait()
+        _fails_within(0.2, "not running", backend.open_session, image, "q?")  # found dead: restarted at once
+        spawns = [_restarted(backend, started + n) for n in range(4)]
+        _fails_within(0.2, "failed to start: .*exit code 3", backend.open_session, image, "q?")
+        gaps = [b - a for a, b in itertools.pairwise(spawns)]
+        assert len(gaps) == 3 and gaps[0] >= 0.4 and gaps[0] < gaps[1] < gaps[2], gaps
+    finally:
+        backend.shutdown()
