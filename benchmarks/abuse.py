@@ -49,10 +49,12 @@ an attack needs several clients; the server's per-address limits are its default
    request fails with an error naming the server within ``--deadline-s``. Needs a total deadline
    per call of the served-model client.
 7. ``killed_export``: ``dreamr zoo export`` of the shipped target over a folder it exported
-   before, SIGKILLed ``--export-delays-ms`` after its first write (each trial from the same old
-   folder). Must hold: after each kill every file of the folder hashes as before, or the folder
-   is the new export whole; the next export over the leftovers writes the new folder whole with
-   nothing beside it.
+   before, SIGKILLed at points of its work: an export's changes under the folder's parent, as
+   polling sees them, are counted on one that runs to its end, and each trial (from the same
+   old folder) is killed at its change ``1 + f * (n - 1)`` for each ``f`` of ``--export-kill-at``
+   (0 is its first write; past 1, it finishes first). Must hold: after each kill every file of
+   the folder hashes as before, or the folder is the new export whole; the next export over the
+   leftovers writes the new folder whole with nothing beside it.
 
 TODO: ``vllm_stopped``: a real vLLM server (``dreamr_vllm.server``, its own venv; about 2 minutes
 to start on 2 cores) serving the draft, then the target, SIGSTOPped mid-request: requests finish
@@ -121,10 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stop-s", type=float, default=5.0, help="SIGTERM to exit")
     ap.add_argument("--stop-wait-s", type=float, default=20.0, help="how long to wait for it before killing it")
     ap.add_argument(
-        "--export-delays-ms",
+        "--export-kill-at",
         type=lambda s: [float(x) for x in s.split(",")],
-        default=[0, 15, 40, 60, 70, 80, 300],
-        help="kill each export this long after its first write (comma-separated; one trial each)",
+        default=[0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5],
+        help="kill exports at these fractions of the changes an export makes to the folder (one each)",
     )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "abuse")
     args = ap.parse_args(argv)

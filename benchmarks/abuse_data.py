@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from abuse_outcome import Outcome
 from serve_process import server_env
@@ -156,63 +157,93 @@ def hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def listing(parent: Path) -> list[tuple[str, int, int]]:
+Listing = list[tuple[str, int, int]]
+
+
+def listing(parent: Path) -> Listing:
     """What is under ``parent``: (path, size, mtime) of each entry, to see the export start."""
     return sorted((str(p.relative_to(parent)), p.lstat().st_size, p.lstat().st_mtime_ns) for p in parent.rglob("*"))
 
 
-def kill_export(out: Path, tau: float, delay_ms: float) -> bool:
-    """Run an export over ``out`` and SIGKILL it ``delay_ms`` after its first change under
-    ``out``'s folder; False if it finished first."""
-    before = listing(out.parent)
-    proc = subprocess.Popen(export(out, tau), env=server_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def export_over(out: Path, tau: float, kill_at: int | None, *, at_swap: bool = False) -> tuple[bool, int]:
+    """Run an export over ``out``, SIGKILLed when it has made its ``kill_at``-th change under
+    ``out``'s folder, as polling sees them, or (``at_swap``) its first change to ``out`` itself
+    (None and False: it runs to its end): whether it was killed, and the changes seen. Changes,
+    not seconds: the kill lands at the same point of the export's work however loaded the
+    machine is."""
+    seen = listing(out.parent)
+
+    def own(entries: Listing) -> Listing:
+        return [e for e in entries if e[0] == out.name or e[0].startswith(out.name + "/")]
+
+    proc = subprocess.Popen(export(out, tau), env=server_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    changes = 0
     while proc.poll() is None:
         try:
-            changed = listing(out.parent) != before
-        except FileNotFoundError:  # a file went while we listed: a change
-            changed = True
-        if changed:
-            time.sleep(delay_ms / 1000)
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.0005)
-    return proc.wait() == -signal.SIGKILL
+            now = listing(out.parent)
+        except FileNotFoundError:  # a file went while we listed: look again
+            continue
+        if now != seen:
+            changes += 1
+            if changes == kill_at or (at_swap and own(now) != own(seen)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            seen = now
+        time.sleep(0.0002)
+    _, err = proc.communicate()
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise RuntimeError(f"dreamr zoo export failed ({proc.returncode}): {err.decode()[-500:]}")
+    return proc.returncode == -signal.SIGKILL, changes
+
+
+def folder_state(out: Path, old: dict[str, str], new: dict[str, str]) -> str:
+    now = hashes(out)
+    state = "old intact" if now == old else "new complete" if now == new else "mixed" if now else "missing"
+    if state == "missing" and out.with_name(f".{out.name}.old").is_dir():
+        state += " (the old one aside: the next export puts it back)"
+    return state
 
 
 def killed_export(args: argparse.Namespace) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="dreamr-abuse-") as tmp:
-        work, pristine, reference = Path(tmp, "work"), Path(tmp, "pristine"), Path(tmp, "reference")
+        work, pristine, reference = Path(tmp, "work"), Path(tmp, "pristine"), Path(tmp, "reference", "model")
         out = work / "model"
         subprocess.run(export(pristine, 1.0), env=server_env(), check=True, capture_output=True)
-        subprocess.run(export(reference, 2.0), env=server_env(), check=True, capture_output=True)
+        shutil.copytree(pristine, reference)
+        _, n = export_over(reference, 2.0, None)  # the changes an export makes, as polling sees them
         old, new = hashes(pristine), hashes(reference)
-        trials = []
-        for delay in args.export_delays_ms:
+        trials: list[dict[str, Any]] = []
+        points = [(1 + round(f * (n - 1)), False) for f in sorted(set(args.export_kill_at))] + [(None, True)]
+        for k, at_swap in points:
             shutil.rmtree(work, ignore_errors=True)
             shutil.copytree(pristine, out)
-            killed = kill_export(out, 2.0, delay)
-            now = hashes(out)
-            state = "old intact" if now == old else "new complete" if now == new else "mixed" if now else "missing"
-            if state == "missing" and out.with_name(f".{out.name}.old").is_dir():
-                state += " (the old one aside: the next export puts it back)"
+            killed, seen = export_over(out, 2.0, k, at_swap=at_swap)
             left = sorted(p.name for p in work.iterdir() if p != out)
-            trials.append({"delay_ms": delay, "killed": killed, "folder": state, "left_beside": left})
+            when = f"its first change to the folder itself (change {seen})" if at_swap else f"change {k}"
+            trials.append({"at": when, "killed": killed, "folder": folder_state(out, old, new), "left": left})
         # the last trial's leftovers: the next export recovers them and writes the folder whole
         subprocess.run(export(out, 2.0), env=server_env(), check=True, capture_output=True)
         recovered = hashes(out) == new and sorted(p.name for p in work.iterdir()) == [out.name]
     whole = ("old intact", "new complete")
-    problems = [f"{t['delay_ms']} ms in: the folder is {t['folder']}" for t in trials if t["folder"] not in whole]
+    problems = [
+        f"killed at change {t['at_change']}: the folder is {t['folder']}" for t in trials if t["folder"] not in whole
+    ]
     problems += [] if recovered else ["the next export did not leave the new folder whole and alone"]
     return Outcome(
         held=not problems,
         measured=(
-            f"{len(trials)} exports killed (SIGKILL) "
-            + ", ".join(f"{t['delay_ms']:g} ms" for t in trials)
-            + " after their first write: "
+            f"{len(trials)} exports killed (SIGKILL), at "
+            + ", ".join(t["at"] for t in trials)
+            + f" (of {n} changes an export makes, as polling sees them): "
             + ", ".join(f"{t['folder']}{' (finished first)' if not t['killed'] else ''}" for t in trials)
-            + f"; left beside it: {sorted({n for t in trials for n in t['left_beside']}) or 'nothing'}; the next "
+            + f"; left beside it: {sorted({n for t in trials for n in t['left']}) or 'nothing'}; the next "
             f"export: {'the new folder whole, nothing beside it' if recovered else 'NOT recovered'}"
         ),
-        numbers={"trials": trials, "files_hashed": len(old), "recovered_by_next_export": recovered},
+        numbers={
+            "changes_of_an_export": n,
+            "trials": trials,
+            "files_hashed": len(old),
+            "recovered_by_next_export": recovered,
+        },
         problems=problems,
     )
