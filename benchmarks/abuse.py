@@ -55,11 +55,15 @@ an attack needs several clients; the server's per-address limits are its default
    (0 is its first write; past 1, it finishes first). Must hold: after each kill every file of
    the folder hashes as before, or the folder is the new export whole; the next export over the
    leftovers writes the new folder whole with nothing beside it.
-
-TODO: ``vllm_stopped``: a real vLLM server (``dreamr_vllm.server``, its own venv; about 2 minutes
-to start on 2 cores) serving the draft, then the target, SIGSTOPped mid-request: requests finish
-with the target alone, or fail with a clear error, within their deadline, and the server recovers
-when the vLLM server is continued (SIGCONT).
+8. ``vllm_stopped``: two real vLLM servers (``dreamr_vllm.VLLMServer``, in the venv
+   ``--vllm-venv``, default ``$DREAMR_VLLM_VENV`` or ``.venv-vllm``, never built here; about 2
+   minutes to start on 2 cores), one serving the shipped draft, one the target. For each: a
+   request, then one stopped mid-way (SIGSTOP of the server's process group), then
+   ``--later-requests`` while it is stopped, then SIGCONT and requests until one is served by it
+   again. Must hold: with the draft's server stopped, each request finishes with the target
+   alone; with the target's, each fails with an error naming the server; each within
+   ``--deadline-s``; once continued, each server serves again within ``--deadline-s`` (the
+   requests recover by themselves). Needs the served-model client's deadline and breaker.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ from typing import Any
 import abuse_data
 import abuse_serve
 import abuse_stall
+import abuse_vllm
 from abuse_outcome import Outcome
 from serve_process import ServeProcess, code_version, start_server
 
@@ -92,6 +97,7 @@ SURFACE: dict[str, Callable[[ServeProcess, argparse.Namespace], Awaitable[Outcom
 LOCAL: dict[str, Callable[[argparse.Namespace], Awaitable[Outcome]]] = {
     "poisoned_cache": abuse_data.poisoned_cache,
     "trickling_server": abuse_stall.trickling_server,
+    "vllm_stopped": abuse_vllm.vllm_stopped,
 }
 MUST_HOLD = {
     "uploads": "every upload answered or refused with busy / rate_limited, no other error; RSS (server + draft "
@@ -104,6 +110,8 @@ MUST_HOLD = {
     "trickling_server": "draft served by it: each request finishes with the target alone within the deadline; target "
     "served by it: a clear error within the deadline",
     "killed_export": "the folder byte-identical to the old one or the new one whole; the next export recovers",
+    "vllm_stopped": "draft's server stopped: requests finish with the target alone within the deadline; target's "
+    "server stopped: a clear error within the deadline; each served by it again once continued",
 }
 
 
@@ -128,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5],
         help="kill exports at these fractions of the changes an export makes to the folder (one each)",
     )
+    ap.add_argument("--vllm-venv", type=Path, default=abuse_vllm.DEFAULT_VENV, help="vLLM's venv (never built here)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "abuse")
     args = ap.parse_args(argv)
     if not 1 <= args.upload_clients <= 240:
