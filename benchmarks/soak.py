@@ -40,11 +40,9 @@ import json
 import os
 import platform
 import random
-import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,6 +50,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import serve_process
+from serve_process import ServeProcess, code_version, http_json, idle_stats, tree_sample
 from websockets.asyncio.client import ClientConnection, connect
 
 from dreamr_stream.tasks import get_task, items
@@ -61,67 +61,7 @@ ACTIONS: tuple[tuple[str, float], ...] = (("ask", 0.45), ("cancel", 0.2), ("leav
 PAGE = 4096
 
 
-# --- the server's process tree, from /proc ---------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (the draft's process and anything it started)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def proc_sample(pid: int) -> dict[str, int] | None:
-    """RSS (bytes), open descriptors and threads of one process; None if it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {
-        "rss": int(fields["VmRSS"].split()[0]) * 1024,
-        "fds": fds,
-        "threads": int(fields["Threads"]),
-    }
-
-
-def tree_sample(pid: int) -> dict[str, Any]:
-    server = proc_sample(pid) or {"rss": 0, "fds": 0, "threads": 0}
-    kids = {c: s for c in children(pid) if (s := proc_sample(c)) is not None}
-    return {
-        "server": server,
-        "children": {str(c): s for c, s in kids.items()},
-        "total_rss": server["rss"] + sum(s["rss"] for s in kids.values()),
-        "total_fds": server["fds"] + sum(s["fds"] for s in kids.values()),
-        "total_threads": server["threads"] + sum(s["threads"] for s in kids.values()),
-    }
-
-
 # --- talking to the server ---------------------------------------------------------------------
-
-
-async def http_json(port: int, path: str) -> Any:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 30)
-    writer.close()
-    await writer.wait_closed()
-    return json.loads(raw.partition(b"\r\n\r\n")[2])
 
 
 @dataclass
@@ -260,30 +200,10 @@ class Client:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
-    dreamr = Path(sys.executable).with_name("dreamr")
-    command = [str(dreamr)] if dreamr.exists() else [sys.executable, "-m", "dreamr_app"]
-    command += ["serve", "--port", "0", "--max-active", str(args.max_active)]
+def start_server(args: argparse.Namespace, log: Path) -> ServeProcess:
     # every client is on this machine's loopback address: lift what one address may take
-    command += ["--requests-per-minute", "0", "--max-connections-per-address", str(args.clients + 2)]
-    err = log.open("w")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:  # "models loaded in ...; serving http://127.0.0.1:PORT/ ..."
-        if found := re.search(r"serving http://127\.0\.0\.1:(\d+)/", line):
-            return proc, int(found.group(1)), command
-    proc.kill()
-    raise SystemExit(f"dreamr serve did not start; see {log}")
-
-
-async def idle_stats(port: int, within_s: float) -> tuple[dict[str, Any], float]:
-    t0 = time.monotonic()
-    while True:
-        s = await http_json(port, "/stats")
-        busy = s["connections"] + s["active_requests"] + s["queued"] + s["engine_requests"] + s["in_flight"]
-        if busy == 0 or time.monotonic() - t0 > within_s:
-            return s, time.monotonic() - t0
-        await asyncio.sleep(0.1)
+    flags = ["--max-active", str(args.max_active), "--requests-per-minute", "0"]
+    return serve_process.start_server([*flags, "--max-connections-per-address", str(args.clients + 2)], log)
 
 
 async def soak(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
@@ -491,23 +411,6 @@ def to_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def code_version() -> str:
-    """The commit the server ran, and the library files that differed from it, if any."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "dreamr_stream", "integrations"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        )
-    except OSError:
-        return "unknown"
-    changed = [line[3:] for line in dirty.stdout.splitlines()]
-    return head.stdout.strip() + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="load duration, warm-up included")
@@ -525,24 +428,17 @@ def main() -> int:
     loadavg, version = os.getloadavg()[0], code_version()
     log = args.out.with_suffix(".server.log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc, port, server_command = start_server(args, log)
+    server = start_server(args, log)
     try:
-        result = asyncio.run(soak(args, port, proc.pid))
+        result = asyncio.run(soak(args, server.port, server.pid))
     finally:
-        t = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        stop_s = time.monotonic() - t
+        code, stop_s, _ = server.stop(signal.SIGINT, 60)
     lines = log.read_text().splitlines()
     log.unlink()
     result.update(
         {
             "command": shlex.join(["python", "benchmarks/soak.py", *sys.argv[1:]]),
-            "server_command": shlex.join(["dreamr", *server_command[-5:]]),
+            "server_command": shlex.join(["dreamr", *server.command[server.command.index("serve") :]]),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "loadavg_before": loadavg,

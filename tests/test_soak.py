@@ -13,7 +13,9 @@ from ws_support import make_reasoner, serving
 
 pytestmark = pytest.mark.asyncio
 
-_spec = importlib.util.spec_from_file_location("soak", Path(__file__).parents[1] / "benchmarks" / "soak.py")
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # soak.py imports its neighbour serve_process.py
+_spec = importlib.util.spec_from_file_location("soak", BENCHMARKS / "soak.py")
 assert _spec is not None and _spec.loader is not None
 soak = importlib.util.module_from_spec(_spec)
 sys.modules["soak"] = soak  # its dataclasses look their module up
