@@ -34,7 +34,7 @@ async def test_runnable_output_equals_reasoner_ainvoke(demo_reasoner: Reasoner) 
     runnable = ReasonerRunnable(demo_reasoner, reasoner_config=NO_CACHE)
     streamed = [c async for c in runnable.astream({"image": PUZZLE.read_bytes(), "question": QUESTION})]
     assert [len(c.steps) for c in streamed] == [1] * len(expected.steps)
-    got = await runnable.ainvoke({"image": str(PUZZLE), "question": QUESTION})
+    got = await runnable.ainvoke({"image": b64(PUZZLE.read_bytes()), "question": QUESTION})
     got_sync = await asyncio.to_thread(runnable.invoke, {"image": PUZZLE, "question": QUESTION})
     for total in (sum(streamed[1:], streamed[0]), got, got_sync):
         assert comparable(total.steps) == comparable(expected.steps)
