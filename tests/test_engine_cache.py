@@ -59,7 +59,7 @@ async def test_a_stored_trajectory_is_looked_up_with_its_image() -> None:
     store = MemoryTrajectoryStore()
     cache = await opened(store=store)
     assert await cache.lookup() is None and cache.steps == []
-    await cache.store_trajectory(["a", "Answer: 1"], "How many red shapes?")
+    await cache.store_trajectory(["a", "Answer: 1"])
     again = await opened(store=store)
     assert await again.lookup() == ["a", "Answer: 1"] == again.steps
     assert await store.get_image(cache.image) is not None  # the prompt image, for SAPO
@@ -69,8 +69,8 @@ async def test_a_stored_trajectory_is_looked_up_with_its_image() -> None:
 async def test_the_log_keeps_verdicts_and_the_target_step_that_replaced_a_rejection() -> None:
     store = MemoryTrajectoryStore()
     cache = await opened(store=store)
-    cache.log_verdict(verdict(True), index=0, question="q", prefix=[], text="a", source=StepSource.CACHE)
-    cache.log_verdict(verdict(False), index=1, question="q", prefix=["a"], text="b", source=StepSource.DRAFT)
+    cache.log_verdict(verdict(True), index=0, prefix=[], text="a", source=StepSource.CACHE)
+    cache.log_verdict(verdict(False), index=1, prefix=["a"], text="b", source=StepSource.DRAFT)
     cache.log_target_step(0, "not this one")  # only the last entry, and only its own step
     cache.log_target_step(1, "Answer: 1")
     await cache.flush_log()
@@ -86,7 +86,7 @@ async def test_the_log_keeps_verdicts_and_the_target_step_that_replaced_a_reject
 @pytest.mark.asyncio
 async def test_a_request_that_does_not_log_logs_nothing() -> None:
     cache = await opened(CONFIG.model_copy(update={"cache": CacheConfig(log=False)}))
-    cache.log_verdict(verdict(True), index=0, question="q", prefix=[], text="a", source=StepSource.DRAFT)
+    cache.log_verdict(verdict(True), index=0, prefix=[], text="a", source=StepSource.DRAFT)
     assert cache.entries == []
 
 
@@ -94,7 +94,7 @@ async def test_a_request_that_does_not_log_logs_nothing() -> None:
 async def test_a_cancelled_request_still_flushes_its_log() -> None:
     store = MemoryTrajectoryStore()
     cache = await opened(store=store)
-    cache.log_verdict(verdict(True), index=0, question="q", prefix=[], text="a", source=StepSource.DRAFT)
+    cache.log_verdict(verdict(True), index=0, prefix=[], text="a", source=StepSource.DRAFT)
     with anyio.CancelScope() as scope:
         scope.cancel()
         await cache.flush_log()

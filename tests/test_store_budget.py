@@ -46,7 +46,7 @@ async def finish(store: MemoryTrajectoryStore, image: Image.Image, question: str
     )
     cache = await open_cache(ReasonerConfig(), GuardedStore(store, timeout_s=5.0), *runners, image, question)
     assert cache is not None
-    await cache.store_trajectory(["Answer: 1"], question)
+    await cache.store_trajectory(["Answer: 1"])
     return cache.image
 
 

@@ -108,19 +108,17 @@ class CacheContext:
             return f"a step of {longest} characters, over {self.max_step_chars}"
         return None
 
-    async def store_trajectory(self, steps: list[str], question: str) -> None:
+    async def store_trajectory(self, steps: list[str]) -> None:
         """Keep a finished trajectory (its last step final) for the next identical request.
 
         Its image goes with it, scaled down to what the models read: SAPO rebuilds prompts from it.
         """
         png = await anyio.to_thread.run_sync(stored_image, self.pil)
-        trajectory = Trajectory(steps=steps, image=self.image, question=question)
+        trajectory = Trajectory(steps=steps, image=self.image, question=self.question)
         await self.store.put(self.key, trajectory, png, timeout_s=self.timeout_s)
 
     # ------------------------------------------------------------------ the verification log
-    def log_verdict(
-        self, verdict: Verdict, *, index: int, question: str, prefix: list[str], text: str, source: StepSource
-    ) -> None:
+    def log_verdict(self, verdict: Verdict, *, index: int, prefix: list[str], text: str, source: StepSource) -> None:
         """Log one verification (when this request logs): step ``index`` after ``prefix``."""
         if not self.log:
             return
@@ -128,7 +126,7 @@ class CacheContext:
             LogEntry(
                 key=self.key,
                 image=self.image,
-                question=question,
+                question=self.question,
                 index=index,
                 prefix=prefix,
                 draft=text,

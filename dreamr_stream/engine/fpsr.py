@@ -157,7 +157,7 @@ class _Executor:
                 return [RM.AloneWrote(step.index, final=step.is_final)]
             case RM.Store():
                 assert cache is not None
-                await cache.store_trajectory([s.text for s in ctx.steps], ctx.question)
+                await cache.store_trajectory([s.text for s in ctx.steps])
             case RM.Finish():
                 if self.inspect is not None and "D" in self.sessions:
                     self.inspect(self.T, self.D)

@@ -95,9 +95,7 @@ class RequestContext:
             self.counts["accepted"] += verdict.accepted
         if self.cache is not None:
             prefix = [s.text for s in self.steps]
-            self.cache.log_verdict(
-                verdict, index=index, question=self.question, prefix=prefix, text=text, source=source
-            )
+            self.cache.log_verdict(verdict, index=index, prefix=prefix, text=text, source=source)
 
     def go_alone(self, reason: str) -> None:
         """The rest of this request is written by the target alone (said once, in the stats)."""
