@@ -42,13 +42,13 @@ ZOO_COMMANDS = {
 
 # ---------------------------------------------------------------------------------- dispatch
 def daemon_usable(args: argparse.Namespace) -> bool:
-    """The daemon, unless ``--no-daemon``, or this system has no unix sockets, or no websockets."""
+    """The daemon, unless ``--no-daemon``, or this system has no unix sockets, or not the server's packages."""
     import importlib.util
     import socket
 
     if getattr(args, "no_daemon", False) or not hasattr(socket, "AF_UNIX"):
         return False
-    return importlib.util.find_spec("websockets") is not None
+    return all(importlib.util.find_spec(name) is not None for name in ("websockets", "starlette", "uvicorn"))
 
 
 def _reason(args: argparse.Namespace) -> int:

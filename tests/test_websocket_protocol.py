@@ -22,8 +22,7 @@ from dreamr_websocket.protocol import (
 )
 from dreamr_websocket.session import decode_image, request_config
 from dreamr_websocket.settings import ServerSettings
-from websockets.datastructures import Headers
-from websockets.http11 import Request
+from starlette.requests import HTTPConnection
 from ws_support import png_b64
 
 from dreamr_app.cli import build_parser
@@ -173,8 +172,10 @@ def test_cli_token_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch
         settings_from_args(build_parser().parse_args(["serve", "--host", "0.0.0.0"]))
 
 
-def _request(path: str = "/ws", **headers: str) -> Request:
-    return Request(path, Headers(list(headers.items())))
+def _request(target: str = "/ws", **headers: str) -> HTTPConnection:
+    path, _, query = target.partition("?")
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return HTTPConnection({"type": "http", "path": path, "query_string": query.encode(), "headers": raw})
 
 
 def test_token_gate() -> None:

@@ -55,7 +55,7 @@ from dreamr_app.daemon.files import (
 from dreamr_stream.errors import DreamrError
 
 if TYPE_CHECKING:
-    from websockets.asyncio.server import ServerConnection
+    from dreamr_websocket.connection import Connection
 
     from dreamr_stream.config import ReasonerConfig
     from dreamr_stream.reasoner import Reasoner
@@ -93,7 +93,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> NoReturn:
 class _ResidentSession(Session):
     """A connection of the daemon, which knows whether it has asked anything yet."""
 
-    def __init__(self, ws: ServerConnection, server: ResidentServer) -> None:
+    def __init__(self, ws: Connection, server: ResidentServer) -> None:
         super().__init__(ws, server)
         self.resident = server
         self.asked = False
@@ -131,7 +131,7 @@ class ResidentServer(DreamrServer):
             if self._on_closing is not None:
                 self._on_closing()
 
-    async def handle(self, ws: ServerConnection) -> None:
+    async def handle(self, ws: Connection) -> None:
         # DreamrServer.handle runs a plain Session; this one counts, and refuses once closing
         if self.closing:  # the handshake finished after the daemon decided to exit: no hello
             await ws.close(NOT_SERVED_CODE, NOT_SERVED_REASON)

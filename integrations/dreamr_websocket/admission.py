@@ -1,4 +1,5 @@
-"""Admission: a bounded queue for the engine's slots, and a request rate per client address.
+"""Admission: a bounded queue for the engine's slots, a request rate per client address, and the
+open connections per address.
 
 Why bound the queue: the models are shared, so requests beyond a few only slow each other down
 (each waits on the per-model locks), and an unbounded queue turns a traffic burst into minutes
@@ -8,17 +9,20 @@ waits until it ends, and a few dozen large uploads would otherwise take gigabyte
 
 Why a rate per address: one client that asks in a loop would fill the queue for everyone, and
 each ask costs a decode before it is even queued; a token bucket lets bursts through and holds
-the long-run rate.
+the long-run rate. Why connections per address: a connection costs a place even while it asks
+nothing, so one address holding them all would lock everyone else out. A WebSocket and a
+streaming HTTP request are both connections here: one table, whatever the route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
-__all__ = ["Admission", "Busy", "RateLimited", "RequestRate"]
+__all__ = ["Admission", "Busy", "ConnectionTable", "RateLimited", "RequestRate", "TooManyConnections"]
 
 
 class Busy(Exception):
@@ -31,6 +35,46 @@ class RateLimited(Exception):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TooManyConnections(Exception):
+    """The server holds its most connections, or this address its share (``per_address``)."""
+
+    def __init__(self, message: str, *, per_address: bool) -> None:
+        super().__init__(message)
+        self.per_address = per_address
+
+
+class ConnectionTable:
+    """The open connections, in all and per client address (None: a unix socket, never capped per address)."""
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.total = 0
+        self._by_address: Counter[str] = Counter()
+
+    def of(self, address: str | None) -> int:
+        return self._by_address[address] if address is not None else 0
+
+    @contextmanager
+    def hold(self, address: str | None) -> Iterator[None]:
+        """One connection from ``address`` for the block; ``TooManyConnections`` at once if there is no room."""
+        if self.total >= self.max_total:
+            raise TooManyConnections("too many connections; retry later", per_address=False)
+        if address is not None and self._by_address[address] >= self.max_per_address:
+            raise TooManyConnections("too many connections from this address; retry later", per_address=True)
+        self.total += 1
+        if address is not None:
+            self._by_address[address] += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            if address is not None:
+                self._by_address[address] -= 1
+                if not self._by_address[address]:
+                    del self._by_address[address]
 
 
 class Admission:

@@ -1,4 +1,5 @@
-"""Plain HTTP beside the WebSocket on the same port: the page, a demo puzzle, stats, the schema.
+"""Plain HTTP beside the WebSocket on the same port: the page, a demo puzzle, stats, the schema,
+and the gates every route shares.
 
 The demo puzzle is an item of a task's test split (``GET /puzzle?task=NAME&seed=N``; the grid
 task's and a random seed unless told), so that a second task needs no change here.
@@ -14,7 +15,6 @@ DNS rebinding of a loopback server).
 from __future__ import annotations
 
 import base64
-import email.utils
 import hmac
 import io
 import json
@@ -23,11 +23,11 @@ from functools import cache
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
 
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.tasks import DEFAULT_TASK, TaskLike, as_task
@@ -44,6 +44,7 @@ __all__ = [
     "query",
     "response",
     "static_file",
+    "text_response",
     "token_ok",
 ]
 
@@ -70,20 +71,23 @@ class DemoPuzzle(BaseModel):
     answer: str
 
 
+# on every response: nothing cached, nothing sniffed, nothing leaked in Referer, nothing framed
+SECURITY_HEADERS: dict[str, str] = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": _CSP,
+}
+
+
 def response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Connection", "close"),
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "no-referrer"),
-            ("Content-Security-Policy", _CSP),
-        ]
-    )
-    return Response(status.value, status.phrase, headers, body)
+    # Connection: close, as a plain page fetch needs nothing more (the streams keep their own connections)
+    headers = {"Connection": "close", **SECURITY_HEADERS}
+    return Response(body, status.value, headers, media_type=content_type)
+
+
+def text_response(status: HTTPStatus, message: str) -> Response:
+    return response(status, f"{message}\n".encode(), "text/plain; charset=utf-8")
 
 
 def json_response(payload: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
@@ -96,12 +100,12 @@ def static_file(name: str) -> bytes:
     return resources.files("dreamr_websocket").joinpath("static", name).read_bytes()
 
 
-def query(request: Request) -> dict[str, str]:
+def query(request: HTTPConnection) -> dict[str, str]:
     """The last value of each query parameter."""
-    return {k: v[-1] for k, v in parse_qs(urlsplit(request.path).query).items()}
+    return {k: v for k, v in request.query_params.items()}
 
 
-def token_ok(request: Request, token: str | None) -> bool:
+def token_ok(request: HTTPConnection, token: str | None) -> bool:
     """No token configured, or the request carries it (constant-time comparison)."""
     if token is None:
         return True
@@ -116,7 +120,7 @@ def _hostname(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
-def host_allowed(request: Request, settings: ServerSettings) -> bool:
+def host_allowed(request: HTTPConnection, settings: ServerSettings) -> bool:
     """On a loopback server the Host must be a loopback name (or an allowed origin's host).
 
     A DNS-rebinding page resolves its own name to 127.0.0.1; its requests then carry that
@@ -129,7 +133,7 @@ def host_allowed(request: Request, settings: ServerSettings) -> bool:
     return name in LOOPBACK_HOSTS or name in extra
 
 
-def origin_allowed(request: Request, settings: ServerSettings) -> bool:
+def origin_allowed(request: HTTPConnection, settings: ServerSettings) -> bool:
     """Browsers send Origin: it must be the page's own origin or in the allowlist.
 
     A request without Origin is not from a browser page (nothing to hijack): allowed, and
@@ -163,10 +167,10 @@ def demo_puzzle(seed: int | None = None, *, task: TaskLike = DEFAULT_TASK) -> De
 
 
 def _bad_request(message: str) -> Response:
-    return response(HTTPStatus.BAD_REQUEST, f"{message}\n".encode(), "text/plain; charset=utf-8")
+    return text_response(HTTPStatus.BAD_REQUEST, message)
 
 
-def puzzle_response(request: Request) -> Response:
+def puzzle_response(request: HTTPConnection) -> Response:
     """``GET /puzzle[?task=NAME][&seed=N]``: ``demo_puzzle``'s JSON, or 400 naming what is wrong."""
     params = query(request)
     seed = params.get("seed")

@@ -1,4 +1,5 @@
-"""DreamrServer: one port, the page at ``/``, the stream at ``/ws``, stats at ``/stats``.
+"""DreamrServer: one port, the page at ``/``, the stream at ``/ws``, stats at ``/stats``, and the
+OpenAI-compatible API at ``/v1``.
 
 Why one ``Reasoner`` for every connection: the models are loaded once and shared; the
 core already serialises calls per model (a priority lock each) and keeps concurrent requests
@@ -6,7 +7,14 @@ independent (invariant 6). The server adds what the core cannot know: how many r
 run and wait (``Admission``), who may connect, and what a connection may send. No one client
 address may hold more than its share of the connections, or ask faster than its rate: one
 client in a loop must not lock out the rest (neither applies on a unix socket, which only its
-owner can reach).
+owner can reach). A WebSocket and an API request share those limits: one admission, one table
+of connections, one rate, whatever the route.
+
+Why Starlette on uvicorn: the API streams over plain HTTP (server-sent events), which needs a
+real HTTP server beside the WebSocket; uvicorn's WebSocket side runs on the websockets package,
+so the wire behaviour of ``/ws`` (close codes, size limit, pings) is the one it always had. The
+gates every route shares (Host, Origin, token, connection room) are one ASGI middleware,
+``_Gates``, so that they hold for a streamed response to its last byte.
 
 >>> async with DreamrServer(Reasoner.demo(), ServerSettings(port=0)) as server:
 ...     print(server.http_url)  # open it in a browser
@@ -16,28 +24,35 @@ owner can reach).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Self
-from urllib.parse import urlsplit
+from typing import Self
 
 import anyio
-from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
-from websockets.http11 import Request, Response
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from dreamr_stream import __version__
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.reasoner import Reasoner
 from dreamr_websocket import routes
-from dreamr_websocket.admission import Admission, RequestRate
-from dreamr_websocket.protocol import HelloMessage, ServerLimits, ServerStats, protocol_schema
-from dreamr_websocket.session import Session, client_address
+from dreamr_websocket.admission import Admission, ConnectionTable, RequestRate, TooManyConnections
+from dreamr_websocket.connection import Connection, WebSocketConnection
+from dreamr_websocket.protocol import CloseCode, HelloMessage, ServerLimits, ServerStats, protocol_schema
+from dreamr_websocket.session import Session
 from dreamr_websocket.settings import ServerSettings
 
 __all__ = ["DreamrServer", "run"]
@@ -59,13 +74,19 @@ TOTALS = (
     "idle_timeouts",
     "internal_errors",
 )
+WS_PATH = "/ws"
+API_PREFIX = "/v1/"
+# routes that hold a connection for as long as they run (a WebSocket, a streamed completion)
+HELD = {WS_PATH, "/v1/chat/completions"}
+GATED = HELD | {"/puzzle", "/stats", "/schema.json", "/v1/models"}
+STOP_WAIT_S = 10  # how long stop() waits for the connections' requests to end once cancelled
 
 
 class DreamrServer:
     """The server around one shared ``Reasoner``; ``async with`` starts and stops it.
 
     Inject any Reasoner (the tests use one over scripted fakes); ``settings.port=0`` picks a
-    free port, then read ``port`` / ``http_url`` / ``ws_url``.
+    free port, then read ``port`` / ``http_url`` / ``ws_url`` / ``api_url``.
     """
 
     def __init__(self, reasoner: Reasoner, settings: ServerSettings | None = None) -> None:
@@ -74,38 +95,74 @@ class DreamrServer:
         s = self.settings
         self.admission = Admission(s.max_active, s.max_waiting, s.max_held_image_bytes)
         self.rate = RequestRate(s.requests_per_minute) if s.requests_per_minute is not None else None
+        self.connections = ConnectionTable(s.max_connections, s.max_connections_per_address)
         self.totals: Counter[str] = Counter(dict.fromkeys(TOTALS, 0))
         self.decode_limiter: anyio.CapacityLimiter | None = None
-        self._server: Server | None = None
+        self.closing = False  # shutting down: new connections and requests are refused (503)
+        self._websockets: set[WebSocketConnection] = set()
+        self._running: set[anyio.CancelScope] = set()  # every held connection's, cancelled by stop()
+        self._uvicorn: _Uvicorn | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
         self._t0 = time.monotonic()
+        self.app: ASGIApp = _Gates(self._router(), self)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        if self._server is not None:
+        if self._uvicorn is not None:
             raise ConfigError("the server is already started")
         self.decode_limiter = anyio.CapacityLimiter(2)  # image decoding threads, beside the model threads
+        self.closing = False
         s = self.settings
-        options: dict[str, Any] = {
-            "process_request": self._process_request,
-            "compression": None,  # max_size then bounds the bytes on the wire, not a decompressed size
-            "max_size": s.max_message_bytes,
-            "ping_interval": s.ping_interval_s,
-            "server_header": f"dreamr-websocket/{__version__}",
-        }
-        if s.unix_path is not None:
-            self._server = await unix_serve(self.handle, s.unix_path, **options)
-            os.chmod(s.unix_path, 0o600)  # its folder should be 0700 too: this closes the gap where it is not
-        else:
-            self._server = await serve(self.handle, s.host, s.port, **options)
+        sock = _listening_socket(s)
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            http="h11",
+            ws="websockets-sansio",  # the websockets package: the wire behaviour /ws always had
+            ws_max_size=s.max_message_bytes,
+            ws_ping_interval=s.ping_interval_s,
+            ws_ping_timeout=s.ping_interval_s,
+            ws_per_message_deflate=False,  # max_size then bounds the bytes on the wire, not a decompressed size
+            log_config=None,  # the application configures logging, not the server
+            access_log=False,
+            server_header=False,
+            headers=[("server", f"dreamr-websocket/{__version__}")],
+            timeout_graceful_shutdown=STOP_WAIT_S,
+        )
+        server = _Uvicorn(config)
+        self._serving = asyncio.create_task(server.serve(sockets=[sock]), name="dreamr-server")
+        while not server.started and not self._serving.done():  # noqa: ASYNC110 - uvicorn sets a flag
+            await asyncio.sleep(0.01)
+        if self._serving.done():  # it failed to start: its exception says why
+            sock.close()
+            self._serving.result()
+            raise ConfigError("the server stopped as it started")
+        self._uvicorn, self._socket = server, sock
         self._t0 = time.monotonic()
         log.info("serving on %s", s.unix_path or self.http_url)
 
     async def stop(self) -> None:
-        """Close every connection (code 1001); their requests are cancelled and awaited."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Refuse new work, close every WebSocket (1001), cancel every request, and wait for them."""
+        if self._uvicorn is None:
+            return
+        self.closing = True
+        # a WebSocket's session ends when its connection closes, and awaits its request first (a
+        # cancelled scope would cut that short); an API request is cancelled through its scope
+        going_away = "the server is shutting down"
+        await asyncio.gather(*(ws.close(CloseCode.GOING_AWAY, going_away) for ws in self._websockets))
+        for scope in self._running:
+            scope.cancel()
+        with anyio.move_on_after(STOP_WAIT_S):
+            while self.connections.total:  # noqa: ASYNC110 - a count, not an event
+                await asyncio.sleep(0.02)
+        self._uvicorn.should_exit = True
+        assert self._serving is not None
+        await self._serving
+        self._uvicorn = self._serving = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -117,14 +174,14 @@ class DreamrServer:
         await self.stop()
 
     async def serve_forever(self) -> None:
-        assert self._server is not None, "start() first"
-        await self._server.serve_forever()
+        assert self._serving is not None, "start() first"
+        await asyncio.shield(self._serving)
 
     # ------------------------------------------------------------------ addresses
     @property
     def port(self) -> int:
-        assert self._server is not None, "start() first"
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._socket is not None, "start() first"
+        return int(self._socket.getsockname()[1])
 
     @property
     def http_url(self) -> str:
@@ -136,11 +193,16 @@ class DreamrServer:
     def ws_url(self) -> str:
         return self.http_url.replace("http://", "ws://", 1) + "ws"
 
+    @property
+    def api_url(self) -> str:
+        """The OpenAI clients' ``base_url``."""
+        return self.http_url + "v1"
+
     # ------------------------------------------------------------------ state
     def stats(self) -> ServerStats:
         return ServerStats(
             uptime_s=round(time.monotonic() - self._t0, 3),
-            connections=len(self._server.connections) if self._server is not None else 0,
+            connections=self.connections.total,
             active_requests=self.admission.active,
             queued=self.admission.waiting,
             engine_requests=self.reasoner.active_requests,
@@ -161,48 +223,165 @@ class DreamrServer:
         )
         return HelloMessage(version=__version__, methods=methods, limits=limits)
 
-    # ------------------------------------------------------------------ HTTP + handshake
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Route plain HTTP and gate the WebSocket handshake (None = go on with the upgrade)."""
-        s = self.settings
-        path = urlsplit(request.path).path
-        if not routes.host_allowed(request, s):
-            return connection.respond(HTTPStatus.FORBIDDEN, "this Host is not allowed\n")
-        if path in routes.STATIC and s.serve_page:
-            name, content_type = routes.STATIC[path]
-            return routes.response(HTTPStatus.OK, routes.static_file(name), content_type)
-        if path not in ("/ws", "/puzzle", "/stats", "/schema.json"):
-            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        if path == "/ws" and not routes.origin_allowed(request, s):
-            return connection.respond(HTTPStatus.FORBIDDEN, "this Origin is not allowed\n")
-        if not routes.token_ok(request, s.token):
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "a valid token is required\n")
-        if path == "/ws":
-            return self._room_for(connection)
-        if path == "/stats":
-            return routes.json_response(self.stats())
-        if path == "/schema.json":
-            return routes.json_response(protocol_schema())
-        return routes.puzzle_response(request)
+    def model_ids(self) -> list[str]:
+        """The API's model ids: one, named for the task the models were trained on."""
+        return [f"dreamr-{self.reasoner.task or 'reasoner'}"]
 
-    def _room_for(self, connection: ServerConnection) -> Response | None:
-        """None if the server, and the client's share of it, has room for one more connection."""
-        open_now = self._server.connections if self._server is not None else set()
-        if len(open_now) >= self.settings.max_connections:
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later\n")
-        address = client_address(connection)
-        if address is not None:
-            mine = sum(1 for c in open_now if client_address(c) == address)
-            if mine >= self.settings.max_connections_per_address:
-                log.info("refused a connection from %s: it holds %d already", address, mine)
-                return connection.respond(
-                    HTTPStatus.SERVICE_UNAVAILABLE, "too many connections from this address; retry later\n"
-                )
+    # ------------------------------------------------------------------ routes
+    def _router(self) -> Starlette:
+        table: list[Route | WebSocketRoute] = [
+            WebSocketRoute(WS_PATH, self._websocket),
+            Route("/puzzle", routes.puzzle_response),
+            Route("/stats", lambda _request: routes.json_response(self.stats())),
+            Route("/schema.json", lambda _request: routes.json_response(protocol_schema())),
+        ]
+        if self.settings.serve_page:
+            table += [Route(path, _static(name, content_type)) for path, (name, content_type) in routes.STATIC.items()]
+        return Starlette(routes=table)
+
+    async def _websocket(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        connection = WebSocketConnection(websocket, abort=lambda: self.abort(websocket.scope))
+        self._websockets.add(connection)
+        try:
+            await self.handle(connection)
+        finally:
+            self._websockets.discard(connection)
+
+    async def handle(self, ws: Connection) -> None:
+        """Serve one WebSocket to its end (a subclass may wrap it: count it, or turn it away)."""
+        await Session(ws, self).run()
+
+    def abort(self, scope: Scope) -> None:
+        """Drop the connection that serves ``scope`` at once (ASGI itself cannot: a client that
+        stopped reading would hold its socket and buffers until the kernel gives up)."""
+        if self._uvicorn is None:
+            return
+        for protocol in list(self._uvicorn.server_state.connections):
+            if getattr(protocol, "scope", None) is scope:
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.abort()
+                return
+
+    # ------------------------------------------------------------------ the gates' accounting
+    @contextlib.contextmanager
+    def holding(self, address: str | None, *, cancel_on_stop: bool) -> Iterator[None]:
+        """A connection from ``address`` held for the block (cancelled by ``stop`` if told);
+        raises ``TooManyConnections`` at once when there is no room."""
+        with self.connections.hold(address), anyio.CancelScope() as scope:
+            if cancel_on_stop:
+                self._running.add(scope)
+            try:
+                yield
+            finally:
+                self._running.discard(scope)
+
+
+def _static(name: str, content_type: str) -> Callable[[Request], Response]:
+    def page(_request: Request) -> Response:
+        return routes.response(HTTPStatus.OK, routes.static_file(name), content_type)
+
+    return page
+
+
+class _Gates:
+    """Every request passes here first: Host, then the path, Origin, token and connection room.
+
+    A refusal of a WebSocket is an HTTP response to its handshake (the ASGI denial-response
+    extension), as it always was; an API route's refusals are OpenAI error objects, so that an
+    OpenAI client reads them as it reads any server's."""
+
+    def __init__(self, app: ASGIApp, server: DreamrServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(HTTPConnection(scope))
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path not in HELD or scope.get("method", "GET") != ("GET" if path == WS_PATH else "POST"):
+            await self.app(scope, receive, send)
+            return
+        address = _address(scope)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.server.holding(address, cancel_on_stop=path != WS_PATH))
+            except TooManyConnections as e:
+                if e.per_address:
+                    log.info("refused a connection from %s: it holds %d", address, self.server.connections.of(address))
+                status = HTTPStatus.TOO_MANY_REQUESTS if e.per_address else HTTPStatus.SERVICE_UNAVAILABLE
+                await self._refuse(scope, path, status, str(e))(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+
+    def _refusal(self, request: HTTPConnection) -> Response | None:
+        s = self.server.settings
+        path = request.url.path
+        if not routes.host_allowed(request, s):
+            return self._refuse(request.scope, path, HTTPStatus.FORBIDDEN, "this Host is not allowed")
+        if path in routes.STATIC and s.serve_page:
+            return None
+        if path not in GATED:
+            return self._refuse(request.scope, path, HTTPStatus.NOT_FOUND, "not found")
+        if (path == WS_PATH or path.startswith(API_PREFIX)) and not routes.origin_allowed(request, s):
+            return self._refuse(request.scope, path, HTTPStatus.FORBIDDEN, "this Origin is not allowed")
+        if not routes.token_ok(request, s.token):
+            return self._refuse(request.scope, path, HTTPStatus.UNAUTHORIZED, "a valid token is required")
+        if path in HELD and self.server.closing:
+            return self._refuse(request.scope, path, HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down")
         return None
 
-    async def handle(self, ws: ServerConnection) -> None:
-        """Serve one connection to its end (a subclass may wrap it: count it, or turn it away)."""
-        await Session(ws, self).run()
+    @staticmethod
+    def _refuse(scope: Scope, path: str, status: HTTPStatus, message: str) -> Response:
+        if path.startswith(API_PREFIX) and scope["type"] == "http":
+            return routes.text_response(status, message)  # OPENAI-ERROR
+        if scope["type"] == "websocket" and status in (HTTPStatus.TOO_MANY_REQUESTS,):
+            status = HTTPStatus.SERVICE_UNAVAILABLE  # what a WebSocket client was always told
+        return routes.text_response(status, message)
+
+
+def _address(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server without its signal handlers: the application owns SIGINT and SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listening_socket(settings: ServerSettings) -> socket.socket:
+    """The socket to serve on, bound (not yet listening). A unix socket is made 0600 before it
+    listens, so there is no moment when another user could connect."""
+    if settings.unix_path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(settings.unix_path)
+            os.chmod(settings.unix_path, 0o600)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    family, kind, proto, _, address = socket.getaddrinfo(
+        settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def run(

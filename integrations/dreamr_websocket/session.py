@@ -15,8 +15,9 @@ Why it is shaped like this:
   decoding), and its time connected without asking (``idle_timeout_s``: a connection that holds
   a place and asks nothing is closed, however well it answers pings). A large message is parsed
   in a worker thread: parsing megabytes of JSON on the event loop would stall every connection.
-* A session sees its server through ``SessionHost``, the few things it uses of it: the server
-  imports this module to run its connections, and this module never imports the server.
+* A session sees its server through ``SessionHost``, the few things it uses of it, and its
+  client through ``Connection`` (``connection.py``): the server imports this module to run its
+  connections, and this module never imports the server or the ASGI framework.
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import anyio
 from PIL import Image
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 from dreamr_stream.config import InputLimits, ReasonerConfig
 from dreamr_stream.errors import ConfigError, DreamrError, InputError, InvalidImageError, InvalidQuestionError
 from dreamr_stream.events import DraftedEvent, Event, FailedEvent, FinishedEvent
 from dreamr_stream.inputs import check_question, load_image
 from dreamr_websocket.admission import Admission, Busy, RateLimited, RequestRate
+from dreamr_websocket.connection import ClientGone, Connection
 from dreamr_websocket.protocol import (
     AskMessage,
     CancelledMessage,
@@ -67,7 +67,6 @@ __all__ = [
     "Outbox",
     "Session",
     "SessionHost",
-    "client_address",
     "decode_image",
     "held_bytes",
     "request_config",
@@ -92,14 +91,10 @@ class SessionHost(Protocol):
         ...
 
 
-class ClientGone(Exception):
-    """The client closed the connection, or it was aborted because the client stopped reading."""
-
-
 class Outbox:
     """Serialised sends to one client, each bounded in time."""
 
-    def __init__(self, ws: ServerConnection, timeout_s: float, on_abort: Callable[[], None]) -> None:
+    def __init__(self, ws: Connection, timeout_s: float, on_abort: Callable[[], None]) -> None:
         self.ws = ws
         self.timeout_s = timeout_s
         self.on_abort = on_abort
@@ -111,12 +106,10 @@ class Outbox:
             async with asyncio.timeout(self.timeout_s), self._lock:
                 await self.ws.send(data)
         except TimeoutError:
-            log.warning("client %s stopped reading for %.1fs: aborting", self.ws.remote_address, self.timeout_s)
+            log.warning("client %s stopped reading for %.1fs: aborting", self.ws.address, self.timeout_s)
             self.on_abort()
-            self.ws.transport.abort()
+            self.ws.abort()
             raise ClientGone("send timed out") from None
-        except ConnectionClosed as e:
-            raise ClientGone(str(e)) from e
 
 
 def decode_image(text: str, limits: InputLimits) -> Image.Image:
@@ -132,12 +125,6 @@ def decode_image(text: str, limits: InputLimits) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise InvalidImageError("the image is not valid base64 (images are sent as base64, never as paths)") from e
     return load_image(data, limits)
-
-
-def client_address(ws: ServerConnection) -> str | None:
-    """The client's IP address; None on a unix socket (only its owner can connect)."""
-    peer = ws.remote_address
-    return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
 def held_bytes(image: Image.Image) -> int:
@@ -181,7 +168,7 @@ class _Prepared:
 
 
 class Session:
-    def __init__(self, ws: ServerConnection, server: SessionHost) -> None:
+    def __init__(self, ws: Connection, server: SessionHost) -> None:
         self.ws = ws
         self.server = server
         self.totals = server.totals
@@ -210,7 +197,7 @@ class Session:
             else:
                 self.totals["idle_timeouts"] += 1
                 await self.ws.close(CloseCode.NORMAL, f"idle: no request for {self.server.settings.idle_timeout_s:g} s")
-        except (ConnectionClosed, ClientGone):
+        except ClientGone:
             pass
         finally:
             await self._stop_request()
@@ -244,7 +231,7 @@ class Session:
 
     async def _rate_limited(self, ask: AskMessage) -> bool:
         """Count an ask against its client's rate; True (and the client told) when over it."""
-        address = client_address(self.ws)
+        address = self.ws.address
         if self.server.rate is None or address is None:
             return False
         try:
