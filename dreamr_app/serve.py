@@ -1,5 +1,5 @@
-"""``dreamr serve``: the WebSocket server and live page (``dreamr_websocket``) around the models the
-flags describe (its arguments are ``cli``'s).
+"""``dreamr serve``: the live page, the WebSocket stream and the OpenAI-compatible API
+(``dreamr_websocket``) around the models the flags describe (its arguments are ``cli``'s).
 
 Why here, and not in the integration: the command composes the core's ``Reasoner`` with the
 WebSocket adapter, which is the application's job; the integration stays an adapter that knows
@@ -72,7 +72,11 @@ def serve(args: argparse.Namespace) -> int:
 
     def ready(server: DreamrServer) -> None:
         url = server.http_url + (f"#token={token}" if token else "")
-        print(f"models loaded in {loaded_s:.1f}s; serving {url}  (WebSocket {server.ws_url}); Ctrl-C stops", flush=True)
+        print(
+            f"models loaded in {loaded_s:.1f}s; serving {url}  (WebSocket {server.ws_url}; OpenAI-compatible API "
+            f"{server.api_url}, model {server.model_ids()[0]!r}); Ctrl-C stops",
+            flush=True,
+        )
 
     try:
         run(reasoner, settings, on_ready=ready)
