@@ -243,13 +243,13 @@ class AssistantMessage(_Loose):
     content: TextContent | None = None
 
 
-ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant")
 Message = Annotated[
     Annotated[SystemMessage, Tag("~system")]
     | Annotated[SystemMessage, Tag("~developer")]
     | Annotated[UserMessage, Tag("~user")]
     | Annotated[AssistantMessage, Tag("~assistant")],
-    _tagged(_field("role", ROLES), "a message's role is 'system', 'developer', 'user' or 'assistant'"),
+    _tagged(_field("role", _ROLES), "a message's role is 'system', 'developer', 'user' or 'assistant'"),
 ]
 
 
@@ -305,7 +305,7 @@ def _invalid(e: ValidationError) -> OpenAIErrorResponse:
     errors = e.errors(include_input=False, include_url=False)
     params = [_param(err["loc"]) for err in errors]
     detail = "; ".join(f"{p or 'body'}: {err['msg']}" for p, err in zip(params, errors[:4], strict=False))
-    return api_error(HTTPStatus.BAD_REQUEST, detail, param=params[0] or None if params else None)
+    return api_error(HTTPStatus.BAD_REQUEST, detail, param=params[0] or None)
 
 
 def _image_and_question(messages: Sequence[Any]) -> tuple[str, str] | OpenAIErrorResponse:

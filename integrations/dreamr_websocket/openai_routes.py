@@ -39,7 +39,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -67,7 +67,7 @@ from dreamr_websocket.openai_protocol import (
     model_list,
     parse_chat_request,
 )
-from dreamr_websocket.protocol import QueuedMessage, RequestOptions
+from dreamr_websocket.protocol import QueuedMessage
 from dreamr_websocket.session import ClientGone, decode_image, held_bytes, request_config
 from dreamr_websocket.settings import ServerSettings
 
@@ -165,8 +165,7 @@ class _Prepared:
     image: Image.Image
     question: str
     config: ReasonerConfig
-    options: RequestOptions
-    request: ChatRequest
+    request: ChatRequest  # what was asked (its image text dropped: the decoded image is above)
 
 
 async def chat_completions(request: Request, host: ApiHost) -> Response:
@@ -233,7 +232,7 @@ async def _prepare(parsed: ChatRequest, host: ApiHost) -> _Prepared | OpenAIErro
     limiter = host.decode_limiter
     image = await anyio.to_thread.run_sync(decode_image, parsed.image, base.limits, limiter=limiter)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    return _Prepared(rid, model, image, question, config, parsed.options, parsed.model_copy(update={"image": ""}))
+    return _Prepared(rid, model, image, question, config, parsed.model_copy(update={"image": ""}))
 
 
 class _Sender:
@@ -313,7 +312,7 @@ class ChatRun(Response):
             prompt_tokens=count_tokens(prepared.question),
             max_tokens=request.max_tokens,
             include_usage=request.include_usage,
-            drafts=prepared.options.drafts,
+            drafts=request.options.drafts,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -360,7 +359,7 @@ class ChatRun(Response):
             with suppress(ClientGone):
                 await out.error(api_error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error"))
 
-    def _on_wait(self, out: _Sender) -> Callable[[int], Any]:
+    def _on_wait(self, out: _Sender) -> Callable[[int], Awaitable[None]]:
         """A stream that must wait for a slot starts at once, its first chunk saying so."""
 
         async def on_wait(position: int) -> None:
@@ -371,7 +370,9 @@ class ChatRun(Response):
 
     async def _serve(self, out: _Sender) -> None:
         p, writer = self.prepared, self.writer
-        stream = self.host.reasoner.astream_events(p.image, p.question, method=p.options.method, config=p.config)
+        stream = self.host.reasoner.astream_events(
+            p.image, p.question, method=p.request.options.method, config=p.config
+        )
         try:
             async with aclosing(stream) as events:  # closed on any exit: the request stops with it
                 async for event in events:
