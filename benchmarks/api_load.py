@@ -34,7 +34,6 @@ from ws_load import Puzzle, Run, client, pct, puzzles
 
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.reasoner import Reasoner
-from dreamr_stream.tasks import get_task
 
 
 async def api_request(openai: AsyncOpenAI, model: str, puzzle: Puzzle, rid: str, run: Run) -> None:
@@ -70,11 +69,10 @@ async def api_request(openai: AsyncOpenAI, model: str, puzzle: Puzzle, rid: str,
             finish = choice.finish_reason or finish
     run.total.append(time.perf_counter() - t0)
     run.ttfs.append(first if first is not None else run.total[-1])
-    task = get_task()
-    answer = "".join(content)
-    if finish != "stop" or task.parse_answer(answer) != task.parse_answer(puzzle.reference or ""):
+    answer = "".join(content)  # the answer itself, as ainvoke gives it
+    if finish != "stop" or answer != puzzle.reference:
         run.wrong.append(f"{rid}: got {answer!r} ({finish}), ainvoke gave {puzzle.reference!r}")
-    run.correct_vs_known += task.parse_answer(answer) == task.parse_answer(puzzle.known)
+    run.correct_vs_known += answer == puzzle.known
 
 
 async def api_client(base_url: str, model: str, index: int, n_requests: int, bank: list[Puzzle], run: Run) -> None:

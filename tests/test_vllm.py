@@ -234,6 +234,54 @@ async def test_served_draft_and_server_failures(servers: _Servers, main_url: str
     assert result.stats.target_alone_reason and victim.url in result.stats.target_alone_reason
 
 
+def test_openai_endpoint_in_front_of_vllm(main_url: str, tmp_path: Path) -> None:
+    """``dreamr serve --target-url`` in front of the vLLM server: the openai SDK's ordinary
+    streaming loop, unchanged but for its base URL, gets verified steps as reasoning and the
+    answer of FPSR over vLLM in process as content."""
+    import base64
+    import io
+    import sys
+
+    import openai
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_process import start_server
+
+    p = PUZZLES[0]
+    expected = anyio.run(Reasoner.demo(target_url=main_url).ainvoke, p.image, p.question.text())
+    buf = io.BytesIO()
+    p.image.save(buf, format="PNG")
+    image_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    server = start_server(["--target-url", main_url], tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        reasoning, content = [], []
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": p.question.text()},
+                    ],
+                }
+            ],
+            stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices and (step := (chunk.choices[0].delta.model_extra or {}).get("reasoning")):
+                reasoning.append(step)
+            if chunk.choices and chunk.choices[0].delta.content:
+                content.append(chunk.choices[0].delta.content)
+        assert "".join(content) == expected.answer
+        assert [s.strip() for s in reasoning] == [s.text.strip() for s in expected.steps]
+    finally:
+        code, _, by_itself = server.stop()
+    assert by_itself and code == 0
+
+
 def test_bad_server_url_is_a_clear_error() -> None:
     backend = VLLMBackend("http://127.0.0.1:9/v1", connect_timeout_s=0.5)
     with pytest.raises(VLLMError, match=r"127\.0\.0\.1:9/v1"):

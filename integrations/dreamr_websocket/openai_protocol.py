@@ -91,7 +91,9 @@ __all__ = [
 
 Chunk = dict[str, Any]  # one JSON object, ready for ``json.dumps``
 FinishReason = Literal["stop", "length"]
-ErrorType = Literal["invalid_request_error", "authentication_error", "rate_limit_error", "server_error"]
+ErrorType = Literal[
+    "invalid_request_error", "authentication_error", "permission_error", "rate_limit_error", "server_error"
+]
 # dreamr's options, read from the top level of the body (the openai SDK's ``extra_body``)
 OPTION_FIELDS: tuple[str, ...] = ("method", "tau", "verify", "lookahead", "fallback", "max_steps", "cache", "drafts")
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -129,6 +131,7 @@ class OpenAIErrorResponse(BaseModel):
 _STATUS: dict[HTTPStatus, tuple[ErrorType, str]] = {  # status -> (type, default code)
     HTTPStatus.BAD_REQUEST: ("invalid_request_error", "invalid_request"),
     HTTPStatus.UNAUTHORIZED: ("authentication_error", "invalid_api_key"),
+    HTTPStatus.FORBIDDEN: ("permission_error", "forbidden"),  # a Host or Origin this server refuses
     HTTPStatus.NOT_FOUND: ("invalid_request_error", "model_not_found"),
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: ("invalid_request_error", "request_too_large"),
     HTTPStatus.TOO_MANY_REQUESTS: ("rate_limit_error", "rate_limit_exceeded"),

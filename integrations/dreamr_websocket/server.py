@@ -51,6 +51,8 @@ from dreamr_stream.reasoner import Reasoner
 from dreamr_websocket import routes
 from dreamr_websocket.admission import Admission, ConnectionTable, RequestRate, TooManyConnections
 from dreamr_websocket.connection import Connection, WebSocketConnection
+from dreamr_websocket.openai_protocol import api_error
+from dreamr_websocket.openai_routes import api_routes, error_response
 from dreamr_websocket.protocol import CloseCode, HelloMessage, ServerLimits, ServerStats, protocol_schema
 from dreamr_websocket.session import Session
 from dreamr_websocket.settings import ServerSettings
@@ -79,6 +81,7 @@ API_PREFIX = "/v1/"
 # routes that hold a connection for as long as they run (a WebSocket, a streamed completion)
 HELD = {WS_PATH, "/v1/chat/completions"}
 GATED = HELD | {"/puzzle", "/stats", "/schema.json", "/v1/models"}
+RETRY_AFTER_S = 1.0  # what an API client refused for room is told to wait
 STOP_WAIT_S = 10  # how long stop() waits for the connections' requests to end once cancelled
 
 
@@ -234,6 +237,7 @@ class DreamrServer:
             Route("/puzzle", routes.puzzle_response),
             Route("/stats", lambda _request: routes.json_response(self.stats())),
             Route("/schema.json", lambda _request: routes.json_response(protocol_schema())),
+            *api_routes(self),
         ]
         if self.settings.serve_page:
             table += [Route(path, _static(name, content_type)) for path, (name, content_type) in routes.STATIC.items()]
@@ -340,8 +344,12 @@ class _Gates:
     @staticmethod
     def _refuse(scope: Scope, path: str, status: HTTPStatus, message: str) -> Response:
         if path.startswith(API_PREFIX) and scope["type"] == "http":
-            return routes.text_response(status, message)  # OPENAI-ERROR
-        if scope["type"] == "websocket" and status in (HTTPStatus.TOO_MANY_REQUESTS,):
+            code = "not_found" if status == HTTPStatus.NOT_FOUND else None  # a path, not a model
+            retry_after_s = (
+                RETRY_AFTER_S if status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE) else None
+            )
+            return error_response(api_error(status, message, code=code, retry_after_s=retry_after_s))
+        if scope["type"] == "websocket" and status == HTTPStatus.TOO_MANY_REQUESTS:
             status = HTTPStatus.SERVICE_UNAVAILABLE  # what a WebSocket client was always told
         return routes.text_response(status, message)
 
