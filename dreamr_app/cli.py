@@ -206,7 +206,7 @@ def _add_serve(sub: Subparsers) -> None:
     s.add_argument("--max-message-bytes", type=int, default=8 * 2**20, help="largest upload (default: 8 MiB)")
     s.add_argument("--send-timeout", type=float, default=10.0, help="abort a client that stops reading (s)")
     s.add_argument("--max-connections-per-address", type=int, default=16,
-                   help="open WebSockets from one client address (default: 16)")  # fmt: skip
+                   help="open WebSockets and running API requests from one client address (default: 16)")  # fmt: skip
     s.add_argument("--max-held-image-bytes", type=int, default=256 * 2**20,
                    help="decoded images of running and queued requests before 'busy' (default: 256 MiB)")  # fmt: skip
     s.add_argument("--requests-per-minute", type=float, default=120.0,

@@ -10,6 +10,7 @@ import base64
 import importlib
 import io
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -284,3 +285,16 @@ def test_too_many_clients_from_one_address_get_429_with_retry_after(served: Serv
             for h in held:
                 h.__exit__(None, None, None)
     served.wait_idle()
+
+
+def test_the_example_script_prints_steps_and_the_answer(served: Served) -> None:
+    example = Path(__file__).parents[1] / "examples" / "openai_client.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--base-url", served.base_url, "--api-key", TOKEN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("[draft ]") for line in lines) and lines[-1].startswith("answer: ")
