@@ -5,12 +5,13 @@
 
 1. References: each distinct puzzle once through ``Reasoner.ainvoke`` (serial, no cache): the
    answers every answer over either path must equal.
-2. Rounds, interleaved on one ``DreamrServer`` (one Reasoner, one admission): ``/ws`` then
-   ``/v1/chat/completions``, ``--rounds`` times, each ``--clients`` clients x ``--requests``
-   requests one after the other (cache off, so every request does full model work). The API's
-   clients are the ``openai`` SDK's ``AsyncOpenAI`` streaming loop, what an application runs; the
-   WebSocket's are ``ws_load.py``'s. Must hold: zero errors, every answer equal to its reference,
-   and the API's requests/s within 10% of the WebSocket's (median over the rounds).
+2. Rounds, interleaved on one ``dreamr serve`` started as a user starts it, in its own process
+   (one Reasoner, one admission): ``/ws`` then ``/v1/chat/completions``, ``--rounds`` times, each
+   ``--clients`` clients x ``--requests`` requests one after the other (cache off, so every
+   request does full model work). The clients run in this process, not the server's, as clients
+   do: the API's are the ``openai`` SDK's ``AsyncOpenAI`` streaming loop, what an application
+   runs; the WebSocket's are ``ws_load.py``'s. Must hold: zero errors, every answer equal to its
+   reference, and the API's requests/s within 10% of the WebSocket's (median over the rounds).
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dreamr_websocket.server import DreamrServer
-from dreamr_websocket.settings import ServerSettings
 from openai import AsyncOpenAI
+from serve_process import ServeProcess, code_version, http_json, start_server
 from ws_load import Puzzle, Run, client, pct, puzzles
 
 from dreamr_stream.config import CacheConfig
@@ -85,14 +85,15 @@ async def api_client(base_url: str, model: str, index: int, n_requests: int, ban
         run.errors.append(f"client {index}: {type(e).__name__}: {e}")
 
 
-async def one_round(path: str, server: DreamrServer, args: argparse.Namespace, bank: list[Puzzle]) -> dict[str, Any]:
+async def one_round(path: str, server: ServeProcess, args: argparse.Namespace, bank: list[Puzzle]) -> dict[str, Any]:
     run = Run()
     t = time.perf_counter()
     if path == "ws":
         await asyncio.gather(*(client(server.ws_url, i, args.requests, bank, run) for i in range(args.clients)))
     else:
-        model = server.model_ids()[0]
-        clients = (api_client(server.api_url, model, i, args.requests, bank, run) for i in range(args.clients))
+        base_url = f"http://127.0.0.1:{server.port}/v1"
+        model = (await http_json(server.port, "/v1/models"))["data"][0]["id"]
+        clients = (api_client(base_url, model, i, args.requests, bank, run) for i in range(args.clients))
         await asyncio.gather(*clients)
     wall = time.perf_counter() - t
     n = len(run.total)
@@ -119,25 +120,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     for p in bank:
         result = await reasoner.ainvoke(base64.b64decode(p.image_b64), p.question, config=no_cache)
         p.reference = result.answer
-    settings = ServerSettings(
-        port=0,
-        max_active=args.max_active,
-        max_waiting=args.max_waiting,
-        send_timeout_s=30,
-        max_connections_per_address=args.clients + 2,  # every client is on this machine's loopback address
-        requests_per_minute=None,
-    )
+    del reasoner  # the references are taken; the server loads its own models
+    flags = ["--max-active", str(args.max_active), "--max-waiting", str(args.max_waiting), "--send-timeout", "30"]
+    # every client is on this machine's loopback address: lift what one address may hold and ask
+    flags += ["--max-connections-per-address", str(args.clients + 2), "--requests-per-minute", "0"]
+    flags += ["--target-url", args.target_url] if args.target_url else []
+    server = start_server(flags, args.out.with_suffix(".server.log"))
     rounds: list[dict[str, Any]] = []
-    async with DreamrServer(reasoner, settings) as server:
+    try:
         for _ in range(args.rounds):
             for path in ("ws", "api"):
                 rounds.append(await one_round(path, server, args, bank))
-        totals = server.stats().totals
+        totals = (await http_json(server.port, "/stats"))["totals"]
+    finally:
+        server.stop()
     by_path = {p: [r for r in rounds if r["path"] == p] for p in ("ws", "api")}
     median_rps = {p: statistics.median(r["rps"] for r in rs) for p, rs in by_path.items()}
     return {
         "args": vars(args),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "code": code_version(),
         "loadavg_before": load_before,
         "rounds": rounds,
         "median_rps": median_rps,
@@ -160,10 +162,11 @@ def to_markdown(r: dict[str, Any]) -> str:
         "",
         f"`python benchmarks/api_load.py --clients {a['clients']} --requests {a['requests']} --puzzles {a['puzzles']} "
         f"--rounds {a['rounds']} --max-active {a['max_active']}"
-        f"{' --target-url ' + a['target_url'] if a.get('target_url') else ''}` on {r['machine']}; "
-        f"1-minute load average before the run {r['loadavg_before']:.2f}. One server, one Reasoner; rounds "
-        "interleaved `/ws`, `/v1`; trajectory cache off. `/v1` clients: the `openai` SDK's `AsyncOpenAI` "
-        "streaming loop; `/ws` clients: `ws_load.py`'s.",
+        f"{' --target-url ' + a['target_url'] if a.get('target_url') else ''}` on {r['machine']}, code "
+        f"{r['code']}; 1-minute load average before the run {r['loadavg_before']:.2f}. One `dreamr serve` in its "
+        "own process (one Reasoner, one admission); rounds interleaved `/ws`, `/v1`; trajectory cache off. The "
+        "clients in another process: `/v1`, the `openai` SDK's `AsyncOpenAI` streaming loop; `/ws`, "
+        "`ws_load.py`'s.",
         "",
         "| round | path | completed / errors / wrong | wall | requests/s | first step p50 | total p50 / p95 |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -183,3 +183,27 @@ async def test_no_limit_per_address_on_a_unix_socket(tmp_path: Any) -> None:
                 await ws.send(ask())
                 assert (await until_terminal(ws))[-1]["type"] == "stats"
             await wait_until(lambda: server.stats().connections == 3, what="three open")
+
+
+async def _closed_within(reader: asyncio.StreamReader, within_s: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), within_s) == b""
+    except ConnectionResetError:
+        return True  # dropped without a goodbye: closed all the same
+
+
+@pytest.mark.asyncio
+async def test_a_connection_that_never_finishes_its_request_head_is_dropped() -> None:
+    async with serving(make_reasoner(), head_timeout_s=0.5) as server:
+        silent = await asyncio.open_connection("127.0.0.1", server.port)
+        slow = await asyncio.open_connection("127.0.0.1", server.port)
+        slow[1].write(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head never ended (slowloris)
+        async with client(server) as ws:  # a WebSocket outlives the deadline: its head came at once
+            t0 = time.monotonic()
+            assert await _closed_within(silent[0], 5.0) and await _closed_within(slow[0], 5.0)
+            assert time.monotonic() - t0 < 3.0
+            await asyncio.sleep(0.6)
+            await ws.send(ask(id="after"))
+            assert (await until_terminal(ws))[-1]["type"] == "stats"
+        for _, writer in (silent, slow):
+            writer.close()

@@ -51,6 +51,7 @@ from dreamr_stream.reasoner import Reasoner
 from dreamr_websocket import routes
 from dreamr_websocket.admission import Admission, ConnectionTable, RequestRate, TooManyConnections
 from dreamr_websocket.connection import Connection, WebSocketConnection
+from dreamr_websocket.http_protocol import with_head_deadline
 from dreamr_websocket.openai_protocol import api_error
 from dreamr_websocket.openai_routes import api_routes, error_response
 from dreamr_websocket.protocol import CloseCode, HelloMessage, ServerLimits, ServerStats, protocol_schema
@@ -121,7 +122,7 @@ class DreamrServer:
         config = uvicorn.Config(
             self.app,
             lifespan="off",
-            http="h11",
+            http=with_head_deadline(s.head_timeout_s),  # h11, with a deadline on a first request's head
             ws="websockets-sansio",  # the websockets package: the wire behaviour /ws always had
             ws_max_size=s.max_message_bytes,
             ws_ping_interval=s.ping_interval_s,

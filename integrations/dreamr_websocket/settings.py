@@ -59,6 +59,9 @@ class ServerSettings(BaseModel):
     parse_in_thread_bytes: int = Field(
         default=64 * 2**10, ge=0, description="client messages larger than this are parsed in a worker thread"
     )
+    head_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="a connection whose first request head takes longer is dropped"
+    )
     max_message_bytes: int = Field(default=8 * 2**20, ge=1024, description="largest client message (the upload)")
     send_timeout_s: float = Field(default=10.0, gt=0.0, description="a send that takes longer aborts the connection")
     ping_interval_s: float | None = Field(default=20.0, gt=0.0)
