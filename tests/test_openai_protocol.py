@@ -9,16 +9,14 @@ import json
 from typing import Any
 
 import pytest
+from dreamr_websocket.openai_chunks import ChunkWriter, count_tokens, truncate_tokens
 from dreamr_websocket.openai_protocol import (
     ChatRequest,
-    ChunkWriter,
     OpenAIErrorResponse,
     api_error,
-    count_tokens,
     error_for,
     model_list,
     parse_chat_request,
-    truncate_tokens,
 )
 from dreamr_websocket.protocol import TAU_MAX, ServerMessageAdapter
 from openai.types import Model

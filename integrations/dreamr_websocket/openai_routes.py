@@ -56,13 +56,11 @@ from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.errors import DreamrError
 from dreamr_stream.inputs import check_question
 from dreamr_websocket.admission import Admission, Busy, RateLimited, RequestRate
+from dreamr_websocket.openai_chunks import Chunk, ChunkWriter, count_tokens
 from dreamr_websocket.openai_protocol import (
     ChatRequest,
-    Chunk,
-    ChunkWriter,
     OpenAIErrorResponse,
     api_error,
-    count_tokens,
     error_for,
     model_list,
     parse_chat_request,
