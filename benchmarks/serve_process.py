@@ -124,6 +124,7 @@ class ServeProcess:
     port: int
     command: list[str]
     log: Path
+    banner: str  # the line it printed once serving
 
     @property
     def pid(self) -> int:
@@ -174,7 +175,7 @@ def start_server(flags: list[str], log: Path) -> ServeProcess:
     assert proc.stdout is not None
     for line in proc.stdout:  # "models loaded in ...; serving http://127.0.0.1:PORT/ ..."
         if found := re.search(r"serving http://127\.0\.0\.1:(\d+)/", line):
-            return ServeProcess(proc, int(found.group(1)), command, log)
+            return ServeProcess(proc, int(found.group(1)), command, log, line)
     proc.kill()
     proc.wait()
     raise SystemExit(f"dreamr serve did not start; see {log}")

@@ -71,7 +71,8 @@ def serve(args: argparse.Namespace) -> int:
     loaded_s = time.perf_counter() - t0
 
     def ready(server: DreamrServer) -> None:
-        url = server.http_url + (f"#token={token}" if token else "")
+        # the token is never printed whole (terminal scrollback and logs keep it): its owner has it
+        url = server.http_url + (f"#token=<the token, {token[:4]}...>" if token else "")
         print(
             f"models loaded in {loaded_s:.1f}s; serving {url}  (WebSocket {server.ws_url}; OpenAI-compatible API "
             f"{server.api_url}, model {server.model_ids()[0]!r}); Ctrl-C stops",

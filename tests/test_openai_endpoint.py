@@ -119,6 +119,10 @@ def same_answer(content: str, reference: str) -> bool:
 # ---------------------------------------------------------------------------------- the SDK
 
 
+def test_the_token_is_never_printed_whole(served: Served) -> None:
+    assert TOKEN not in served.process.banner and TOKEN[:4] in served.process.banner
+
+
 def test_models_lists_one_model_per_task(served: Served) -> None:
     assert [m.id for m in served.client().models.list()] == [served.model]
 

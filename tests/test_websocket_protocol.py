@@ -182,8 +182,10 @@ def test_token_gate() -> None:
     assert routes.token_ok(_request(), None)
     assert not routes.token_ok(_request(), "s3cret-token")
     assert routes.token_ok(_request(Authorization="Bearer s3cret-token"), "s3cret-token")
-    assert routes.token_ok(_request("/ws?token=s3cret-token"), "s3cret-token")
-    assert not routes.token_ok(_request("/ws?token=wrong"), "s3cret-token")
+    assert routes.token_ok(_request("/ws?token=s3cret-token"), "s3cret-token", allow_query=True)
+    assert not routes.token_ok(_request("/ws?token=wrong"), "s3cret-token", allow_query=True)
+    # in the URL only where a browser has no other way: the page's WebSocket
+    assert not routes.token_ok(_request("/stats?token=s3cret-token"), "s3cret-token")
 
 
 def test_origin_and_host_gates() -> None:

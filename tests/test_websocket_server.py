@@ -111,6 +111,7 @@ async def test_token_is_checked_at_the_handshake() -> None:
             assert json.loads(await ws.recv())["type"] == "hello"
         assert (await http_get(server, "/stats"))[0] == 401
         assert (await http_get(server, "/stats", {"Authorization": f"Bearer {token}"}))[0] == 200
+        assert (await http_get(server, f"/stats?token={token}"))[0] == 401  # in a URL only for the WebSocket
         assert (await http_get(server, "/"))[0] == 200  # the page itself is public; it reads #token=
 
 

@@ -7,8 +7,8 @@ task's and a random seed unless told), so that a second task needs no change her
 Why on one port: the page connects back to the origin it came from, so no CORS and one
 Origin rule. Only a fixed table of static files is served (a client never names a path),
 and the handshake gates live here as pure functions of the request, so they are easy to test:
-the token (``Authorization: Bearer`` header or ``?token=``, since browsers cannot set headers
-on a WebSocket) and the Origin / Host allowlists (against cross-site WebSocket hijacking and
+the token (``Authorization: Bearer`` header, or ``?token=`` on the WebSocket only, since browsers
+cannot set headers on one) and the Origin / Host allowlists (against cross-site WebSocket hijacking and
 DNS rebinding of a loopback server).
 """
 
@@ -105,12 +105,19 @@ def query(request: HTTPConnection) -> dict[str, str]:
     return {k: v for k, v in request.query_params.items()}
 
 
-def token_ok(request: HTTPConnection, token: str | None) -> bool:
-    """No token configured, or the request carries it (constant-time comparison)."""
+def token_ok(request: HTTPConnection, token: str | None, *, allow_query: bool = False) -> bool:
+    """No token configured, or the request carries it (constant-time comparison).
+
+    ``?token=`` only where ``allow_query`` (the page's own WebSocket: a browser cannot set headers
+    on one); anywhere else a token in the URL would end up in logs, history and Referer headers.
+    """
     if token is None:
         return True
     auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else query(request).get("token", "")
+    if auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    else:
+        given = query(request).get("token", "") if allow_query else ""
     return hmac.compare_digest(given.encode(), token.encode())
 
 

@@ -336,7 +336,7 @@ class _Gates:
             return self._refuse(request.scope, path, HTTPStatus.NOT_FOUND, "not found")
         if (path == WS_PATH or path.startswith(API_PREFIX)) and not routes.origin_allowed(request, s):
             return self._refuse(request.scope, path, HTTPStatus.FORBIDDEN, "this Origin is not allowed")
-        if not routes.token_ok(request, s.token):
+        if not routes.token_ok(request, s.token, allow_query=path == WS_PATH):
             return self._refuse(request.scope, path, HTTPStatus.UNAUTHORIZED, "a valid token is required")
         if path in HELD and self.server.closing:
             return self._refuse(request.scope, path, HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down")
