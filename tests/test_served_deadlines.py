@@ -22,9 +22,10 @@ from PIL import Image
 from dreamr_stream.backends.breaker import Admission, CircuitBreaker
 from dreamr_stream.backends.fake import AsyncScriptedBackend
 from dreamr_stream.backends.openai_compat import ChatSession
-from dreamr_stream.config import CacheConfig, JudgeTemplate, ReasonerConfig, VerificationConfig
+from dreamr_stream.config import CacheConfig, JudgeTemplate, ReasonerConfig, SchedulingConfig, VerificationConfig
 from dreamr_stream.errors import BackendError
 from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.types import ReasoningResult, StepSource
 
 IMAGE = Image.new("RGB", (16, 16), (1, 2, 3))
 ANSWER = "Answer: 4"
@@ -33,11 +34,13 @@ T = TypeVar("T")
 
 class FakeServer:
     """Answers every request as ``mode`` says: ``ok`` (a one-step answer, streamed or a judge's
-    verdict), ``fail`` (HTTP 500), ``trickle`` (headers, then one byte a second); ``hits``
-    counts the requests it read."""
+    verdict, after ``delay_s``), ``fail`` (HTTP 500), ``trickle`` (headers, then one byte a
+    second), ``stall`` (nothing at all, as a stopped server whose kernel still accepts);
+    ``hits`` counts the requests it read."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.delay_s = 0.0
         self.hits = 0
         self.url = ""
         self.handlers: set[asyncio.Task[None]] = set()
@@ -49,6 +52,9 @@ class FakeServer:
             length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
             body = await reader.readexactly(int(length.group(1))) if length else b""
             self.hits += 1
+            if self.mode == "stall":
+                await asyncio.sleep(3600)
+            await asyncio.sleep(self.delay_s)
             if self.mode == "trickle":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100\r\n\r\n")
                 for _ in range(100):
@@ -167,6 +173,65 @@ async def test_requests_go_alone_at_once_while_the_draft_server_is_down() -> Non
             result = await r.ainvoke(IMAGE, "q?")
             assert result.answer is not None and result.stats.target_alone_reason
         assert server.hits == 2 and "unavailable since" in (result.stats.target_alone_reason or "")
+        r.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_draft_server_costs_a_request_a_few_seconds_and_the_breaker_keeps_later_ones_off_it() -> None:
+    async with serving("stall") as server:
+        # the draft's own deadlines are a target's (60 s a step): its role gives it a few seconds
+        draft = VLLMBackend(server.url, model="d", name="draft", breaker=CircuitBreaker(failures=2, cooldown_s=60.0))
+        r = Reasoner(
+            AsyncScriptedBackend([ANSWER], name="target"),
+            draft,
+            config=ReasonerConfig(cache=CacheConfig(enabled=False)),
+        )
+        assert r.config.scheduling.draft_deadline_s == 5.0
+        fast = ReasonerConfig(cache=CacheConfig(enabled=False), scheduling=SchedulingConfig(draft_deadline_s=1.0))
+        results, times = [], []
+        for _ in range(4):
+            result, took = await timed(r.ainvoke(IMAGE, "q?", config=fast))
+            assert isinstance(result, ReasoningResult) and result.answer == "4", result
+            results.append(str(result.stats.target_alone_reason))
+            times.append(took)
+        # each of the first two waits the draft's second, then the target goes alone
+        assert all(1.0 <= t < 2.0 for t in times[:2]), times
+        assert all("streamed step" in why and "no complete answer within 1 s" in why for why in results[:2]), results
+        # then the breaker is open: later requests never reach the stalled server
+        assert all(t < 0.5 for t in times[2:]) and all("unavailable since" in why for why in results[2:]), results
+        assert server.hits == 2
+        r.close()
+
+
+@pytest.mark.asyncio
+async def test_by_default_a_stalled_draft_server_holds_a_request_five_seconds_not_the_step_deadline() -> None:
+    async with serving("stall") as server:
+        draft = VLLMBackend(server.url, model="d", name="draft")
+        r = Reasoner(
+            AsyncScriptedBackend([ANSWER], name="target"),
+            draft,
+            config=ReasonerConfig(cache=CacheConfig(enabled=False)),
+        )
+        result, took = await timed(r.ainvoke(IMAGE, "q?"))
+        assert isinstance(result, ReasoningResult) and result.answer == "4"
+        assert 5.0 <= took < 7.0 and "within 5 s" in str(result.stats.target_alone_reason)
+        r.close()
+
+
+@pytest.mark.asyncio
+async def test_the_draft_s_limit_is_the_draft_s_alone_a_slow_target_is_waited_for() -> None:
+    config = ReasonerConfig(
+        cache=CacheConfig(enabled=False),
+        verification=VerificationConfig(mode="judge"),
+        scheduling=SchedulingConfig(draft_deadline_s=0.5),
+    )
+    async with serving("ok") as server:
+        server.delay_s = 1.0  # every answer of the target takes twice the draft's limit
+        target = VLLMBackend(server.url, model="t", name="target")
+        r = Reasoner(target, AsyncScriptedBackend([ANSWER], name="draft"), config=config)
+        result, took = await timed(r.ainvoke(IMAGE, "q?"))
+        assert isinstance(result, ReasoningResult) and result.answer == "4" and took >= 1.0
+        assert not result.stats.target_alone_reason and result.steps[0].source is StepSource.DRAFT
         r.close()
 
 
