@@ -20,6 +20,7 @@ from dreamr_vllm import VLLMBackend, VLLMError
 from PIL import Image
 
 from dreamr_stream.backends.breaker import Admission, CircuitBreaker
+from dreamr_stream.backends.call_context import calls_within, limit_s
 from dreamr_stream.backends.fake import AsyncScriptedBackend
 from dreamr_stream.backends.openai_compat import ChatSession
 from dreamr_stream.config import CacheConfig, JudgeTemplate, ReasonerConfig, SchedulingConfig, VerificationConfig
@@ -251,6 +252,17 @@ async def test_requests_fail_fast_while_the_target_server_is_down_and_recover_wh
         await anyio.sleep(0.5)
         assert (await r.ainvoke(IMAGE, "q?")).answer is not None and server.hits > 2
         r.close()
+
+
+def test_a_call_s_deadline_is_the_tighter_of_the_backend_s_own_and_its_caller_s_limit() -> None:
+    assert limit_s(60.0) == 60.0  # no limit set: the backend's own
+    with calls_within(5.0):
+        assert limit_s(60.0) == 5.0 and limit_s(2.0) == 2.0
+        with calls_within(10.0):  # an enclosing tighter limit still holds
+            assert limit_s(60.0) == 5.0
+        with calls_within(None):
+            assert limit_s(60.0) == 5.0
+    assert limit_s(60.0) == 60.0
 
 
 def test_the_cool_down_doubles_up_to_its_cap_and_a_cancelled_probe_passes_its_turn() -> None:
