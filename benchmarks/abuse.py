@@ -39,15 +39,19 @@ an attack needs several clients; the server's per-address limits are its default
    on a stopped draft. Must hold: the request in flight finishes with the target alone
    (``stats.target_alone_reason``) and every later one finishes, each within ``--deadline-s``
    (the draft call's deadline, 30 s by default, plus the request's own time); the draft serves
-   again (its process replaced) within ``--deadline-s``; the cancel answered within
-   ``--cancel-s``; the server exits by itself within ``--stop-s`` of SIGTERM, leaving no stopped
-   process behind. Needs deadlines on the draft process's calls.
+   again (its process replaced) within ``--deadline-s``; the cancel answered at once (within
+   ``--cancel-s``, 1 s: the call to the stopped process is abandoned, not awaited); the server
+   exits by itself within ``--stop-s`` of SIGTERM, leaving no stopped process behind. Needs
+   deadlines on the draft process's calls.
 6. ``trickling_server``: a fake OpenAI-compatible server on loopback that accepts and answers
    one byte a second, forever. With the draft served by it (``Reasoner.from_pretrained(target=
-   <shipped target>, draft=URL)``): each request finishes with the target alone within
-   ``--deadline-s``, its steps those of the target alone; with the target served by it: each
-   request fails with an error naming the server within ``--deadline-s``. Needs a total deadline
-   per call of the served-model client.
+   <shipped target>, draft=URL)``): each request finishes with the target alone, its steps those
+   of the target alone, within a few seconds (the draft's deadline, ``draft_deadline_s``, plus
+   the target's own time and 2 s), and once the draft's breaker has opened (after its failures
+   in a row; two requests more are sent) without waiting on the draft at all (the target's own
+   time plus 2 s); with the target served by it: each request fails with an error naming the
+   server within ``--deadline-s``. Needs a total deadline per call of the served-model client, a
+   draft's few seconds, and its breaker.
 7. ``killed_export``: ``dreamr zoo export`` of the shipped target over a folder it exported
    before, SIGKILLed at points of its work: an export's changes under the folder's parent, as
    polling sees them, are counted on one that runs to its end, and each trial (from the same
@@ -105,10 +109,11 @@ MUST_HOLD = {
     "idle_connections": "a client from another address served while they are open; only 503 refusals; served after",
     "formats": "EPS, TGA, PCX, TIFF each get invalid_image; a PNG answered after",
     "draft_stopped": "the request in flight and later ones finish (target alone) within the deadline; the draft "
-    "back; cancel answered; SIGTERM exits within 5 s, no stopped process left",
+    "back; cancel answered within 1 s; SIGTERM exits within 5 s, no stopped process left",
     "poisoned_cache": "steps equal the uncached ones for every poison, trust off and on; no hit; the honest value hits",
-    "trickling_server": "draft served by it: each request finishes with the target alone within the deadline; target "
-    "served by it: a clear error within the deadline",
+    "trickling_server": "draft served by it: each request finishes with the target alone within a few seconds (the "
+    "draft's deadline), and without waiting on it once its breaker opens; target served by it: a clear error within "
+    "the deadline",
     "killed_export": "the folder byte-identical to the old one or the new one whole; the next export recovers",
     "vllm_stopped": "draft's server stopped: requests finish with the target alone within the deadline; target's "
     "server stopped: a clear error within the deadline; each served by it again once continued",
@@ -127,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--idle-connections", type=int, default=300)
     ap.add_argument("--deadline-s", type=float, default=60.0, help="a request's deadline with a part stalled")
     ap.add_argument("--later-requests", type=int, default=2)
-    ap.add_argument("--cancel-s", type=float, default=5.0, help="a cancel's deadline with the draft stopped")
+    ap.add_argument("--cancel-s", type=float, default=1.0, help="a cancel's deadline with the draft stopped")
     ap.add_argument("--stop-s", type=float, default=5.0, help="SIGTERM to exit")
     ap.add_argument("--stop-wait-s", type=float, default=20.0, help="how long to wait for it before killing it")
     ap.add_argument(

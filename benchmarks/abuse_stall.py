@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -23,8 +24,9 @@ from abuse_serve import ask, open_client, outcome_of, puzzle, read_request, send
 from serve_process import ServeProcess, model_children
 from soak import TERMINAL
 
+from dreamr_stream.backends.breaker import CircuitBreaker
 from dreamr_stream.backends.shipped import demo_paths
-from dreamr_stream.config import CacheConfig
+from dreamr_stream.config import CacheConfig, SchedulingConfig
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.tasks import get_task, items
 
@@ -225,23 +227,55 @@ class TricklingServer:
         self._accepting.join()
 
 
-async def served_draft(url: str, args: argparse.Namespace) -> tuple[list[tuple[Any, float]], bool]:
-    """Requests with the draft served by ``url``: (result or None, seconds) each, and whether the
-    finished ones' steps equal the target's alone."""
+@dataclass(frozen=True)
+class DraftRuns:
+    """Requests with the draft served by a stalled server: (result or None, seconds) each, the
+    target alone's seconds, and whether the finished ones' steps equal the target's alone."""
+
+    runs: list[tuple[Any, float]]
+    alone_s: float
+    same: bool
+
+
+async def served_draft(url: str, args: argparse.Namespace) -> DraftRuns:
+    """``--later-requests`` + 1 requests with the draft served by ``url``, at least as many as its
+    breaker's failures in a row, then two more (the breaker open)."""
     item = next(items(get_task(), "test", 1, start=72_000))
     reasoner = Reasoner.from_pretrained(target=demo_paths().target, draft=url, device="cpu")
     reasoner.config = reasoner.config.model_copy(update={"cache": CacheConfig(enabled=False)})
     try:
+        t = time.monotonic()
         alone = await reasoner.ainvoke(item.image, item.question, method="target_only")
+        alone_s = time.monotonic() - t
         runs = []
-        for _ in range(args.later_requests + 1):
+        for _ in range(max(args.later_requests + 1, CircuitBreaker().failures) + 2):
             runs.append(await timed(reasoner.ainvoke(item.image, item.question), args.deadline_s))
             if runs[-1][0] is None:
                 break  # no deadline: the next one would wait as long
         same = all([s.text for s in r.steps] == [s.text for s in alone.steps] for r, _ in runs if r is not None)
-        return runs, same
+        return DraftRuns(runs, alone_s, same)
     finally:
         reasoner.close()
+
+
+def draft_side_problems(drafts: DraftRuns, limit_s: float) -> list[str]:
+    """What did not hold with the draft served by the stalled server: each request within the
+    draft's deadline plus the target's own time (and 2 s), those after the breaker opened within
+    the target's own time (and 2 s), all with the target alone."""
+    few_s = SchedulingConfig().draft_deadline_s or limit_s
+    problems = [f"a request with the draft served: no answer within {limit_s:g} s" for r, _ in drafts.runs if r is None]
+    problems += [] if drafts.same else ["steps differ from the target's alone"]
+    for r, s in drafts.runs:
+        if r is None:
+            continue
+        why = r.stats.target_alone_reason
+        if not why:
+            problems.append(f"with the draft served: not with the target alone after {s:.1f} s")
+        elif "unavailable since" in why and s > drafts.alone_s + 2.0:
+            problems.append(f"with the draft's breaker open: {s:.1f} s (the target alone: {drafts.alone_s:.1f} s)")
+        elif s > few_s + drafts.alone_s + 2.0:
+            problems.append(f"with the draft served: {s:.1f} s, over its {few_s:g} s and the target's own time")
+    return problems
 
 
 async def served_target(url: str, args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -269,33 +303,29 @@ async def served_target(url: str, args: argparse.Namespace) -> list[tuple[str, f
 
 async def trickling_server(args: argparse.Namespace) -> Outcome:
     with TricklingServer() as fake:
-        drafts, same = await served_draft(fake.url, args)
+        drafts = await served_draft(fake.url, args)
         targets = await served_target(fake.url, args)
         connections = fake.connections
     limit = args.deadline_s
-    problems = [f"a request with the draft served: no answer within {limit:g} s" for r, _ in drafts if r is None]
-    problems += [] if same else ["steps differ from the target's alone"]
-    problems += [
-        f"with the draft served: not with the target alone ({r.stats.target_alone_reason})"
-        for r, _ in drafts
-        if r is not None and not r.stats.target_alone_reason
-    ]
+    problems = draft_side_problems(drafts, limit)
     problems += [f"with the target served: {what} after {s:.1f} s" for what, s in targets if fake.url not in what]
     draft_text = ", ".join(
         f"no answer within {s:.0f} s" if r is None else f"answered in {s:.1f} s ({r.stats.target_alone_reason})"
-        for r, s in drafts
+        for r, s in drafts.runs
     )
     return Outcome(
         held=not problems,
         measured=(
-            f"draft served by the trickling server: {draft_text}; "
+            f"draft served by the trickling server (the target alone: {drafts.alone_s:.1f} s): {draft_text}; "
             f"target served by it: " + "; ".join(f"{what[:160]} after {s:.1f} s" for what, s in targets)
         ),
         numbers={
             "deadline_s": limit,
-            "draft_served_s": [round(s, 2) for _, s in drafts],
+            "draft_deadline_s": SchedulingConfig().draft_deadline_s,
+            "target_alone_s": round(drafts.alone_s, 2),
+            "draft_served_s": [round(s, 2) for _, s in drafts.runs],
             "target_served_s": [round(s, 2) for _, s in targets],
-            "steps_equal_target_alone": same,
+            "steps_equal_target_alone": drafts.same,
             "connections_to_the_trickling_server": connections,
         },
         problems=problems,

@@ -114,6 +114,16 @@ class SchedulingConfig(_Config):
         "draft it agrees with and checks the draft's rest several tokens per forward (exactly the target's own "
         "step, a fraction of its forwards); False rewrites the whole step (SpecReason's schedule)",
     )
+    draft_deadline_s: float | None = Field(
+        default=5.0,
+        gt=0.0,
+        le=600.0,
+        description="the longest any one call of the draft may take: a draft is worth something only while it "
+        "is faster than the target, so a slower call (a stalled server) sends the request on with the target "
+        "alone, and a served draft's circuit breaker counts it, keeping later requests off it. Honoured by served "
+        "drafts, whose own deadlines (60 s a step) suit a target; a draft process keeps its call_timeout_s (a "
+        "kill there costs a restart). None: the backends' own deadlines",
+    )
     max_speculating: int | Literal["auto"] | None = Field(
         default="auto",
         description="load-aware switch: an FPSR request that starts while more than this many requests are in "

@@ -1,9 +1,11 @@
-"""Backends for a ``ProcessBackend``'s child that crash its process, as a crash in native code
-would. The child imports this module by name: a test puts this folder on its ``PYTHONPATH``."""
+"""Backends for a ``ProcessBackend``'s child: ones that crash its process, as a crash in native
+code would, and a slow one whose steps name their request. The child imports this module by
+name: a test puts this folder on its ``PYTHONPATH``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,3 +47,21 @@ class Crashing:
     def __call__(self) -> ScriptedBackend:
         _crash_when(self.switch, "start")
         return _CrashingBackend(self.switch)
+
+
+def by_question(question: str, prefix: Sequence[str]) -> str | None:
+    """Two steps that name the question they answer, then the answer: a reply meant for one
+    request is told from another's."""
+    if len(prefix) < 2:
+        return f"{question} step {len(prefix)}"
+    return "Answer: 4" if len(prefix) == 2 else None
+
+
+@dataclass(frozen=True)
+class Slow:
+    """Builds a scripted backend (``by_question``) that takes ``token_delay_s`` per word."""
+
+    token_delay_s: float
+
+    def __call__(self) -> ScriptedBackend:
+        return ScriptedBackend(by_question, name="draft", token_delay_s=self.token_delay_s)

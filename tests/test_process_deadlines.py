@@ -1,7 +1,8 @@
 """A stalled or crash-looping draft process never freezes requests: every call to the child has a
 deadline, a child past it is killed and replaced in the background, calls fail at once while no
-child serves (a draft's request goes on with the target alone), crash loops back off, and
-``shutdown`` never waits for a stopped child."""
+child serves (a draft's request goes on with the target alone), crash loops back off, a cancel
+never waits for a stopped child (its call is abandoned, the child replaced, and no other request
+reads the abandoned reply), and ``shutdown`` never waits for a stopped child."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 import anyio
 import pytest
 from PIL import Image
-from process_support import Crashing
+from process_support import Crashing, Slow, by_question
 
+from dreamr_stream.backends.fake import ScriptedBackend
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.config import CacheConfig, GenerationConfig, ReasonerConfig
 from dreamr_stream.errors import BackendError
@@ -110,13 +112,78 @@ async def test_a_request_whose_draft_process_is_stopped_finishes_with_the_target
     assert time.monotonic() - start < DEADLINE_S + 3
     assert "did not answer" in (result.stats.target_alone_reason or ""), result.stats
     assert result.steps and all(s.source is StepSource.TARGET for s in result.steps)
-    # a request cancelled while its draft call hangs stops within the call's deadline
-    draft.ready()
-    _stop(draft)
-    start = time.monotonic()
-    with anyio.move_on_after(0.3):
-        await r.ainvoke(puzzle.image, puzzle.question.text())
-    assert time.monotonic() - start < DEADLINE_S + 1
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, token_delay_s: float, call_timeout_s: float) -> ProcessBackend:
+    """A scripted draft (``process_support.by_question``) in a child process: it starts in about
+    a second (no torch), and its steps name their request."""
+    tests = str(Path(__file__).parent)  # the child imports the backend from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (tests, os.environ.get("PYTHONPATH")))))
+    return ProcessBackend(Slow(token_delay_s), call_timeout_s=call_timeout_s)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_cancel_while_the_draft_process_is_stopped_returns_at_once_and_the_child_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    draft = _scripted(monkeypatch, 0.0, DEADLINE_S)
+    r = Reasoner(
+        ScriptedBackend(by_question, name="target"), draft, config=ReasonerConfig(cache=CacheConfig(enabled=False))
+    )
+    image = Image.new("RGB", (8, 8))
+    try:
+        with_draft = await r.ainvoke(image, "A?")
+        assert not with_draft.stats.target_alone_reason
+        stopped = draft._child.proc
+        _stop(draft)
+        cancel_at = time.monotonic() + 0.3
+        with anyio.move_on_after(0.3):  # its draft call is in the stopped child: abandoned, not awaited
+            await r.ainvoke(image, "A?")
+        assert time.monotonic() - cancel_at < 0.5  # not the call's deadline (2 s)
+        # the child, whose reply would now be out of step, is killed after the grace (1 s) and
+        # replaced in the background
+        assert _restarted(draft, 0) - cancel_at < 1.0 + 1.0
+        assert stopped.wait(5) == -signal.SIGKILL
+        draft.ready()
+        again = await r.ainvoke(image, "A?")
+        assert not again.stats.target_alone_reason and draft.restarts == 1
+        assert [(s.text, s.source) for s in again.steps] == [(s.text, s.source) for s in with_draft.steps]
+    finally:
+        r.close()
+        draft.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_an_abandoned_call_s_reply_never_reaches_another_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each draft call takes 0.75 s (three words): a cancel lands in the middle of one
+    draft = _scripted(monkeypatch, 0.25, 10.0)
+    r = Reasoner(
+        ScriptedBackend(by_question, name="target"), draft, config=ReasonerConfig(cache=CacheConfig(enabled=False))
+    )
+    image = Image.new("RGB", (8, 8))
+    left: list[float] = []
+
+    async def cancelled() -> None:
+        with anyio.move_on_after(0.3):
+            await r.ainvoke(image, "A?")
+        left.append(time.monotonic())
+
+    try:
+        async with anyio.create_task_group() as tg:
+            cancel_at = time.monotonic() + 0.3
+            tg.start_soon(cancelled)
+            await anyio.sleep(0.1)  # A's first draft step is in the child by now
+            result = await r.ainvoke(image, "B?")  # its draft calls queue behind A's
+        # A left at once; B got its own replies (A's, read for nobody, named A), all from the draft
+        assert left[0] - cancel_at < 0.2
+        assert [s.text for s in result.steps] == ["B? step 0", "B? step 1", "Answer: 4"]
+        assert all(s.source is StepSource.DRAFT for s in result.steps) and not result.stats.target_alone_reason
+        assert draft.restarts == 0  # it answered within the grace: a healthy child is kept
+    finally:
+        r.close()
+        draft.shutdown()
 
 
 @pytest.mark.timeout(60)

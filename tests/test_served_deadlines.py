@@ -20,11 +20,13 @@ from dreamr_vllm import VLLMBackend, VLLMError
 from PIL import Image
 
 from dreamr_stream.backends.breaker import Admission, CircuitBreaker
+from dreamr_stream.backends.call_context import calls_within, limit_s
 from dreamr_stream.backends.fake import AsyncScriptedBackend
 from dreamr_stream.backends.openai_compat import ChatSession
-from dreamr_stream.config import CacheConfig, JudgeTemplate, ReasonerConfig, VerificationConfig
+from dreamr_stream.config import CacheConfig, JudgeTemplate, ReasonerConfig, SchedulingConfig, VerificationConfig
 from dreamr_stream.errors import BackendError
 from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.types import ReasoningResult, StepSource
 
 IMAGE = Image.new("RGB", (16, 16), (1, 2, 3))
 ANSWER = "Answer: 4"
@@ -33,11 +35,13 @@ T = TypeVar("T")
 
 class FakeServer:
     """Answers every request as ``mode`` says: ``ok`` (a one-step answer, streamed or a judge's
-    verdict), ``fail`` (HTTP 500), ``trickle`` (headers, then one byte a second); ``hits``
-    counts the requests it read."""
+    verdict, after ``delay_s``), ``fail`` (HTTP 500), ``trickle`` (headers, then one byte a
+    second), ``stall`` (nothing at all, as a stopped server whose kernel still accepts);
+    ``hits`` counts the requests it read."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.delay_s = 0.0
         self.hits = 0
         self.url = ""
         self.handlers: set[asyncio.Task[None]] = set()
@@ -49,6 +53,9 @@ class FakeServer:
             length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
             body = await reader.readexactly(int(length.group(1))) if length else b""
             self.hits += 1
+            if self.mode == "stall":
+                await asyncio.sleep(3600)
+            await asyncio.sleep(self.delay_s)
             if self.mode == "trickle":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100\r\n\r\n")
                 for _ in range(100):
@@ -171,6 +178,65 @@ async def test_requests_go_alone_at_once_while_the_draft_server_is_down() -> Non
 
 
 @pytest.mark.asyncio
+async def test_a_stalled_draft_server_costs_a_request_a_few_seconds_and_the_breaker_keeps_later_ones_off_it() -> None:
+    async with serving("stall") as server:
+        # the draft's own deadlines are a target's (60 s a step): its role gives it a few seconds
+        draft = VLLMBackend(server.url, model="d", name="draft", breaker=CircuitBreaker(failures=2, cooldown_s=60.0))
+        r = Reasoner(
+            AsyncScriptedBackend([ANSWER], name="target"),
+            draft,
+            config=ReasonerConfig(cache=CacheConfig(enabled=False)),
+        )
+        assert r.config.scheduling.draft_deadline_s == 5.0
+        fast = ReasonerConfig(cache=CacheConfig(enabled=False), scheduling=SchedulingConfig(draft_deadline_s=1.0))
+        results, times = [], []
+        for _ in range(4):
+            result, took = await timed(r.ainvoke(IMAGE, "q?", config=fast))
+            assert isinstance(result, ReasoningResult) and result.answer == "4", result
+            results.append(str(result.stats.target_alone_reason))
+            times.append(took)
+        # each of the first two waits the draft's second, then the target goes alone
+        assert all(1.0 <= t < 2.0 for t in times[:2]), times
+        assert all("streamed step" in why and "no complete answer within 1 s" in why for why in results[:2]), results
+        # then the breaker is open: later requests never reach the stalled server
+        assert all(t < 0.5 for t in times[2:]) and all("unavailable since" in why for why in results[2:]), results
+        assert server.hits == 2
+        r.close()
+
+
+@pytest.mark.asyncio
+async def test_by_default_a_stalled_draft_server_holds_a_request_five_seconds_not_the_step_deadline() -> None:
+    async with serving("stall") as server:
+        draft = VLLMBackend(server.url, model="d", name="draft")
+        r = Reasoner(
+            AsyncScriptedBackend([ANSWER], name="target"),
+            draft,
+            config=ReasonerConfig(cache=CacheConfig(enabled=False)),
+        )
+        result, took = await timed(r.ainvoke(IMAGE, "q?"))
+        assert isinstance(result, ReasoningResult) and result.answer == "4"
+        assert 5.0 <= took < 7.0 and "within 5 s" in str(result.stats.target_alone_reason)
+        r.close()
+
+
+@pytest.mark.asyncio
+async def test_the_draft_s_limit_is_the_draft_s_alone_a_slow_target_is_waited_for() -> None:
+    config = ReasonerConfig(
+        cache=CacheConfig(enabled=False),
+        verification=VerificationConfig(mode="judge"),
+        scheduling=SchedulingConfig(draft_deadline_s=0.5),
+    )
+    async with serving("ok") as server:
+        server.delay_s = 1.0  # every answer of the target takes twice the draft's limit
+        target = VLLMBackend(server.url, model="t", name="target")
+        r = Reasoner(target, AsyncScriptedBackend([ANSWER], name="draft"), config=config)
+        result, took = await timed(r.ainvoke(IMAGE, "q?"))
+        assert isinstance(result, ReasoningResult) and result.answer == "4" and took >= 1.0
+        assert not result.stats.target_alone_reason and result.steps[0].source is StepSource.DRAFT
+        r.close()
+
+
+@pytest.mark.asyncio
 async def test_requests_fail_fast_while_the_target_server_is_down_and_recover_when_it_is_back() -> None:
     config = ReasonerConfig(cache=CacheConfig(enabled=False), verification=VerificationConfig(mode="judge"))
     async with serving("fail") as server:
@@ -186,6 +252,17 @@ async def test_requests_fail_fast_while_the_target_server_is_down_and_recover_wh
         await anyio.sleep(0.5)
         assert (await r.ainvoke(IMAGE, "q?")).answer is not None and server.hits > 2
         r.close()
+
+
+def test_a_call_s_deadline_is_the_tighter_of_the_backend_s_own_and_its_caller_s_limit() -> None:
+    assert limit_s(60.0) == 60.0  # no limit set: the backend's own
+    with calls_within(5.0):
+        assert limit_s(60.0) == 5.0 and limit_s(2.0) == 2.0
+        with calls_within(10.0):  # an enclosing tighter limit still holds
+            assert limit_s(60.0) == 5.0
+        with calls_within(None):
+            assert limit_s(60.0) == 5.0
+    assert limit_s(60.0) == 60.0
 
 
 def test_the_cool_down_doubles_up_to_its_cap_and_a_cancelled_probe_passes_its_turn() -> None:

@@ -97,7 +97,11 @@ class Capabilities:
       (``dreamr.json`` "verification", ``backends.settings``; empty: none);
     * ``task``: the task its model was trained on (``dreamr.json`` "task"; None: unknown);
     * ``release``: how its resources are freed when its owner closes (``none``; ``sync``:
-      ``shutdown()``, e.g. a child process; ``async``: ``await aclose()``, e.g. connections).
+      ``shutdown()``, e.g. a child process; ``async``: ``await aclose()``, e.g. connections);
+    * ``abandonable``: a blocking call whose caller is cancelled may be left running: the
+      backend settles it by itself (``backends.call_context``), and a call made meanwhile waits
+      for that or fails, never running beside it. False: a cancelled caller waits for its call
+      (a thread cannot be stopped, and a model in this process runs one call at a time).
     """
 
     identity: ComputedOnce = ComputedOnce()
@@ -110,6 +114,7 @@ class Capabilities:
     recommended_verification: Mapping[str, Any] = field(default_factory=dict)
     task: str | None = None
     release: Literal["none", "sync", "async"] = "none"
+    abandonable: bool = False
 
     @property
     def on_gpu(self) -> bool:

@@ -17,8 +17,10 @@ a session's ``length`` counts characters.
   loop that opened it), closed by ``aclose``.
 * deadlines: every call has a total one, streaming included (``step_deadline_s``,
   ``score_deadline_s``), since a server that trickles bytes never trips the per-read
-  ``timeout_s``; and a ``CircuitBreaker`` fails calls at once while the server is down, so a
-  request does not pay the wait for each failure again (``backends.breaker``).
+  ``timeout_s``; a caller's tighter limit (``backends.call_context``: the engine gives a draft's
+  calls a few seconds) ends the call the same way; and a ``CircuitBreaker`` fails calls at once
+  while the server is down, so a request does not pay the wait for each failure again
+  (``backends.breaker``).
 
 It is abstract: a server's dialect says how a request continues the last assistant message (not
 in the OpenAI API) and how a stream tells the model's end of sequence from the delimiter;
@@ -46,6 +48,7 @@ from PIL import Image
 
 from dreamr_stream.backends.base import Capabilities, EvidenceKind, ScoreOutput, StepOutput
 from dreamr_stream.backends.breaker import CircuitBreaker
+from dreamr_stream.backends.call_context import limit_s
 from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ConfigError, ModelLoadError
@@ -234,11 +237,13 @@ class OpenAICompatBackend(ABC):
         return self.error(f"{self.name}: {what} at {self.url} failed: {detail}", unavailable=unavailable)
 
     def _guarded(self, what: str, deadline_s: float) -> AbstractAsyncContextManager[None]:
-        """One call to the server, with its deadline and through the breaker."""
+        """One call to the server, with its deadline (the caller's limit when tighter: a draft's,
+        ``backends.call_context``) and through the breaker, which counts a call past it."""
+        limit = limit_s(deadline_s)
         return self.breaker.guard(
-            deadline_s,
+            limit,
             refused=lambda why: self.error(f"{self.name}: the server at {self.url} is {why}", unavailable=True),
-            timed_out=lambda: self._fail(what, f"no complete answer within {deadline_s:g} s", unavailable=True),
+            timed_out=lambda: self._fail(what, f"no complete answer within {limit:g} s", unavailable=True),
             failed=lambda e: isinstance(e, ServedModelError) and e.unavailable,
         )
 

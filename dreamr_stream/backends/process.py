@@ -23,6 +23,13 @@ the replacement serves, calls fail at once, so requests go alone instead of wait
 ids carry the child's generation, so a handle from a dead child can never reach a session of its
 successor. Crash loops back off (``_process_supervision``), and ``close`` never blocks.
 
+A call whose caller is cancelled is abandoned (``Capabilities.abandonable``): the caller leaves at
+once, and the worker thread settles the call. Its reply is still read (and dropped) while the
+thread keeps the pipe, so no other call can take it for its own; a child that does not answer
+within ``abandon_grace_s`` of the caller leaving is killed and replaced in the background, as at
+a deadline. A cancel therefore never waits for a stopped or hung child, and a healthy child,
+which answers within a step chunk, is kept. A call abandoned before its turn is never sent.
+
 The child is a fresh interpreter (``python -m dreamr_stream.backends._process_child``) over a socket
 pair, not a ``multiprocessing`` spawn: spawn re-imports the parent's main script in the child,
 which breaks any script without an ``if __name__ == "__main__"`` guard (the quick start has
@@ -48,7 +55,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -58,12 +65,18 @@ from PIL import Image
 from dreamr_stream.backends._process_child import SESSION_OPS
 from dreamr_stream.backends._process_supervision import Child, Supervisor, outcome, read_start
 from dreamr_stream.backends.base import Capabilities, ModelBackend, Repairs, ScoreOutput, SetsThreads, StepOutput
+from dreamr_stream.backends.call_context import CallWatch, current_watch
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
 
 __all__ = ["ProcessBackend", "RemoteSession", "TransformersLoader"]
 
 log = logging.getLogger(__name__)
+
+# how often a call that may be abandoned looks whether its caller has gone while it waits
+WATCH_SLICE_S = 0.05
+# the ops whose reply names a session they created (the last one touched)
+CREATING_OPS = frozenset({"open_session", "fork"})
 
 
 @dataclass
@@ -104,13 +117,16 @@ class ProcessBackend:
         wait: bool = True,
         start_timeout_s: float = 300.0,
         call_timeout_s: float = 30.0,
+        abandon_grace_s: float = 1.0,
         backoff_s: tuple[float, float] = (5.0, 300.0),
     ) -> None:
         """``factory``: a picklable callable that builds the backend in the child. ``wait``:
         block until it is built; else call ``ready()`` before use (load something meanwhile).
         ``call_timeout_s``: the deadline of each call (a small model's call takes well under a
-        second); ``backoff_s``: the first and the longest wait before restarting a child that
-        crashed before it answered anything (on start, or on every request)."""
+        second); ``abandon_grace_s``: how long the reply of a call whose caller has gone is still
+        awaited before the child is taken for stalled and replaced; ``backoff_s``: the first and
+        the longest wait before restarting a child that crashed before it answered anything (on
+        start, or on every request)."""
         self._lock = threading.Lock()  # one request/reply at a time
         self._send_lock = threading.Lock()  # fire-and-forget closes may interleave with a request
         self._closes: deque[int] = deque()  # sessions to close, when ``close`` could not send at once
@@ -118,6 +134,7 @@ class ProcessBackend:
         self._sessions: weakref.WeakValueDictionary[int, RemoteSession] = weakref.WeakValueDictionary()
         self._start_timeout_s = start_timeout_s
         self._call_timeout_s = call_timeout_s
+        self._abandon_grace_s = abandon_grace_s
         self._shut_down = False
         # what the child's backend declares (or the stand-in's, until the child has told)
         self._declared: Capabilities | None = None
@@ -127,6 +144,8 @@ class ProcessBackend:
         self._stand_in_sets_threads = False
         self._stand_in_sessions: dict[int, Any] = {}
         self._stand_in_lock = threading.Lock()
+        # one stand-in call at a time, also while an abandoned one still runs in its thread
+        self._stand_in_calls = threading.Lock()
         self._stand_in_only = False
         self._life = Supervisor(self, factory, start_timeout_s=start_timeout_s, backoff_s=backoff_s)
         self.name = "model"  # until the child tells its backend's
@@ -235,11 +254,15 @@ class ProcessBackend:
             self._drop_idle_stand_in()
             return False
 
-    def _here(self) -> ModelBackend[Any]:
-        stand_in = self._stand_in
-        if stand_in is None:
-            raise BackendError(f"{self.name}: the backend was shut down")
-        return stand_in
+    @contextlib.contextmanager
+    def _here(self) -> Iterator[ModelBackend[Any]]:
+        """The stand-in, for one call: one at a time, since the engine does not wait for a call
+        it abandoned and a model in this process computes one call at a time."""
+        with self._stand_in_calls:
+            stand_in = self._stand_in
+            if stand_in is None:
+                raise BackendError(f"{self.name}: the backend was shut down")
+            yield stand_in
 
     def _track(self, session: Any) -> Any:
         with self._stand_in_lock:
@@ -255,14 +278,15 @@ class ProcessBackend:
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, op: str, *args: Any, **kwargs: Any) -> Any:
-        limit = self._call_timeout_s
-        if not self._lock.acquire(timeout=limit):
-            raise BackendError(f"{self.name}: {op} waited {limit:g} s for the backend process to finish another call")
+        watch = current_watch()
+        self._take_turn(op, watch)
         try:
             child = self._child_for(op, args)
-            value, touched = self._exchange(child, op, (op, self._threads, args, kwargs))
+            value, touched = self._exchange(child, op, (op, self._threads, args, kwargs), watch)
         finally:
             self._lock.release()
+        if watch is not None and watch.abandoned_at is not None and op in CREATING_OPS:
+            self._closes.append(touched[-1][0])  # nobody holds the session it made: closed with the next call
         handles = []
         for sid, length, finished in touched:
             handle = self._sessions.get(sid) or RemoteSession(sid)
@@ -271,30 +295,70 @@ class ProcessBackend:
             handles.append(handle)
         return value, handles
 
-    def _exchange(self, child: Child, op: str, message: Any) -> Any:
-        """Send ``message`` and read the child's answer within the call's deadline; a child
-        that does not answer in time is killed (the caller gets ``BackendError`` at once)."""
+    def _take_turn(self, op: str, watch: CallWatch | None) -> None:
+        """Take the pipe (``_lock``) within the call's deadline. A call whose caller leaves while
+        it waits is dropped unsent: its result would go to nobody."""
+        limit = self._call_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            if self._lock.acquire(timeout=max(0.0, min(left, WATCH_SLICE_S) if watch is not None else left)):
+                break
+            if watch is not None and watch.abandoned_at is not None:
+                raise BackendError(f"{self.name}: {op} was abandoned by its caller before its turn")
+            if time.monotonic() >= deadline:
+                raise BackendError(
+                    f"{self.name}: {op} waited {limit:g} s for the backend process to finish another call"
+                )
+        if watch is not None and watch.abandoned_at is not None:
+            self._lock.release()
+            raise BackendError(f"{self.name}: {op} was abandoned by its caller before its turn")
+
+    def _exchange(self, child: Child, op: str, message: Any, watch: CallWatch | None) -> Any:
+        """Send ``message`` and read the child's answer within the call's deadline (or the grace
+        after its caller left); a child that does not answer in time is killed and replaced in
+        the background (the caller, if still there, gets ``BackendError`` at once)."""
         limit = self._call_timeout_s
         deadline = time.monotonic() + limit
         try:
             with self._send_lock:
                 self._send_closes(child, deadline - time.monotonic())
                 child.send(message, deadline - time.monotonic())
-            if not child.conn.poll(max(0.0, deadline - time.monotonic())):
+            if not self._reply_ready(child, deadline, watch):
                 raise TimeoutError
             reply = child.reply()
             child.answered = True
         except (BlockingIOError, TimeoutError) as e:  # it does not read, or does not answer
-            self._life.lost(child, f"did not answer {op} within {limit:g} s")
-            raise BackendError(
-                f"{self.name}: the backend process did not answer {op} within {limit:g} s (killed)"
-            ) from e
+            why = self._no_answer(op, watch)
+            self._life.lost(child, why)
+            raise BackendError(f"{self.name}: the backend process {why} (killed)") from e
         except (EOFError, OSError) as e:  # the pipe broke: the child is gone
             self._life.lost(child, f"died during {op}")
             raise BackendError(
                 f"{self.name}: the backend process died during {op} (exit code {child.proc.returncode})"
             ) from e
         return outcome(reply)
+
+    def _reply_ready(self, child: Child, deadline: float, watch: CallWatch | None) -> bool:
+        """Whether the child's reply is there before ``deadline``, or, once the caller has left
+        (``watch``), before the grace after that: a healthy child answers within a step chunk,
+        so one that does not is stalled, and only a kill frees the pipe for other calls."""
+        if watch is None:  # nobody can abandon this call: one wait
+            return child.conn.poll(max(0.0, deadline - time.monotonic()))
+        while True:
+            if watch.abandoned_at is not None:
+                deadline = min(deadline, watch.abandoned_at + self._abandon_grace_s)
+            left = deadline - time.monotonic()
+            if child.conn.poll(max(0.0, min(left, WATCH_SLICE_S))):
+                return True
+            if left <= 0:
+                return False
+
+    def _no_answer(self, op: str, watch: CallWatch | None) -> str:
+        """Why a child that did not answer is taken for lost (its deadline, or its grace)."""
+        if watch is not None and watch.abandoned_at is not None:
+            return f"did not answer {op} within {self._abandon_grace_s:g} s of its caller leaving"
+        return f"did not answer {op} within {self._call_timeout_s:g} s"
 
     def _child_for(self, op: str, args: tuple[Any, ...]) -> Child:
         """The child to send ``op`` to, built and running (``BackendError`` at once while none
@@ -323,13 +387,14 @@ class ProcessBackend:
     def capabilities(self) -> Capabilities:
         """The child's backend's (the stand-in's until the child has started; without a
         stand-in, waits for the child): blocking calls that take a thread count (sent to the
-        child with each call), released by ``shutdown``."""
+        child with each call), released by ``shutdown``, which a cancelled caller may abandon
+        (the module's docstring says how they are settled)."""
         declared = self._declared
         if declared is None:
             self.ready()
             declared = self._declared
             assert declared is not None  # set by a successful start
-        return declared.but(concurrent=False, sets_threads=True, release="sync")
+        return declared.but(concurrent=False, sets_threads=True, release="sync", abandonable=True)
 
     @property
     def identity(self) -> str:
@@ -354,7 +419,8 @@ class ProcessBackend:
     # ------------------------------------------------------------------ ModelBackend
     def open_session(self, image: Image.Image, question: str, *, seed: int = 0) -> Any:
         if self._opens_here():
-            return self._track(self._here().open_session(image, question, seed=seed))
+            with self._here() as here:
+                return self._track(here.open_session(image, question, seed=seed))
         _, (handle,) = self._call("open_session", image, question, seed=seed)
         return handle
 
@@ -369,37 +435,43 @@ class ProcessBackend:
     ) -> StepOutput:
         kwargs = {"max_tokens": max_tokens, "stop": stop, "temperature": temperature, "budget": budget}
         if not isinstance(session, RemoteSession):
-            return self._here().generate_step(session, **kwargs)  # type: ignore[arg-type]
+            with self._here() as here:
+                return here.generate_step(session, **kwargs)  # type: ignore[arg-type]
         out, _ = self._call("generate_step", session.id, **kwargs)
         return out  # type: ignore[no-any-return]
 
     def score(self, session: Any, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
         if not isinstance(session, RemoteSession):
-            return self._here().score(session, text, stop=stop, judge=judge)
+            with self._here() as here:
+                return here.score(session, text, stop=stop, judge=judge)
         out, _ = self._call("score", session.id, text, stop=stop, judge=judge)
         return out  # type: ignore[no-any-return]
 
     def append(self, session: Any, text: str, *, stop: str) -> int:
         if not isinstance(session, RemoteSession):
-            return self._here().append(session, text, stop=stop)
+            with self._here() as here:
+                return here.append(session, text, stop=stop)
         n, _ = self._call("append", session.id, text, stop=stop)
         return n  # type: ignore[no-any-return]
 
     def begin_step(self, session: Any, text: str, *, proposal: str = "") -> int:
         if not isinstance(session, RemoteSession):
-            return cast(int, cast(Repairs, self._here()).begin_step(session, text, proposal=proposal))
+            with self._here() as here:
+                return cast(int, cast(Repairs, here).begin_step(session, text, proposal=proposal))
         n, _ = self._call("begin_step", session.id, text, proposal=proposal)
         return n  # type: ignore[no-any-return]
 
     def rollback(self, session: Any, n_tokens: int) -> None:
         if not isinstance(session, RemoteSession):
-            self._here().rollback(session, n_tokens)
+            with self._here() as here:
+                here.rollback(session, n_tokens)
             return
         self._call("rollback", session.id, n_tokens)
 
     def fork(self, session: Any) -> Any:
         if not isinstance(session, RemoteSession):
-            return self._track(self._here().fork(session))
+            with self._here() as here:
+                return self._track(here.fork(session))
         _, (_, new) = self._call("fork", session.id)
         return new
 

@@ -178,10 +178,14 @@ class _Executor:
                     raise
                 failed.append(RM.DraftFailed(str(e)))
 
+        async def open_draft() -> None:
+            with self.ctx.draft_calls():
+                await open_session("D", self.draft)
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(open_session, "T", self.target)
             if draft:
-                tg.start_soon(open_session, "D", self.draft)
+                tg.start_soon(open_draft)
         return [*failed, RM.Opened(draft="D" in self.sessions)]
 
     async def _replay(self, index: int, trust: bool) -> RM.Observation:
@@ -201,9 +205,10 @@ class _Executor:
     async def _catch_up(self, n: int) -> RM.Observation:
         """The draft appends the first ``n`` verified steps."""
         try:
-            for step in self.ctx.steps[:n]:
-                await self.draft.append(self.D, step.text, stop=self.stop)
-                self.ctx.count(self.draft, 1)
+            with self.ctx.draft_calls():
+                for step in self.ctx.steps[:n]:
+                    await self.draft.append(self.D, step.text, stop=self.stop)
+                    self.ctx.count(self.draft, 1)
         except BackendError as e:
             return RM.DraftFailed(str(e))
         return RM.DraftSynced()
@@ -213,10 +218,11 @@ class _Executor:
         ctx = self.ctx
         drop = self.D.length - self.bounds[index] if index in self.bounds else 0
         try:
-            if drop:
-                await self.draft.rollback(self.D, drop)
-            async with ctx.span("draft", "resync", index):
-                n = await self.draft.append(self.D, ctx.steps[index].text, stop=self.stop)
+            with ctx.draft_calls():
+                if drop:
+                    await self.draft.rollback(self.D, drop)
+                async with ctx.span("draft", "resync", index):
+                    n = await self.draft.append(self.D, ctx.steps[index].text, stop=self.stop)
         except BackendError as e:
             return RM.DraftFailed(str(e))
         ctx.count(self.draft, 1, n)

@@ -25,7 +25,7 @@ from dreamr_stream.engine import calls
 from dreamr_stream.engine import policy as P
 from dreamr_stream.engine import request_messages as RM
 from dreamr_stream.engine.request import RequestContext
-from dreamr_stream.engine.runner import Priority
+from dreamr_stream.engine.runner import ModelRunner, Priority
 from dreamr_stream.errors import BackendError
 from dreamr_stream.events import DraftedEvent
 from dreamr_stream.types import StepCost
@@ -91,19 +91,33 @@ async def draft_lane(
     ctx: RequestContext, session: Session, lane: Lane, permits: MemoryObjectReceiveStream[int], bounds: dict[int, int]
 ) -> None:
     """Write each permitted step on ``session``, in order, and hand it to the driver. A final
-    step ends the reasoning, so nothing is written after one; a failure is reported."""
+    step ends the reasoning, so nothing is written after one; a failure, a call past the
+    draft's deadline included (``RequestContext.draft_calls``), is reported."""
     draft = ctx.draft
     assert draft is not None
     try:
-        async for index in permits:
-            bounds[index] = session.length  # where the step begins: a resync rolls back to it
-            out = await calls.write_step(ctx, draft, session, index=index, lane="draft")
-            await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
-            lane.send_nowait(Draft(index, out.text, out.eos))
-            if ctx.is_final(out.text, out.eos):
-                return
+        with ctx.draft_calls():
+            await _write_permitted(ctx, draft, session, lane, permits, bounds)
     except BackendError as e:
         lane.send_nowait(RM.DraftFailed(str(e)))
+
+
+async def _write_permitted(
+    ctx: RequestContext,
+    draft: ModelRunner,
+    session: Session,
+    lane: Lane,
+    permits: MemoryObjectReceiveStream[int],
+    bounds: dict[int, int],
+) -> None:
+    """The draft lane's work: each permitted step, written and handed on."""
+    async for index in permits:
+        bounds[index] = session.length  # where the step begins: a resync rolls back to it
+        out = await calls.write_step(ctx, draft, session, index=index, lane="draft")
+        await ctx.emit(DraftedEvent(index=index, text=out.text, elapsed_s=ctx.now()))
+        lane.send_nowait(Draft(index, out.text, out.eos))
+        if ctx.is_final(out.text, out.eos):
+            return
 
 
 class EpochLanes:

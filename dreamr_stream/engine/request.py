@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 
+from dreamr_stream.backends.call_context import calls_within
 from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.engine.cache import CacheContext
 from dreamr_stream.engine.runner import ModelRunner
@@ -96,6 +97,12 @@ class RequestContext:
         if self.cache is not None:
             prefix = [s.text for s in self.steps]
             self.cache.log_verdict(verdict, index=index, prefix=prefix, text=text, source=source)
+
+    def draft_calls(self) -> AbstractContextManager[None]:
+        """Where the draft's calls are made: each within ``scheduling.draft_deadline_s``, since a
+        draft slower than that is worth nothing (the backend ends the call itself, so that a
+        served draft's breaker counts it: ``backends.call_context``)."""
+        return calls_within(self.config.scheduling.draft_deadline_s)
 
     def go_alone(self, reason: str) -> None:
         """The rest of this request is written by the target alone (said once, in the stats)."""

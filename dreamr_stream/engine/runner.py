@@ -7,8 +7,11 @@
   call at a time: every call waits for the model's lock (lower ``priority`` value first, FIFO
   within a priority), then runs in a worker thread. Calls are short (one step chunk, one scoring
   forward), so a cancelled request stops within one call, and verification (priority 0)
-  overtakes a speculative fallback (priority 1) at the next call. A runner may fix its model's
-  intra-op threads for every call (``engine.threads``);
+  overtakes a speculative fallback (priority 1) at the next call. A backend that declares its
+  calls ``abandonable`` (a child process) is not waited for at all: a cancelled request leaves
+  at once and the backend settles the call (``backends.call_context``), since a stopped or hung
+  child would otherwise hold the cancel until the call's deadline. A runner may fix its
+  model's intra-op threads for every call (``engine.threads``);
 * an async backend (``AsyncModelBackend``: a model behind a serving engine such as vLLM) is
   awaited directly, with no lock: the server batches concurrent calls, which is the point of
   serving there, and cancelling a call closes its connection, so the server stops at once.
@@ -34,6 +37,7 @@ from dreamr_stream.backends.base import (
     SetsThreads,
     StepOutput,
 )
+from dreamr_stream.backends.call_context import CallWatch, watching
 from dreamr_stream.backends.registry import capabilities_of
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, DreamrError
@@ -115,6 +119,8 @@ class ModelRunner:
         caps = capabilities_of(backend)
         # an async backend is awaited as it is; a blocking one goes through ``call``
         self.concurrent = caps.concurrent
+        # a cancelled request leaves its blocking call to the backend instead of waiting for it
+        self.abandonable = caps.abandonable and not caps.concurrent
         # intra-op threads of every call (None: as the thread has them); only a backend that
         # can set them takes them
         self._threaded = cast(SetsThreads, backend) if caps.sets_threads else None
@@ -123,9 +129,16 @@ class ModelRunner:
         self.in_flight = 0  # model calls running in a thread now
         self.calls = 0
 
-    async def call(self, fn: Callable[..., T], *args: Any, priority: int = 0, **kwargs: Any) -> T:
+    async def call(
+        self, fn: Callable[..., T], *args: Any, priority: int = 0, abandonable: bool = False, **kwargs: Any
+    ) -> T:
+        """``fn(*args, **kwargs)`` in a worker thread, behind the model's lock. ``abandonable``:
+        a cancelled caller leaves at once (the backend settles the call: ``backends.call_context``);
+        else it waits for the call, since a thread cannot be killed and no model call may
+        outlive its request."""
         await self.lock.acquire(priority)
         threads, threaded = self.threads, self._threaded
+        watch = CallWatch()
         try:
             self.in_flight += 1
             self.calls += 1
@@ -133,12 +146,14 @@ class ModelRunner:
             def run() -> T:
                 if threads is not None and threaded is not None:  # in the worker thread: OpenMP's count is per thread
                     threaded.use_threads(threads)
-                return fn(*args, **kwargs)
+                with watching(watch):
+                    return fn(*args, **kwargs)
 
             try:
-                # not cancellable: a thread cannot be killed, so a cancelled request waits for
-                # its one in-flight call and no model call outlives the request
-                return await anyio.to_thread.run_sync(run)
+                return await anyio.to_thread.run_sync(run, abandon_on_cancel=abandonable)
+            except anyio.get_cancelled_exc_class():
+                watch.abandon()  # only an abandonable call gets here before its thread has ended
+                raise
             finally:
                 self.in_flight -= 1
         finally:
@@ -148,7 +163,7 @@ class ModelRunner:
         """``fn``, the backend's method ``op``, called as its kind of backend needs."""
         try:
             if not self.concurrent:
-                return await self.call(fn, *args, priority=priority, **kwargs)
+                return await self.call(fn, *args, priority=priority, abandonable=self.abandonable, **kwargs)
             self.in_flight += 1
             self.calls += 1
             try:
