@@ -114,6 +114,7 @@ async def one_round(path: str, server: ServeProcess, args: argparse.Namespace, b
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
+    code = code_version()  # what the server starts with (the checkout may change while it runs)
     reasoner = Reasoner.demo(target_url=args.target_url)
     bank = puzzles(args.puzzles)
     no_cache = reasoner.config.model_copy(update={"cache": CacheConfig(enabled=False)})
@@ -139,7 +140,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "args": vars(args),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "code": code_version(),
+        "code": code,
         "loadavg_before": load_before,
         "rounds": rounds,
         "median_rps": median_rps,
