@@ -126,7 +126,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     # every client is on this machine's loopback address: lift what one address may hold and ask
     flags += ["--max-connections-per-address", str(args.clients + 2), "--requests-per-minute", "0"]
     flags += ["--target-url", args.target_url] if args.target_url else []
-    server = start_server(flags, args.out.with_suffix(".server.log"))
+    server = start_server(flags, Path(__file__).parent / "runs" / "api_load.server.log")
     rounds: list[dict[str, Any]] = []
     try:
         for _ in range(args.rounds):
