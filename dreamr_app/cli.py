@@ -193,7 +193,9 @@ def _add_bench(sub: Subparsers) -> None:
 
 
 def _add_serve(sub: Subparsers) -> None:
-    s = sub.add_parser("serve", help="WebSocket server + live web page (http://127.0.0.1:8765/)")
+    s = sub.add_parser(
+        "serve", help="live web page, WebSocket stream and OpenAI-compatible API on one port (http://127.0.0.1:8765/)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     s.add_argument("--token", help="require this token at the handshake (default: $DREAMR_TOKEN)")
@@ -213,6 +215,8 @@ def _add_serve(sub: Subparsers) -> None:
                    help="requests a minute from one address; 0 = no limit (default: 120)")  # fmt: skip
     s.add_argument("--idle-timeout", type=float, default=60.0,
                    help="close a connection with no request for this long, in s; 0 = never (default: 60)")  # fmt: skip
+    s.add_argument("--head-timeout", type=float, default=10.0,
+                   help="drop a connection whose first request head takes longer, in s (default: 10)")  # fmt: skip
     s.add_argument("--parse-in-thread-bytes", type=int, default=64 * 2**10,
                    help="parse larger messages in a worker thread (default: 64 KiB)")  # fmt: skip
     s.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")

@@ -48,6 +48,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         requests_per_minute=args.requests_per_minute or None,  # 0: no limit
         idle_timeout_s=args.idle_timeout or None,  # 0: never
         parse_in_thread_bytes=args.parse_in_thread_bytes,
+        head_timeout_s=args.head_timeout,
     )
 
 

@@ -157,6 +157,7 @@ def test_cli_defaults_match_server_settings() -> None:
         s.max_message_bytes,
         s.send_timeout_s,
     )
+    assert args.head_timeout == s.head_timeout_s
 
 
 def test_cli_token_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
