@@ -76,6 +76,11 @@ def report(c: Calibration, out: Path, target: str, draft: str | None) -> str:
             f"  {mode:<11}{r.tau:>8.4g}  {_pct(r.overall.recall):>14}  {_pct(r.overall.false_accept):>14}  "
             f"{_pct(r.overall.agreement):>9}  {_pct(r.draft_acceptance):>14}{mark}"
         )
+    if "judge" in c.results and c.results["judge"].overall.recall == 0.0:
+        lines.append(
+            "  judge mode accepted no right step at its best tau: the target may not answer the judge template's "
+            "verdict tokens (--judge-from a folder with the template it was trained on)"
+        )
     lines.append(f"wrote {out}/dreamr.json and {out}/calibration.json (every figure, per set)")
     is_url = target.startswith(("http://", "https://"))
     draft_arg = f', draft="{draft}"' if draft else ""

@@ -57,8 +57,9 @@ def uncalibrated(target: Capabilities, config: ReasonerConfig, *, has_draft: boo
 
 def uncalibrated_message(target: Capabilities) -> str:
     """What the warning says: the problem, its cost, and both ways to fix it."""
+    served = str(target.identity).removesuffix(":?")  # ":?": the model's name is asked for on the first call
     return (
-        f"the served target {target.identity} has no verification settings (no settings_from, and the server "
+        f"the served target {served} has no verification settings (no settings_from, and the server "
         f"does not tell them), so TBVM runs on uncalibrated defaults (mode judge, the generic judge question, "
         f"tau {DEFAULT_TAU:g}): drafts are accepted or rejected without evidence that the threshold suits this "
         "model, and FPSR can be slower than the target alone. Pass settings_from=FOLDER (a folder whose "
