@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--target-url", help="the target served by vLLM (http://host:8000/v1)")
     where.add_argument("--target", help="a local target model folder, computed in this process")
     p.add_argument("--draft", help="the draft model folder (or URL): its steps are what TBVM judges in FPSR")
-    p.add_argument("-n", type=int, default=32, help="val items for the judge set, and as many for the draft's steps")
+    p.add_argument(
+        "-n", type=int, default=32, help="val items for the judge set, and as many for the draft's steps (default: 32)"
+    )
     p.add_argument("--out", required=True, help="the settings folder to write (dreamr.json, calibration.json)")
     p.add_argument("--force", action="store_true", help="replace the settings in an existing --out")
     p.add_argument("--mode", choices=["judge", "likelihood"], help="recommend this mode (default: the best measured)")
