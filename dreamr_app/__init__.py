@@ -3,7 +3,8 @@
 Layers, each importing only those below it::
 
     cli                  the parser and the dispatch (``dreamr`` = ``cli.entry``)
-    serve, bench, sapo   the commands that compose the core with its adapters
+    serve, bench, sapo,  the commands that compose the core with its adapters
+    calibrate
     daemon.client        ``dreamr reason`` through the resident daemon
     daemon.server        the daemon itself (``python -m dreamr_app.daemon.server``), a WebSocket adapter
     reason               ``dreamr reason``'s request, output and comparison; the models in this process

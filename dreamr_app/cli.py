@@ -103,6 +103,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.served(args) if args.target_url else bench.local(args)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from dreamr_app import calibrate
+
+    return calibrate.run(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     # the WebSocket integration is an extra: without it, say which, in one line
     if adapter("dreamr_websocket.server", what="dreamr serve", extra="websocket") is None:
@@ -192,6 +198,21 @@ def _add_bench(sub: Subparsers) -> None:
     b.set_defaults(fn=_bench)
 
 
+def _add_calibrate(sub: Subparsers) -> None:
+    from dreamr_app.calibrate import add_arguments
+
+    c = sub.add_parser(
+        "calibrate",
+        help="measure TBVM's tau for a target (a served one has no dreamr.json) and write a settings folder",
+        description="Score held-out items of the task (the val split) with the target, in every verification "
+        "mode it supports; choose each mode's tau and the mode; write OUT/dreamr.json, which settings_from= "
+        "(or --target with --target-url) applies.",
+    )
+    add_arguments(c)
+    add_task_flag(c)
+    c.set_defaults(fn=_calibrate)
+
+
 def _add_serve(sub: Subparsers) -> None:
     s = sub.add_parser(
         "serve", help="live web page, WebSocket stream and OpenAI-compatible API on one port (http://127.0.0.1:8765/)"
@@ -237,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamr", description="Multimodal speculative reasoning, streamed.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_reason, _add_daemon, _add_sapo, _add_bench, _add_serve, _add_zoo):
+    for add in (_add_reason, _add_daemon, _add_sapo, _add_bench, _add_calibrate, _add_serve, _add_zoo):
         add(sub)
     return parser
 

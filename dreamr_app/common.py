@@ -116,7 +116,9 @@ def load_reasoner(args: argparse.Namespace, *, draft_stand_in: bool = False) -> 
 
     task = getattr(args, "task", DEFAULT_TASK)  # commands without --task (serve) run the default task's demo
     target_url, draft_url = getattr(args, "target_url", None), getattr(args, "draft_url", None)
-    if args.target or (draft_url and not target_url):
+    # a draft or target folder of the user's own is loaded as given: never swapped for the demo's
+    # (a served target then runs with --target's settings, or warns that it has none)
+    if args.target or args.draft or (draft_url and not target_url):
         from dreamr_stream.backends.shipped import demo_paths
 
         target = target_url or args.target or demo_paths(args.demo_draft, task).target

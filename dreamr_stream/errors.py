@@ -1,4 +1,7 @@
-"""One exception root for the library; every error a user can act on derives from it."""
+"""One exception root for the library; every error a user can act on derives from it.
+
+Warnings have a root of their own (``DreamrWarning``), so that a caller can filter, log or turn
+into errors (``warnings.simplefilter("error", UncalibratedVerificationWarning)``) exactly ours."""
 
 from __future__ import annotations
 
@@ -7,10 +10,12 @@ __all__ = [
     "ConfigError",
     "CorruptFileError",
     "DreamrError",
+    "DreamrWarning",
     "InputError",
     "InvalidImageError",
     "InvalidQuestionError",
     "ModelLoadError",
+    "UncalibratedVerificationWarning",
 ]
 
 
@@ -44,3 +49,15 @@ class ModelLoadError(DreamrError):
 
 class BackendError(DreamrError):
     """A model call failed while serving a request."""
+
+
+class DreamrWarning(UserWarning):
+    """Root of every warning dreamr-stream issues."""
+
+
+class UncalibratedVerificationWarning(DreamrWarning):
+    """A served target runs on default TBVM settings that nobody measured for it.
+
+    The server does not say which judge template or threshold suit its model, so without a
+    settings folder (``settings_from``) verification accepts or rejects without calibration:
+    measured on the demo pair, FPSR then ran at 0.42x the served model alone instead of 1.37x."""

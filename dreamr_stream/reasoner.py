@@ -31,6 +31,7 @@ from dreamr_stream.inputs import ImageInput, check_question, load_image
 from dreamr_stream.store import GuardedStore, MemoryTrajectoryStore, TrajectoryStore
 from dreamr_stream.tasks import DEFAULT_TASK
 from dreamr_stream.types import ReasoningResult, Step
+from dreamr_stream.uncalibrated import warn_uncalibrated
 from dreamr_stream.verify import Verifier, make_verifier
 
 __all__ = ["UNVERIFIED_METHODS", "Method", "Reasoner"]
@@ -100,8 +101,16 @@ class Reasoner:
         ``owns_backends``: ``close()`` also releases the backends (a draft's process stops, a
         served model's connections close); ``from_pretrained`` and ``demo`` set it, since what
         they load belongs to the Reasoner. False: the backends belong to the caller, who may
-        share them between Reasoners, and ``close()`` leaves them as they are."""
+        share them between Reasoners, and ``close()`` leaves them as they are.
+
+        A served target without verification settings (``settings_from``) and a config that
+        leaves tau at its default warn once here (``UncalibratedVerificationWarning``, see
+        ``dreamr_stream.uncalibrated``): its drafts would be judged on uncalibrated defaults."""
         self.config = config or ReasonerConfig()
+        # whether this Reasoner verifies on settings nobody measured for its target (told once, now)
+        self.uncalibrated = warn_uncalibrated(
+            registry.capabilities_of(target), self.config, has_draft=draft is not None
+        )
         t_threads, d_threads = (
             _split(registry.capabilities_of(target), registry.capabilities_of(draft) if draft is not None else None)
             if split_threads
@@ -144,8 +153,11 @@ class Reasoner:
         before returning. For interactive use (``dreamr reason``): a benchmark that times the
         first requests would time the stand-in.
         ``settings_from``: a local folder whose ``dreamr.json`` (judge template, recommended
-        verification, task) applies to a served target (a local target folder has its own).
-        Without a ``config``, the target's recommended verification applies."""
+        verification, task) applies to a served target (a local target folder has its own): the
+        target's folder, or one that ``dreamr calibrate`` measured against the server. A served
+        target without it runs on uncalibrated verification and warns once
+        (``UncalibratedVerificationWarning``); the draft's ``dreamr.json`` is never read for the
+        target. Without a ``config``, the target's recommended verification applies."""
         models = load_pair(
             target,
             draft,

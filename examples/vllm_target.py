@@ -7,6 +7,11 @@ starts one on http://127.0.0.1:8000/v1, building its venv the first time). Witho
 this script starts one itself (about 2 minutes on a small CPU) and stops it at the end.
 Two puzzles run at once: each yields its steps as they are verified, and the stats say
 how many steps were repaired and whether the load-aware switch left a request to the target.
+
+The server does not say which judge template and TBVM threshold suit its model, so the target
+folder's ``dreamr.json`` is passed with ``settings_from`` (without it the Reasoner warns and
+verifies on uncalibrated defaults). For a served model without a folder, measure them first:
+``dreamr calibrate --target-url URL --draft DRAFT --out SETTINGS``, then ``settings_from=SETTINGS``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,12 @@ async def solve(reasoner: Reasoner, name: str, puzzle: TaskItem) -> None:
 
 
 async def main(url: str) -> None:
-    reasoner = Reasoner.demo(target_url=url)
+    shipped = demo_paths()
+    reasoner = Reasoner.from_pretrained(
+        target=url,  # the shipped target, served
+        draft=shipped.draft,  # computes here
+        settings_from=shipped.target,  # the served model's judge template and measured tau
+    )
     grid = get_task("grid")  # the demo models' task
     async with anyio.create_task_group() as tg:
         for i in range(2):  # a third at once would pass max_speculating (2): the target alone

@@ -201,3 +201,39 @@ def test_model_text_is_printed_as_text_never_as_markup() -> None:
     reason.summary(result, None, console)
     lines = out.getvalue().splitlines()
     assert len(lines) == 6 and all(hostile in line for line in lines[:5]), lines
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        # a served target with a draft of one's own: that draft, and no settings guessed for the target
+        ({"target_url": "http://h:8000/v1", "draft": "my-draft"}, ("http://h:8000/v1", "my-draft", None)),
+        # --target beside --target-url is the target's settings folder
+        (
+            {"target_url": "http://h:8000/v1", "target": "settings", "draft": "my-draft"},
+            ("http://h:8000/v1", "my-draft", "settings"),
+        ),
+    ],
+)
+def test_the_model_flags_load_the_user_s_draft_and_never_guess_a_served_target_s_settings(
+    flags: dict[str, str], expected: tuple[str, str, str | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from dreamr_app.common import load_reasoner
+    from dreamr_stream.reasoner import Reasoner
+
+    seen: list[tuple[Any, Any, Any]] = []
+
+    def from_pretrained(**kw: Any) -> str:
+        seen.append((kw["target"], kw["draft"], kw["settings_from"]))
+        return "reasoner"
+
+    def demo(**kw: Any) -> str:
+        raise AssertionError("the demo's models replaced the user's")
+
+    monkeypatch.setattr(Reasoner, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(Reasoner, "demo", demo)
+    base = {"target": None, "draft": None, "demo_draft": None, "target_url": None, "draft_url": None, "device": "cpu"}
+    assert load_reasoner(argparse.Namespace(**(base | flags))) == "reasoner"  # type: ignore[comparison-overlap]
+    assert seen == [expected]
