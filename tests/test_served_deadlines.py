@@ -219,6 +219,7 @@ async def test_by_default_a_stalled_draft_server_holds_a_request_five_seconds_no
         r.close()
 
 
+@pytest.mark.filterwarnings("ignore::dreamr_stream.errors.UncalibratedVerificationWarning")  # deadlines, not TBVM
 @pytest.mark.asyncio
 async def test_the_draft_s_limit_is_the_draft_s_alone_a_slow_target_is_waited_for() -> None:
     config = ReasonerConfig(
@@ -236,6 +237,7 @@ async def test_the_draft_s_limit_is_the_draft_s_alone_a_slow_target_is_waited_fo
         r.close()
 
 
+@pytest.mark.filterwarnings("ignore::dreamr_stream.errors.UncalibratedVerificationWarning")  # deadlines, not TBVM
 @pytest.mark.asyncio
 async def test_requests_fail_fast_while_the_target_server_is_down_and_recover_when_it_is_back() -> None:
     config = ReasonerConfig(cache=CacheConfig(enabled=False), verification=VerificationConfig(mode="judge"))

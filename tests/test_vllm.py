@@ -199,6 +199,7 @@ async def test_leaving_the_stream_aborts_the_server_request(main_url: str) -> No
     assert abandoned < min(3 * per_step, solution_tokens - per_step)
 
 
+@pytest.mark.filterwarnings("ignore::dreamr_stream.errors.UncalibratedVerificationWarning")  # server failures, not TBVM
 @pytest.mark.asyncio
 async def test_served_draft_and_server_failures(servers: _Servers, main_url: str) -> None:
     victim = servers.get("victim")
