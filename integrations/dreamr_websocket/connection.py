@@ -13,12 +13,20 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-__all__ = ["ClientGone", "Connection", "WebSocketConnection"]
+__all__ = ["ClientGone", "Connection", "WebSocketConnection", "client_address"]
 
 log = logging.getLogger(__name__)
 CLOSE_WAIT_S = 5.0  # a close frame that cannot be written this soon (a client not reading) aborts instead
+
+
+def client_address(connection: HTTPConnection) -> str | None:
+    """The client's IP address, what the per-address limits count; None on a unix socket (only
+    its owner can connect), which they never limit."""
+    client = connection.client
+    return client.host if client is not None and client.host else None
 
 
 class ClientGone(Exception):
@@ -64,8 +72,7 @@ class WebSocketConnection:
 
     @property
     def address(self) -> str | None:
-        client = self.websocket.client
-        return client.host if client is not None and client.host else None
+        return client_address(self.websocket)
 
     async def recv(self) -> str | bytes:
         if self.closed:

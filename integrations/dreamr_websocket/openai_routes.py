@@ -56,6 +56,7 @@ from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.errors import DreamrError
 from dreamr_stream.inputs import check_question
 from dreamr_websocket.admission import Admission, Busy, RateLimited, RequestRate
+from dreamr_websocket.connection import ClientGone, client_address
 from dreamr_websocket.openai_chunks import Chunk, ChunkWriter, count_tokens
 from dreamr_websocket.openai_protocol import (
     ChatRequest,
@@ -66,7 +67,7 @@ from dreamr_websocket.openai_protocol import (
     parse_chat_request,
 )
 from dreamr_websocket.protocol import QueuedMessage
-from dreamr_websocket.session import ClientGone, decode_image, held_bytes, request_config
+from dreamr_websocket.session import decode_image, held_bytes, request_config
 from dreamr_websocket.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ async def _parse(body: bytes, host: ApiHost) -> ChatRequest | OpenAIErrorRespons
 
 def _rate_limited(request: Request, host: ApiHost) -> OpenAIErrorResponse | None:
     """Count a request against its client's rate; the 429 when over it."""
-    address = request.client.host if request.client is not None else None
+    address = client_address(request)
     if host.rate is None or address is None:  # no client address: a unix socket, only its owner
         return None
     try:

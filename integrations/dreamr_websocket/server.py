@@ -50,7 +50,7 @@ from dreamr_stream.errors import ConfigError
 from dreamr_stream.reasoner import Reasoner
 from dreamr_websocket import routes
 from dreamr_websocket.admission import Admission, ConnectionTable, RequestRate, TooManyConnections
-from dreamr_websocket.connection import Connection, WebSocketConnection
+from dreamr_websocket.connection import Connection, WebSocketConnection, client_address
 from dreamr_websocket.http_protocol import with_head_deadline
 from dreamr_websocket.openai_protocol import api_error
 from dreamr_websocket.openai_routes import api_routes, error_response
@@ -305,7 +305,8 @@ class _Gates:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(HTTPConnection(scope))
+        connection = HTTPConnection(scope)
+        refusal = self._refusal(connection)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -313,7 +314,7 @@ class _Gates:
         if path not in HELD or scope.get("method", "GET") != ("GET" if path == WS_PATH else "POST"):
             await self.app(scope, receive, send)
             return
-        address = _address(scope)
+        address = client_address(connection)
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(self.server.holding(address, cancel_on_stop=path != WS_PATH))
@@ -353,11 +354,6 @@ class _Gates:
         if scope["type"] == "websocket" and status == HTTPStatus.TOO_MANY_REQUESTS:
             status = HTTPStatus.SERVICE_UNAVAILABLE  # what a WebSocket client was always told
         return routes.text_response(status, message)
-
-
-def _address(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return str(client[0]) if client else None
 
 
 class _Uvicorn(uvicorn.Server):
