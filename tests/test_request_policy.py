@@ -337,6 +337,24 @@ def test_going_alone_is_said_once_and_never_undone() -> None:
     assert p.finished and p.on(RM.AloneWrote(2)) == []  # nothing after the end
 
 
+def test_the_target_alone_writes_the_rest_in_one_outcome_or_several() -> None:
+    """One call may write every remaining step (a served target streams them); a call that
+    stops short (its stream ended) is followed by another from where it stopped."""
+    p = RequestPolicy(max_steps=6, lookahead=2, fallback="off", on_gpu=False)
+    p.on(HIGH_LOAD)
+    assert p.begin() == [RM.OpenSessions(draft=False)]
+    assert p.on(RM.Opened(draft=False)) == [RM.WriteAlone(0)]
+    assert p.on(RM.AloneWrote(0, steps=2)) == [RM.WriteAlone(2)]
+    assert p.on(RM.AloneWrote(2, final=True, steps=3)) == [RM.Finish()]
+    assert p.verified == 5 and p.finished
+    q = RequestPolicy(max_steps=6, lookahead=2, fallback="off", on_gpu=False)
+    q.on(HIGH_LOAD)
+    q.begin()
+    q.on(RM.Opened(draft=False))
+    with pytest.raises(ValueError, match="wrote 0 steps"):
+        q.on(RM.AloneWrote(0, steps=0))
+
+
 def test_outcomes_out_of_turn_are_errors() -> None:
     p = RequestPolicy(max_steps=3, lookahead=2, fallback="off", on_gpu=False, cache=True)
     with pytest.raises(ValueError, match="unexpected"):

@@ -20,7 +20,7 @@ ever subtracts lengths of one session and passes them back to ``rollback``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
@@ -42,6 +42,7 @@ __all__ = [
     "SessionT",
     "SetsThreads",
     "StepOutput",
+    "StreamsRest",
 ]
 
 EvidenceKind = Literal["judge", "likelihood"]
@@ -102,6 +103,9 @@ class Capabilities:
       backend settles it by itself (``backends.call_context``), and a call made meanwhile waits
       for that or fails, never running beside it. False: a cancelled caller waits for its call
       (a thread cannot be stopped, and a model in this process runs one call at a time).
+    * ``streams_rest``: it writes the rest of an answer in one call (``generate_rest``,
+      ``StreamsRest``), yielding the steps as they come: a served model then costs one request
+      for all of them instead of one per step. False: the engine asks for one step at a time.
     """
 
     identity: ComputedOnce = ComputedOnce()
@@ -115,6 +119,7 @@ class Capabilities:
     task: str | None = None
     release: Literal["none", "sync", "async"] = "none"
     abandonable: bool = False
+    streams_rest: bool = False
 
     @property
     def on_gpu(self) -> bool:
@@ -130,6 +135,16 @@ class Repairs(Protocol):
     """The operation ``Capabilities.repair`` announces (a coroutine on an async backend)."""
 
     def begin_step(self, session: Any, text: str, *, proposal: str = "") -> Any: ...
+
+
+class StreamsRest(Protocol):
+    """The operation ``Capabilities.streams_rest`` announces (on an async backend): up to
+    ``max_steps`` steps, each as ``generate_step`` would write it, yielded as they are written
+    and in the session by then; leaving early stops the writing."""
+
+    def generate_rest(
+        self, session: Any, *, max_tokens: int, stop: str, max_steps: int, temperature: float = 0.0
+    ) -> AsyncIterator[StepOutput]: ...
 
 
 class SetsThreads(Protocol):

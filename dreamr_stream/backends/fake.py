@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -202,8 +202,17 @@ class ScriptedBackend:
 class AsyncScriptedBackend:
     """A ``ScriptedBackend`` served as an ``AsyncModelBackend`` (like a model behind vLLM)."""
 
-    def __init__(self, policy: Policy | Sequence[str], *, token_delay_s: float = 0.0, **kwargs: object) -> None:
+    def __init__(
+        self,
+        policy: Policy | Sequence[str],
+        *,
+        token_delay_s: float = 0.0,
+        streams_rest: bool = True,
+        **kwargs: object,
+    ) -> None:
         self.inner = ScriptedBackend(policy, **kwargs)  # type: ignore[arg-type]
+        self.streams_rest = streams_rest
+        self.rest_calls = 0  # generate_rest calls made
         self.name = self.inner.name
         self.judge = self.inner.judge
         self.identity = self.inner.identity
@@ -213,8 +222,8 @@ class AsyncScriptedBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        """Concurrent calls that repair, like a served model's."""
-        return Capabilities(identity=self.identity, concurrent=True, repair=True)
+        """Concurrent calls that repair and stream the rest of an answer, like a served model's."""
+        return Capabilities(identity=self.identity, concurrent=True, repair=True, streams_rest=self.streams_rest)
 
     def _enter(self) -> None:
         self.active += 1
@@ -237,6 +246,20 @@ class AsyncScriptedBackend:
                     return StepOutput(out.text, done=True, eos=out.eos, new_tokens=new, forwards=new)
         finally:
             self.active -= 1
+
+    async def generate_rest(
+        self, session: FakeSession, *, max_tokens: int, stop: str, max_steps: int, temperature: float = 0.0
+    ) -> AsyncIterator[StepOutput]:
+        """Steps one after another in one call (as one streamed completion), until the end of
+        sequence or ``max_steps``."""
+        if not self.streams_rest:
+            raise BackendError(f"{self.name}: generate_rest on a backend that does not stream the rest")
+        self.rest_calls += 1
+        for _ in range(max_steps):
+            out = await self.generate_step(session, max_tokens=max_tokens, stop=stop, temperature=temperature)
+            yield out
+            if out.eos:
+                return
 
     async def score(self, session: FakeSession, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
         self._enter()

@@ -8,6 +8,8 @@ a session's ``length`` counts characters.
 * ``generate_step``: one streamed chat completion (server-sent events) that continues the
   assistant message and stops at the step delimiter, EOS or ``max_tokens``. Cancelling it
   closes the stream, and the server aborts a request whose client has gone.
+* ``generate_rest``: the rest of the answer in one streamed completion, cut into steps as its
+  text arrives (``backends.step_stream``): a target writing alone costs one plain request.
 * ``score`` in judge mode: the candidate, delimiter and judge suffix appended to the assistant
   message, one output token with ``top_logprobs``; the verdict probabilities are read from them
   (the API's standard log-probs, so every such server gives them).
@@ -37,7 +39,7 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +52,7 @@ from dreamr_stream.backends.base import Capabilities, EvidenceKind, ScoreOutput,
 from dreamr_stream.backends.breaker import CircuitBreaker
 from dreamr_stream.backends.call_context import limit_s
 from dreamr_stream.backends.settings import read_settings
+from dreamr_stream.backends.step_stream import StepReader, StepSplitter
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ConfigError, ModelLoadError
 from dreamr_stream.store import image_png
@@ -168,6 +171,7 @@ class OpenAICompatBackend(ABC):
             recommended_verification=self.recommended_verification,
             task=self.task,
             release="async",
+            streams_rest=True,
         )
 
     @property
@@ -287,7 +291,7 @@ class OpenAICompatBackend(ABC):
             raise self._fail("POST /chat/completions", f"no choices in {r.text[:200]!r}")
         return data
 
-    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Server-sent events of a streamed completion, as parsed JSON chunks.
 
         The SSE framing is ``data: <json>`` lines ending with ``data: [DONE]``; parsing that
@@ -383,6 +387,51 @@ class OpenAICompatBackend(ABC):
         # the delimiter, or the step cap (which ends the step with a delimiter, as in-process)
         s.text += text + stop
         return StepOutput(text, done=True, new_tokens=tokens, forwards=tokens)
+
+    async def generate_rest(
+        self,
+        session: ChatSession,
+        *,
+        max_tokens: int,
+        stop: str,
+        max_steps: int,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[StepOutput]:
+        """Up to ``max_steps`` steps, each as ``generate_step`` would write it, from ONE streamed
+        completion without a stop string (``backends.step_stream``): a target writing the rest
+        of an answer alone costs the server one plain request, not one request per step. A step
+        cut at its ``max_tokens`` cap closes the stream and the next one starts a new stream.
+        Each step is in the session when it is yielded; leaving early closes the stream (the
+        server aborts it). The deadline ``step_deadline_s`` bounds the wait for each step."""
+        s = session
+        written = 0
+        while written < max_steps and not s.finished:
+            body = await self._body(
+                s,
+                s.text + s.partial,
+                temperature=temperature,
+                seed=s.seed + len(s.text),
+                stream=True,
+                stream_options={"include_usage": True},
+                **self.generation_settings(),
+            )
+            reader = StepReader(self._stream(body), StepSplitter(stop, max_tokens, text=s.partial), self.ended_at_eos)
+            try:
+                while not reader.over and written < max_steps:
+                    async with self._guarded("streamed steps", self.step_deadline_s):
+                        try:
+                            steps = await reader.next_steps()
+                        except ValueError as e:
+                            raise self._fail("streamed completion", str(e)) from e
+                    for out in steps[: max_steps - written]:
+                        s.partial = ""
+                        s.text += out.text if out.eos else out.text + stop
+                        s.finished = out.eos
+                        written += 1
+                        yield out
+            finally:
+                with anyio.move_on_after(1, shield=True):  # close the response even when cancelled
+                    await reader.aclose()
 
     async def score(self, session: ChatSession, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
         s = session

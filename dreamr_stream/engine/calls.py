@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any
 
 from dreamr_stream.backends.base import ScoreOutput, Session, StepOutput
@@ -95,8 +96,43 @@ async def write_own(ctx: RequestContext, runner: ModelRunner, session: Session, 
     return await ctx.accept(out.text, source, eos=out.eos, cost=cost)
 
 
-async def write_alone(ctx: RequestContext, runner: ModelRunner, session: Session, source: StepSource) -> None:
+async def write_alone(ctx: RequestContext, runner: ModelRunner, session: Session, source: StepSource) -> int:
     """Write the remaining steps with one model alone on ``session`` (the single-model
-    baselines)."""
+    baselines, and FPSR once a request goes alone); returns how many. A backend that writes
+    the rest in one call (``Capabilities.streams_rest``: a served model) is asked once, so
+    that the request costs its server what one plain request costs; any other writes one
+    step per call."""
+    written = 0
     while not ctx.done():
-        await write_own(ctx, runner, session, source)
+        if runner.concurrent and runner.capabilities.streams_rest:
+            written += await _write_rest(ctx, runner, session, source)
+        else:
+            await write_own(ctx, runner, session, source)
+            written += 1
+    return written
+
+
+async def _write_rest(ctx: RequestContext, runner: ModelRunner, session: Session, source: StepSource) -> int:
+    """The steps of one ``generate_rest`` call, each accepted as it arrives (its span runs from
+    the previous step's arrival); stops the call once the request is done."""
+    gen = ctx.config.generation
+    written = 0
+    start = ctx.now()
+    rest = runner.generate_rest(
+        session,
+        max_tokens=gen.max_step_tokens,
+        stop=gen.step_delimiter,
+        max_steps=gen.max_steps - len(ctx.steps),
+        temperature=gen.temperature,
+    )
+    async with aclosing(rest) as steps:
+        async for out in steps:
+            ctx.record_span(runner.name, "write", len(ctx.steps), start)
+            ctx.count(runner, out.forwards, out.new_tokens)
+            cost = step_cost(out) if source is StepSource.TARGET else None
+            await ctx.accept(out.text, source, eos=out.eos, cost=cost)
+            written += 1
+            start = ctx.now()
+            if ctx.done():
+                break
+    return written

@@ -152,9 +152,9 @@ class _Executor:
                 ctx.go_alone(reason)
             case RM.ResyncDraft(index=i):
                 return [await self._resync(i)]
-            case RM.WriteAlone():
-                step = await calls.write_own(ctx, self.target, self.T, StepSource.TARGET)
-                return [RM.AloneWrote(step.index, final=step.is_final)]
+            case RM.WriteAlone(index=i):
+                n = await calls.write_alone(ctx, self.target, self.T, StepSource.TARGET)
+                return [RM.AloneWrote(i, final=bool(ctx.steps) and ctx.steps[-1].is_final, steps=n)]
             case RM.Store():
                 assert cache is not None
                 await cache.store_trajectory([s.text for s in ctx.steps])

@@ -81,7 +81,12 @@ class RequestContext:
         try:
             yield
         finally:
-            self.timeline.append(LaneSpan(lane=lane, what=what, step=step, start_s=start, end_s=self.now()))
+            self.record_span(lane, what, step, start)
+
+    def record_span(self, lane: str, what: str, step: int, start_s: float) -> None:
+        """A span from ``start_s`` to now (for work that no one block of code encloses: a step
+        of a streamed rest)."""
+        self.timeline.append(LaneSpan(lane=lane, what=what, step=step, start_s=start_s, end_s=self.now()))
 
     # ------------------------------------------------------------------ counts
     def count(self, runner: ModelRunner, forwards: int, tokens: int = 0) -> None:

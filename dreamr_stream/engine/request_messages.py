@@ -98,10 +98,12 @@ class EpochEnded:
 
 @dataclass(frozen=True)
 class AloneWrote:
-    """The target alone wrote step ``index``."""
+    """The target alone wrote ``steps`` steps from step ``index`` on (the rest of the request,
+    or as much as one call wrote); ``final``: the last of them ends the reasoning."""
 
     index: int
     final: bool = False
+    steps: int = 1
 
 
 Observation = (
@@ -182,7 +184,9 @@ class ResyncDraft:
 
 @dataclass(frozen=True)
 class WriteAlone:
-    """The target writes step ``index`` on its session (outcome: ``AloneWrote``)."""
+    """The target writes alone on its session from step ``index`` on, to the end of the
+    request (outcome: ``AloneWrote``; one call for all of them on a backend that streams the
+    rest, ``Capabilities.streams_rest``)."""
 
     index: int
 

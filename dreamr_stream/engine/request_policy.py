@@ -16,7 +16,7 @@ bytes: ``engine.fpsr`` performs what it answers (``Action``) and feeds back what
   more (a final draft, its failure, no permit to come) the epoch hears ``DraftsEnded``. After
   ``EndEpoch`` the driver stops the lanes and says ``EpochEnded``; a target step the draft must
   adopt is then ``ResyncDraft`` (roll back, append the target's step);
-* the target alone (``WriteAlone``), one step at a time, once the request goes alone: the draft
+* the target alone (``WriteAlone``), for the rest of the request, once it goes alone: the draft
   failed (``DraftFailed``) or too many requests are in flight (``LoadChanged`` above its limit).
   ``GoAlone`` is said once, with its reason, and never undone; drafts already permitted may
   still be verified, nothing more is drafted;
@@ -161,8 +161,11 @@ class RequestPolicy:
                     self.phase = _Phase.SYNCING
                     return [ResyncDraft(self.verified - 1)]
                 return self._next()
-            case AloneWrote(index=index, final=final):
+            case AloneWrote(index=index, final=final, steps=steps):
                 self._expect(_Phase.ALONE, index)
+                if steps < 1:
+                    raise ValueError(f"the target alone wrote {steps} steps from step {index}")
+                self.verified += steps - 1
                 self._verified(final)
                 return self._next()
             case P.Drafted() | P.DraftsEnded() | P.Judged() | P.FallbackDone() | P.TargetWrote():

@@ -22,7 +22,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -36,6 +37,7 @@ from dreamr_stream.backends.base import (
     Session,
     SetsThreads,
     StepOutput,
+    StreamsRest,
 )
 from dreamr_stream.backends.call_context import CallWatch, watching
 from dreamr_stream.backends.registry import capabilities_of
@@ -208,6 +210,29 @@ class ModelRunner:
             budget=budget,
             priority=priority,
         )
+
+    async def generate_rest(
+        self, session: Session, *, max_tokens: int, stop: str, max_steps: int, temperature: float = 0.0
+    ) -> AsyncGenerator[StepOutput, None]:
+        """The backend's steps from one call (``Capabilities.streams_rest``, an async backend),
+        yielded as they are written; any failure is a BackendError, as every other op's."""
+        if not (self.concurrent and self.capabilities.streams_rest):
+            raise BackendError(f"{self.name}: this backend cannot write the rest of an answer in one call")
+        rest = cast(StreamsRest, self.backend).generate_rest(
+            session, max_tokens=max_tokens, stop=stop, max_steps=max_steps, temperature=temperature
+        )
+        self.in_flight += 1
+        self.calls += 1
+        try:
+            async with aclosing(rest) as steps:  # type: ignore[type-var]
+                async for out in steps:
+                    yield out
+        except DreamrError:
+            raise
+        except Exception as e:
+            raise self._failed("generate_rest", e) from e
+        finally:
+            self.in_flight -= 1
 
     async def score(
         self, session: Session, text: str, *, stop: str, judge: JudgeTemplate | None, priority: int = 0
