@@ -39,8 +39,14 @@ def _grid() -> Task:
     return GridTask()
 
 
+def _charts() -> Task:
+    from dreamr_stream.tasks.charts import ChartsTask
+
+    return ChartsTask()
+
+
 # name -> factory; a task module is imported only when asked for
-_FACTORIES: dict[str, Callable[[], Task]] = {"grid": _grid}
+_FACTORIES: dict[str, Callable[[], Task]] = {"charts": _charts, "grid": _grid}
 _LOADED: dict[str, Task] = {}
 
 
