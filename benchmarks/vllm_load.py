@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from dreamr_vllm.bench import run_levels, to_markdown
+from dreamr_vllm.bench import PlainClient, run_levels, to_markdown
 
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.backends.shipped import demo_paths
@@ -62,15 +62,20 @@ async def _main(args: argparse.Namespace) -> None:
             update={"max_speculating": args.max_speculating, "fallback": args.fallback}
         )
         config = fpsr.config.model_copy(update={"cache": CacheConfig(enabled=False), "scheduling": scheduling})
-        rows = await run_levels(
-            reasoners,
-            config,
-            puzzles=args.puzzles,
-            concurrency=args.concurrency,
-            rounds=args.rounds,
-            seed0=args.seed0,
-            report=lambda row: print(json.dumps(row), flush=True),
-        )
+        plain = PlainClient(args.url)
+        try:
+            rows = await run_levels(
+                reasoners,
+                config,
+                puzzles=args.puzzles,
+                concurrency=args.concurrency,
+                rounds=args.rounds,
+                seed0=args.seed0,
+                report=lambda row: print(json.dumps(row), flush=True),
+                plain=plain,
+            )
+        finally:
+            await plain.aclose()
     finally:
         for server in servers:
             server.stop()
@@ -92,7 +97,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def _setup(args: argparse.Namespace) -> str:
-    alone = "vLLM alone: a server with vLLM's default thread binding"
+    alone = "vLLM alone: plain chat completions to a server with vLLM's default thread binding"
     if args.fpsr_url is None:
         return f"{alone}; FPSR over the same server, its draft in its own process, one thread, unpinned."
     where = f"cores {args.server_cpus}" if args.server_cpus else f"{args.fpsr_url}, pinned to one core"

@@ -26,16 +26,23 @@ def served(args: argparse.Namespace) -> int:
     # every request does its full model work: no trajectory cache (the rounds repeat puzzles)
     config = reasoner.config.override(tau=args.tau, cache=False)
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    rows = anyio.run(
-        lambda: bench.run_levels(
-            {"target_only": reasoner, "fpsr": reasoner},
-            config,
-            puzzles=args.n,
-            concurrency=concurrency,
-            rounds=args.rounds,
-            task=args.task,
-        )
-    )
+
+    async def levels() -> list[dict[str, object]]:
+        plain = bench.PlainClient(args.target_url)  # the server asked as its users ask it: the baseline
+        try:
+            return await bench.run_levels(  # type: ignore[no-any-return]
+                {"target_only": reasoner, "fpsr": reasoner},
+                config,
+                puzzles=args.n,
+                concurrency=concurrency,
+                rounds=args.rounds,
+                task=args.task,
+                plain=plain,
+            )
+        finally:
+            await plain.aclose()
+
+    rows = anyio.run(levels)
     meta = {"command": "dreamr bench " + " ".join(sys.argv[2:]), "when": time.strftime("%Y-%m-%d")}
     meta |= {"machine": f"{os.cpu_count()} cores", "puzzles": args.n, "rounds": args.rounds}
     table = bench.to_markdown(rows, meta)

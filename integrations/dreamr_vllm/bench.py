@@ -1,16 +1,28 @@
 """FPSR over a served target against the target served alone, on a task's test items (the grid
 task's unless told), at given loads.
 
-Per concurrency level ``C``, each round runs every puzzle once per method with ``C`` requests
-in flight (a semaphore); methods alternate round by round so that drift hits both. Reported per
-level: total wall time, requests/s and their ratio (FPSR over the target alone), the median of
-per-puzzle latency ratios, accuracy against each puzzle's known answer, and FPSR's acceptance,
-repaired steps and the share of requests the load-aware switch gave to the target alone.
-Used by ``dreamr bench --target-url`` and ``benchmarks/vllm_load.py``.
+The methods, each with ``C`` requests in flight (a semaphore) per concurrency level:
+
+* ``plain`` (when a ``PlainClient`` is given): what a user of the server alone sends, one
+  ordinary chat completion per question (image and question, greedy, not streamed): the
+  baseline;
+* ``target_only``: dreamr's target-alone path over the same server (the steps of one streamed
+  completion), the path a request takes when the schedule sends it to the target alone: its
+  cost against ``plain`` is the price of going through dreamr;
+* ``fpsr``: FPSR over the server with its draft.
+
+Each round runs every puzzle once per method; the methods' order rotates round by round so that
+drift hits all. Reported per level: total wall time, requests/s and their ratio against the
+baseline (``plain``, else ``target_only``), the median of per-puzzle latency ratios, accuracy
+against each puzzle's known answer, how many of dreamr's target-alone answers equal the plain
+request's text, and FPSR's acceptance, repaired steps and the share of requests the load-aware
+switch gave to the target alone. Used by ``dreamr bench --target-url`` and
+``benchmarks/vllm_load.py``.
 """
 
 from __future__ import annotations
 
+import base64
 import statistics
 import time
 from collections.abc import Callable
@@ -18,46 +30,102 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
+from PIL import Image
 
 from dreamr_stream.config import ReasonerConfig
-from dreamr_stream.reasoner import Method, Reasoner
-from dreamr_stream.tasks import DEFAULT_TASK, TaskItem, TaskLike, items
+from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.store import image_png
+from dreamr_stream.tasks import DEFAULT_TASK, TaskItem, TaskLike, as_task, items
 from dreamr_stream.types import ReasoningResult
 
-__all__ = ["METHODS", "Level", "run_levels", "to_markdown"]
+__all__ = ["METHODS", "Level", "PlainClient", "run_levels", "to_markdown"]
 
-METHODS: tuple[Method, ...] = ("target_only", "fpsr")
-LABEL = {"target_only": "vLLM alone", "fpsr": "FPSR over vLLM"}
+METHODS: tuple[str, ...] = ("plain", "target_only", "fpsr")
+LABEL = {"plain": "vLLM alone", "target_only": "target alone via dreamr", "fpsr": "FPSR over vLLM"}
+
+
+class PlainClient:
+    """The server asked as a user of it alone asks: one chat completion per question (the image
+    as a ``data:`` URL and the question, greedy, not streamed), on one pooled connection set."""
+
+    def __init__(self, url: str, *, model: str | None = None, timeout_s: float = 300.0) -> None:
+        self.url, self.model = url.rstrip("/"), model
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(timeout=timeout_s, limits=limits)
+
+    async def answer(self, image: Image.Image, question: str) -> str:
+        if self.model is None:
+            r = await self.client.get(self.url + "/models")
+            r.raise_for_status()
+            self.model = r.json()["data"][0]["id"]
+        png = await anyio.to_thread.run_sync(image_png, image)
+        content = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+            {"type": "text", "text": question},
+        ]
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0.0}
+        r = await self.client.post(self.url + "/chat/completions", json=body)
+        r.raise_for_status()
+        return str(r.json()["choices"][0]["message"]["content"] or "")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
 @dataclass
 class Level:
     concurrency: int
-    wall_s: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
-    latency: dict[str, dict[int, list[float]]] = field(default_factory=lambda: {m: {} for m in METHODS})
-    correct: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METHODS, 0))
-    answered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(METHODS, 0))
+    methods: tuple[str, ...] = METHODS
+    wall_s: dict[str, list[float]] = field(default_factory=dict)
+    latency: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
+    answered: dict[str, int] = field(default_factory=dict)
+    texts: dict[str, dict[int, str]] = field(default_factory=dict)  # each puzzle's whole answer, per method
     judged: int = 0
     accepted: int = 0
     repaired: int = 0
     alone: int = 0
     requests: int = 0
 
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            self.wall_s[m], self.latency[m], self.texts[m] = [], {}, {}
+            self.correct[m] = self.answered[m] = 0
 
-async def _round(
-    reasoners: dict[str, Reasoner], puzzles: list[TaskItem], method: Method, level: Level, config: ReasonerConfig
-) -> None:
-    reasoner = reasoners[method]
+
+@dataclass
+class _Methods:
+    """What answers each method: the Reasoners (dreamr's methods) and the plain client."""
+
+    reasoners: dict[str, Reasoner]
+    plain: PlainClient | None
+    config: ReasonerConfig
+    task: TaskLike
+
+    async def run(self, method: str, p: TaskItem) -> tuple[str, str | None, ReasoningResult | None]:
+        """(the whole answer's text, the answer, dreamr's result)"""
+        if method == "plain":
+            assert self.plain is not None
+            text = await self.plain.answer(p.image, p.question)
+            parsed = as_task(self.task).parse_answer(text)
+            return text, None if parsed is None else str(parsed), None
+        result = await self.reasoners[method].ainvoke(p.image, p.question, method=method, config=self.config)  # type: ignore[arg-type]
+        return "\n".join(s.text for s in result.steps), result.answer, result
+
+
+async def _round(methods: _Methods, puzzles: list[TaskItem], method: str, level: Level) -> None:
     gate = anyio.Semaphore(level.concurrency)
 
     async def one(i: int, p: TaskItem) -> None:
         async with gate:
             t0 = time.perf_counter()
-            result: ReasoningResult = await reasoner.ainvoke(p.image, p.question, method=method, config=config)
+            text, answer, result = await methods.run(method, p)
             level.latency[method].setdefault(i, []).append(time.perf_counter() - t0)
         level.answered[method] += 1
-        level.correct[method] += result.answer is not None and result.answer.strip() == str(p.answer)
-        if method == "fpsr":
+        level.correct[method] += answer is not None and answer.strip() == str(p.answer)
+        level.texts[method][i] = text
+        if result is not None and method == "fpsr":
             st = result.stats
             level.requests += 1
             level.judged += st.draft_steps_judged
@@ -74,19 +142,24 @@ async def _round(
 
 def _summary(level: Level, n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"concurrency": level.concurrency}
-    for m in METHODS:
+    for m in level.methods:
         total = sum(level.wall_s[m])
         out[m] = {
             "wall_s": level.wall_s[m],
             "requests_per_s": level.answered[m] / total,
             "accuracy": level.correct[m] / max(1, level.answered[m]),
         }
-    ratios = [
-        statistics.median(level.latency["target_only"][i]) / statistics.median(level.latency["fpsr"][i])
-        for i in range(n)
-    ]
-    out["throughput_ratio"] = out["fpsr"]["requests_per_s"] / out["target_only"]["requests_per_s"]
+    base = "plain" if "plain" in level.methods else "target_only"
+    out["baseline"] = base
+    ratios = [statistics.median(level.latency[base][i]) / statistics.median(level.latency["fpsr"][i]) for i in range(n)]
+    out["throughput_ratio"] = out["fpsr"]["requests_per_s"] / out[base]["requests_per_s"]
     out["median_latency_ratio"] = statistics.median(ratios)
+    if base == "plain":
+        # what dreamr's target-alone path costs the server against the plain request
+        out["target_alone_cost"] = out["plain"]["requests_per_s"] / out["target_only"]["requests_per_s"]
+        out["target_alone_same_text"] = sum(
+            level.texts["target_only"].get(i) == level.texts["plain"].get(i) for i in range(n)
+        )
     out["acceptance"] = level.accepted / max(1, level.judged)
     out["repaired_steps_per_request"] = level.repaired / max(1, level.requests)
     out["switched_to_target_alone"] = level.alone / max(1, level.requests)
@@ -94,24 +167,42 @@ def _summary(level: Level, n: int) -> dict[str, Any]:
 
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    plain = bool(rows) and rows[0].get("baseline") == "plain"
     lines = [
         "# FPSR over vLLM vs vLLM alone",
         "",
         f"`{meta['command']}`, {meta['when']}, {meta['machine']}; {meta['puzzles']} test puzzles, "
         f"{meta['rounds']} rounds per method, methods alternating. {meta.get('setup', '')}".rstrip(),
         "",
-        "| requests in flight | vLLM alone req/s | FPSR over vLLM req/s | throughput ratio | median latency ratio "
-        "| accuracy (alone / FPSR) | acceptance | repaired steps per request | sent to target alone |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        t, f = r["target_only"], r["fpsr"]
+    if plain:
         lines.append(
+            "vLLM alone: one plain chat completion per question. Target alone via dreamr: the path a request "
+            "takes when sent to the target alone (one streamed completion cut into steps); its cost is vLLM "
+            "alone's requests/s over its own."
+        )
+        lines.append("")
+    head = "| requests in flight | vLLM alone req/s | FPSR over vLLM req/s | throughput ratio | median latency ratio "
+    head += "| accuracy (alone / FPSR) | acceptance | repaired steps per request | sent to target alone |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
+    if plain:
+        head += " target alone via dreamr req/s | its cost | same text |"
+        rule += "---|---|---|"
+    lines += [head, rule]
+    for r in rows:
+        t, f = r[r.get("baseline", "target_only")], r["fpsr"]
+        line = (
             f"| {r['concurrency']} | {t['requests_per_s']:.2f} | {f['requests_per_s']:.2f} | "
             f"**{r['throughput_ratio']:.2f}x** | {r['median_latency_ratio']:.2f}x | "
             f"{t['accuracy']:.0%} / {f['accuracy']:.0%} | {r['acceptance']:.0%} | "
             f"{r['repaired_steps_per_request']:.1f} | {r['switched_to_target_alone']:.0%} |"
         )
+        if plain:
+            line += (
+                f" {r['target_only']['requests_per_s']:.2f} | {r['target_alone_cost']:.3f}x "
+                f"| {r['target_alone_same_text']}/{meta['puzzles']} |"
+            )
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -125,18 +216,22 @@ async def run_levels(
     seed0: int = 0,
     report: Callable[[dict[str, Any]], None] | None = None,
     task: TaskLike = DEFAULT_TASK,
+    plain: PlainClient | None = None,
 ) -> list[dict[str, Any]]:
-    """``reasoners``: the Reasoner for each method (``target_only``, ``fpsr``); they may be one.
-    The puzzles are test items ``seed0 .. seed0 + puzzles - 1`` of ``task``."""
+    """``reasoners``: the Reasoner for each of dreamr's methods (``target_only``, ``fpsr``); they
+    may be one. ``plain``: the server asked directly, the baseline (left out without it). The
+    puzzles are test items ``seed0 .. seed0 + puzzles - 1`` of ``task``."""
     cases = list(items(task, "test", puzzles, start=seed0))
-    for m in METHODS:  # warm both paths (the server's caches, the draft's first call)
-        await reasoners[m].ainvoke(cases[0].image, cases[0].question, method=m, config=config)
+    used = tuple(m for m in METHODS if m != "plain" or plain is not None)
+    methods = _Methods(reasoners, plain, config, task)
+    for m in used:  # warm every path (the server's caches, the draft's first call)
+        await methods.run(m, cases[0])
     rows = []
     for c in concurrency:
-        level = Level(c)
+        level = Level(c, used)
         for r in range(rounds):
-            for m in METHODS if r % 2 == 0 else METHODS[::-1]:
-                await _round(reasoners, cases, m, level, config)
+            for m in used[r % len(used) :] + used[: r % len(used)]:  # each method goes first in turn
+                await _round(methods, cases, m, level)
         row = _summary(level, len(cases))
         rows.append(row)
         if report is not None:
