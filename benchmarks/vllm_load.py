@@ -73,6 +73,7 @@ async def _main(args: argparse.Namespace) -> None:
                 seed0=args.seed0,
                 report=lambda row: print(json.dumps(row), flush=True),
                 plain=plain,
+                server_url=args.url if args.fpsr_url is None else None,
             )
         finally:
             await plain.aclose()

@@ -38,6 +38,7 @@ from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.store import image_png
 from dreamr_stream.tasks import DEFAULT_TASK, TaskItem, TaskLike, as_task, items
 from dreamr_stream.types import ReasoningResult
+from dreamr_vllm.metrics import delta, read_metrics
 
 __all__ = ["METHODS", "Level", "PlainClient", "run_levels", "to_markdown"]
 
@@ -82,6 +83,8 @@ class Level:
     correct: dict[str, int] = field(default_factory=dict)
     answered: dict[str, int] = field(default_factory=dict)
     texts: dict[str, dict[int, str]] = field(default_factory=dict)  # each puzzle's whole answer, per method
+    server: dict[str, dict[str, float]] = field(default_factory=dict)  # what the server spent, per method
+    spans: dict[str, dict[str, float]] = field(default_factory=dict)  # dreamr's seconds per lane:what, per method
     judged: int = 0
     accepted: int = 0
     repaired: int = 0
@@ -90,7 +93,7 @@ class Level:
 
     def __post_init__(self) -> None:
         for m in self.methods:
-            self.wall_s[m], self.latency[m], self.texts[m] = [], {}, {}
+            self.wall_s[m], self.latency[m], self.texts[m], self.server[m], self.spans[m] = [], {}, {}, {}, {}
             self.correct[m] = self.answered[m] = 0
 
 
@@ -102,6 +105,8 @@ class _Methods:
     plain: PlainClient | None
     config: ReasonerConfig
     task: TaskLike
+    server_url: str | None = None  # the server whose /metrics each round reads
+    client: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
 
     async def run(self, method: str, p: TaskItem) -> tuple[str, str | None, ReasoningResult | None]:
         """(the whole answer's text, the answer, dreamr's result)"""
@@ -125,6 +130,10 @@ async def _round(methods: _Methods, puzzles: list[TaskItem], method: str, level:
         level.answered[method] += 1
         level.correct[method] += answer is not None and answer.strip() == str(p.answer)
         level.texts[method][i] = text
+        if result is not None:
+            for span in result.stats.timeline:
+                key = f"{span.lane}:{span.what}"
+                level.spans[method][key] = level.spans[method].get(key, 0.0) + span.end_s - span.start_s
         if result is not None and method == "fpsr":
             st = result.stats
             level.requests += 1
@@ -133,11 +142,16 @@ async def _round(methods: _Methods, puzzles: list[TaskItem], method: str, level:
             level.repaired += st.steps_repaired
             level.alone += st.target_alone_from is not None and (st.target_alone_reason or "").startswith("load")
 
+    url = methods.server_url
+    before = await read_metrics(methods.client, url) if url else None
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for i, p in enumerate(puzzles):
             tg.start_soon(one, i, p)
     level.wall_s[method].append(time.perf_counter() - t0)
+    spent = delta(before, await read_metrics(methods.client, url) if url else None)
+    for k, v in (spent or {}).items():
+        level.server[method][k] = level.server[method].get(k, 0.0) + v
 
 
 def _summary(level: Level, n: int) -> dict[str, Any]:
@@ -160,9 +174,21 @@ def _summary(level: Level, n: int) -> dict[str, Any]:
         out["target_alone_same_text"] = sum(
             level.texts["target_only"].get(i) == level.texts["plain"].get(i) for i in range(n)
         )
+    out["where_time_goes"] = {m: _costs(level, m) for m in level.methods}
     out["acceptance"] = level.accepted / max(1, level.judged)
     out["repaired_steps_per_request"] = level.repaired / max(1, level.requests)
     out["switched_to_target_alone"] = level.alone / max(1, level.requests)
+    return out
+
+
+def _costs(level: Level, method: str) -> dict[str, float]:
+    """Per request of ``method``: the server's work (/metrics) and dreamr's spans, in seconds."""
+    n = max(1, level.answered[method])
+    server = level.server[method]
+    out = {f"server_{k}": v / n for k, v in server.items()}
+    if server.get("prefix_cache_queries"):
+        out["prefix_cache_hit_rate"] = server["prefix_cache_hits"] / server["prefix_cache_queries"]
+    out |= {k: v / n for k, v in sorted(level.spans[method].items())}
     return out
 
 
@@ -203,6 +229,31 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"| {r['target_alone_same_text']}/{meta['puzzles']} |"
             )
         lines.append(line)
+    return "\n".join(lines) + "\n" + _costs_markdown(rows)
+
+
+def _costs_markdown(rows: list[dict[str, Any]]) -> str:
+    """Where each method's time goes, per request: the server's work and dreamr's lanes."""
+    if not rows or "where_time_goes" not in rows[0]:
+        return ""
+    lines = [
+        "",
+        "Where the time goes, per request (the server's own counters from `/metrics`; dreamr's lanes from each "
+        "result's timeline, summed over overlapping lanes):",
+        "",
+        "| in flight | method | server requests | prompt tokens | prefix-cache hits | generated tokens "
+        "| server queue s | server prefill s | server decode s | draft write s | verify s | target write s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for m, c in r["where_time_goes"].items():
+            lines.append(
+                f"| {r['concurrency']} | {LABEL.get(m, m)} | {c.get('server_requests', 0):.1f} | "
+                f"{c.get('server_prompt_tokens', 0):.0f} | {c.get('prefix_cache_hit_rate', 0):.0%} | "
+                f"{c.get('server_generated_tokens', 0):.0f} | {c.get('server_queue_s', 0):.3f} | "
+                f"{c.get('server_prefill_s', 0):.3f} | {c.get('server_decode_s', 0):.3f} | "
+                f"{c.get('draft:write', 0):.3f} | {c.get('verify:judge', 0):.3f} | {c.get('target:write', 0):.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -217,13 +268,15 @@ async def run_levels(
     report: Callable[[dict[str, Any]], None] | None = None,
     task: TaskLike = DEFAULT_TASK,
     plain: PlainClient | None = None,
+    server_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """``reasoners``: the Reasoner for each of dreamr's methods (``target_only``, ``fpsr``); they
-    may be one. ``plain``: the server asked directly, the baseline (left out without it). The
-    puzzles are test items ``seed0 .. seed0 + puzzles - 1`` of ``task``."""
+    may be one. ``plain``: the server asked directly, the baseline (left out without it).
+    ``server_url``: the API base of a vLLM server whose ``/metrics`` tell each method's cost on
+    it. The puzzles are test items ``seed0 .. seed0 + puzzles - 1`` of ``task``."""
     cases = list(items(task, "test", puzzles, start=seed0))
     used = tuple(m for m in METHODS if m != "plain" or plain is not None)
-    methods = _Methods(reasoners, plain, config, task)
+    methods = _Methods(reasoners, plain, config, task, server_url=server_url)
     for m in used:  # warm every path (the server's caches, the draft's first call)
         await methods.run(m, cases[0])
     rows = []
@@ -236,4 +289,5 @@ async def run_levels(
         rows.append(row)
         if report is not None:
             report(row)
+    await methods.client.aclose()
     return rows
