@@ -17,6 +17,7 @@ __all__ = [
     "InputLimits",
     "JudgeTemplate",
     "ReasonerConfig",
+    "ScheduleRow",
     "SchedulingConfig",
     "VerificationConfig",
 ]
@@ -102,6 +103,16 @@ class VerificationConfig(_Config):
 SERVED_TARGET_SPECULATING = 2
 
 
+class ScheduleRow(_Config):
+    """One row of a speculation schedule: while at most ``in_flight`` requests are in flight,
+    the draft may run ``lookahead`` steps ahead (0: the target alone) and, where the target's
+    folder measured both TBVM modes, verification uses ``mode`` (None: the request's)."""
+
+    in_flight: int = Field(ge=1, le=1_000_000)
+    lookahead: int = Field(ge=0, le=16)
+    mode: Literal["judge", "likelihood"] | None = None
+
+
 class SchedulingConfig(_Config):
     lookahead: int = Field(default=2, ge=1, le=16, description="draft steps allowed ahead of the last verified one")
     fallback: Literal["on", "off", "auto"] = Field(
@@ -131,12 +142,39 @@ class SchedulingConfig(_Config):
         "for a target computing in this process, SERVED_TARGET_SPECULATING for a served one)",
     )
 
+    schedule: tuple[ScheduleRow, ...] | None = Field(
+        default=None,
+        description="how far the draft may run ahead by the requests in flight, row by row (the first row "
+        "whose in_flight is at least the load; above the last row, the target alone), read when a request "
+        "starts and again at each of its epochs; replaces max_speculating's switch. `dreamr calibrate "
+        "--schedule` measures one on the machine it runs on and writes it to the target's dreamr.json",
+    )
+    min_acceptance: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="below this rolling acceptance of the draft's steps (the Reasoner's last 64 judged), a "
+        "request is written by the target alone; every 8th such request still speculates, so that the "
+        "acceptance is measured again",
+    )
+
     @field_validator("max_speculating")
     @classmethod
     def _positive(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and v < 1:
             raise ValueError("max_speculating must be >= 1, 'auto' or None")
         return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _ordered(cls, rows: tuple[ScheduleRow, ...] | None) -> tuple[ScheduleRow, ...] | None:
+        if rows is not None:
+            if not rows:
+                raise ValueError("a schedule needs at least one row (None: max_speculating's switch)")
+            loads = [r.in_flight for r in rows]
+            if loads != sorted(set(loads)):
+                raise ValueError(f"schedule rows must have increasing in_flight, got {loads}")
+        return rows
 
 
 class CacheConfig(_Config):

@@ -22,15 +22,16 @@ from dreamr_stream.engine.cache import CacheContext, open_cache
 from dreamr_stream.engine.fpsr import Inspect, run_fpsr
 from dreamr_stream.engine.owner import LoopBackend, OwnerLoop
 from dreamr_stream.engine.request import RequestContext
-from dreamr_stream.engine.request_messages import LoadChanged
+from dreamr_stream.engine.request_messages import Replan
 from dreamr_stream.engine.runner import ModelRunner
+from dreamr_stream.engine.schedule import PROBE_EVERY, AcceptanceWindow, plan, rows
 from dreamr_stream.engine.threads import split_threads as _split
 from dreamr_stream.errors import BackendError, ConfigError, DreamrError
 from dreamr_stream.events import Event, FailedEvent, FallbackEvent, FinishedEvent, StartedEvent, VerifiedEvent
 from dreamr_stream.inputs import ImageInput, check_question, load_image
 from dreamr_stream.store import GuardedStore, MemoryTrajectoryStore, TrajectoryStore
 from dreamr_stream.tasks import DEFAULT_TASK
-from dreamr_stream.types import ReasoningResult, Step
+from dreamr_stream.types import ReasoningResult, SpeculationPlan, Step
 from dreamr_stream.uncalibrated import warn_uncalibrated
 from dreamr_stream.verify import Verifier, make_verifier
 
@@ -122,6 +123,7 @@ class Reasoner:
         self._store_guard = GuardedStore(self.store)
         self.loop = OwnerLoop(name="dreamr-reasoner", backend=loop_backend)  # started on first use
         self.active_requests = 0
+        self.acceptance = AcceptanceWindow()  # the draft's rolling acceptance, for the schedule
         self.owns_backends = owns_backends
         self._released = False  # the owned backends were released: no more requests
 
@@ -218,6 +220,34 @@ class Reasoner:
         if limit != "auto":
             return limit
         return SERVED_TARGET_SPECULATING if self.target.concurrent else None
+
+    def speculation_plan(
+        self, config: ReasonerConfig | None = None, *, in_flight: int | None = None, probe: bool = False
+    ) -> SpeculationPlan:
+        """What the speculation schedule (``engine.schedule``) gives a request starting now (or
+        with ``in_flight`` requests in flight, itself included)."""
+        cfg = config or self.config
+        return plan(
+            rows(cfg.scheduling, self._speculation_limit(cfg)),
+            in_flight=self.active_requests + 1 if in_flight is None else in_flight,
+            acceptance=self.acceptance.value,
+            min_acceptance=cfg.scheduling.min_acceptance,
+            probe=probe,
+            max_lookahead=cfg.generation.max_steps,
+        )
+
+    def _start_plan(self, cfg: ReasonerConfig) -> tuple[SpeculationPlan, ReasonerConfig]:
+        """A speculative request's plan as it starts, and its config with the plan's TBVM mode
+        (taken only where the target's folder measured a tau for that mode)."""
+        window = self.acceptance
+        low = window.value is not None and window.value < cfg.scheduling.min_acceptance
+        if low:
+            window.low += 1
+        chosen = self.speculation_plan(cfg, probe=low and window.low % PROBE_EVERY == 0)
+        taus = self.target.capabilities.recommended_verification.get("taus") or {}
+        if chosen.mode is not None and chosen.mode != cfg.verification.mode and chosen.mode in taus:
+            cfg = cfg.override(mode=chosen.mode, tau=float(taus[chosen.mode]))  # type: ignore[arg-type]
+        return chosen, cfg
 
     def _verifier(self, config: ReasonerConfig) -> Verifier:
         return make_verifier(config.verification)
@@ -352,11 +382,10 @@ class Reasoner:
         with the typed error (sent beside the event, for the caller that raises it)."""
         method = ctx.method
         await ctx.emit(StartedEvent(question=ctx.question, method=method))
-        # the load-aware switch: the request's policy decides from the requests in flight
-        load = LoadChanged(self.active_requests, self._speculation_limit(ctx.config))
         try:
             if method == "fpsr":
-                await run_fpsr(ctx, image, load=load, inspect=inspect)
+                await run_fpsr(ctx, image, replan=self._replanner(ctx), inspect=inspect)
+                self.acceptance.add(ctx.counts["judged"], ctx.counts["accepted"])
             else:
                 await _RUNS[method](ctx, image)
         except Exception as e:
@@ -365,6 +394,24 @@ class Reasoner:
             await send.send((FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error))
             return
         await ctx.emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
+
+    def _replanner(self, ctx: RequestContext) -> Callable[[], Replan]:
+        """The schedule for ``ctx``: its plan as it started, then at each epoch the load's."""
+        first = ctx.schedule
+
+        def replan() -> Replan:
+            nonlocal first
+            if first is not None:
+                now, first = first, None
+            else:  # the acceptance was judged when the request started
+                now = plan(
+                    rows(ctx.config.scheduling, self._speculation_limit(ctx.config)),
+                    in_flight=self.active_requests,
+                    max_lookahead=ctx.config.generation.max_steps,
+                )
+            return Replan(now.lookahead, now.reason)
+
+        return replan
 
     async def _events(
         self,
@@ -384,6 +431,9 @@ class Reasoner:
         # input checks before any model work
         pil = await anyio.to_thread.run_sync(load_image, image, cfg.limits)  # decoding may be slow
         text = check_question(question, cfg.limits)
+        schedule = None
+        if method == "fpsr":  # the speculation schedule, which may choose the TBVM mode
+            schedule, cfg = self._start_plan(cfg)
         cache = await self._cache_context(cfg, pil, text) if method == "fpsr" else None
         send, recv = anyio.create_memory_object_stream[tuple[Event, DreamrError | None]](math.inf)
 
@@ -399,6 +449,7 @@ class Reasoner:
             draft=self.draft,
             verifier=self._verifier(cfg),
             cache=cache,
+            schedule=schedule,
         )
         scope = anyio.CancelScope()
 

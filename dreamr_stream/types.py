@@ -12,6 +12,7 @@ __all__ = [
     "LaneSpan",
     "ReasoningResult",
     "ReasoningStats",
+    "SpeculationPlan",
     "Step",
     "StepCost",
     "StepSource",
@@ -97,6 +98,16 @@ class LaneSpan(_Model):
     end_s: float
 
 
+class SpeculationPlan(_Model):
+    """What the schedule chose for a request (``engine.schedule``), and from what."""
+
+    in_flight: int = Field(description="requests in flight on the Reasoner when it chose, this one included")
+    acceptance: float | None = Field(default=None, description="the rolling acceptance it saw (None: none yet)")
+    lookahead: int = Field(description="how far the draft may run ahead; 0: the target alone")
+    mode: str | None = Field(default=None, description="the TBVM mode the schedule chose (None: the request's)")
+    reason: str = Field(description="which rule chose it")
+
+
 class ReasoningStats(_Model):
     draft_steps_judged: int = 0
     draft_steps_accepted: int = 0
@@ -114,6 +125,9 @@ class ReasoningStats(_Model):
     )
     target_alone_reason: str | None = Field(
         default=None, description="why: the draft failed (its error), or the load-aware switch (the load seen)"
+    )
+    schedule: SpeculationPlan | None = Field(
+        default=None, description="FPSR: what the speculation schedule chose when the request started"
     )
 
     @property

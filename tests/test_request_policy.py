@@ -34,7 +34,7 @@ OUTCOMES = (
     P.WriteTarget,
     P.EndEpoch,
 )
-HIGH_LOAD = RM.LoadChanged(active=5, limit=2)
+HIGH_LOAD = RM.Replan(0, "load: 5 requests in flight (speculating up to 2)")
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def check(s: Scenario) -> list[World]:
         starts = [a for a in w.log if isinstance(a, RM.StartEpoch)]
         assert len(starts) == sum(isinstance(a, P.EndEpoch) for a in w.log), "an epoch left running"
         if s.load == "start":
-            assert w.log[:2] == [RM.GoAlone("load: 5 requests in flight (max_speculating 2)"), RM.OpenSessions(False)]
+            assert w.log[:2] == [RM.GoAlone(HIGH_LOAD.reason), RM.OpenSessions(False)]
     if s.load != "any":  # greedy decisions do not depend on timing
         assert len({tuple(w.verified) for w in runs}) == 1, {tuple(w.verified) for w in runs}
     return runs
@@ -330,7 +330,7 @@ def test_going_alone_is_said_once_and_never_undone() -> None:
     p.begin()
     assert p.on(RM.Opened(draft=True))[0] == RM.StartEpoch(0)
     assert p.on(RM.DraftFailed("boom")) == [RM.GoAlone("draft failed: boom", "boom"), P.WriteTarget(0)]
-    assert p.on(HIGH_LOAD) == [] and p.on(RM.LoadChanged(active=1, limit=2)) == []
+    assert p.on(HIGH_LOAD) == [] and p.on(RM.Replan(2)) == []
     assert p.on(P.TargetWrote(0)) == [P.EndEpoch(resync=True)]
     assert p.on(RM.EpochEnded()) == [RM.WriteAlone(1)]  # no resync: the draft is out
     assert p.on(RM.AloneWrote(1, final=True)) == [RM.Finish()]

@@ -53,19 +53,22 @@ from dreamr_stream.errors import BackendError
 from dreamr_stream.events import CacheHitEvent, RejectedEvent
 from dreamr_stream.types import StepSource, Verdict
 
-__all__ = ["Inspect", "run_fpsr"]
+__all__ = ["Inspect", "Replanner", "run_fpsr"]
 
 log = logging.getLogger(__name__)
 Inspect = Callable[[Session, Session], None]
+Replanner = Callable[[], RM.Replan]
 
 
 class _Executor:
     """Performs one request's actions (``RequestPolicy``, ``EpochPolicy``) and feeds back
     what happened."""
 
-    def __init__(self, ctx: RequestContext, image: Any, policy: RequestPolicy, inspect: Inspect | None) -> None:
+    def __init__(
+        self, ctx: RequestContext, image: Any, policy: RequestPolicy, inspect: Inspect | None, replan: Replanner | None
+    ) -> None:
         assert ctx.target is not None and ctx.draft is not None
-        self.ctx, self.image, self.policy, self.inspect = ctx, image, policy, inspect
+        self.ctx, self.image, self.policy, self.inspect, self.replan = ctx, image, policy, inspect, replan
         self.target: ModelRunner = ctx.target
         self.draft: ModelRunner = ctx.draft
         self.stop = ctx.config.generation.step_delimiter
@@ -250,7 +253,9 @@ class _Executor:
         messages = await lanes.stop()
         self.fallback = None
         self._close_fallbacks()
-        return [*(self._observe(m) for m in messages), RM.EpochEnded()]
+        # the schedule again, for the next epoch (the load may have changed since the last)
+        replanned = [self.replan()] if self.replan is not None and not self.policy.alone else []
+        return [*(self._observe(m) for m in messages), *replanned, RM.EpochEnded()]
 
     def _close_fallbacks(self) -> None:
         """Free every fallback fork not adopted as ``T`` (their tasks have all ended)."""
@@ -340,10 +345,11 @@ class _Executor:
 
 
 async def run_fpsr(
-    ctx: RequestContext, image: Any, *, load: RM.LoadChanged | None = None, inspect: Inspect | None = None
+    ctx: RequestContext, image: Any, *, replan: Replanner | None = None, inspect: Inspect | None = None
 ) -> None:
-    """Run FPSR for one request; steps and events go out through ``ctx``. ``load``: the
-    requests in flight as it starts (the load-aware switch)."""
+    """Run FPSR for one request; steps and events go out through ``ctx``. ``replan``: the
+    speculation schedule's choice now (``engine.schedule``), asked as the request starts and
+    again as each epoch ends (None: speculate throughout, at the configured lookahead)."""
     assert ctx.target is not None
     gen, scheduling, cache = ctx.config.generation, ctx.config.scheduling, ctx.cache
     policy = RequestPolicy(
@@ -354,5 +360,5 @@ async def run_fpsr(
         cache=cache is not None,
         trust=cache is not None and cache.trust,
     )
-    first = [*(policy.on(load) if load is not None else []), *policy.begin()]
-    await _Executor(ctx, image, policy, inspect).run(first)
+    first = [*(policy.on(replan()) if replan is not None else []), *policy.begin()]
+    await _Executor(ctx, image, policy, inspect, replan).run(first)

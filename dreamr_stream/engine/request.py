@@ -16,7 +16,16 @@ from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.engine.cache import CacheContext
 from dreamr_stream.engine.runner import ModelRunner
 from dreamr_stream.events import Event, FallbackEvent, VerifiedEvent
-from dreamr_stream.types import LaneSpan, ReasoningResult, ReasoningStats, Step, StepCost, StepSource, Verdict
+from dreamr_stream.types import (
+    LaneSpan,
+    ReasoningResult,
+    ReasoningStats,
+    SpeculationPlan,
+    Step,
+    StepCost,
+    StepSource,
+    Verdict,
+)
 from dreamr_stream.verify import Verifier
 
 __all__ = ["Emit", "RequestContext", "extract_answer"]
@@ -43,8 +52,10 @@ class RequestContext:
         draft: ModelRunner | None,
         verifier: Verifier | None = None,
         cache: CacheContext | None = None,
+        schedule: SpeculationPlan | None = None,
     ) -> None:
         self.cache = cache
+        self.schedule = schedule  # what the speculation schedule chose as the request started
         self.config = config
         self.question = question
         self.method = method
@@ -182,6 +193,7 @@ class RequestContext:
             steps_repaired=sum(s.kept is not None for s in self.steps),
             target_alone_from=self.alone_from,
             target_alone_reason=self.alone_reason,
+            schedule=self.schedule,
         )
         final = self.steps[-1].text if self.steps else ""
         return ReasoningResult(

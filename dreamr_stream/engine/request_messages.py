@@ -26,13 +26,13 @@ __all__ = [
     "EpochEnded",
     "Finish",
     "GoAlone",
-    "LoadChanged",
     "LookUpCache",
     "Observation",
     "OpenSessions",
     "Opened",
     "PermitDraft",
     "RejectCached",
+    "Replan",
     "ReplayJudged",
     "ReplayStep",
     "ResyncDraft",
@@ -44,11 +44,12 @@ __all__ = [
 
 # ---------------------------------------------------------------------- observations
 @dataclass(frozen=True)
-class LoadChanged:
-    """``active`` requests in flight (this one included); above ``limit`` (None: none), alone."""
+class Replan:
+    """The speculation schedule's choice now (``engine.schedule``): the draft may run
+    ``lookahead`` steps ahead from the next epoch on; 0: the target alone, for ``reason``."""
 
-    active: int
-    limit: int | None
+    lookahead: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class AloneWrote:
 
 
 Observation = (
-    LoadChanged | Opened | CacheHit | CacheMiss | ReplayJudged | DraftFailed | DraftSynced | EpochEnded | AloneWrote
+    Replan | Opened | CacheHit | CacheMiss | ReplayJudged | DraftFailed | DraftSynced | EpochEnded | AloneWrote
 ) | P.Observation
 
 

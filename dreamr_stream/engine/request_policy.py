@@ -17,7 +17,9 @@ bytes: ``engine.fpsr`` performs what it answers (``Action``) and feeds back what
   ``EndEpoch`` the driver stops the lanes and says ``EpochEnded``; a target step the draft must
   adopt is then ``ResyncDraft`` (roll back, append the target's step);
 * the target alone (``WriteAlone``), for the rest of the request, once it goes alone: the draft
-  failed (``DraftFailed``) or too many requests are in flight (``LoadChanged`` above its limit).
+  failed (``DraftFailed``) or the speculation schedule says so (``Replan`` to a lookahead of 0:
+  too many requests in flight, too low an acceptance); a ``Replan`` above 0 sets the lookahead
+  from the next permit on.
   ``GoAlone`` is said once, with its reason, and never undone; drafts already permitted may
   still be verified, nothing more is drafted;
 * the end: ``Store`` (only when the last verified step is final and the request caches), then
@@ -48,13 +50,13 @@ from dreamr_stream.engine.request_messages import (
     EpochEnded,
     Finish,
     GoAlone,
-    LoadChanged,
     LookUpCache,
     Observation,
     Opened,
     OpenSessions,
     PermitDraft,
     RejectCached,
+    Replan,
     ReplayJudged,
     ReplayStep,
     ResyncDraft,
@@ -128,10 +130,11 @@ class RequestPolicy:
         if self.finished:
             return []
         match obs:
-            case LoadChanged(active=active, limit=limit):
-                if limit is None or active <= limit:
-                    return []
-                return self._go_alone(f"load: {active} requests in flight (max_speculating {limit})")
+            case Replan(lookahead=lookahead, reason=reason):
+                if lookahead < 1:
+                    return self._go_alone(reason or "the schedule: the target alone")
+                self.lookahead = min(lookahead, self.max_steps)  # from the next permit on
+                return []
             case DraftFailed(error=error):
                 return self._draft_failed(error)
             case Opened(draft=draft):

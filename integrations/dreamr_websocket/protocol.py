@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union, get_arg
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from dreamr_stream.events import Event, EventBase, FailedEvent, FinishedEvent
-from dreamr_stream.types import ReasoningStats, Step
+from dreamr_stream.types import ReasoningStats, SpeculationPlan, Step
 
 __all__ = [
     "EVENT_MESSAGES",
@@ -237,6 +237,11 @@ class ServerStats(BaseModel):
     max_active: int
     max_waiting: int
     totals: dict[str, int]
+    speculation: SpeculationPlan | None = Field(
+        default=None,
+        description="what the speculation schedule gives a request starting now (the load, the draft's "
+        "rolling acceptance, the lookahead; 0: the target alone); None without a draft",
+    )
 
 
 _ERROR_CODES: dict[str, ErrorCode] = {

@@ -214,6 +214,7 @@ class DreamrServer:
             max_active=self.admission.max_active,
             max_waiting=self.admission.max_waiting,
             totals=dict(self.totals),
+            speculation=self.reasoner.speculation_plan() if self.reasoner.draft is not None else None,
         )
 
     def hello(self) -> HelloMessage:
