@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from dreamr_app.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 
@@ -39,6 +39,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the generic question 'Is this step correct? Answer yes or no:')",
     )
     p.add_argument("--device", default="cpu", help="where a local target and draft compute")
+    s = p.add_argument_group("--schedule: how far the draft runs ahead at each load, measured against a served target")
+    s.add_argument(
+        "--schedule",
+        action="store_true",
+        help="measure the speculation schedule (FPSR over --target-url at each load, every lookahead) and write it, "
+        "with --settings' TBVM settings, to --out",
+    )
+    s.add_argument(
+        "--settings",
+        help="the settings folder FPSR runs with (what dreamr calibrate wrote, or the folder the server was started "
+        "on); --out may be the same folder",
+    )
+    s.add_argument("--levels", default="1,2,4,8,16,32", help="requests in flight to measure (default: 1,2,4,8,16,32)")
+    s.add_argument(
+        "--lookaheads", default="0,1,2,3", help="lookaheads to try; 0 is the target alone (default: 0,1,2,3)"
+    )
+    s.add_argument("--rounds", type=int, default=1, help="rounds per load and lookahead (default: 1)")
+
+
+def _ints(flag: str, text: str, least: int) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError as e:
+        raise UsageError(f"{flag} {text}: expected numbers separated by commas") from e
+    if any(v < least for v in values) or values != sorted(set(values)):
+        raise UsageError(f"{flag} {text}: expected increasing numbers from {least}")
+    return values
+
+
+def _check_schedule(args: argparse.Namespace) -> None:
+    if not args.target_url:
+        raise UsageError("--schedule measures a served target: give --target-url")
+    if args.settings is None or not Path(args.settings).is_dir():
+        raise UsageError(f"--schedule needs --settings FOLDER with the target's TBVM settings (got {args.settings!r})")
+    if args.draft and not args.draft.startswith(("http://", "https://")) and not Path(args.draft).is_dir():
+        raise UsageError(f"--draft {args.draft}: no such folder")
+    if args.rounds < 1 or args.n < 1:
+        raise UsageError("-n and --rounds must be at least 1")
+    out = Path(args.out)
+    if out.exists() and out.resolve() != Path(args.settings).resolve() and not args.force:
+        raise UsageError(f"--out {out} exists; pass --force to replace it (or write to --settings' own folder)")
+    args.levels = _ints("--levels", args.levels, 1)
+    args.lookaheads = _ints("--lookaheads", args.lookaheads, 0)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -46,6 +89,9 @@ def _check(args: argparse.Namespace) -> None:
     from dreamr_stream.errors import ConfigError
     from dreamr_stream.zoo.calibrate import check_out
 
+    if args.schedule:
+        _check_schedule(args)
+        return
     if args.n < 1:
         raise UsageError(f"-n must be at least 1, got {args.n}")
     if args.judge_from and not args.target_url:
@@ -105,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"dreamr calibrate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.schedule:
+        return _run_schedule(args)
     from dreamr_stream.zoo.calibrate import calibrate, write_settings
 
     target = args.target_url or args.target
@@ -124,4 +172,50 @@ def run(args: argparse.Namespace) -> int:
         print(f"dreamr calibrate: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(report(c, out, target, args.draft))
+    return EXIT_OK
+
+
+def _run_schedule(args: argparse.Namespace) -> int:
+    """``dreamr calibrate --schedule``: FPSR over the served target at every load and lookahead,
+    the rows chosen, written with the settings."""
+    import anyio
+
+    from dreamr_stream.backends.settings import read_settings
+    from dreamr_stream.backends.shipped import demo_paths
+    from dreamr_stream.errors import DreamrError
+    from dreamr_stream.reasoner import Reasoner
+    from dreamr_stream.zoo.calibrate_schedule import measure_schedule, write_schedule
+
+    draft = args.draft or demo_paths(task=args.task).draft
+    taus = read_settings(args.settings).verification.get("taus") or {}
+    # where the folder measured both modes, try both
+    modes: list[Literal["judge", "likelihood"] | None] = sorted(taus) if len(taus) > 1 else [None]
+    try:
+        reasoner = Reasoner.from_pretrained(target=args.target_url, draft=draft, settings_from=args.settings)
+        try:
+            c = anyio.run(
+                lambda: measure_schedule(
+                    reasoner,
+                    task=args.task,
+                    n=args.n,
+                    levels=args.levels,
+                    lookaheads=args.lookaheads,
+                    modes=modes,
+                    rounds=args.rounds,
+                    progress=lambda line: print(line, file=sys.stderr, flush=True),
+                )
+            )
+        finally:
+            reasoner.close()
+        out = write_schedule(c, args.out, settings_from=args.settings)
+    except DreamrError as e:
+        print(f"dreamr calibrate: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"speculation schedule for {args.target_url} ({c.items} {c.task} val items per load and lookahead):")
+    for row in c.rows:
+        upto = "any load above" if row.in_flight >= 1_000_000 else f"up to {row.in_flight} in flight"
+        what = "the target alone" if row.lookahead == 0 else f"lookahead {row.lookahead}"
+        print(f"  {upto}: {what}" + (f", {row.mode} verification" if row.mode else ""))
+    print(f"wrote {out}/dreamr.json (with the schedule) and {out}/schedule.json (every figure)")
+    print(f'use it: Reasoner.from_pretrained(target="{args.target_url}", draft=..., settings_from="{out}")')
     return EXIT_OK

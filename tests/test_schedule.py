@@ -4,7 +4,9 @@ choice in the request's stats; a row's TBVM mode taken where the target's folder
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,11 +15,15 @@ from PIL import Image
 
 from dreamr_stream.backends.base import Capabilities
 from dreamr_stream.backends.fake import AsyncScriptedBackend, ScriptedBackend
+from dreamr_stream.backends.loading import LoadedModels
+from dreamr_stream.backends.settings import read_settings
+from dreamr_stream.backends.vllm import VLLMBackend
 from dreamr_stream.config import ReasonerConfig, ScheduleRow, SchedulingConfig, VerificationConfig
-from dreamr_stream.engine.schedule import PROBE_EVERY, AcceptanceWindow, plan, rows
+from dreamr_stream.engine.schedule import PROBE_EVERY, UNLIMITED, AcceptanceWindow, plan, rows
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.types import ReasoningResult
+from dreamr_stream.zoo.calibrate_schedule import choose_rows, measure_schedule, write_schedule
 
 IMAGE = Image.new("RGB", (16, 16), (1, 2, 3))
 SOLUTION = ["Row 0: red", "Row 1: blue", "Row 2: green", "Row 3: red", "two colours", "Answer: 2"]
@@ -152,3 +158,69 @@ async def test_a_rows_mode_is_taken_with_the_folders_tau_for_it() -> None:
         IMAGE, "q?"
     )
     assert all(s.verdict.tau == 1.0 for s in plain.steps if s.verdict is not None)
+
+
+# ---------------------------------------------------------------------- calibrated on the machine
+def test_the_fastest_lookahead_per_load_becomes_rows() -> None:
+    rps = {
+        1: {(0, None): 1.0, (1, None): 1.5, (2, None): 2.0},
+        2: {(0, None): 2.0, (1, None): 2.5, (2, None): 2.5},  # a tie: the smaller lookahead
+        4: {(0, None): 3.0, (1, None): 3.1, (2, None): 2.0},
+        8: {(0, None): 6.0, (1, None): 4.0, (2, None): 3.0},
+        16: {(0, None): 8.0, (1, None): 5.0, (2, None): 3.0},
+    }
+    assert choose_rows(rps) == (
+        ScheduleRow(in_flight=1, lookahead=2),
+        ScheduleRow(in_flight=4, lookahead=1),
+        ScheduleRow(in_flight=UNLIMITED, lookahead=0),  # the last row holds above the loads measured
+    )
+
+
+@pytest.mark.asyncio
+async def test_measuring_a_schedule_runs_every_candidate_and_writes_it_beside_the_settings(tmp_path: Path) -> None:
+    settings = tmp_path / "settings"
+    settings.mkdir()
+    (settings / "dreamr.json").write_text(json.dumps({"task": "grid", "verification": {"mode": "judge", "tau": 1.0}}))
+    reasoner = _reasoner(AsyncScriptedBackend(SOLUTION), ScriptedBackend(SOLUTION))
+    lines: list[str] = []
+    c = await measure_schedule(reasoner, task="grid", n=2, levels=(1, 2), lookaheads=(0, 2), progress=lines.append)
+    assert set(c.rps) == {1, 2} and all(set(by) == {(0, None), (2, None)} for by in c.rps.values())
+    assert len(lines) == 2 and c.rows and c.rows[-1].in_flight == UNLIMITED
+    out = write_schedule(c, settings, settings_from=settings)
+    written = read_settings(out)
+    assert written.task == "grid" and written.verification["tau"] == 1.0  # the TBVM settings kept
+    assert tuple(ScheduleRow(**r) for r in written.schedule) == c.rows
+    record = json.loads((out / "schedule.json").read_text())
+    assert record["items"] == 2 and set(record["requests_per_s"]) == {"1", "2"}
+    # a served target given these settings runs on the schedule
+    target = VLLMBackend.connect("http://127.0.0.1:9/v1", settings_from=out, model="m")
+    config = LoadedModels(target).recommended_config()
+    assert config is not None and config.scheduling.schedule == c.rows and config.verification.tau == 1.0
+    with pytest.raises(ConfigError, match="holds other files"):
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "model.safetensors").write_text("x")
+        write_schedule(c, tmp_path / "model", settings_from=settings)
+
+
+def test_a_bad_schedule_in_a_settings_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "dreamr.json").write_text(
+        json.dumps({"schedule": [{"in_flight": 4, "lookahead": 1}, {"in_flight": 2}]})
+    )
+    with pytest.raises(ConfigError, match=r"dreamr.json: 'schedule'"):
+        read_settings(tmp_path)
+
+
+def test_calibrate_schedule_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dreamr_app.cli import main
+
+    settings = tmp_path / "s"
+    settings.mkdir()
+    cases = [
+        (["--target", str(settings)], "give --target-url"),
+        (["--target-url", "http://127.0.0.1:9/v1"], "--settings FOLDER"),
+        (["--target-url", "http://127.0.0.1:9/v1", "--settings", str(settings), "--levels", "4,2"], "increasing"),
+        (["--target-url", "http://127.0.0.1:9/v1", "--settings", str(settings), "--lookaheads", "x"], "numbers"),
+    ]
+    for argv, message in cases:
+        assert main(["calibrate", "--schedule", "--out", str(settings), *argv]) == 2
+        assert message in capsys.readouterr().err

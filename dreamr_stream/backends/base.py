@@ -96,6 +96,8 @@ class Capabilities:
       ``SetsThreads``);
     * ``recommended_verification``: its model folder's recommended TBVM settings
       (``dreamr.json`` "verification", ``backends.settings``; empty: none);
+    * ``recommended_schedule``: the speculation schedule measured where this model is served
+      (``dreamr.json`` "schedule": ``SchedulingConfig.schedule``'s rows; empty: none);
     * ``task``: the task its model was trained on (``dreamr.json`` "task"; None: unknown);
     * ``release``: how its resources are freed when its owner closes (``none``; ``sync``:
       ``shutdown()``, e.g. a child process; ``async``: ``await aclose()``, e.g. connections);
@@ -116,6 +118,7 @@ class Capabilities:
     cpu_threads: int = 0
     sets_threads: bool = False
     recommended_verification: Mapping[str, Any] = field(default_factory=dict)
+    recommended_schedule: tuple[Mapping[str, Any], ...] = ()
     task: str | None = None
     release: Literal["none", "sync", "async"] = "none"
     abandonable: bool = False

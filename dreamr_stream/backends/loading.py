@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dreamr_stream.backends import registry
 from dreamr_stream.backends.registry import Backend, is_url
-from dreamr_stream.config import ReasonerConfig, VerificationConfig
+from dreamr_stream.config import ReasonerConfig, ScheduleRow, SchedulingConfig, VerificationConfig
 from dreamr_stream.tasks import DEFAULT_TASK
 
 if TYPE_CHECKING:
@@ -36,12 +36,17 @@ class LoadedModels:
     draft: Backend | None = None
 
     def recommended_config(self) -> ReasonerConfig | None:
-        """The verification the target's model folder recommends (``dreamr.json``), as a
-        config; None when it recommends none."""
-        recommendation = registry.capabilities_of(self.target).recommended_verification
-        if not recommendation:
+        """The verification (and speculation schedule) the target's model folder recommends
+        (``dreamr.json``), as a config; None when it recommends none."""
+        caps = registry.capabilities_of(self.target)
+        if not caps.recommended_verification and not caps.recommended_schedule:
             return None
-        return ReasonerConfig(verification=VerificationConfig.recommended(recommendation))
+        groups: dict[str, Any] = {}
+        if caps.recommended_verification:
+            groups["verification"] = VerificationConfig.recommended(caps.recommended_verification)
+        if caps.recommended_schedule:
+            groups["scheduling"] = SchedulingConfig(schedule=tuple(ScheduleRow(**r) for r in caps.recommended_schedule))
+        return ReasonerConfig(**groups)
 
 
 def resolve_device(device: str) -> str:

@@ -39,7 +39,7 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,11 +98,12 @@ class OpenAICompatBackend(ABC):
     """An ``AsyncModelBackend`` over a server's ``/v1/chat/completions``.
 
     ``url`` is the API base (``http://host:8000/v1``); ``model`` the served model name (default:
-    the only one the server lists). ``judge``, ``recommended_verification`` and ``task`` play
-    the role of a local model folder's ``dreamr.json`` (``connect(settings_from=...)`` reads
-    them from one). ``timeout_s`` bounds each read; ``step_deadline_s`` a whole streamed step
-    and ``score_deadline_s`` any other call (a score, the model list); ``breaker`` (default: 3
-    failures in a row open it for 5 s, doubling to 60 s while probes fail) is this backend's.
+    the only one the server lists). ``judge``, ``recommended_verification``,
+    ``recommended_schedule`` and ``task`` play the role of a local model folder's ``dreamr.json``
+    (``connect(settings_from=...)`` reads them from one). ``timeout_s`` bounds each read;
+    ``step_deadline_s`` a whole streamed step and ``score_deadline_s`` any other call (a score,
+    the model list); ``breaker`` (default: 3 failures in a row open it for 5 s, doubling to 60 s
+    while probes fail) is this backend's.
     ``transport`` replaces the pooled HTTP transport (``httpx.MockTransport`` in tests).
     """
 
@@ -118,6 +119,7 @@ class OpenAICompatBackend(ABC):
         name: str = "model",
         judge: JudgeTemplate | None = None,
         recommended_verification: Mapping[str, Any] | None = None,
+        recommended_schedule: Sequence[Mapping[str, Any]] = (),
         task: str | None = None,
         timeout_s: float = 60.0,
         connect_timeout_s: float = 5.0,
@@ -135,6 +137,7 @@ class OpenAICompatBackend(ABC):
         self.name = name
         self.judge = judge or JudgeTemplate()
         self.recommended_verification = dict(recommended_verification or {})
+        self.recommended_schedule = tuple(dict(row) for row in recommended_schedule)
         self.task = task
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self.step_deadline_s = step_deadline_s
@@ -154,6 +157,7 @@ class OpenAICompatBackend(ABC):
             settings = read_settings(settings_from)
             kwargs.setdefault("judge", settings.judge)
             kwargs.setdefault("recommended_verification", settings.verification)
+            kwargs.setdefault("recommended_schedule", settings.schedule)
             kwargs.setdefault("task", settings.task)
         return cls(url, name=name, **kwargs)
 
@@ -169,6 +173,7 @@ class OpenAICompatBackend(ABC):
             evidence=self.evidence,
             cpu_threads=self.cpu_threads,
             recommended_verification=self.recommended_verification,
+            recommended_schedule=self.recommended_schedule,
             task=self.task,
             release="async",
             streams_rest=True,

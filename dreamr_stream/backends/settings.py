@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreamr_stream.config import JudgeTemplate
+from pydantic import ValidationError
+
+from dreamr_stream.config import JudgeTemplate, SchedulingConfig
 from dreamr_stream.errors import ConfigError
 
 __all__ = ["SETTINGS_FILE", "ModelSettings", "read_settings"]
@@ -41,6 +43,9 @@ class ModelSettings:
     task: str | None = None
     judge: JudgeTemplate | None = None
     verification: Mapping[str, Any] = field(default_factory=dict)
+    # the speculation schedule measured for this model where it is served (``dreamr calibrate
+    # --schedule``): ``SchedulingConfig.schedule``'s rows, as JSON objects
+    schedule: tuple[Mapping[str, Any], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +57,8 @@ class ModelSettings:
             out["judge"] = self.judge.model_dump()
         if self.verification:
             out["verification"] = dict(self.verification)
+        if self.schedule:
+            out["schedule"] = [dict(row) for row in self.schedule]
         return out
 
 
@@ -80,4 +87,10 @@ def read_settings(folder: str | Path) -> ModelSettings:
         template = JudgeTemplate(**judge) if judge is not None else None
     except ConfigError as e:
         raise ConfigError(f"{path}: 'judge': {e}") from e
-    return ModelSettings(task=task, judge=template, verification=verification, extra=data)
+    schedule = data.pop("schedule", [])
+    try:  # checked as the config will check it, so that a bad file fails here, naming itself
+        SchedulingConfig.model_validate({"schedule": schedule or None})
+    except (ConfigError, ValidationError) as e:
+        raise ConfigError(f"{path}: 'schedule' must be rows of in_flight, lookahead (and mode): {e}") from e
+    rows = tuple(dict(row) for row in schedule)
+    return ModelSettings(task=task, judge=template, verification=verification, schedule=rows, extra=data)
