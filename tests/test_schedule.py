@@ -23,7 +23,7 @@ from dreamr_stream.engine.schedule import PROBE_EVERY, UNLIMITED, AcceptanceWind
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.types import ReasoningResult
-from dreamr_stream.zoo.calibrate_schedule import choose_rows, measure_schedule, write_schedule
+from dreamr_stream.zoo.calibrate_schedule import Candidate, choose_rows, measure_schedule, write_schedule
 
 IMAGE = Image.new("RGB", (16, 16), (1, 2, 3))
 SOLUTION = ["Row 0: red", "Row 1: blue", "Row 2: green", "Row 3: red", "two colours", "Answer: 2"]
@@ -162,7 +162,7 @@ async def test_a_rows_mode_is_taken_with_the_folders_tau_for_it() -> None:
 
 # ---------------------------------------------------------------------- calibrated on the machine
 def test_the_fastest_lookahead_per_load_becomes_rows() -> None:
-    rps = {
+    rps: dict[int, dict[Candidate, float]] = {
         1: {(0, None): 1.0, (1, None): 1.5, (2, None): 2.0},
         2: {(0, None): 2.0, (1, None): 2.5, (2, None): 2.5},  # a tie: the smaller lookahead
         4: {(0, None): 3.0, (1, None): 3.1, (2, None): 2.0},
