@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 from dreamr_vllm.bench import PlainClient, run_levels, to_markdown
 
 from dreamr_stream.backends.process import ProcessBackend
@@ -74,6 +75,7 @@ async def _main(args: argparse.Namespace) -> None:
                 report=lambda row: print(json.dumps(row), flush=True),
                 plain=plain,
                 server_url=args.url if args.fpsr_url is None else None,
+                server_pid=_server_pid(args, servers),
             )
         finally:
             await plain.aclose()
@@ -95,6 +97,18 @@ async def _main(args: argparse.Namespace) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "levels": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(rows, meta))
     print(to_markdown(rows, meta))
+
+
+def _server_pid(args: argparse.Namespace, servers: list[Any]) -> int | None:
+    """The shared server's process here (started by us, or found by its port), for its CPU time."""
+    from dreamr_vllm.metrics import find_server_pid
+
+    if args.fpsr_url is not None:
+        return None  # two servers: no one process is the shared server's
+    if servers and servers[0].process is not None:
+        return int(servers[0].process.pid)
+    port = httpx.URL(args.url).port
+    return find_server_pid(port) if port else None
 
 
 def _setup(args: argparse.Namespace) -> str:

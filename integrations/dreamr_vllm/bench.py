@@ -38,7 +38,7 @@ from dreamr_stream.reasoner import Reasoner
 from dreamr_stream.store import image_png
 from dreamr_stream.tasks import DEFAULT_TASK, TaskItem, TaskLike, as_task, items
 from dreamr_stream.types import ReasoningResult
-from dreamr_vllm.metrics import delta, read_metrics
+from dreamr_vllm.metrics import cpu_seconds, delta, read_metrics
 
 __all__ = ["METHODS", "Level", "PlainClient", "run_levels", "to_markdown"]
 
@@ -85,6 +85,7 @@ class Level:
     texts: dict[str, dict[int, str]] = field(default_factory=dict)  # each puzzle's whole answer, per method
     server: dict[str, dict[str, float]] = field(default_factory=dict)  # what the server spent, per method
     spans: dict[str, dict[str, float]] = field(default_factory=dict)  # dreamr's seconds per lane:what, per method
+    server_cpu_s: dict[str, list[float]] = field(default_factory=dict)  # the server's CPU seconds per round
     judged: int = 0
     accepted: int = 0
     repaired: int = 0
@@ -94,6 +95,7 @@ class Level:
     def __post_init__(self) -> None:
         for m in self.methods:
             self.wall_s[m], self.latency[m], self.texts[m], self.server[m], self.spans[m] = [], {}, {}, {}, {}
+            self.server_cpu_s[m] = []
             self.correct[m] = self.answered[m] = 0
 
 
@@ -106,6 +108,7 @@ class _Methods:
     config: ReasonerConfig
     task: TaskLike
     server_url: str | None = None  # the server whose /metrics each round reads
+    server_pid: int | None = None  # its process here, whose CPU seconds each round reads
     client: httpx.AsyncClient = field(default_factory=httpx.AsyncClient)
 
     async def run(self, method: str, p: TaskItem) -> tuple[str, str | None, ReasoningResult | None]:
@@ -142,15 +145,20 @@ async def _round(methods: _Methods, puzzles: list[TaskItem], method: str, level:
             level.repaired += st.steps_repaired
             level.alone += st.target_alone_from is not None and (st.target_alone_reason or "").startswith("load")
 
-    url = methods.server_url
+    url, pid = methods.server_url, methods.server_pid
     before = await read_metrics(methods.client, url) if url else None
+    cpu0 = cpu_seconds(pid) if pid else None
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for i, p in enumerate(puzzles):
             tg.start_soon(one, i, p)
     level.wall_s[method].append(time.perf_counter() - t0)
-    spent = delta(before, await read_metrics(methods.client, url) if url else None)
-    for k, v in (spent or {}).items():
+    cpu1 = cpu_seconds(pid) if pid else None
+    spent = delta(before, await read_metrics(methods.client, url) if url else None) or {}
+    if cpu0 is not None and cpu1 is not None:
+        spent["cpu_s"] = cpu1 - cpu0
+        level.server_cpu_s[method].append(cpu1 - cpu0)
+    for k, v in spent.items():
         level.server[method][k] = level.server[method].get(k, 0.0) + v
 
 
@@ -171,6 +179,12 @@ def _summary(level: Level, n: int) -> dict[str, Any]:
     if base == "plain":
         # what dreamr's target-alone path costs the server against the plain request
         out["target_alone_cost"] = out["plain"]["requests_per_s"] / out["target_only"]["requests_per_s"]
+        cpu = level.server_cpu_s
+        if cpu["plain"] and cpu["target_only"]:  # the server's CPU per request: robust to other load
+            out["target_alone_cpu_cost"] = sum(cpu["target_only"]) / sum(cpu["plain"])
+            out["target_alone_cpu_cost_rounds"] = [
+                t / p for p, t in zip(cpu["plain"], cpu["target_only"], strict=False)
+            ]
         out["target_alone_same_text"] = sum(
             level.texts["target_only"].get(i) == level.texts["plain"].get(i) for i in range(n)
         )
@@ -212,8 +226,8 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head += "| accuracy (alone / FPSR) | acceptance | repaired steps per request | sent to target alone |"
     rule = "|---|---|---|---|---|---|---|---|---|"
     if plain:
-        head += " target alone via dreamr req/s | its cost | same text |"
-        rule += "---|---|---|"
+        head += " target alone via dreamr req/s | its cost (time) | its cost (server CPU) | same text |"
+        rule += "---|---|---|---|"
     lines += [head, rule]
     for r in rows:
         t, f = r[r.get("baseline", "target_only")], r["fpsr"]
@@ -224,9 +238,10 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{r['repaired_steps_per_request']:.1f} | {r['switched_to_target_alone']:.0%} |"
         )
         if plain:
+            cpu = r.get("target_alone_cpu_cost")
             line += (
                 f" {r['target_only']['requests_per_s']:.2f} | {r['target_alone_cost']:.3f}x "
-                f"| {r['target_alone_same_text']}/{meta['puzzles']} |"
+                f"| {'-' if cpu is None else f'{cpu:.3f}x'} | {r['target_alone_same_text']}/{meta['puzzles']} |"
             )
         lines.append(line)
     return "\n".join(lines) + "\n" + _costs_markdown(rows)
@@ -241,16 +256,17 @@ def _costs_markdown(rows: list[dict[str, Any]]) -> str:
         "Where the time goes, per request (the server's own counters from `/metrics`; dreamr's lanes from each "
         "result's timeline, summed over overlapping lanes):",
         "",
-        "| in flight | method | server requests | prompt tokens | prefix-cache hits | generated tokens "
+        "| in flight | method | server requests | prompt tokens | prefix-cache hits | generated tokens | server CPU s "
         "| server queue s | server prefill s | server decode s | draft write s | verify s | target write s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for m, c in r["where_time_goes"].items():
             lines.append(
                 f"| {r['concurrency']} | {LABEL.get(m, m)} | {c.get('server_requests', 0):.1f} | "
                 f"{c.get('server_prompt_tokens', 0):.0f} | {c.get('prefix_cache_hit_rate', 0):.0%} | "
-                f"{c.get('server_generated_tokens', 0):.0f} | {c.get('server_queue_s', 0):.3f} | "
+                f"{c.get('server_generated_tokens', 0):.0f} | {c.get('server_cpu_s', 0):.3f} | "
+                f"{c.get('server_queue_s', 0):.3f} | "
                 f"{c.get('server_prefill_s', 0):.3f} | {c.get('server_decode_s', 0):.3f} | "
                 f"{c.get('draft:write', 0):.3f} | {c.get('verify:judge', 0):.3f} | {c.get('target:write', 0):.3f} |"
             )
@@ -269,14 +285,16 @@ async def run_levels(
     task: TaskLike = DEFAULT_TASK,
     plain: PlainClient | None = None,
     server_url: str | None = None,
+    server_pid: int | None = None,
 ) -> list[dict[str, Any]]:
     """``reasoners``: the Reasoner for each of dreamr's methods (``target_only``, ``fpsr``); they
     may be one. ``plain``: the server asked directly, the baseline (left out without it).
     ``server_url``: the API base of a vLLM server whose ``/metrics`` tell each method's cost on
-    it. The puzzles are test items ``seed0 .. seed0 + puzzles - 1`` of ``task``."""
+    it; ``server_pid``: its process on this machine, whose CPU seconds do. The puzzles are test
+    items ``seed0 .. seed0 + puzzles - 1`` of ``task``."""
     cases = list(items(task, "test", puzzles, start=seed0))
     used = tuple(m for m in METHODS if m != "plain" or plain is not None)
-    methods = _Methods(reasoners, plain, config, task, server_url=server_url)
+    methods = _Methods(reasoners, plain, config, task, server_url=server_url, server_pid=server_pid)
     for m in used:  # warm every path (the server's caches, the draft's first call)
         await methods.run(m, cases[0])
     rows = []
