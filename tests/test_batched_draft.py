@@ -120,6 +120,14 @@ def test_batched_greedy_steps_equal_single_steps_on_the_shipped_draft(
         assert batched_forwards and max(batched_forwards) >= min(n, 3)
 
 
+def test_batched_steps_equal_single_steps_with_eager_attention(batched_forwards: list[int]) -> None:
+    """SDPA takes the padding as a boolean 4-D mask; another attention gets the 2-D mask."""
+    eager = TransformersBackend.from_pretrained(demo_paths("sapo").draft, device="cpu", name="draft")
+    eager.model.set_attn_implementation("eager")
+    run_rounds(eager, 6, rounds=5, seed=6)
+    assert batched_forwards and max(batched_forwards) >= 3
+
+
 def test_sessions_after_a_batch_score_append_and_roll_back_as_after_single_steps(shipped: TransformersBackend) -> None:
     batched, alone = open_twins(shipped, 6, seed=3)
     for sessions in (batched, alone):  # whole steps, so that scoring may follow
@@ -455,6 +463,21 @@ async def test_concurrent_write_steps_through_the_child_equal_in_process_ones(
         for s, out in zip(there, got, strict=True):
             tg.start_soon(write_steps, runner, s, 2, out)
     assert got == expected and runner.batched_steps > 0
+
+
+def test_a_batch_cache_layer_writes_tokens_in_place_and_grows_when_full() -> None:
+    layer = hf_batch.GrowingLayer()
+    keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    buffers = torch.zeros(3, 2, 6, 4), torch.zeros(3, 2, 6, 4)  # room for one token
+    buffers[0][:, :, :5], buffers[1][:, :, :5] = keys, values
+    layer.hold(*buffers, 5)
+    for _ in range(4):  # past the room: the buffers grow
+        k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        out = layer.update(k, v)
+        assert torch.equal(out[0], keys) and torch.equal(out[1], values) and layer.get_seq_length() == keys.shape[2]
+    layer.select(torch.tensor([2, 0]), trim=1)
+    assert torch.equal(layer.keys, keys[[2, 0], :, 1:]) and torch.equal(layer.values, values[[2, 0], :, 1:])
 
 
 def test_a_backend_that_declares_nothing_does_not_batch() -> None:

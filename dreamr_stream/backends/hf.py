@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel
 
 from dreamr_stream.backends.base import Capabilities, ScoreOutput, StepCall, StepOutput
-from dreamr_stream.backends.hf_batch import Row, decode_rows, rows_to_batch
+from dreamr_stream.backends.hf_batch import DEFAULT_BATCH_ROWS, generate_rows, plain_decoder
 from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ModelLoadError
@@ -29,8 +29,6 @@ from dreamr_stream.errors import BackendError, ModelLoadError
 __all__ = ["HFSession", "TransformersBackend", "resolve_device"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BATCH_ROWS = 32
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -76,6 +74,7 @@ class TransformersBackend:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self._plain_decode = plain_decoder(self.tokenizer)
         self.name = name
         self.judge = judge or JudgeTemplate()
         self.device = next(model.parameters()).device
@@ -291,26 +290,21 @@ class TransformersBackend:
         alone would have given. Rows that cannot join (``hf_batch.batchable``: sampling, mrope
         positions, a pending proposal, ...) run alone, after the batch."""
 
+        def alone(c: StepCall) -> StepOutput:
+            return self.generate_step(
+                c.session, max_tokens=c.max_tokens, stop=c.stop, temperature=c.temperature, budget=c.budget
+            )
+
         def run() -> list[StepOutput]:
-            rows = {i: Row(calls[i]) for i in rows_to_batch(calls)}
-            if rows:
-                decode_rows(
-                    self.model,
-                    list(rows.values()),
-                    eos_ids=self.eos_ids,
-                    decode=self.decode,
-                    close_step=self._close_step,
-                    end_step=self._end_step,
-                )
-            outs: list[StepOutput] = []
-            for i, c in enumerate(calls):
-                out = rows[i].out if i in rows else None
-                if out is None:  # not batched: alone, after the batch
-                    out = self.generate_step(
-                        c.session, max_tokens=c.max_tokens, stop=c.stop, temperature=c.temperature, budget=c.budget
-                    )
-                outs.append(out)
-            return outs
+            return generate_rows(
+                calls,
+                self.model,
+                eos_ids=self.eos_ids,
+                decode=self.decode,
+                close_step=self._close_step,
+                end_step=self._end_step,
+                alone=alone,
+            )
 
         return self._run(run)  # type: ignore[no-any-return]
 
@@ -369,6 +363,8 @@ class TransformersBackend:
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids, special tokens kept (``encode``'s inverse on a step's tokens)."""
+        if self._plain_decode is not None:  # the same, called more directly (``hf_batch.plain_decoder``)
+            return self._plain_decode(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _canonicalise(self, s: HFSession, text: str, stop: str) -> int:

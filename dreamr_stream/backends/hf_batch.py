@@ -2,8 +2,8 @@
 one forward per token for all of them.
 
 Each session owns a ``DynamicCache`` of its own length. For a batch their caches are left-padded
-to one width and stacked, per layer (rows, heads, width, head_dim), with a 2-D attention mask
-(0 over each row's padding) and per-row position ids (each row's own length), so that a row
+to one width and stacked, per layer (rows, heads, width, head_dim), with an attention mask
+(False over each row's padding) and per-row position ids (each row's own length), so that a row
 attends to exactly its own tokens at its own positions. Every forward feeds one token per row
 still in the batch; a row leaves at its delimiter, EOS, its step cap or its call's budget, where
 ``generate_step`` would stop, and its cache is then cut back out of the batch, without the
@@ -12,12 +12,14 @@ same tokens, ids, partial step and logits, tensors equal up to the float roundin
 matmuls (about 1e-6).
 
 A row in an unusual state is not batched (``batchable``): the backend runs it alone through
-``generate_step``.
+``generate_step``. What a batched decode step costs besides the model's forward was measured
+and cut down (``benchmarks/draft_batch.py``): the batch's cache grows in place (``GrowingLayer``),
+SDPA gets its padding mask ready-made, and each row's step is decoded by the tokenizer's Rust core
+directly where that is the same (``plain_decoder``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +31,20 @@ from transformers.cache_utils import DynamicLayer
 
 from dreamr_stream.backends.base import StepCall, StepOutput
 
-__all__ = ["PaddedCache", "Row", "batchable", "decode_rows", "rows_to_batch"]
+__all__ = [
+    "DEFAULT_BATCH_ROWS",
+    "GrowingLayer",
+    "PaddedCache",
+    "Row",
+    "batchable",
+    "decode_rows",
+    "generate_rows",
+    "plain_decoder",
+    "rows_to_batch",
+]
 
-log = logging.getLogger(__name__)
+DEFAULT_BATCH_ROWS = 32  # the most rows ``TransformersBackend.generate_batch`` takes (``Capabilities.batches``)
+DEFAULT_ROOM = 16  # tokens a batch's cache has room for at first when a row has no budget (it grows)
 
 
 def batchable(call: StepCall) -> bool:
@@ -58,6 +71,33 @@ def batchable(call: StepCall) -> bool:
     )
 
 
+def plain_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
+    """``tokenizer.decode(ids, skip_special_tokens=False)`` as a direct call into a fast
+    tokenizer's Rust core, where that is all ``decode`` does (no clean-up of spaces, neither
+    method overridden, the same text on a sample); None where it would differ. It skips
+    ``decode``'s conversion of the ids, which cost as much as the decoding itself: decoding each
+    row's step after every token was most of the batched loop's cost besides the forward."""
+    core = getattr(tokenizer, "backend_tokenizer", None)
+    if core is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    cls = type(tokenizer)
+    if cls.decode is not PreTrainedTokenizerBase.decode or getattr(cls, "_decode", None) is not getattr(
+        TokenizersBackend, "_decode", None
+    ):
+        return None
+
+    def decode(ids: list[int]) -> str:
+        return str(core.decode(ids, skip_special_tokens=False))
+
+    sample = list(tokenizer("Row 1: empty, red circle.\nAnswer: 3 \u00fc", add_special_tokens=False)["input_ids"])
+    sample += list(getattr(tokenizer, "all_special_ids", []))
+    same = decode(sample) == tokenizer.decode(sample, skip_special_tokens=False)
+    return decode if same else None
+
+
 def rows_to_batch(calls: list[StepCall]) -> list[int]:
     """The indices of ``calls`` to decode together: the batchable ones whose session appears only
     once (a session named twice runs its calls alone, in order). Fewer than two: none, since one
@@ -81,9 +121,48 @@ class Row:
         return self.call.session
 
 
-def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """A cache's layers, all plain ``DynamicLayer``s here (``batchable`` checks the sessions')."""
-    return cast(list[DynamicLayer], cache.layers)
+class GrowingLayer(DynamicLayer):
+    """A batch's cache layer: keys and values live in buffers with room for the tokens to come,
+    so a decode step writes its token in place instead of copying the whole cache
+    (``DynamicLayer.update`` concatenates: at 16 rows that copy was a tenth of a forward).
+    ``keys``/``values`` are views of the filled part, (rows, heads, length, head_dim)."""
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take buffers ``keys``/``values`` (rows, heads, capacity, head_dim) filled up to ``length``."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self._keys, self._values, self._length = keys, values, length
+        self._show()
+
+    def _show(self) -> None:
+        self.keys = self._keys[:, :, : self._length]
+        self.values = self._values[:, :, : self._length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # out of room: twice as much
+            keys = self._keys.new_zeros((*self._keys.shape[:2], 2 * end, self._keys.shape[3]))
+            values = self._values.new_zeros((*self._values.shape[:2], 2 * end, self._values.shape[3]))
+            keys[:, :, : self._length], values[:, :, : self._length] = _tensor(self.keys), _tensor(self.values)
+            self.hold(keys, values, self._length)
+        self._keys[:, :, self._length : end] = key_states
+        self._values[:, :, self._length : end] = value_states
+        self._length = end
+        self._show()
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def select(self, index: torch.Tensor, trim: int) -> None:
+        """Keep the rows ``index`` and drop the first ``trim`` columns."""
+        self._keys = self._keys.index_select(0, index)[:, :, trim:]
+        self._values = self._values.index_select(0, index)[:, :, trim:]
+        self._length -= trim
+        self._show()
+
+
+def _layers(cache: DynamicCache) -> list[GrowingLayer]:
+    return cast(list[GrowingLayer], cache.layers)
 
 
 def _tensor(t: torch.Tensor | None) -> torch.Tensor:
@@ -98,37 +177,41 @@ class PaddedCache:
     token (its own length). ``release`` cuts rows back out into their sessions' caches.
     """
 
-    def __init__(self, rows: list[Row], config: Any) -> None:
+    def __init__(self, rows: list[Row], config: Any, room: int = 8) -> None:
         caches = [r.session.cache for r in rows]
         lengths = [c.get_seq_length() for c in caches]
         width = max(lengths)
         self.rows = list(rows)
         self.pads = [width - n for n in lengths]
-        self.cache = DynamicCache(config=config)  # as the sessions' own (``batchable``: plain layers)
+        self.cache = DynamicCache()
+        self.cache.layers = [GrowingLayer() for _ in caches[0].layers]  # ``batchable``: plain layers
         for i, layer in enumerate(_layers(self.cache)):
-            first = caches[0].layers[i]
-            # (rows, heads, width, head_dim), each row's (heads, n, head_dim) on the right, zeros on the left
-            keys = first.keys.new_zeros((len(caches), first.keys.shape[1], width, first.keys.shape[3]))
-            values = first.values.new_zeros((len(caches), first.values.shape[1], width, first.values.shape[3]))
+            k, v = caches[0].layers[i].keys, caches[0].layers[i].values
+            # (rows, heads, width + room, head_dim): each row's (heads, n, head_dim) right-aligned at
+            # ``width``, zeros on its left (its padding) and after (room for the tokens to come)
+            keys = k.new_zeros((len(caches), k.shape[1], width + room, k.shape[3]))
+            values = v.new_zeros((len(caches), v.shape[1], width + room, v.shape[3]))
             for r, (c, p) in enumerate(zip(caches, self.pads, strict=True)):
-                keys[r, :, p:] = c.layers[i].keys[0]
-                values[r, :, p:] = c.layers[i].values[0]
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+                keys[r, :, p:width] = c.layers[i].keys[0]
+                values[r, :, p:width] = c.layers[i].values[0]
+            layer.hold(keys, values, width)
         device = caches[0].layers[0].keys.device
-        # (rows, width): 1 where a row has a token, 0 over its padding
-        self.mask = (
-            torch.arange(width, device=device)[None, :] >= torch.tensor(self.pads, device=device)[:, None]
-        ).long()
+        # (rows, width): True where a row has a token, False over its padding
+        mask = torch.arange(width, device=device)[None, :] >= torch.tensor(self.pads, device=device)[:, None]
+        # SDPA takes the boolean mask as it is, (rows, 1, 1, width) for one query token per row: the
+        # model then builds none (measured: 15% of a batched forward at 16 rows, same logits);
+        # another attention gets the 2-D padding mask it turns into its own
+        sdpa = getattr(config.get_text_config(), "_attn_implementation", None) == "sdpa"
+        self.mask = mask[:, None, None, :] if sdpa else mask.long()
         self.positions = torch.tensor(lengths, device=device)
 
     def forward(self, model: Any, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row (in ``rows`` order); returns the logits after each: (rows, vocab)."""
         device = self.mask.device
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((*self.mask.shape[:-1], 1))], dim=-1)
         out = model(
             input_ids=torch.tensor(tokens, device=device)[:, None],  # (rows, 1)
-            attention_mask=self.mask,  # (rows, width + 1)
+            attention_mask=self.mask,  # (rows, width + 1), or (rows, 1, 1, width + 1) for SDPA
             position_ids=self.positions[:, None],  # (rows, 1): each row's own next position
             cache=self.cache,
             use_cache=True,
@@ -155,9 +238,8 @@ class PaddedCache:
         trim = min(self.pads[i] for i in keep)
         index = torch.tensor(keep, device=self.mask.device)
         for layer in _layers(self.cache):
-            layer.keys = _tensor(layer.keys).index_select(0, index)[:, :, trim:]
-            layer.values = _tensor(layer.values).index_select(0, index)[:, :, trim:]
-        self.mask = self.mask.index_select(0, index)[:, trim:]
+            layer.select(index, trim)
+        self.mask = self.mask.index_select(0, index)[..., trim:]
         self.positions = self.positions.index_select(0, index)
         self.pads = [self.pads[i] - trim for i in keep]
 
@@ -180,7 +262,9 @@ def decode_rows(
     fed: one more forward of that row alone, which is rare: a step usually ends at a delimiter
     token the model wrote). ``end_step`` resets a session whose step ended.
     """
-    batch = PaddedCache(rows, model.config)
+    budgets = [r.call.budget for r in rows]
+    room = DEFAULT_ROOM if None in budgets else max(b for b in budgets if b is not None)
+    batch = PaddedCache(rows, model.config, room)
     try:
         # each row's greedy next token, from the logits that predict it, for the rows in the batch
         best = torch.stack([r.session.logits_at[len(r.session.ids)] for r in rows]).argmax(-1).tolist()
@@ -222,3 +306,28 @@ def decode_rows(
                 r.out = close_step(r.session, text, r.call.stop, r.new, r.forwards, 0)
     finally:  # a failure leaves no session without its own cache
         batch.release(list(batch.rows))
+
+
+def generate_rows(
+    calls: list[StepCall],
+    model: Any,
+    *,
+    eos_ids: set[int],
+    decode: Callable[[list[int]], str],
+    close_step: Callable[[Any, str, str, int, int, int], StepOutput],
+    end_step: Callable[[Any, StepOutput], StepOutput],
+    alone: Callable[[StepCall], StepOutput],
+) -> list[StepOutput]:
+    """``generate_batch``: the rows that can be batched (``rows_to_batch``) decoded together, then
+    the others one by one with ``alone`` (the backend's ``generate_step``), in the calls' order;
+    the outputs in the calls' order."""
+    rows = {i: Row(calls[i]) for i in rows_to_batch(calls)}
+    if rows:
+        decode_rows(
+            model, list(rows.values()), eos_ids=eos_ids, decode=decode, close_step=close_step, end_step=end_step
+        )
+    outs: list[StepOutput] = []
+    for i, c in enumerate(calls):
+        out = rows[i].out if i in rows else None
+        outs.append(out if out is not None else alone(c))
+    return outs
