@@ -26,7 +26,7 @@ from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.config import ReasonerConfig
 from dreamr_stream.engine.calls import write_step
 from dreamr_stream.engine.request import RequestContext
-from dreamr_stream.engine.runner import ModelRunner
+from dreamr_stream.engine.runner import ModelRunner, PriorityLock
 from dreamr_stream.errors import BackendError
 
 STOP = "\n"
@@ -285,6 +285,31 @@ async def test_cancelling_one_request_leaves_the_others_steps_unchanged(shipped:
     others = [i for i in range(len(batched)) if i != victim]
     assert [together[i] for i in others] == [one_by_one[i] for i in others]
     assert batched[victim].length == left_at[0]  # nothing wrote its session after its caller left
+
+
+@pytest.mark.asyncio
+async def test_the_lock_holder_gathers_waiting_items_in_priority_then_arrival_order() -> None:
+    lock = PriorityLock()
+    assert await lock.acquire()
+    got: dict[str, bool] = {}
+
+    async def wait(name: str, priority: int, item: object) -> None:
+        got[name] = await lock.acquire(priority, item)
+
+    async with anyio.create_task_group() as tg:
+        for name, priority in (("a", 1), ("b", 0), ("other", 0), ("c", 1), ("d", 0)):
+            tg.start_soon(wait, name, priority, name if name != "other" else None)
+            await anyio.lowlevel.checkpoint()
+        assert lock.gather(lambda item: isinstance(item, str), 3) == ["b", "d", "a"]
+        await anyio.lowlevel.checkpoint()
+        assert got == {"b": False, "d": False, "a": False}  # served by the holder: none holds the lock
+        lock.release()  # to "other" (priority 0), then "c"
+        await anyio.lowlevel.checkpoint()
+        assert got["other"] is True and "c" not in got
+        lock.release()
+    assert got["c"] is True and lock.locked
+    lock.release()
+    assert not lock.locked
 
 
 class Gated:

@@ -20,8 +20,9 @@
   ends; a call that is alone goes as a plain ``generate_step``, and the other operations keep
   going one at a time, between batches. A caller cancelled while it waits leaves the queue; one
   cancelled while its batch runs waits for the batch (its session must not change after it has
-  left), then raises the cancellation. A batch that fails fails each of its callers with a
-  ``BackendError``;
+  left), then raises the cancellation, also on a backend whose single calls may be abandoned (a
+  batch serves other callers too; its own deadline bounds it). A batch that fails fails each of
+  its callers with a ``BackendError``;
 * an async backend (``AsyncModelBackend``: a model behind a serving engine such as vLLM) is
   awaited directly, with no lock: the server batches concurrent calls, which is the point of
   serving there, and cancelling a call closes its connection, so the server stops at once.
