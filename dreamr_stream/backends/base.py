@@ -10,8 +10,8 @@ tokenizers. Two flavours of one interface:
   (``backends.vllm``): calls from many requests run at once and the server batches them.
 
 Each also declares what it can do in one typed value, ``Capabilities`` (its optional operations,
-``begin_step``, ``use_threads``, ``shutdown``/``aclose``, included), which the engine reads
-instead of inspecting the object.
+``begin_step``, ``generate_batch``, ``use_threads``, ``shutdown``/``aclose``, included), which the
+engine reads instead of inspecting the object.
 
 A session's ``length`` counts whatever unit its backend rolls back by: tokens for an
 in-process model, characters for a session held on the client of a remote one. The engine only
@@ -31,6 +31,7 @@ from dreamr_stream.config import JudgeTemplate
 __all__ = [
     "AsyncModelBackend",
     "AsyncReleases",
+    "Batches",
     "Capabilities",
     "ComputedOnce",
     "EvidenceKind",
@@ -41,6 +42,7 @@ __all__ = [
     "Session",
     "SessionT",
     "SetsThreads",
+    "StepCall",
     "StepOutput",
     "StreamsRest",
 ]
@@ -104,7 +106,10 @@ class Capabilities:
     * ``abandonable``: a blocking call whose caller is cancelled may be left running: the
       backend settles it by itself (``backends.call_context``), and a call made meanwhile waits
       for that or fails, never running beside it. False: a cancelled caller waits for its call
-      (a thread cannot be stopped, and a model in this process runs one call at a time).
+      (a thread cannot be stopped, and a model in this process runs one call at a time);
+    * ``batches``: the most ``generate_step`` calls (rows) its ``generate_batch`` decodes together,
+      one forward per token for all of them (``Batches``); 0: it cannot batch. The engine gathers
+      the steps that wait for a blocking model into one such call (``engine.runner``);
     * ``streams_rest``: it writes the rest of an answer in one call (``generate_rest``,
       ``StreamsRest``), yielding the steps as they come: a served model then costs one request
       for all of them instead of one per step. False: the engine asks for one step at a time.
@@ -122,6 +127,7 @@ class Capabilities:
     task: str | None = None
     release: Literal["none", "sync", "async"] = "none"
     abandonable: bool = False
+    batches: int = 0
     streams_rest: bool = False
 
     @property
@@ -148,6 +154,14 @@ class StreamsRest(Protocol):
     def generate_rest(
         self, session: Any, *, max_tokens: int, stop: str, max_steps: int, temperature: float = 0.0
     ) -> AsyncIterator[StepOutput]: ...
+
+
+class Batches(Protocol):
+    """The operation ``Capabilities.batches`` announces: several ``generate_step`` calls, on
+    different sessions, decoded together; each output and each session afterwards is exactly what
+    ``generate_step`` alone would have given (greedy decoding; a backend may run unusual rows alone)."""
+
+    def generate_batch(self, calls: list[StepCall]) -> list[StepOutput]: ...
 
 
 class SetsThreads(Protocol):
@@ -183,6 +197,17 @@ class StepOutput:
     new_tokens: int = 0
     forwards: int = 0
     proposed: int = 0  # of ``new_tokens``, how many a proposal guessed and one forward verified
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """The arguments of one ``generate_step`` call, as a row of ``generate_batch``."""
+
+    session: Any
+    max_tokens: int
+    stop: str
+    temperature: float = 0.0
+    budget: int | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache, PreTrainedModel
 
-from dreamr_stream.backends.base import Capabilities, ScoreOutput, StepOutput
+from dreamr_stream.backends.base import Capabilities, ScoreOutput, StepCall, StepOutput
+from dreamr_stream.backends.hf_batch import DEFAULT_BATCH_ROWS, generate_rows, plain_decoder
 from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError, ModelLoadError
@@ -73,6 +74,7 @@ class TransformersBackend:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self._plain_decode = plain_decoder(self.tokenizer)
         self.name = name
         self.judge = judge or JudgeTemplate()
         self.device = next(model.parameters()).device
@@ -84,11 +86,14 @@ class TransformersBackend:
         self.recommended_verification: dict[str, Any] = {}
         self.task: str | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # the most steps ``generate_batch`` decodes together (``Capabilities.batches``; 0: none)
+        self.batch_rows = DEFAULT_BATCH_ROWS
         self.verdict_ids(self.judge)  # fail at load, not mid-request, on a bad template
 
     @property
     def capabilities(self) -> Capabilities:
-        """Blocking calls in this process, repairs, both evidence kinds; identity hashed on first read."""
+        """Blocking calls in this process, repairs, both evidence kinds, batched steps (up to
+        ``batch_rows`` rows); identity hashed on first read."""
         return Capabilities(
             identity=lambda: self.identity,
             device=str(self.device),
@@ -97,6 +102,7 @@ class TransformersBackend:
             sets_threads=True,
             recommended_verification=self.recommended_verification,
             task=self.task,
+            batches=self.batch_rows,
         )
 
     @property
@@ -273,16 +279,45 @@ class TransformersBackend:
                     text = self.decode(s.partial)
                     if stop in text or len(s.partial) >= max_tokens:
                         self._crop(s, len(s.ids) - (len(tokens) - 1 - j))  # tokens past the step's end
-                        if stop in text:
-                            forwards += self._canonicalise(s, text, stop)
-                            text = text[: text.index(stop)]
-                        else:  # step cap: end the step with a delimiter
-                            self._forward(s, self.encode(stop))
-                            forwards += 1
-                        return self._end_step(s, StepOutput(text, True, False, new, forwards, proposed))
+                        return self._close_step(s, text, stop, new, forwards, proposed)
             return StepOutput(self.decode(s.partial), False, False, new, forwards, proposed)
 
         return self._run(steps)
+
+    def generate_batch(self, calls: list[StepCall]) -> list[StepOutput]:
+        """Several ``generate_step`` calls decoded together, one forward per token for all of them
+        (``backends.hf_batch``); each output, and each session after it, is what ``generate_step``
+        alone would have given. Rows that cannot join (``hf_batch.batchable``: sampling, mrope
+        positions, a pending proposal, ...) run alone, after the batch."""
+
+        def alone(c: StepCall) -> StepOutput:
+            return self.generate_step(
+                c.session, max_tokens=c.max_tokens, stop=c.stop, temperature=c.temperature, budget=c.budget
+            )
+
+        def run() -> list[StepOutput]:
+            return generate_rows(
+                calls,
+                self.model,
+                eos_ids=self.eos_ids,
+                decode=self.decode,
+                close_step=self._close_step,
+                end_step=self._end_step,
+                alone=alone,
+            )
+
+        return self._run(run)  # type: ignore[no-any-return]
+
+    def _close_step(self, s: HFSession, text: str, stop: str, new: int, forwards: int, proposed: int) -> StepOutput:
+        """End the step whose last kept token made ``text``: at its delimiter (the cache made
+        canonical) or at the step cap (a delimiter fed after it)."""
+        if stop in text:
+            forwards += self._canonicalise(s, text, stop)
+            text = text[: text.index(stop)]
+        else:  # step cap: end the step with a delimiter
+            self._forward(s, self.encode(stop))
+            forwards += 1
+        return self._end_step(s, StepOutput(text, True, False, new, forwards, proposed))
 
     @staticmethod
     def _end_step(s: HFSession, out: StepOutput) -> StepOutput:
@@ -328,6 +363,8 @@ class TransformersBackend:
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids, special tokens kept (``encode``'s inverse on a step's tokens)."""
+        if self._plain_decode is not None:  # the same, called more directly (``hf_batch.plain_decoder``)
+            return self._plain_decode(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _canonicalise(self, s: HFSession, text: str, stop: str) -> int:

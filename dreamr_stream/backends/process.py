@@ -56,15 +56,24 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 from PIL import Image
 
-from dreamr_stream.backends._process_child import SESSION_OPS
+from dreamr_stream.backends._process_child import BATCH_OP, SESSION_OPS
 from dreamr_stream.backends._process_supervision import Child, Supervisor, outcome, read_start
-from dreamr_stream.backends.base import Capabilities, ModelBackend, Repairs, ScoreOutput, SetsThreads, StepOutput
+from dreamr_stream.backends.base import (
+    Batches,
+    Capabilities,
+    ModelBackend,
+    Repairs,
+    ScoreOutput,
+    SetsThreads,
+    StepCall,
+    StepOutput,
+)
 from dreamr_stream.backends.call_context import CallWatch, current_watch
 from dreamr_stream.config import JudgeTemplate
 from dreamr_stream.errors import BackendError
@@ -364,11 +373,13 @@ class ProcessBackend:
         """The child to send ``op`` to, built and running (``BackendError`` at once while none
         serves; a session of a lost child cannot be served)."""
         child = self._life.serving(op)
-        if op in SESSION_OPS and not child.holds(args[0]):
-            raise BackendError(
-                f"{self.name}: {op}: session {args[0]} was lost with its backend process, which is not running "
-                f"(a new one serves new sessions)"
-            )
+        sids = [c.session for c in args[0]] if op == BATCH_OP else [args[0]] if op in SESSION_OPS else []
+        for sid in sids:
+            if not child.holds(sid):
+                raise BackendError(
+                    f"{self.name}: {op}: session {sid} was lost with its backend process, which is not running "
+                    f"(a new one serves new sessions)"
+                )
         if not child.ready:  # the first child, still starting
             self.ready()
         return child
@@ -388,7 +399,8 @@ class ProcessBackend:
         """The child's backend's (the stand-in's until the child has started; without a
         stand-in, waits for the child): blocking calls that take a thread count (sent to the
         child with each call), released by ``shutdown``, which a cancelled caller may abandon
-        (the module's docstring says how they are settled)."""
+        (the module's docstring says how they are settled); its backend's ``batches``, whose
+        ``generate_batch`` rows travel to the child in one message."""
         declared = self._declared
         if declared is None:
             self.ready()
@@ -439,6 +451,30 @@ class ProcessBackend:
                 return here.generate_step(session, **kwargs)  # type: ignore[arg-type]
         out, _ = self._call("generate_step", session.id, **kwargs)
         return out  # type: ignore[no-any-return]
+
+    def generate_batch(self, calls: list[StepCall]) -> list[StepOutput]:
+        """The rows in one message to the child, which decodes them together (its backend's
+        ``generate_batch``); rows of sessions still in the stand-in go to the stand-in."""
+        outs: dict[int, StepOutput] = {}
+        remote = [i for i, c in enumerate(calls) if isinstance(c.session, RemoteSession)]
+        here = [i for i, c in enumerate(calls) if not isinstance(c.session, RemoteSession)]
+        if here:
+            with self._here() as stand_in:
+                if len(here) > 1 and stand_in.capabilities.batches:
+                    outs.update(
+                        zip(here, cast(Batches, stand_in).generate_batch([calls[i] for i in here]), strict=True)
+                    )
+                for i in here:
+                    if i not in outs:
+                        c = calls[i]
+                        outs[i] = stand_in.generate_step(
+                            c.session, max_tokens=c.max_tokens, stop=c.stop, temperature=c.temperature, budget=c.budget
+                        )
+        if remote:
+            rows = [replace(calls[i], session=calls[i].session.id) for i in remote]
+            values, _ = self._call(BATCH_OP, rows)
+            outs.update(zip(remote, values, strict=True))
+        return [outs[i] for i in range(len(calls))]
 
     def score(self, session: Any, text: str, *, stop: str, judge: JudgeTemplate | None) -> ScoreOutput:
         if not isinstance(session, RemoteSession):
