@@ -26,6 +26,7 @@ import httpx
 from dreamr_vllm.bench import PlainClient, run_levels, to_markdown
 
 from dreamr_stream.backends.process import ProcessBackend
+from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.config import CacheConfig
 from dreamr_stream.reasoner import Reasoner
@@ -34,7 +35,8 @@ from dreamr_stream.reasoner import Reasoner
 def _start(args: argparse.Namespace, cpus: list[int] | None, log: str | None) -> Any:
     from dreamr_vllm.server import VLLMServer, ensure_venv
 
-    server = VLLMServer(ensure_venv(args.venv), demo_paths().target, name="target", cpus=cpus, log_path=log)
+    folder = args.settings or demo_paths().target  # a settings folder of a model folder: serve the model
+    server = VLLMServer(ensure_venv(args.venv), folder, name="target", cpus=cpus, log_path=log)
     t0 = time.perf_counter()
     server.start()
     print(f"vLLM server (cpus {cpus or 'vLLM default'}) ready in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -51,18 +53,25 @@ async def _main(args: argparse.Namespace) -> None:
         if args.fpsr_url is None and args.server_cpus:
             servers.append(await anyio.to_thread.run_sync(_start, args, args.server_cpus, args.server_log))
             args.fpsr_url = servers[-1].url
-        fpsr = Reasoner.demo(target_url=args.fpsr_url or args.url)
+        settings = args.settings or demo_paths().target
+        draft = demo_paths().draft
+        fpsr = Reasoner.from_pretrained(target=args.fpsr_url or args.url, draft=draft, settings_from=settings)
         if args.draft_cpus and isinstance(fpsr.draft.backend if fpsr.draft else None, ProcessBackend):
             fpsr.draft.backend.pin(set(args.draft_cpus))  # type: ignore[union-attr]
             if args.draft_nice:
                 os.setpriority(os.PRIO_PROCESS, fpsr.draft.backend.pid, args.draft_nice)  # type: ignore[union-attr]
-        alone = Reasoner.demo(target_url=args.url) if args.fpsr_url else fpsr
+        alone = Reasoner.from_pretrained(target=args.url, settings_from=settings) if args.fpsr_url else fpsr
         reasoners: dict[str, Reasoner] = {"target_only": alone, "fpsr": fpsr}
         # every request does its full model work: no trajectory cache (puzzles repeat across rounds)
         scheduling = fpsr.config.scheduling.model_copy(
             update={"max_speculating": args.max_speculating, "fallback": args.fallback}
         )
         config = fpsr.config.model_copy(update={"cache": CacheConfig(enabled=False), "scheduling": scheduling})
+        if args.mode is not None:  # the folder's tau for that mode
+            taus = read_settings(settings).verification.get("taus") or {}
+            if args.mode not in taus:
+                raise SystemExit(f"--mode {args.mode}: {settings}/dreamr.json measured no tau for it ({taus})")
+            config = config.override(mode=args.mode, tau=float(taus[args.mode]))
         plain = PlainClient(args.url)
         try:
             rows = await run_levels(
@@ -90,6 +99,7 @@ async def _main(args: argparse.Namespace) -> None:
         "rounds": args.rounds,
         "max_speculating": args.max_speculating,
         "fallback": args.fallback,
+        "verification": config.verification.model_dump(mode="json"),
         "setup": _setup(args),
     }
     out = Path(args.out)
@@ -140,6 +150,12 @@ def main() -> None:
     parser.add_argument("--draft-nice", type=int, default=0, help="scheduling priority of FPSR's draft process")
     parser.add_argument(
         "--max-speculating", type=lambda s: None if s == "none" else s if s == "auto" else int(s), default="auto"
+    )
+    parser.add_argument(
+        "--settings", default=None, help="the target's folder: its dreamr.json for FPSR (default: the shipped target)"
+    )
+    parser.add_argument(
+        "--mode", choices=["judge", "likelihood"], default=None, help="TBVM mode (default: the folder's)"
     )
     parser.add_argument("--venv", default=".venv-vllm", help="where the server's venv is (built once)")
     parser.add_argument("--server-log", default=None)

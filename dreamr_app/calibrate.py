@@ -212,8 +212,12 @@ def _run_schedule(args: argparse.Namespace) -> int:
         print(f"dreamr calibrate: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(f"speculation schedule for {args.target_url} ({c.items} {c.task} val items per load and lookahead):")
+    below = 0
     for row in c.rows:
-        upto = "any load above" if row.in_flight >= 1_000_000 else f"up to {row.in_flight} in flight"
+        upto = f"up to {row.in_flight} in flight"
+        if row.in_flight >= 1_000_000:
+            upto = f"above {below} in flight" if below else "at any load"
+        below = row.in_flight
         what = "the target alone" if row.lookahead == 0 else f"lookahead {row.lookahead}"
         print(f"  {upto}: {what}" + (f", {row.mode} verification" if row.mode else ""))
     print(f"wrote {out}/dreamr.json (with the schedule) and {out}/schedule.json (every figure)")
