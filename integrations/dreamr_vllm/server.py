@@ -101,6 +101,7 @@ class VLLMServer:
         kv_cache_gib: int = 1,
         max_model_len: int = 1024,
         model_impl: str | None = "transformers",
+        block_size: int | None = 32,
         extra_args: Sequence[str] = (),
         log_path: str | Path | None = None,
         startup_timeout_s: float = 600.0,
@@ -113,6 +114,7 @@ class VLLMServer:
         self.kv_cache_gib = kv_cache_gib
         self.max_model_len = max_model_len
         self.model_impl = model_impl
+        self.block_size = block_size
         self.extra_args = list(extra_args)
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout_s = startup_timeout_s
@@ -128,6 +130,11 @@ class VLLMServer:
         cmd += ["--enable-prefix-caching", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.model_impl:
             cmd += ["--model-impl", self.model_impl]
+        if self.block_size:
+            # vLLM's CPU backend caches prefixes in blocks of 128 tokens by default, so a prompt
+            # shorter than that (every step of the demo task's, and a verification's shared
+            # prefix) is never reused; 32 is the smallest block its CPU kernels prefer
+            cmd += ["--block-size", str(self.block_size)]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -214,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--cpus", help="pin the server to these cores, e.g. 0 (leave the draft the others)")
     parser.add_argument("--venv", default=".venv-vllm", help="the server's venv (built once)")
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="KV-cache block: the prefix cache's unit (vLLM's CPU default: 128)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check
@@ -222,13 +232,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.model = demo_paths().target
     cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else None
-    server = VLLMServer(ensure_venv(args.venv), args.model, name=args.name, port=args.port, cpus=cpus)
+    server = VLLMServer(
+        ensure_venv(args.venv), args.model, name=args.name, port=args.port, cpus=cpus, block_size=args.block_size
+    )
     log.info("starting vLLM on %s (%s), about 2 minutes on a small CPU ...", server.url, " ".join(server.command()))
-    with server:
-        log.info("ready: %s  (Ctrl-C stops it)", server.url)
-        try:
+    # a stop by signal (kill, a service manager) ends the server too, as Ctrl-C does: the
+    # default SIGTERM would end this process and leave vLLM running on its port
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        with server:  # start() stops what it started if interrupted while waiting for readiness
+            log.info("ready: %s  (Ctrl-C stops it)", server.url)
             while server.process is not None and server.process.poll() is None:
                 time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        log.info("stopped")
     return 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
