@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 import httpx
-from dreamr_vllm.bench import PlainClient, run_levels, to_markdown
+from dreamr_vllm.bench import PlainClient, plot, run_levels, to_markdown
 
 from dreamr_stream.backends.process import ProcessBackend
 from dreamr_stream.backends.settings import read_settings
@@ -106,6 +106,7 @@ async def _main(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "levels": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(rows, meta))
+    plot(rows, out.with_suffix(".png"), title=f"FPSR over vLLM vs vLLM alone ({meta['machine']})")
     print(to_markdown(rows, meta))
 
 

@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -40,7 +41,7 @@ from dreamr_stream.tasks import DEFAULT_TASK, TaskItem, TaskLike, as_task, items
 from dreamr_stream.types import ReasoningResult
 from dreamr_vllm.metrics import cpu_seconds, delta, read_metrics
 
-__all__ = ["METHODS", "Level", "PlainClient", "run_levels", "to_markdown"]
+__all__ = ["METHODS", "Level", "PlainClient", "plot", "run_levels", "to_markdown"]
 
 METHODS: tuple[str, ...] = ("plain", "target_only", "fpsr")
 LABEL = {"plain": "vLLM alone", "target_only": "target alone via dreamr", "fpsr": "FPSR over vLLM"}
@@ -86,6 +87,7 @@ class Level:
     server: dict[str, dict[str, float]] = field(default_factory=dict)  # what the server spent, per method
     spans: dict[str, dict[str, float]] = field(default_factory=dict)  # dreamr's seconds per lane:what, per method
     server_cpu_s: dict[str, list[float]] = field(default_factory=dict)  # the server's CPU seconds per round
+    steps: dict[str, int] = field(default_factory=dict)  # reasoning steps answered, per method
     judged: int = 0
     accepted: int = 0
     repaired: int = 0
@@ -96,6 +98,7 @@ class Level:
         for m in self.methods:
             self.wall_s[m], self.latency[m], self.texts[m], self.server[m], self.spans[m] = [], {}, {}, {}, {}
             self.server_cpu_s[m] = []
+            self.steps[m] = 0
             self.correct[m] = self.answered[m] = 0
 
 
@@ -133,6 +136,7 @@ async def _round(methods: _Methods, puzzles: list[TaskItem], method: str, level:
         level.answered[method] += 1
         level.correct[method] += answer is not None and answer.strip() == str(p.answer)
         level.texts[method][i] = text
+        level.steps[method] += text.count("\n") + 1 if text else 0
         if result is not None:
             for span in result.stats.timeline:
                 key = f"{span.lane}:{span.what}"
@@ -166,10 +170,13 @@ def _summary(level: Level, n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"concurrency": level.concurrency}
     for m in level.methods:
         total = sum(level.wall_s[m])
+        latencies = [x for per_puzzle in level.latency[m].values() for x in per_puzzle]
         out[m] = {
             "wall_s": level.wall_s[m],
             "requests_per_s": level.answered[m] / total,
             "accuracy": level.correct[m] / max(1, level.answered[m]),
+            "median_latency_s": statistics.median(latencies) if latencies else None,
+            "steps_per_request": level.steps[m] / max(1, level.answered[m]),
         }
     base = "plain" if "plain" in level.methods else "target_only"
     out["baseline"] = base
@@ -309,3 +316,36 @@ async def run_levels(
             report(row)
     await methods.client.aclose()
     return rows
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Requests/s and median latency against requests in flight, one line per method (needs
+    matplotlib, the ``plot`` extra; None without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    loads = [r["concurrency"] for r in rows]
+    fig, (rps, lat) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in METHODS:
+        if m not in rows[0]:
+            continue
+        rps.plot(loads, [r[m]["requests_per_s"] for r in rows], marker="o", label=LABEL[m])
+        lat.plot(loads, [r[m]["median_latency_s"] for r in rows], marker="o", label=LABEL[m])
+    for ax, what in ((rps, "requests/s"), (lat, "median latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(loads, [str(x) for x in loads])
+        ax.set_xlabel("requests in flight")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    rps.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
