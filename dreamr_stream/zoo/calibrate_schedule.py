@@ -5,9 +5,10 @@ the server's batching, the draft's cores, the network. So it is measured there, 
 measure their speculative lengths per batch size: at each load (requests in flight), FPSR runs
 held-out items of the task (the val split) with every candidate lookahead (and TBVM mode, where
 the target's folder measured both), the candidates interleaved in rotating order, and the one
-with the most requests per second wins (ties: the smaller lookahead, the cheaper for the
-server). Consecutive loads with the same choice merge into one row; the last row holds for any
-load above it. The rows go to ``dreamr.json`` ("schedule", ``SchedulingConfig.schedule``) beside
+with the most requests per second wins; a longer lookahead must beat every shorter one by more
+than 5%, since it costs the server more and one round on a noisy machine differs by that much.
+Consecutive loads with the same choice merge into one row; the last row holds for any load
+above it. The rows go to ``dreamr.json`` ("schedule", ``SchedulingConfig.schedule``) beside
 the folder's TBVM settings, and every figure to ``schedule.json``.
 """
 
@@ -66,14 +67,18 @@ class ScheduleCalibration:
         }
 
 
-def choose_rows(rps: dict[int, dict[Candidate, float]]) -> tuple[ScheduleRow, ...]:
-    """Per load the fastest candidate (ties: the smaller lookahead); equal neighbours merged,
-    the last row holding above the highest load measured."""
+def choose_rows(rps: dict[int, dict[Candidate, float]], *, margin: float = 0.05) -> tuple[ScheduleRow, ...]:
+    """Per load the fastest candidate, a longer lookahead only where it beats every shorter one
+    by more than ``margin`` (speculating costs the server more: a draw goes to the cheaper);
+    equal neighbours merged, the last row holding above the highest load measured."""
     best: list[tuple[int, Candidate]] = []
     for load in sorted(rps):
-        cands = rps[load]
-        top = max(cands.values())
-        best.append((load, min((c for c, v in cands.items() if v == top), key=lambda c: c[0])))
+        chosen: Candidate | None = None
+        for c, v in sorted(rps[load].items(), key=lambda cv: cv[0][0]):
+            if chosen is None or v > rps[load][chosen] * (1 + margin):
+                chosen = c
+        assert chosen is not None
+        best.append((load, chosen))
     rows: list[ScheduleRow] = []
     for i, (load, (lookahead, mode)) in enumerate(best):
         last = i == len(best) - 1
@@ -124,10 +129,12 @@ async def measure_schedule(
         await reasoner.ainvoke(cases[0].image, cases[0].question, config=_config(base, c))
     result = ScheduleCalibration(task=chosen.name, items=n, rounds=rounds)
     for load in levels:
+        # at least one item per request in flight, or the load is never reached
+        batch = cases if len(cases) >= load else list(items(chosen, "val", load))
         totals: dict[Candidate, list[float]] = {c: [] for c in candidates}
         for r in range(rounds * len(candidates)):
             c = candidates[(r + load) % len(candidates)]  # rotating order: drift hits every candidate
-            totals[c].append(await _requests_per_s(reasoner, _config(base, c), cases, load))
+            totals[c].append(await _requests_per_s(reasoner, _config(base, c), batch, load))
         result.rps[load] = {c: sum(v) / len(v) for c, v in totals.items()}
         if progress is not None:
             shown = ", ".join(
