@@ -123,6 +123,7 @@ class Reasoner:
         self._store_guard = GuardedStore(self.store)
         self.loop = OwnerLoop(name="dreamr-reasoner", backend=loop_backend)  # started on first use
         self.active_requests = 0
+        self._load_event: anyio.Event | None = None  # set when active_requests changes (made on the loop)
         self.acceptance = AcceptanceWindow()  # the draft's rolling acceptance, for the schedule
         self.owns_backends = owns_backends
         self._released = False  # the owned backends were released: no more requests
@@ -384,7 +385,8 @@ class Reasoner:
         await ctx.emit(StartedEvent(question=ctx.question, method=method))
         try:
             if method == "fpsr":
-                await run_fpsr(ctx, image, replan=self._replanner(ctx), inspect=inspect)
+                replan = self._replanner(ctx)
+                await run_fpsr(ctx, image, replan=replan, load_changed=self._load_changed, inspect=inspect)
                 self.acceptance.add(ctx.counts["judged"], ctx.counts["accepted"])
             else:
                 await _RUNS[method](ctx, image)
@@ -394,6 +396,19 @@ class Reasoner:
             await send.send((FailedEvent(error=type(error).__name__, message=str(error), elapsed_s=ctx.now()), error))
             return
         await ctx.emit(FinishedEvent(result=ctx.result(), elapsed_s=ctx.now()))
+
+    def _load_changes(self, delta: int) -> None:
+        """Count a request in (+1) or out (-1) and wake whoever waits for the load to change."""
+        self.active_requests += delta
+        event, self._load_event = self._load_event, None
+        if event is not None:
+            event.set()
+
+    async def _load_changed(self) -> None:
+        """Return at the next change of the requests in flight."""
+        if self._load_event is None:
+            self._load_event = anyio.Event()
+        await self._load_event.wait()
 
     def _replanner(self, ctx: RequestContext) -> Callable[[], Replan]:
         """The schedule for ``ctx``: its plan as it started, then at each epoch the load's."""
@@ -470,10 +485,10 @@ class Reasoner:
             except Exception as e:  # a bug in the engine itself: raised to the consumer below
                 crashed.append(e)
             finally:
-                self.active_requests -= 1
+                self._load_changes(-1)
                 finished.set()
 
-        self.active_requests += 1
+        self._load_changes(+1)
         self.loop.start_soon(request)
         try:
             async with recv:

@@ -264,10 +264,11 @@ async def test_a_request_gone_alone_under_load_writes_the_rest_in_one_call() -> 
         tg.start_soon(one)
         await anyio.sleep(0.02)
         tg.start_soon(one)
-    alone = [r for r in results if r.stats.target_alone_from is not None]
-    assert len(alone) == 1 and (alone[0].stats.target_alone_reason or "").startswith("load")
-    assert [s.text for s in alone[0].steps] == SOLUTION == [s.text for s in results[0].steps]
-    assert target.rest_calls == 1
+    # the second starts alone; the first, speculating, goes alone as the second arrives
+    assert all((r.stats.target_alone_reason or "").startswith("load") for r in results)
+    assert sorted(r.stats.target_alone_from or 0 for r in results)[0] == 0
+    assert all([s.text for s in r.steps] == SOLUTION for r in results)
+    assert target.rest_calls == 2  # one streamed rest per request
 
 
 @pytest.mark.asyncio

@@ -224,3 +224,19 @@ def test_calibrate_schedule_usage_errors(tmp_path: Path, capsys: pytest.CaptureF
     for argv, message in cases:
         assert main(["calibrate", "--schedule", "--out", str(settings), *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_draft_is_slow_goes_alone_as_soon_as_the_load_rises() -> None:
+    """The load is watched during an epoch too: a request does not wait for a draft step under
+    way (here 30 words at 50 ms) to end its epoch when the schedule now says the target alone."""
+    long = ["w " * 29 + "end", "Answer: 2"]
+    target = AsyncScriptedBackend(long)
+    draft = ScriptedBackend(long, token_delay_s=0.05)  # a step of 30 words: 1.5 s, in chunks of 8 words
+    reasoner = _reasoner(target, draft, schedule=(ScheduleRow(in_flight=1, lookahead=2),))
+    results = await _at_once(reasoner, 3, gap_s=0.1)
+    first = results[0]
+    assert first.stats.schedule is not None and first.stats.schedule.lookahead == 2
+    assert first.stats.target_alone_from == 0 and (first.stats.target_alone_reason or "").startswith("load")
+    assert first.stats.wall_s < 1.0  # it left the draft's step after at most one chunk (0.4 s)
+    assert all([s.text for s in r.steps] == [x.strip() for x in long] for r in results)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, assert_never
 
 import anyio
@@ -65,10 +65,17 @@ class _Executor:
     what happened."""
 
     def __init__(
-        self, ctx: RequestContext, image: Any, policy: RequestPolicy, inspect: Inspect | None, replan: Replanner | None
+        self,
+        ctx: RequestContext,
+        image: Any,
+        policy: RequestPolicy,
+        inspect: Inspect | None,
+        replan: Replanner | None,
+        load_changed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         assert ctx.target is not None and ctx.draft is not None
         self.ctx, self.image, self.policy, self.inspect, self.replan = ctx, image, policy, inspect, replan
+        self.load_changed = load_changed
         self.target: ModelRunner = ctx.target
         self.draft: ModelRunner = ctx.draft
         self.stop = ctx.config.generation.step_delimiter
@@ -153,6 +160,8 @@ class _Executor:
                 if error is not None:
                     log.warning("the draft failed; the target goes on alone: %s", error)
                 ctx.go_alone(reason)
+                if self.lanes is not None:  # mid-epoch: no more drafts, nor waiting for one under way
+                    self.lanes.stop_draft()
             case RM.ResyncDraft(index=i):
                 return [await self._resync(i)]
             case RM.WriteAlone(index=i):
@@ -246,6 +255,21 @@ class _Executor:
         self.drafts, self.judged, self.bounds = {}, {}, {}
         self.lanes = EpochLanes()
         await self.tg.start(self.lanes.run, self.ctx, self.D, self.bounds)
+        if self.replan is not None and self.load_changed is not None:
+            self.lanes.tg.start_soon(self._watch_load, self.lanes)
+
+    async def _watch_load(self, lanes: EpochLanes) -> None:
+        """While the epoch runs: when the load changes and the schedule now says the target
+        alone, tell the driver at once (a draft slowed by a busy machine would otherwise hold
+        the request until the epoch ends)."""
+        assert self.replan is not None and self.load_changed is not None
+        while True:
+            await self.load_changed()
+            now = self.replan()
+            if now.lookahead < 1:
+                with contextlib.suppress(anyio.ClosedResourceError):
+                    lanes.send.send_nowait(now)
+                return
 
     async def _end_epoch(self) -> list[RM.Observation]:
         assert self.lanes is not None
@@ -345,11 +369,17 @@ class _Executor:
 
 
 async def run_fpsr(
-    ctx: RequestContext, image: Any, *, replan: Replanner | None = None, inspect: Inspect | None = None
+    ctx: RequestContext,
+    image: Any,
+    *,
+    replan: Replanner | None = None,
+    load_changed: Callable[[], Awaitable[None]] | None = None,
+    inspect: Inspect | None = None,
 ) -> None:
     """Run FPSR for one request; steps and events go out through ``ctx``. ``replan``: the
-    speculation schedule's choice now (``engine.schedule``), asked as the request starts and
-    again as each epoch ends (None: speculate throughout, at the configured lookahead)."""
+    speculation schedule's choice now (``engine.schedule``), asked as the request starts, as
+    each epoch ends, and mid-epoch whenever ``load_changed`` (awaited: the next change of the
+    requests in flight) returns (None: speculate throughout, at the configured lookahead)."""
     assert ctx.target is not None
     gen, scheduling, cache = ctx.config.generation, ctx.config.scheduling, ctx.cache
     policy = RequestPolicy(
@@ -361,4 +391,4 @@ async def run_fpsr(
         trust=cache is not None and cache.trust,
     )
     first = [*(policy.on(replan()) if replan is not None else []), *policy.begin()]
-    await _Executor(ctx, image, policy, inspect, replan).run(first)
+    await _Executor(ctx, image, policy, inspect, replan, load_changed).run(first)

@@ -128,6 +128,7 @@ class EpochLanes:
         self.send, self.recv = anyio.create_memory_object_stream[Message](math.inf)
         self.permits, self.permitted = anyio.create_memory_object_stream[int](math.inf)
         self.scope = anyio.CancelScope()
+        self.draft_scope = anyio.CancelScope()  # the draft lane's alone (``stop_draft``)
         self.stopped = anyio.Event()
         self.tg: TaskGroup
 
@@ -137,11 +138,23 @@ class EpochLanes:
         try:
             with self.scope:
                 async with anyio.create_task_group() as self.tg:
-                    self.tg.start_soon(draft_lane, ctx, session, self.send, self.permitted, bounds)
+                    self.tg.start_soon(self._draft, ctx, session, bounds)
                     task_status.started()
                     await anyio.sleep_forever()
         finally:
             self.stopped.set()
+
+    async def _draft(self, ctx: RequestContext, session: Session, bounds: dict[int, int]) -> None:
+        with self.draft_scope:
+            await draft_lane(ctx, session, self.send, self.permitted, bounds)
+        if self.draft_scope.cancelled_caught:  # stopped on its own: the lane writes no more
+            with contextlib.suppress(anyio.ClosedResourceError):
+                self.send.send_nowait(RM.DraftFailed("stopped: the request went on with the target alone"))
+
+    def stop_draft(self) -> None:
+        """Stop the draft lane mid-epoch (the request goes alone): it reports ``DraftFailed``, so
+        that the epoch stops waiting for its drafts; the fallback, if any, goes on."""
+        self.draft_scope.cancel()
 
     def drain(self) -> list[Message]:
         """What the lanes reported and the driver has not read yet."""
