@@ -223,15 +223,22 @@ class Reasoner:
         return SERVED_TARGET_SPECULATING if self.target.concurrent else None
 
     def speculation_plan(
-        self, config: ReasonerConfig | None = None, *, in_flight: int | None = None, probe: bool = False
+        self,
+        config: ReasonerConfig | None = None,
+        *,
+        in_flight: int | None = None,
+        probe: bool = False,
+        by_acceptance: bool = True,
     ) -> SpeculationPlan:
         """What the speculation schedule (``engine.schedule``) gives a request starting now (or
-        with ``in_flight`` requests in flight, itself included)."""
+        with ``in_flight`` requests in flight, itself included). ``by_acceptance``: False for a
+        request under way, replanned by the load alone (its acceptance was judged as it started,
+        which a probe must outlive)."""
         cfg = config or self.config
         return plan(
             rows(cfg.scheduling, self._speculation_limit(cfg)),
             in_flight=self.active_requests + 1 if in_flight is None else in_flight,
-            acceptance=self.acceptance.value,
+            acceptance=self.acceptance.value if by_acceptance else None,
             min_acceptance=cfg.scheduling.min_acceptance,
             probe=probe,
             max_lookahead=cfg.generation.max_steps,
@@ -411,19 +418,10 @@ class Reasoner:
         await self._load_event.wait()
 
     def _replanner(self, ctx: RequestContext) -> Callable[[], Replan]:
-        """The schedule for ``ctx``: its plan as it started, then at each epoch the load's."""
-        first = ctx.schedule
+        """The schedule for ``ctx`` once under way: what the load now gives it."""
 
         def replan() -> Replan:
-            nonlocal first
-            if first is not None:
-                now, first = first, None
-            else:  # the acceptance was judged when the request started
-                now = plan(
-                    rows(ctx.config.scheduling, self._speculation_limit(ctx.config)),
-                    in_flight=self.active_requests,
-                    max_lookahead=ctx.config.generation.max_steps,
-                )
+            now = self.speculation_plan(ctx.config, in_flight=self.active_requests, by_acceptance=False)
             return Replan(now.lookahead, now.reason)
 
         return replan
@@ -446,10 +444,10 @@ class Reasoner:
         # input checks before any model work
         pil = await anyio.to_thread.run_sync(load_image, image, cfg.limits)  # decoding may be slow
         text = check_question(question, cfg.limits)
-        schedule = None
-        if method == "fpsr":  # the speculation schedule, which may choose the TBVM mode
+        schedule, cache = None, None
+        if method == "fpsr":  # the speculation schedule, which may choose the TBVM mode, then the cache
             schedule, cfg = self._start_plan(cfg)
-        cache = await self._cache_context(cfg, pil, text) if method == "fpsr" else None
+            cache = await self._cache_context(cfg, pil, text)
         send, recv = anyio.create_memory_object_stream[tuple[Event, DreamrError | None]](math.inf)
 
         async def emit(event: Event) -> None:

@@ -94,6 +94,15 @@ class ChatSession:
         return len(self.text)
 
 
+def _close_step(s: ChatSession, text: str, *, eos: bool, stop: str) -> None:
+    """A finished step enters the session: at the model's end of sequence the answer ends;
+    otherwise (the delimiter, or the step cap, which ends the step with a delimiter as in
+    process) the delimiter follows it."""
+    s.partial = ""
+    s.text += text if eos else text + stop
+    s.finished = eos
+
+
 class OpenAICompatBackend(ABC):
     """An ``AsyncModelBackend`` over a server's ``/v1/chat/completions``.
 
@@ -384,14 +393,9 @@ class OpenAICompatBackend(ABC):
         if finished is None:
             raise self._fail("streamed completion", "the stream ended without a finish reason")
         text = begun + "".join(parts)
-        s.partial = ""
-        if self.ended_at_eos(finished):
-            s.text += text
-            s.finished = True
-            return StepOutput(text, done=True, eos=True, new_tokens=tokens, forwards=tokens)
-        # the delimiter, or the step cap (which ends the step with a delimiter, as in-process)
-        s.text += text + stop
-        return StepOutput(text, done=True, new_tokens=tokens, forwards=tokens)
+        eos = self.ended_at_eos(finished)
+        _close_step(s, text, eos=eos, stop=stop)
+        return StepOutput(text, done=True, eos=eos, new_tokens=tokens, forwards=tokens)
 
     async def generate_rest(
         self,
@@ -429,9 +433,7 @@ class OpenAICompatBackend(ABC):
                         except ValueError as e:
                             raise self._fail("streamed completion", str(e)) from e
                     for out in steps[: max_steps - written]:
-                        s.partial = ""
-                        s.text += out.text if out.eos else out.text + stop
-                        s.finished = out.eos
+                        _close_step(s, out.text, eos=out.eos, stop=stop)
                         written += 1
                         yield out
             finally:

@@ -92,6 +92,11 @@ async def write_own(ctx: RequestContext, runner: ModelRunner, session: Session, 
     """One step written by one model alone on ``session``, verified as it is (a target's step
     with its cost)."""
     out = await write_step(ctx, runner, session, index=len(ctx.steps), lane=runner.name)
+    return await _accept_own(ctx, out, source)
+
+
+async def _accept_own(ctx: RequestContext, out: StepOutput, source: StepSource) -> Step:
+    """A step one model wrote alone, verified as it is (a target's step with its cost)."""
     cost = step_cost(out) if source is StepSource.TARGET else None
     return await ctx.accept(out.text, source, eos=out.eos, cost=cost)
 
@@ -104,7 +109,7 @@ async def write_alone(ctx: RequestContext, runner: ModelRunner, session: Session
     step per call."""
     written = 0
     while not ctx.done():
-        if runner.concurrent and runner.capabilities.streams_rest:
+        if runner.streams_rest:
             written += await _write_rest(ctx, runner, session, source)
         else:
             await write_own(ctx, runner, session, source)
@@ -129,8 +134,7 @@ async def _write_rest(ctx: RequestContext, runner: ModelRunner, session: Session
         async for out in steps:
             ctx.record_span(runner.name, "write", len(ctx.steps), start)
             ctx.count(runner, out.forwards, out.new_tokens)
-            cost = step_cost(out) if source is StepSource.TARGET else None
-            await ctx.accept(out.text, source, eos=out.eos, cost=cost)
+            await _accept_own(ctx, out, source)
             written += 1
             start = ctx.now()
             if ctx.done():

@@ -376,10 +376,11 @@ async def run_fpsr(
     load_changed: Callable[[], Awaitable[None]] | None = None,
     inspect: Inspect | None = None,
 ) -> None:
-    """Run FPSR for one request; steps and events go out through ``ctx``. ``replan``: the
-    speculation schedule's choice now (``engine.schedule``), asked as the request starts, as
-    each epoch ends, and mid-epoch whenever ``load_changed`` (awaited: the next change of the
-    requests in flight) returns (None: speculate throughout, at the configured lookahead)."""
+    """Run FPSR for one request; steps and events go out through ``ctx``. It starts on the
+    plan the speculation schedule chose for it (``ctx.schedule``; None: speculate at the
+    configured lookahead); ``replan``, the schedule's choice now, is asked as each epoch ends
+    and mid-epoch whenever ``load_changed`` (awaited: the next change of the requests in
+    flight) returns (None: the start's plan holds throughout)."""
     assert ctx.target is not None
     gen, scheduling, cache = ctx.config.generation, ctx.config.scheduling, ctx.cache
     policy = RequestPolicy(
@@ -390,5 +391,6 @@ async def run_fpsr(
         cache=cache is not None,
         trust=cache is not None and cache.trust,
     )
-    first = [*(policy.on(replan()) if replan is not None else []), *policy.begin()]
+    start = ctx.schedule
+    first = [*(policy.on(RM.Replan(start.lookahead, start.reason)) if start is not None else []), *policy.begin()]
     await _Executor(ctx, image, policy, inspect, replan, load_changed).run(first)

@@ -349,7 +349,7 @@ class ModelRunner:
     ) -> AsyncGenerator[StepOutput, None]:
         """The backend's steps from one call (``Capabilities.streams_rest``, an async backend),
         yielded as they are written; any failure is a BackendError, as every other op's."""
-        if not (self.concurrent and self.capabilities.streams_rest):
+        if not self.streams_rest:
             raise BackendError(f"{self.name}: this backend cannot write the rest of an answer in one call")
         rest = cast(StreamsRest, self.backend).generate_rest(
             session, max_tokens=max_tokens, stop=stop, max_steps=max_steps, temperature=temperature
@@ -388,6 +388,11 @@ class ModelRunner:
         """What the backend declares it can do (``backends.registry.capabilities_of``), read
         afresh: a backend may learn more once started (a child process's model)."""
         return capabilities_of(self.backend)
+
+    @property
+    def streams_rest(self) -> bool:
+        """The backend writes the rest of an answer in one call (``generate_rest``)."""
+        return self.concurrent and self.capabilities.streams_rest
 
     @property
     def can_repair(self) -> bool:
