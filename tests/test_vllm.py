@@ -23,6 +23,7 @@ import pytest
 from dreamr_vllm import VLLMBackend, VLLMError, VLLMServer, ensure_venv
 
 from dreamr_stream import Reasoner
+from dreamr_stream.backends.base import Capabilities
 from dreamr_stream.backends.hf import TransformersBackend
 from dreamr_stream.backends.shipped import demo_paths
 from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
@@ -199,6 +200,14 @@ async def test_leaving_the_stream_aborts_the_server_request(main_url: str) -> No
     assert abandoned < min(3 * per_step, solution_tokens - per_step)
 
 
+class _StepByStep(VLLMBackend):
+    """A served target asked for one step per request (not the rest of the answer at once)."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return super().capabilities.but(streams_rest=False)
+
+
 @pytest.mark.filterwarnings("ignore::dreamr_stream.errors.UncalibratedVerificationWarning")  # server failures, not TBVM
 @pytest.mark.asyncio
 async def test_served_draft_and_server_failures(servers: _Servers, main_url: str) -> None:
@@ -214,9 +223,11 @@ async def test_served_draft_and_server_failures(servers: _Servers, main_url: str
     result = await both.ainvoke(p.image, p.question.text())
     assert result.answer == alone.answer and result.stats.draft_steps_accepted > 0
 
-    # 2. the target's server killed mid-stream: a typed error naming its URL
+    # 2. the target's server killed mid-stream: a typed error naming its URL. One request per
+    # step, so that the server is killed with the answer's rest still to write: the rest in one
+    # stream may be all sent before the kill lands (its cut stream is test_rest_stream's)
     served_target = Reasoner(
-        VLLMBackend(victim.url, name="target"), reference.draft.backend if reference.draft else None
+        _StepByStep(victim.url, name="target"), reference.draft.backend if reference.draft else None
     )
     steps = 0
     with pytest.raises(VLLMError, match=re.escape(victim.url)):
