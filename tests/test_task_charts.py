@@ -155,10 +155,10 @@ def test_every_reference_solution_recomputes_from_the_charts_values() -> None:
                 assert sign is None and what is None
         if q.kind == "diff":
             a, b = seen
-            assert steps[-2] == f"{a} - {b} = {a - b}." and a - b == item.answer
+            assert steps[-2] == f"Difference: {a} - {b} = {a - b}." and a - b == item.answer
         elif q.kind == "top_two":
             a, b = sorted(c.values)[-1], sorted(c.values)[-2]
-            assert steps[-2] == f"{a} + {b} = {a + b}." and a + b == item.answer
+            assert steps[-2] == f"Sum: {a} + {b} = {a + b}." and a + b == item.answer
         elif q.kind == "median":
             assert steps[-2] == f"Middle: {item.answer}."
 

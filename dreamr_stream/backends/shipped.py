@@ -2,8 +2,10 @@
 
 A shipped model is a folder under ``weights/`` with a ``config.json``; its ``dreamr.json`` names
 its task (``"task"``, written by ``zoo.export``; a folder that names none was exported before
-tasks had names, so it is the grid's). Every shipped model today is the grid task's: the target
-``target`` (and ``target-judge``) and the drafts ``draft-<name>``.
+tasks had names, so it is the grid's). A task's folders share a prefix (``task_prefix``): none for
+the default task, whose models came first (``target``, ``target-judge``, ``draft-<name>``), and
+``<task>-`` for every other (``charts-target``, ``charts-draft-sapo``), so the folders of every
+task sit side by side and a task's name alone finds its models.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from dreamr_stream.backends.settings import read_settings
 from dreamr_stream.errors import ModelLoadError
 from dreamr_stream.tasks import DEFAULT_TASK
 
-__all__ = ["WEIGHTS", "DemoPaths", "default_draft", "demo_paths", "model_task", "shipped_drafts", "shipped_models"]
+__all__ = [
+    "WEIGHTS",
+    "DemoPaths",
+    "default_draft",
+    "demo_paths",
+    "model_task",
+    "shipped_drafts",
+    "shipped_models",
+    "shipped_tasks",
+    "task_prefix",
+]
 
 WEIGHTS = Path(__file__).parent.parent / "zoo" / "weights"  # package data beside the pipeline that made them
 
@@ -38,9 +50,22 @@ def shipped_models(task: str | None = None) -> list[str]:
     return [m for m in models if task is None or model_task(WEIGHTS / m) == task]
 
 
+def task_prefix(task: str) -> str:
+    """What the names of ``task``'s shipped folders start with: nothing for the default task."""
+    return "" if task == DEFAULT_TASK else f"{task}-"
+
+
+def shipped_tasks() -> list[str]:
+    """The tasks with a shipped target, the default task first."""
+    tasks = {model_task(WEIGHTS / m) for m in shipped_models()}
+    found = [t for t in tasks if (WEIGHTS / f"{task_prefix(t)}target" / "config.json").exists()]
+    return sorted(found, key=lambda t: (t != DEFAULT_TASK, t))
+
+
 def shipped_drafts(task: str = DEFAULT_TASK) -> list[str]:
-    """The names of ``task``'s shipped drafts (``draft-<name>`` folders)."""
-    return [m.removeprefix("draft-") for m in shipped_models(task) if m.startswith("draft-")]
+    """The names of ``task``'s shipped drafts (``[<task>-]draft-<name>`` folders)."""
+    head = f"{task_prefix(task)}draft-"
+    return [m.removeprefix(head) for m in shipped_models(task) if m.startswith(head)]
 
 
 def default_draft(task: str = DEFAULT_TASK) -> str:
@@ -56,8 +81,8 @@ def demo_paths(draft: str | None = None, task: str = DEFAULT_TASK) -> DemoPaths:
     if not mine:
         tasks = sorted({model_task(WEIGHTS / m) for m in shipped_models()})
         raise ModelLoadError(f"no shipped demo models for task {task!r} (shipped: {', '.join(tasks) or 'none'})")
-    target = WEIGHTS / "target"
-    draft_dir = WEIGHTS / f"draft-{draft}"
+    target = WEIGHTS / f"{task_prefix(task)}target"
+    draft_dir = WEIGHTS / f"{task_prefix(task)}draft-{draft}"
     for folder in (target, draft_dir):
         if folder.name not in mine:
             raise ModelLoadError(

@@ -5,9 +5,9 @@ the running result right after it, so each decision is local: the value is one t
 and the result is the previous step's result updated with the one value just written:
 
 * value: ``Bar C: 12.`` then ``Answer: 12``
-* diff: ``Bar C: 12.`` ``Bar A: 5.`` ``12 - 5 = 7.`` ``Answer: 7``
+* diff: ``Bar C: 12.`` ``Bar A: 5.`` ``Difference: 12 - 5 = 7.`` ``Answer: 7``
 * top_two: ``Bar A: 5. Largest: 5.`` ``Bar B: 9. Largest: 9, 5.`` ``Bar C: 7. Largest: 9, 7.``
-  ``9 + 7 = 16.`` ``Answer: 16``
+  ``Sum: 9 + 7 = 16.`` ``Answer: 16``
 * median: ``Bar A: 5. Sorted: 5.`` ``Bar B: 9. Sorted: 5, 9.`` ``Bar C: 7. Sorted: 5, 7, 9.``
   ``Middle: 7.`` ``Answer: 7``
 * above: ``Bar A: 8 > 6. Count: 1.`` ``Bar B: 5 < 6. Count: 1.`` ... ``Answer: 2``
@@ -95,10 +95,10 @@ def compute_step(q: Question, values: list[int], state: State) -> str | None:
     reading's result is already the answer (value, above)."""
     if q.kind == "diff":
         a, b = values
-        return f"{a} - {b} = {a - b}."
+        return f"Difference: {a} - {b} = {a - b}."
     if q.kind == "top_two":
         a, b = state
-        return f"{a} + {b} = {a + b}."
+        return f"Sum: {a} + {b} = {a + b}."
     if q.kind == "median":
         return f"Middle: {state[len(state) // 2]}."
     return None
