@@ -24,6 +24,10 @@ machine noise hits all of them alike:
                         itself, so the bench runs only the other one
 * ``draft_only``        the SFT draft alone, unverified
 
+Faithfulness is the share of a row's right answers whose every step is the reference solution's
+step (``faithful``): a right answer reached through a wrong reading or a wrong running result is
+a failure that the final answer hides.
+
 A rejected step's cost is the target forwards spent after the verdict to finish it, over the
 forwards of writing it whole (one per token): ``rejected_step_cost`` (aggregate over the rows'
 rejected steps, from ``Step.cost``).
@@ -64,7 +68,16 @@ from dreamr_stream.config import CacheConfig, ReasonerConfig, VerificationConfig
 from dreamr_stream.reasoner import UNVERIFIED_METHODS, Reasoner
 from dreamr_stream.tasks import DEFAULT_TASK, Task, TaskItem, TaskLike, as_task
 
-__all__ = ["ALL_METHODS", "BenchResult", "ideal_speedup", "run_bench", "save", "to_markdown"]
+__all__ = [
+    "ALL_METHODS",
+    "BenchResult",
+    "faithful",
+    "faithfulness",
+    "ideal_speedup",
+    "run_bench",
+    "save",
+    "to_markdown",
+]
 
 ALL_METHODS = (
     "target_only",
@@ -125,6 +138,8 @@ class MethodRows:
     wall: list[float] = field(default_factory=list)
     first: list[float] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
+    # per prompt: every step of the answer is the reference's (``faithful``)
+    faithful: list[bool] = field(default_factory=list)
     judged: int = 0
     accepted: int = 0
     steps: int = 0
@@ -305,6 +320,7 @@ def _run_generate(
     text, tokens = alone.call_model(_generate_text, target, item.image, item.question, helper)
     row.wall.append(time.perf_counter() - t)
     row.correct.append(task.parse_answer(text) == item.answer)
+    row.faithful.append(faithful(text.split("\n"), item))
     row.tokens += tokens
 
 
@@ -319,6 +335,7 @@ def _run_engine(
     row.wall.append(s.wall_s)
     row.first.append(s.time_to_first_step_s or s.wall_s)
     row.correct.append(r.answer == str(item.answer))
+    row.faithful.append(faithful([st.text for st in r.steps], item))
     row.judged += s.draft_steps_judged
     row.accepted += s.draft_steps_accepted
     row.steps += len(r.steps)
@@ -334,6 +351,19 @@ def _run_engine(
         row.tokens += sum(len(target.encode(st.text)) + 1 for st in r.steps)
 
 
+def faithful(steps: list[str], item: TaskItem) -> bool:
+    """Every step written is the reference's, in order, and there are as many: a right answer
+    reached through a wrong step is not faithful (blank lines and outer spaces aside)."""
+    written = [s.strip() for s in steps if s.strip()]
+    return written == [s.strip() for s in item.steps]
+
+
+def faithfulness(correct: list[bool], faithful_steps: list[bool]) -> float | None:
+    """The share of right answers whose every step is the reference's (None: no right answer)."""
+    right = [f for c, f in zip(correct, faithful_steps, strict=True) if c]
+    return sum(right) / len(right) if right else None
+
+
 def _summarise(rows: dict[str, MethodRows], costs: dict[str, float], n: int) -> dict[str, dict[str, Any]]:
     """Each method's figures, speedups against target-only on the same prompts."""
     base = rows["target_only"].wall if "target_only" in rows else None
@@ -342,6 +372,7 @@ def _summarise(rows: dict[str, MethodRows], costs: dict[str, float], n: int) -> 
         rec: dict[str, Any] = {
             "tbvm": row.tbvm,
             "accuracy": sum(row.correct) / len(row.correct),
+            "faithfulness": faithfulness(row.correct, row.faithful),
             "acceptance": row.accepted / row.judged if row.judged else None,
             "steps_per_prompt": row.steps / n if row.steps else None,
             "wall_median_s": statistics.median(row.wall),

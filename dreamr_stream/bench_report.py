@@ -29,6 +29,7 @@ def to_markdown(result: BenchResult) -> str:
         "method",
         "TBVM",
         "accuracy",
+        "faithful",
         "acceptance",
         "wall median s (IQR)",
         "speedup",
@@ -48,6 +49,7 @@ def to_markdown(result: BenchResult) -> str:
             m,
             r.get("tbvm") or "-",
             f"{r['accuracy']:.1%}",
+            f(r.get("faithfulness"), "{:.1%}"),
             f(r["acceptance"], "{:.1%}"),
             iqr,
             f(r.get("speedup_median"), "{:.2f}x"),
@@ -67,7 +69,8 @@ def to_markdown(result: BenchResult) -> str:
         f"Costs: target {c['target_s_per_token'] * 1000:.2f} ms/token, "
         f"draft {c['draft_s_per_token'] * 1000:.2f} ms/token (c = {c['c']:.3f}), "
         f"20-token scoring forward {c['score_s'] * 1000:.1f} ms (v = {c['v']:.2f} target tokens). "
-        f"n = {result.config['n']} test prompts, device {result.config['device']}, "
+        f"Faithful: the share of right answers whose every step is the reference's. "
+        f"n = {result.config['n']} test prompts of task {result.config.get('task', 'grid')}, device {result.config['device']}, "
         f"TBVM as the target recommends: {result.config['verification']['mode']} mode, "
         f"tau {result.config['verification']['tau']:g}."
     )

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from dreamr_stream.backends.shipped import demo_paths
-from dreamr_stream.bench import ALL_METHODS, ideal_speedup, run_bench, save, to_markdown
+from dreamr_stream.bench import ALL_METHODS, faithful, faithfulness, ideal_speedup, run_bench, save, to_markdown
+from dreamr_stream.tasks import get_task
 
 
 def test_ideal_speedup_formula() -> None:
@@ -18,6 +19,23 @@ def test_ideal_speedup_formula() -> None:
     assert ideal_speedup(c=0.1, v=1.5, step_tokens=20, acceptance=0.5) == pytest.approx(20 / (2.0 + 10))
     # no overlap: drafting and scoring add up
     assert ideal_speedup(c=0.1, v=1.5, step_tokens=20, acceptance=1.0, overlap=False) == pytest.approx(20 / 3.5)
+
+
+@pytest.mark.parametrize("task", ["grid", "charts"])
+def test_a_faithful_answer_writes_every_reference_step(task: str) -> None:
+    item = get_task(task).item("test", 3)
+    steps = list(item.steps)
+    assert faithful(steps, item)
+    assert faithful(["", *[f" {s} " for s in steps]], item)  # blank lines and outer spaces aside
+    assert not faithful(steps[:-1], item)  # a step missing
+    assert not faithful([*steps, steps[-1]], item)  # one too many
+    wrong = steps[0].replace("1", "7") if "1" in steps[0] else steps[0] + " x"
+    assert not faithful([wrong, *steps[1:]], item)  # the same answer through a wrong step
+
+
+def test_faithfulness_counts_right_answers_only() -> None:
+    assert faithfulness([True, True, False, True], [True, False, True, True]) == pytest.approx(2 / 3)
+    assert faithfulness([False, False], [True, True]) is None
 
 
 def test_unknown_bench_method_is_a_clear_error() -> None:
@@ -56,6 +74,7 @@ def test_bench_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> None:
         assert 0.0 <= rec["acceptance"] <= 1.0 and rec["ideal_speedup"] > 0 and rec["efficiency"] > 0
     for rec in result.methods.values():
         assert rec["wall_median_s"] > 0 and rec["tokens_per_s"] > 0
+        assert rec["faithfulness"] is None or 0.0 <= rec["faithfulness"] <= 1.0
     save(result, tmp_path, "t")
     table = to_markdown(result)
     assert all(f"| {m} |" in table for m in methods)
