@@ -21,6 +21,7 @@ from dreamr_app.common import (
     add_task_flag,
     exit_now,
     quiet_libraries,
+    task_name,
 )
 
 if TYPE_CHECKING:
@@ -243,6 +244,9 @@ def _add_serve(sub: Subparsers) -> None:
     s.add_argument("--tau", type=float, help="default: what the target model recommends, else 1.0")
     s.add_argument("--max-steps", type=int, default=24)
     add_model_flags(s)
+    s.add_argument("--task", action="append", type=task_name, dest="tasks", metavar="NAME",
+                   help="serve this task (repeatable; default: every task with shipped demo models); "
+                   "with model flags, the one task those models answer")  # fmt: skip
     s.add_argument("--print-schema", action="store_true", help="print the protocol's JSON Schema and exit")
     s.set_defaults(fn=_serve)
 

@@ -23,6 +23,7 @@ import pytest
 import uvicorn
 from dreamr_websocket.admission import Admission, RequestRate
 from dreamr_websocket.openai_routes import api_routes
+from dreamr_websocket.served import ServedTasks
 from dreamr_websocket.settings import ServerSettings
 from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -40,9 +41,10 @@ IMAGE = f"data:image/png;base64,{png_b64()}"
 
 @dataclass
 class FakeHost:
-    """An ``ApiHost`` as the app will be: one Reasoner, one admission, the server's counters."""
+    """An ``ApiHost`` as the app will be: two tasks (one Reasoner behind both), one admission,
+    the server's counters."""
 
-    reasoner: Reasoner
+    tasks: ServedTasks
     settings: ServerSettings
     admission: Admission
     rate: RequestRate | None
@@ -50,15 +52,18 @@ class FakeHost:
     totals: Counter[str] = field(default_factory=Counter)
     closing: bool = False
 
-    def model_ids(self) -> list[str]:
-        return ["dreamr-demo", "dreamr-other"]
+    @property
+    def reasoner(self) -> Reasoner:
+        return self.tasks.default.reasoner
 
 
 def make_host(reasoner: Reasoner | None = None, **settings: Any) -> FakeHost:
     s = ServerSettings(**settings)
     rate = RequestRate(s.requests_per_minute) if s.requests_per_minute is not None else None
     admission = Admission(s.max_active, s.max_waiting, s.max_held_image_bytes)
-    return FakeHost(reasoner or make_reasoner(), s, admission, rate, anyio.CapacityLimiter(2))
+    shared = reasoner or make_reasoner()
+    tasks = ServedTasks({"demo": shared, "other": shared})  # model ids dreamr-demo, dreamr-other
+    return FakeHost(tasks, s, admission, rate, anyio.CapacityLimiter(2))
 
 
 @asynccontextmanager

@@ -1,4 +1,5 @@
-"""The live page in a real browser (Debian chromium via Playwright) against the demo models.
+"""The live page in a real browser (Debian chromium via Playwright) against the demo models, and
+its task picker against two tasks' scripted models.
 
 Never ``playwright install``: the browser is the system's ``/usr/bin/chromium`` (``scripts/test.sh`` installs it).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -14,9 +16,10 @@ from pathlib import Path
 import anyio
 import pytest
 from PIL import Image
-from ws_support import serving
+from ws_support import make_reasoner, serving
 
 from dreamr_stream.reasoner import Reasoner
+from dreamr_stream.tasks import get_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
@@ -141,3 +144,52 @@ async def test_page_streams_verified_steps_then_the_answer(
     assert [s.strip() for s in shown_steps] == [s.text.strip() for s in expected.steps]
     assert not problems, problems
     assert Image.open(io.BytesIO(await anyio.Path(screenshot).read_bytes())).width >= 1000
+
+
+async def test_the_task_picker_switches_the_puzzle_and_sends_the_task(chromium: str) -> None:
+    """Two tasks served: the picker (a labelled select, used from the keyboard) takes the picked
+    task's demo puzzle, says what it shows from the task's title, and the request names the task.
+    Each task's models are scripted to a different answer, so the answer says which answered."""
+    from playwright.async_api import async_playwright, expect
+
+    chart_steps = ["Bar C: 58", "Answer: 58"]
+    tasks = {"grid": make_reasoner(), "charts": make_reasoner(target=chart_steps, draft=chart_steps)}
+    charts_title = get_task("charts").title
+    async with serving(tasks) as server, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = await browser.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            sent: list[str] = []
+            page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(str(payload))))
+            await page.goto(server.http_url)
+            await expect(page.locator("#conn")).to_have_attribute("data-state", "up")
+
+            picker = page.get_by_label("Task", exact=True)
+            await expect(picker).to_be_visible()
+            await expect(picker).to_have_value("grid")  # the default task first
+            await page.get_by_role("button", name="New demo puzzle").click()
+            await expect(page.locator("#expected")).to_contain_text("Demo grid puzzle")
+            grid_image = await page.locator("#preview").get_attribute("src")
+
+            await picker.focus()
+            await page.keyboard.press("ArrowDown")  # the keyboard picks the next task
+            await expect(picker).to_have_value("charts")
+            # the grid's puzzle is no question for the chart models: the picker takes a chart's
+            await expect(page.locator("#expected")).to_contain_text(f"Demo charts puzzle ({charts_title})")
+            preview = page.locator("#preview")
+            await expect(preview).to_have_attribute("alt", f"demo puzzle of the charts task: {charts_title}")
+            chart_image = await preview.get_attribute("src")
+            assert chart_image and chart_image != grid_image
+            shown = Image.open(io.BytesIO(base64.b64decode(chart_image.split(",", 1)[1])))
+            assert shown.size == (224, 224)  # a chart, not a 112 px grid
+
+            await page.get_by_label("Question").press("Enter")
+            await expect(page.locator("#answer-text")).to_have_text("58", timeout=30_000)
+        finally:
+            await browser.close()
+
+    asks = [m for m in (json.loads(f) for f in sent) if m.get("type") == "ask"]
+    assert [m["task"] for m in asks] == ["charts"], asks
+    assert not problems, problems

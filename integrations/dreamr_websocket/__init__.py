@@ -6,17 +6,20 @@ One port serves everything (``websockets``' asyncio server, plain HTTP through
 =================  ==========================================================================
 ``GET /``          the live page (plain HTML/CSS/JS shipped in the package; no build step)
 ``GET /ws``        the WebSocket stream (token and Origin checked at the handshake)
-``GET /puzzle``    a task's test item (``?task=grid&seed=7``; random seed unless given):
-                   ``{task, seed, image (data URL), question, answer}``
-``GET /stats``     server state: active, queued, in-flight model calls, totals (``ServerStats``)
+``GET /puzzle``    a served task's test item (``?task=grid&seed=7``; the default task and a
+                   random seed unless given): ``{task, title, seed, image (data URL), question, answer}``
+``GET /tasks``     the served tasks, the default first: ``{default, tasks: [{name, title, model}]}``
+``GET /stats``     server state: active, queued, in-flight model calls, totals, per task (``ServerStats``)
 ``GET /schema.json`` the protocol's JSON Schema (also committed as ``schema/protocol-v1.json``)
 =================  ==========================================================================
 
 Protocol v1 (JSON text frames; every message has ``"v": 1`` and a ``type``)
 ----------------------------------------------------------------------------
 Client: ``{"v": 1, "type": "ask", "id": "q1", "image": "<base64 or data:image/...;base64,...>",
-"question": "How many red shapes are there?", "options": {"method": "fpsr", "tau": 1.0}}``;
-``{"v": 1, "type": "cancel"}`` stops the running request. Options (all optional): ``method``,
+"question": "How many red shapes are there?", "task": "grid", "options": {"method": "fpsr", "tau": 1.0}}``;
+``{"v": 1, "type": "cancel"}`` stops the running request. ``task`` (optional) is one of the served
+tasks (``GET /tasks``); without it the server's default task answers, and a task the server does
+not serve is an ``invalid_option`` error naming the served ones. Options (all optional): ``method``,
 ``tau``, ``verify``, ``lookahead``, ``fallback``, ``max_steps`` (at most the server's), ``cache``,
 ``drafts`` (send drafted events, default true), ``timeline`` (include lane spans in stats).
 Unknown options are an error. One request at a time per connection.

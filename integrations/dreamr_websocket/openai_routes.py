@@ -6,10 +6,10 @@ gates (token, Origin, Host, connection limits), and this module never imports th
 
 A request goes through the same steps as one on ``/ws``, in the same order: its body is read
 up to ``max_message_bytes`` (413 beyond, without reading the rest) and parsed (in a worker
-thread when large); its address's rate is counted (429); the model, the options, the question
-and the image are checked (400 / 404) before it takes a place in the admission queue (429
-when full). Then it runs in the engine, its events turned into chunks by
-``openai_protocol.ChunkWriter``.
+thread when large); its address's rate is counted (429); the model (one per served task: it
+picks the task's Reasoner), the options, the question and the image are checked (400 / 404)
+before it takes a place in the admission queue (429 when full, whatever the task: one queue).
+Then it runs in the engine, its events turned into chunks by ``openai_protocol.ChunkWriter``.
 
 Why the request runs inside its response (``ChatRun``, an ASGI response of its own) rather
 than in Starlette's ``StreamingResponse`` over a generator:
@@ -67,6 +67,7 @@ from dreamr_websocket.openai_protocol import (
     parse_chat_request,
 )
 from dreamr_websocket.protocol import QueuedMessage
+from dreamr_websocket.served import ServedTasks
 from dreamr_websocket.session import decode_image, held_bytes, request_config
 from dreamr_websocket.settings import ServerSettings
 
@@ -96,7 +97,7 @@ _SSE_HEADERS = [
 class ApiHost(Protocol):
     """What the endpoints use of the server they are mounted on."""
 
-    reasoner: Reasoner  # shared by every route
+    tasks: ServedTasks  # each task's Reasoner and model id, shared by every route; the first is the default
     settings: ServerSettings
     admission: Admission  # the one queue for /ws and /v1
     rate: RequestRate | None  # requests a minute per client address; None: no limit
@@ -106,10 +107,6 @@ class ApiHost(Protocol):
     @property
     def closing(self) -> bool:
         """True while the server shuts down: new requests get 503."""
-        ...
-
-    def model_ids(self) -> list[str]:
-        """The names a request's ``model`` may take; the first is the default."""
         ...
 
 
@@ -134,7 +131,7 @@ def api_routes(host: ApiHost) -> list[Route]:
 
 async def list_models(request: Request, host: ApiHost) -> Response:
     """``GET /v1/models``: OpenAI's list object of the served model names."""
-    return JSONResponse(model_list(host.model_ids(), created=int(time.time())))
+    return JSONResponse(model_list(host.tasks.model_ids, created=int(time.time())))
 
 
 async def read_body(request: Request, limit: int) -> bytes | OpenAIErrorResponse:
@@ -161,6 +158,7 @@ class _Prepared:
 
     id: str
     model: str
+    reasoner: Reasoner  # the model's task's
     image: Image.Image
     question: str
     config: ReasonerConfig
@@ -220,18 +218,19 @@ def _rate_limited(request: Request, host: ApiHost) -> OpenAIErrorResponse | None
 
 async def _prepare(parsed: ChatRequest, host: ApiHost) -> _Prepared | OpenAIErrorResponse:
     """Check what the request asks for, cheapest first; the image is decoded last, in a thread."""
-    ids = host.model_ids()
-    model = parsed.model if parsed.model is not None else ids[0]
-    if model not in ids:
-        message = f"this model does not exist here; the server serves: {', '.join(ids)}"
+    served = host.tasks.by_model(parsed.model)  # no model named: the default task's
+    if served is None:
+        message = f"this model does not exist here; the server serves: {', '.join(host.tasks.model_ids)}"
         return api_error(HTTPStatus.NOT_FOUND, message, param="model")
-    base = host.reasoner.config
+    served.requests += 1
+    base = served.reasoner.config
     config = request_config(base, parsed.options)
     question = check_question(parsed.question, base.limits)
     limiter = host.decode_limiter
     image = await anyio.to_thread.run_sync(decode_image, parsed.image, base.limits, limiter=limiter)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    return _Prepared(rid, model, image, question, config, parsed.model_copy(update={"image": ""}))
+    request = parsed.model_copy(update={"image": ""})
+    return _Prepared(rid, served.model, served.reasoner, image, question, config, request)
 
 
 class _Sender:
@@ -369,9 +368,7 @@ class ChatRun(Response):
 
     async def _serve(self, out: _Sender) -> None:
         p, writer = self.prepared, self.writer
-        stream = self.host.reasoner.astream_events(
-            p.image, p.question, method=p.request.options.method, config=p.config
-        )
+        stream = p.reasoner.astream_events(p.image, p.question, method=p.request.options.method, config=p.config)
         try:
             async with aclosing(stream) as events:  # closed on any exit: the request stops with it
                 async for event in events:

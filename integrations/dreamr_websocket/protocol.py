@@ -8,7 +8,9 @@ protocol version); a breaking change bumps it.
 Client -> server (JSON text frames):
 
 * ``ask``: ``{"v": 1, "type": "ask", "id": "q1", "image": "<base64 or data URL>",
-  "question": "...", "options": {"method": "fpsr", "tau": 1.0}}``
+  "question": "...", "task": "charts", "options": {"method": "fpsr", "tau": 1.0}}``; ``task``
+  (optional, added in place: v1 clients that never send it get the server's default task) picks
+  one of the tasks the server serves (``GET /tasks``)
 * ``cancel``: ``{"v": 1, "type": "cancel"}`` stops the connection's running request.
 
 Server -> client, per request (all carry the request ``id``): ``queued`` (only when it waits),
@@ -32,6 +34,7 @@ from dreamr_stream.types import ReasoningStats, SpeculationPlan, Step
 
 __all__ = [
     "EVENT_MESSAGES",
+    "NAME_PATTERN",
     "PROTOCOL_VERSION",
     "SCHEMA_PATH",
     "TAU_MAX",
@@ -52,6 +55,7 @@ __all__ = [
     "ServerMessageAdapter",
     "ServerStats",
     "StatsMessage",
+    "TaskStats",
     "from_event",
     "parse_client_message",
     "protocol_schema",
@@ -61,8 +65,10 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / f"protocol-v{PROTOCOL_VERSION}.json"
 Method = Literal["fpsr", "target_only", "draft_only", "sequential"]
-_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
-RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=f"^{_ID.pattern}$")]
+# what a request id and a task's name may be: plain, bounded text
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=f"^{NAME_PATTERN.pattern}$")]
+TaskName = Annotated[str, Field(min_length=1, max_length=64, pattern=f"^{NAME_PATTERN.pattern}$")]
 # A client's tau is finite and bounded: Python's JSON reads ``Infinity``, ``NaN`` and ``1e999``
 # (inf) as numbers, and a server should not run on values its operator never chose. A ratio of
 # 1e6 already rejects almost every step; a client that wants the target alone asks for
@@ -86,7 +92,7 @@ ErrorCode = Literal[
     "bad_json",  # the message is not JSON
     "bad_request",  # JSON, but not a valid message (missing or wrong fields, unknown type)
     "unsupported_version",  # ``v`` is not a version this server speaks
-    "invalid_option",  # an unknown option or an option value out of range
+    "invalid_option",  # an unknown option, an option value out of range, or a task this server does not serve
     "invalid_image",  # not base64, not an image, too large or too small
     "invalid_question",  # empty or too long
     "request_in_progress",  # this connection already runs a request (one at a time)
@@ -129,6 +135,9 @@ class AskMessage(_Message):
     id: RequestId | None = Field(default=None, description="echoed on every event; the server picks one if absent")
     image: str = Field(min_length=1, description="the image as base64 or a data: URL; never a path")
     question: str
+    task: TaskName | None = Field(
+        default=None, description="which served task answers (GET /tasks lists them); absent: the server's default"
+    )
     options: RequestOptions = RequestOptions()
 
 
@@ -223,8 +232,26 @@ else:
 ServerMessageAdapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)  # type: ignore[arg-type]
 
 
+class TaskStats(BaseModel):
+    """One served task in ``GET /stats``: its model id, and what its Reasoner is doing now."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str = Field(description="the task's OpenAI model id")
+    requests: int = Field(description="requests routed to this task since the server started (WebSocket and API)")
+    engine_requests: int = Field(description="the task's Reasoner's own count of running requests")
+    in_flight: int = Field(description="the task's model calls running in worker threads now")
+    speculation: SpeculationPlan | None = Field(
+        default=None, description="the task's speculation schedule for a request starting now; None without a draft"
+    )
+
+
 class ServerStats(BaseModel):
-    """``GET /stats``: what the server is doing now, and totals since it started."""
+    """``GET /stats``: what the server is doing now, and totals since it started.
+
+    The engine's fields at the top level (``engine_requests``, ``in_flight``, ``speculation``)
+    are the default task's, as they were when a server served one task; ``tasks`` has every
+    served task's, the default first. The admission and the totals are the server's, shared by
+    every task."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     v: Literal[1] = PROTOCOL_VERSION
@@ -242,6 +269,7 @@ class ServerStats(BaseModel):
         description="what the speculation schedule gives a request starting now (the load, the draft's "
         "rolling acceptance, the lookahead; 0: the target alone); None without a draft",
     )
+    tasks: dict[str, TaskStats] = Field(default_factory=dict, description="each served task by name, the default first")
 
 
 _ERROR_CODES: dict[str, ErrorCode] = {
@@ -286,7 +314,7 @@ def parse_client_message(raw: str) -> ClientMessage | ErrorMessage:
     if not isinstance(data, dict):
         return ErrorMessage(code="bad_request", message="a message is a JSON object with 'v' and 'type'")
     given_id = data.get("id")
-    rid = given_id if isinstance(given_id, str) and _ID.fullmatch(given_id) else None
+    rid = given_id if isinstance(given_id, str) and NAME_PATTERN.fullmatch(given_id) else None
     if data.get("v") != PROTOCOL_VERSION:
         return ErrorMessage(
             id=rid, code="unsupported_version", message=f"this server speaks protocol v{PROTOCOL_VERSION}; send 'v': 1"

@@ -1,8 +1,10 @@
-"""Plain HTTP beside the WebSocket on the same port: the page, a demo puzzle, stats, the schema,
-and the gates every route shares.
+"""Plain HTTP beside the WebSocket on the same port: the page, a demo puzzle, the served tasks,
+stats, the schema, and the gates every route shares.
 
-The demo puzzle is an item of a task's test split (``GET /puzzle?task=NAME&seed=N``; the grid
-task's and a random seed unless told), so that a second task needs no change here.
+The demo puzzle is an item of a served task's test split (``GET /puzzle?task=NAME&seed=N``; the
+server's default task's and a random seed unless told), made by the task itself, so that a new
+task needs no change here. ``GET /tasks`` tells the page which tasks are served, with each
+one's title (for its picker, and to say what a demo image shows) and model id.
 
 Why on one port: the page connects back to the origin it came from, so no CORS and one
 Origin rule. Only a fixed table of static files is served (a client never names a path),
@@ -31,11 +33,14 @@ from starlette.responses import Response
 
 from dreamr_stream.errors import ConfigError
 from dreamr_stream.tasks import DEFAULT_TASK, TaskLike, as_task
+from dreamr_websocket.served import ServedTasks
 from dreamr_websocket.settings import LOOPBACK_HOSTS, ServerSettings
 
 __all__ = [
     "STATIC",
     "DemoPuzzle",
+    "ServedTaskInfo",
+    "ServedTasksInfo",
     "demo_puzzle",
     "host_allowed",
     "json_response",
@@ -43,6 +48,7 @@ __all__ = [
     "puzzle_response",
     "query",
     "response",
+    "served_tasks",
     "static_file",
     "text_response",
     "token_ok",
@@ -65,10 +71,28 @@ class DemoPuzzle(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     task: str = Field(description="the task's name")
+    title: str = Field(description="the task's one-line title: what its images show and its questions ask")
     seed: int = Field(description="the item's index in the task's test split")
     image: str = Field(description="data:image/png;base64,...")
     question: str
     answer: str
+
+
+class ServedTaskInfo(BaseModel):
+    """One served task, as the page's picker shows it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(description="what a request's 'task' and /puzzle's ?task= take")
+    title: str = Field(description="the task's one-line title")
+    model: str = Field(description="its OpenAI model id (/v1/models)")
+
+
+class ServedTasksInfo(BaseModel):
+    """``GET /tasks``: the served tasks in order, and the one a request without a task gets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    default: str
+    tasks: list[ServedTaskInfo]
 
 
 # on every response: nothing cached, nothing sniffed, nothing leaked in Referer, nothing framed
@@ -166,6 +190,7 @@ def demo_puzzle(seed: int | None = None, *, task: TaskLike = DEFAULT_TASK) -> De
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return DemoPuzzle(
         task=chosen.name,
+        title=chosen.title,
         seed=seed,
         image=f"data:image/png;base64,{data}",
         question=item.question,
@@ -177,14 +202,23 @@ def _bad_request(message: str) -> Response:
     return text_response(HTTPStatus.BAD_REQUEST, message)
 
 
-def puzzle_response(request: HTTPConnection) -> Response:
-    """``GET /puzzle[?task=NAME][&seed=N]``: ``demo_puzzle``'s JSON, or 400 naming what is wrong."""
+def served_tasks(tasks: ServedTasks) -> ServedTasksInfo:
+    """``GET /tasks``: what the page needs to offer each served task."""
+    infos = [ServedTaskInfo(name=t.name, title=t.title, model=t.model) for t in tasks]
+    return ServedTasksInfo(default=tasks.default.name, tasks=infos)
+
+
+def puzzle_response(request: HTTPConnection, tasks: ServedTasks) -> Response:
+    """``GET /puzzle[?task=NAME][&seed=N]``: an item of a served task (the default task's without
+    ``task``) as ``demo_puzzle``'s JSON, or 400 naming what is wrong."""
     params = query(request)
     seed = params.get("seed")
     if seed is not None and not (seed.isdigit() and len(seed) <= 9):
         return _bad_request("seed must be a non-negative integer")
     try:
-        puzzle = demo_puzzle(int(seed) if seed is not None else None, task=params.get("task", DEFAULT_TASK))
-    except ConfigError as e:  # an unknown task: the message names the known ones
+        # only a served task's: a puzzle is for asking, and no model here would answer another's
+        name = tasks.task(params.get("task")).name
+        puzzle = demo_puzzle(int(seed) if seed is not None else None, task=name)
+    except ConfigError as e:  # a task not served, or one this process does not know: the message says which
         return _bad_request(str(e))
     return json_response(puzzle)

@@ -1,14 +1,16 @@
-"""DreamrServer: one port, the page at ``/``, the stream at ``/ws``, stats at ``/stats``, and the
-OpenAI-compatible API at ``/v1``.
+"""DreamrServer: one port, the page at ``/``, the stream at ``/ws``, stats at ``/stats``, the
+served tasks at ``/tasks``, and the OpenAI-compatible API at ``/v1``.
 
-Why one ``Reasoner`` for every connection: the models are loaded once and shared; the
+Why one ``Reasoner`` per task for every connection: the models are loaded once and shared; the
 core already serialises calls per model (a priority lock each) and keeps concurrent requests
-independent (invariant 6). The server adds what the core cannot know: how many requests may
+independent (invariant 6). A server serves one task, or several (a mapping task name ->
+Reasoner, ``served.ServedTasks``): a request names its task (``task`` on ``/ws``, ``model`` on
+``/v1``), or gets the first. The server adds what the core cannot know: how many requests may
 run and wait (``Admission``), who may connect, and what a connection may send. No one client
 address may hold more than its share of the connections, or ask faster than its rate: one
 client in a loop must not lock out the rest (neither applies on a unix socket, which only its
-owner can reach). A WebSocket and an API request share those limits: one admission, one table
-of connections, one rate, whatever the route.
+owner can reach). A WebSocket and an API request share those limits, whatever their task: one
+admission, one table of connections, one rate, since every task's models share the machine.
 
 Why Starlette on uvicorn: the API streams over plain HTTP (server-sent events), which needs a
 real HTTP server beside the WebSocket; uvicorn's WebSocket side runs on the websockets package,
@@ -31,7 +33,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from http import HTTPStatus
 from types import TracebackType
 from typing import Self
@@ -54,7 +56,8 @@ from dreamr_websocket.connection import Connection, WebSocketConnection, client_
 from dreamr_websocket.http_protocol import with_head_deadline
 from dreamr_websocket.openai_protocol import api_error
 from dreamr_websocket.openai_routes import api_routes, error_response
-from dreamr_websocket.protocol import CloseCode, HelloMessage, ServerLimits, ServerStats, protocol_schema
+from dreamr_websocket.protocol import CloseCode, HelloMessage, ServerLimits, ServerStats, TaskStats, protocol_schema
+from dreamr_websocket.served import ServedTask, ServedTasks
 from dreamr_websocket.session import Session
 from dreamr_websocket.settings import ServerSettings
 
@@ -81,20 +84,21 @@ WS_PATH = "/ws"
 API_PREFIX = "/v1/"
 # routes that hold a connection for as long as they run (a WebSocket, a streamed completion)
 HELD = {WS_PATH, "/v1/chat/completions"}
-GATED = HELD | {"/puzzle", "/stats", "/schema.json", "/v1/models"}
+GATED = HELD | {"/puzzle", "/tasks", "/stats", "/schema.json", "/v1/models"}
 RETRY_AFTER_S = 1.0  # what an API client refused for room is told to wait
 STOP_WAIT_S = 10  # how long stop() waits for the connections' requests to end once cancelled
 
 
 class DreamrServer:
-    """The server around one shared ``Reasoner``; ``async with`` starts and stops it.
+    """The server around one shared ``Reasoner``, or one per task; ``async with`` starts and stops it.
 
-    Inject any Reasoner (the tests use one over scripted fakes); ``settings.port=0`` picks a
-    free port, then read ``port`` / ``http_url`` / ``ws_url`` / ``api_url``.
+    Inject any Reasoner (the tests use one over scripted fakes), or a mapping task name ->
+    Reasoner (ordered: the first is the default task); ``settings.port=0`` picks a free port,
+    then read ``port`` / ``http_url`` / ``ws_url`` / ``api_url``.
     """
 
-    def __init__(self, reasoner: Reasoner, settings: ServerSettings | None = None) -> None:
-        self.reasoner = reasoner
+    def __init__(self, reasoner: Reasoner | Mapping[str, Reasoner], settings: ServerSettings | None = None) -> None:
+        self.tasks = ServedTasks(reasoner)
         self.settings = settings or ServerSettings()
         s = self.settings
         self.admission = Admission(s.max_active, s.max_waiting, s.max_held_image_bytes)
@@ -203,18 +207,26 @@ class DreamrServer:
         return self.http_url + "v1"
 
     # ------------------------------------------------------------------ state
+    @property
+    def reasoner(self) -> Reasoner:
+        """The default task's Reasoner (the only one of a server that serves one task)."""
+        return self.tasks.default.reasoner
+
     def stats(self) -> ServerStats:
+        tasks = {served.name: _task_stats(served) for served in self.tasks}
+        default = tasks[self.tasks.default.name]
         return ServerStats(
             uptime_s=round(time.monotonic() - self._t0, 3),
             connections=self.connections.total,
             active_requests=self.admission.active,
             queued=self.admission.waiting,
-            engine_requests=self.reasoner.active_requests,
-            in_flight=self.reasoner.in_flight,
+            engine_requests=default.engine_requests,
+            in_flight=default.in_flight,
             max_active=self.admission.max_active,
             max_waiting=self.admission.max_waiting,
             totals=dict(self.totals),
-            speculation=self.reasoner.speculation_plan() if self.reasoner.draft is not None else None,
+            speculation=default.speculation,
+            tasks=tasks,
         )
 
     def hello(self) -> HelloMessage:
@@ -229,14 +241,15 @@ class DreamrServer:
         return HelloMessage(version=__version__, methods=methods, limits=limits)
 
     def model_ids(self) -> list[str]:
-        """The API's model ids: one, named for the task the models were trained on."""
-        return [f"dreamr-{self.reasoner.task or 'reasoner'}"]
+        """The API's model ids: one per served task (``dreamr-<task>``), the default first."""
+        return self.tasks.model_ids
 
     # ------------------------------------------------------------------ routes
     def _router(self) -> Starlette:
         table: list[Route | WebSocketRoute] = [
             WebSocketRoute(WS_PATH, self._websocket),
-            Route("/puzzle", routes.puzzle_response),
+            Route("/puzzle", lambda request: routes.puzzle_response(request, self.tasks)),
+            Route("/tasks", lambda _request: routes.json_response(routes.served_tasks(self.tasks))),
             Route("/stats", lambda _request: routes.json_response(self.stats())),
             Route("/schema.json", lambda _request: routes.json_response(protocol_schema())),
             *api_routes(self),
@@ -282,6 +295,17 @@ class DreamrServer:
                 yield
             finally:
                 self._running.discard(scope)
+
+
+def _task_stats(served: ServedTask) -> TaskStats:
+    reasoner = served.reasoner
+    return TaskStats(
+        model=served.model,
+        requests=served.requests,
+        engine_requests=reasoner.active_requests,
+        in_flight=reasoner.in_flight,
+        speculation=reasoner.speculation_plan() if reasoner.draft is not None else None,
+    )
 
 
 def _static(name: str, content_type: str) -> Callable[[Request], Response]:
@@ -391,9 +415,13 @@ def _listening_socket(settings: ServerSettings) -> socket.socket:
 
 
 def run(
-    reasoner: Reasoner, settings: ServerSettings, *, on_ready: Callable[[DreamrServer], None] | None = None
+    reasoner: Reasoner | Mapping[str, Reasoner],
+    settings: ServerSettings,
+    *,
+    on_ready: Callable[[DreamrServer], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then close connections and cancel their requests."""
+    """Serve ``reasoner`` (or each task's, a mapping task name -> Reasoner, the default first)
+    until SIGINT or SIGTERM, then close connections and cancel their requests."""
 
     async def main() -> None:
         stop = asyncio.Event()

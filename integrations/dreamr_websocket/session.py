@@ -57,6 +57,7 @@ from dreamr_websocket.protocol import (
     from_event,
     parse_client_message,
 )
+from dreamr_websocket.served import ServedTasks
 from dreamr_websocket.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ _request_ids = itertools.count(1)
 class SessionHost(Protocol):
     """What a session uses of the server it belongs to (``DreamrServer`` is one)."""
 
-    reasoner: Reasoner  # shared by every connection
+    tasks: ServedTasks  # each task's Reasoner, shared by every connection; a request names one or gets the default
     settings: ServerSettings
     admission: Admission  # the bounded queue every request waits in for a slot
     rate: RequestRate | None  # requests a minute per client address; None: no limit
@@ -161,6 +162,7 @@ def _error_code(e: DreamrError) -> ErrorCode:
 @dataclass
 class _Prepared:
     id: str
+    reasoner: Reasoner  # the requested task's
     image: Image.Image
     question: str
     config: ReasonerConfig
@@ -322,14 +324,17 @@ class Session:
                     pass
 
     async def _prepare(self, ask: AskMessage, rid: str) -> _Prepared:
-        base = self.server.reasoner.config
+        # the task first: its Reasoner's config is what the options, question and image are checked against
+        served = self.server.tasks.task(ask.task)  # a task not served: ConfigError, refused as a bad option is
+        served.requests += 1
+        base = served.reasoner.config
         config = request_config(base, ask.options)
         question = check_question(ask.question, base.limits)
         image = await anyio.to_thread.run_sync(decode_image, ask.image, base.limits, limiter=self.server.decode_limiter)
-        return _Prepared(rid, image, question, config, ask.options)
+        return _Prepared(rid, served.reasoner, image, question, config, ask.options)
 
     async def _stream(self, p: _Prepared, waited_s: float) -> None:
-        reasoner = self.server.reasoner
+        reasoner = p.reasoner
         try:
             stream = reasoner.astream_events(p.image, p.question, method=p.options.method, config=p.config)
             # an async generator, though typed as an iterator by the core: close it on any exit

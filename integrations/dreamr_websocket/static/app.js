@@ -5,8 +5,8 @@
   const $ = (id) => document.getElementById(id);
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
   const state = {
-    ws: null, ready: false, running: null, image: null, expected: null,
-    limits: null, retries: 0, seq: 0, pending: new Map(), tau: 1,
+    ws: null, ready: false, running: null, image: null, expected: null, puzzle: null, puzzleSeq: 0,
+    tasks: [], limits: null, retries: 0, seq: 0, pending: new Map(), tau: 1,
     startedAt: 0, ticker: null, counts: { steps: 0, draft: 0, target: 0, repaired: 0, cache: 0, rejected: 0 },
   };
 
@@ -47,6 +47,41 @@
       setConn("down", `Disconnected (${why}); retrying in ${Math.round(wait / 1000)} s`);
       setTimeout(connect, wait);
     });
+  }
+
+  const authHeaders = () => (token ? { Authorization: `Bearer ${token}` } : {});
+
+  // ------------------------------------------------------------------ tasks (GET /tasks)
+  // The picker shows only when the server serves more than one task; with one, requests name
+  // none and the server's default answers, as it always did.
+  function pickedTask() {
+    return state.tasks.length > 1 ? $("task").value : null;
+  }
+
+  async function loadTasks() {
+    try {
+      const res = await fetch("/tasks", { headers: authHeaders() });
+      if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+      const served = await res.json();
+      state.tasks = served.tasks;
+      $("task").replaceChildren(...served.tasks.map((t) => {
+        const option = document.createElement("option");
+        option.value = t.name;
+        option.textContent = `${t.name}: ${t.title}`;
+        option.selected = t.name === served.default;
+        return option;
+      }));
+    } catch {
+      state.tasks = []; // the page works without the list: the server's default task answers
+    }
+    $("task-field").hidden = state.tasks.length < 2;
+  }
+
+  function taskChanged() {
+    const picked = state.tasks.find((t) => t.name === $("task").value);
+    if (picked) announce(`Task: ${picked.title}`);
+    // another task's demo puzzle is no question for this task's models: take one of this task's
+    if (state.puzzle && state.puzzle.task !== $("task").value) demoPuzzle();
   }
 
   function send(message) {
@@ -353,7 +388,10 @@
     const tau = Number(tauText);
     const options = { method: $("method").value, drafts: $("show-drafts").checked };
     if (tauText !== "" && Number.isFinite(tau) && tau >= 0) options.tau = tau;
-    if (!send({ type: "ask", id, image: state.image, question, options })) {
+    const message = { type: "ask", id, image: state.image, question, options };
+    const task = pickedTask();
+    if (task) message.task = task;
+    if (!send(message)) {
       showFormError("Not connected yet; try again in a moment.");
       return;
     }
@@ -367,13 +405,16 @@
   }
 
   // ------------------------------------------------------------------ images
-  function setImage(dataUrl, expected = null) {
+  // puzzle: GET /puzzle's answer (task, title, question, answer) for a demo puzzle; null for the user's image
+  function setImage(dataUrl, puzzle = null) {
     state.image = dataUrl;
-    state.expected = expected;
+    state.puzzle = puzzle;
+    state.expected = puzzle ? puzzle.answer : null;
     const img = $("preview");
     img.src = dataUrl;
     img.hidden = false;
-    img.alt = expected != null ? "the demo puzzle: coloured shapes on a 4 by 4 grid" : "your image";
+    // said from the puzzle's own task (its title says what its images show), never assumed
+    img.alt = puzzle ? `demo puzzle of the ${puzzle.task} task: ${puzzle.title}` : "your image";
     $("drop").classList.add("has-image");
     $("drop-text").replaceChildren();
     $("drop-text").append("Drop another image, or ");
@@ -381,8 +422,8 @@
     link.className = "link";
     link.textContent = "choose a file";
     $("drop-text").append(link);
-    $("expected").hidden = expected == null;
-    $("expected").textContent = expected != null ? `Demo puzzle: the known answer is ${expected}.` : "";
+    $("expected").hidden = !puzzle;
+    $("expected").textContent = puzzle ? `Demo ${puzzle.task} puzzle (${puzzle.title}): the known answer is ${puzzle.answer}.` : "";
   }
 
   function readFile(file) {
@@ -398,18 +439,21 @@
 
   async function demoPuzzle() {
     $("demo").disabled = true;
+    const mine = ++state.puzzleSeq; // a newer ask (the task changed meanwhile) wins over this one
+    const task = pickedTask();
     try {
-      const res = await fetch("/puzzle", { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+      const res = await fetch(task ? `/puzzle?task=${encodeURIComponent(task)}` : "/puzzle", { headers: authHeaders() });
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
       const p = await res.json();
-      setImage(p.image, p.answer);
+      if (mine !== state.puzzleSeq) return;
+      setImage(p.image, p);
       $("question").value = p.question;
       showFormError("");
       announce(`Demo puzzle loaded: ${p.question}`);
     } catch (e) {
-      showFormError(`Could not get a demo puzzle: ${e.message}`);
+      if (mine === state.puzzleSeq) showFormError(`Could not get a demo puzzle: ${e.message}`);
     } finally {
-      $("demo").disabled = false;
+      if (mine === state.puzzleSeq) $("demo").disabled = false;
     }
   }
 
@@ -418,12 +462,14 @@
     $("ask-form").addEventListener("submit", ask);
     $("stop").addEventListener("click", stop);
     $("demo").addEventListener("click", demoPuzzle);
+    $("task").addEventListener("change", taskChanged);
     $("file").addEventListener("change", (e) => readFile(e.target.files[0]));
     const drop = $("drop");
     ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
     ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, () => drop.classList.remove("over")));
     drop.addEventListener("drop", (e) => { e.preventDefault(); readFile(e.dataTransfer.files[0]); });
     document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.running) stop(); });
+    loadTasks();
     connect();
   }
 
