@@ -59,16 +59,17 @@ def local(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import Progress
 
-    from dreamr_stream.backends.shipped import WEIGHTS, demo_paths
+    from dreamr_stream.backends.shipped import demo_paths, shipped_drafts
     from dreamr_stream.bench import ALL_METHODS, run_bench, save, to_markdown
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = demo_paths("sft")
+    # the task's shipped models where no folder is given
+    paths = demo_paths("sft", args.task)
     sapo = (
         Path(args.sapo)
         if args.sapo
-        else (WEIGHTS / "draft-sapo" if (WEIGHTS / "draft-sapo" / "config.json").exists() else None)
+        else (demo_paths("sapo", args.task).draft if "sapo" in shipped_drafts(args.task) else None)
     )
     methods = tuple(args.methods.split(",")) if args.methods else ALL_METHODS
     with Progress() as bar:
@@ -84,6 +85,8 @@ def local(args: argparse.Namespace) -> int:
             task=args.task,
             progress=lambda i, n: bar.update(task, completed=i),
         )
-    save(result, Path(args.out), args.tag or args.device)
+    # the default task's files keep their names (bench_cpu.*); another task's carry its name
+    tag = args.tag or (args.device if args.task == "grid" else f"{args.device}_{args.task}")
+    save(result, Path(args.out), tag)
     print(to_markdown(result))
     return EXIT_OK

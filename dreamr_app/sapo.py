@@ -40,7 +40,7 @@ def train(args: argparse.Namespace) -> int:
     cfg = SapoConfig.from_json(Path(args.config)) if args.config else SapoConfig()
     if args.steps is not None:
         cfg = cfg.model_copy(update={"steps": args.steps})
-    paths = demo_paths("sft") if not (args.target and args.draft) else None
+    paths = demo_paths("sft", args.task) if not (args.target and args.draft) else None
     target = Path(args.target) if args.target else paths.target  # type: ignore[union-attr]
     draft = Path(args.draft) if args.draft else paths.draft  # type: ignore[union-attr]
     source = demo_prompts(cfg.pool, cfg.eval_prompts, cfg.generation, task=args.task)

@@ -5,6 +5,7 @@ name: a test puts this folder on its ``PYTHONPATH``."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,3 +66,23 @@ class Slow:
 
     def __call__(self) -> ScriptedBackend:
         return ScriptedBackend(by_question, name="draft", token_delay_s=self.token_delay_s)
+
+
+class _ComputingBackend(ScriptedBackend):
+    """A scripted backend whose every token costs ``token_delay_s`` of computing, not sleeping:
+    a draft on cores that a busy server keeps, slow but never idle."""
+
+    def _token_delay(self) -> None:
+        end = time.thread_time() + self.token_delay_s
+        while time.thread_time() < end:
+            pass
+
+
+@dataclass(frozen=True)
+class Computing:
+    """Builds a ``_ComputingBackend`` (``by_question``) taking ``token_cpu_s`` of CPU per word."""
+
+    token_cpu_s: float
+
+    def __call__(self) -> ScriptedBackend:
+        return _ComputingBackend(by_question, name="draft", token_delay_s=self.token_cpu_s)

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 from PIL import Image
-from process_support import Crashing, Slow, by_question
+from process_support import Computing, Crashing, Slow, by_question
 
 from dreamr_stream.backends.fake import ScriptedBackend
 from dreamr_stream.backends.process import ProcessBackend
@@ -181,6 +181,36 @@ async def test_an_abandoned_call_s_reply_never_reaches_another_request(monkeypat
         assert [s.text for s in result.steps] == ["B? step 0", "B? step 1", "Answer: 4"]
         assert all(s.source is StepSource.DRAFT for s in result.steps) and not result.stats.target_alone_reason
         assert draft.restarts == 0  # it answered within the grace: a healthy child is kept
+    finally:
+        r.close()
+        draft.shutdown()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_starved_child_that_keeps_computing_is_kept_past_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each draft step costs 3 words x 0.8 s of CPU: the reply comes well after the 1 s grace,
+    # as a draft's step does on cores a busy server keeps; the child computes all along
+    tests = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (tests, os.environ.get("PYTHONPATH")))))
+    draft = ProcessBackend(Computing(0.8), call_timeout_s=20.0)
+    r = Reasoner(
+        ScriptedBackend(by_question, name="target"), draft, config=ReasonerConfig(cache=CacheConfig(enabled=False))
+    )
+    image = Image.new("RGB", (8, 8))
+    try:
+        draft.ready()
+        pid = draft.pid
+        cancel_at = time.monotonic() + 0.3
+        with anyio.move_on_after(0.3):  # the caller leaves mid-step: it does not wait for the child
+            await r.ainvoke(image, "A?")
+        assert time.monotonic() - cancel_at < 0.5
+        await anyio.sleep(2.5)  # past the grace, still computing the abandoned step
+        assert draft.restarts == 0 and draft.pid == pid
+        # the same child answers the next request once the abandoned step is done
+        later = await r.ainvoke(image, "B?")
+        assert [s.text for s in later.steps] == ["B? step 0", "B? step 1", "Answer: 4"]
+        assert not later.stats.target_alone_reason and draft.restarts == 0 and draft.pid == pid
     finally:
         r.close()
         draft.shutdown()

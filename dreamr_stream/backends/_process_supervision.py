@@ -111,11 +111,26 @@ class Child:
         reply: tuple[str, Any, str | None] = self.conn.recv()
         return reply
 
+    def cpu_seconds(self) -> float | None:
+        """The CPU time it has used so far (user + system), from ``/proc``; None where there is no
+        ``/proc`` or it is gone. What tells a starved child, which computes slowly on cores that
+        others keep busy, from a stopped or hung one, which does not compute at all."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                # the fields after the command name, which is in parentheses and may hold spaces
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+
     def kill(self) -> None:
         """Kill it at once (stopped or hung: it would not read a ``shutdown``) and reap it."""
         with contextlib.suppress(OSError):
             self.proc.kill()
         self.stop()
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def spawn(owner: object, factory: Callable[[], ModelBackend[Any]], generation: int) -> Child:

@@ -94,6 +94,10 @@ class ScriptedBackend:
         return Capabilities(identity=self.identity)
 
     # ------------------------------------------------------------------ bookkeeping
+    def _token_delay(self) -> None:
+        """What a token costs: ``token_delay_s`` asleep (a subclass may compute instead)."""
+        time.sleep(self.token_delay_s)
+
     def _enter(self) -> None:
         with self._lock:
             self.calls += 1
@@ -138,7 +142,7 @@ class ScriptedBackend:
                     text = " ".join(s.partial)
                     s.partial = []
                     return StepOutput(text, done=True, new_tokens=new + 1, forwards=new + 1)
-                time.sleep(self.token_delay_s)
+                self._token_delay()
                 word = words[len(s.partial)]
                 s.partial.append(word)
                 s.tokens.append(word)
@@ -152,7 +156,7 @@ class ScriptedBackend:
         try:
             if session.partial:
                 raise BackendError(f"{self.name}: cannot score while a step is half-decoded")
-            time.sleep(self.token_delay_s)
+            self._token_delay()
             p_pos, p_neg = self.judge_fn(session.question, session.steps(stop), text) if judge else (0.0, 0.0)
             own = self.policy(session.question, session.steps(stop))
             words = text.split(" ")

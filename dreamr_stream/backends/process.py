@@ -26,9 +26,11 @@ successor. Crash loops back off (``_process_supervision``), and ``close`` never 
 A call whose caller is cancelled is abandoned (``Capabilities.abandonable``): the caller leaves at
 once, and the worker thread settles the call. Its reply is still read (and dropped) while the
 thread keeps the pipe, so no other call can take it for its own; a child that does not answer
-within ``abandon_grace_s`` of the caller leaving is killed and replaced in the background, as at
-a deadline. A cancel therefore never waits for a stopped or hung child, and a healthy child,
-which answers within a step chunk, is kept. A call abandoned before its turn is never sent.
+within ``abandon_grace_s`` of the caller leaving, and has not computed meanwhile, is killed and
+replaced in the background, as at a deadline; one still computing (starved of CPU by a busy
+machine, not stalled) is given more grace, up to the call's deadline (``_Grace``). A cancel
+therefore never waits for a stopped or hung child, and a healthy child, which answers within a
+step chunk or keeps computing, is kept. A call abandoned before its turn is never sent.
 
 The child is a fresh interpreter (``python -m dreamr_stream.backends._process_child``) over a socket
 pair, not a ``multiprocessing`` spawn: spawn re-imports the parent's main script in the child,
@@ -110,6 +112,33 @@ class TransformersLoader:
         from dreamr_stream.backends.hf import TransformersBackend
 
         return TransformersBackend.from_pretrained(self.path, device=self.device, name=self.name)
+
+
+# the CPU a child must have used over one grace to be taken for starved, not stalled: a stopped
+# or hung child uses none, one computing on shared cores some (its share of a busy machine)
+STARVED_CPU_S = 0.01
+
+
+class _Grace:
+    """How long the reply of a call whose caller left is still awaited: ``abandon_grace_s``
+    after the caller left, renewed for as long as the child keeps computing (``Child.cpu_seconds``)
+    up to the call's deadline. Why: a draft starved by a busy server on the same cores may take
+    seconds for a step it takes milliseconds for alone; killing it then costs a restart (seconds
+    of imports, on the same busy cores) and the requests that would have used it, while a stopped
+    or hung child, which computes nothing, is still killed after one grace."""
+
+    def __init__(self, child: Child, end: float) -> None:
+        self._child, self._end = child, end
+        self._cpu = child.cpu_seconds()
+
+    def end(self, grace_s: float) -> float:
+        """When the wait ends: renewed by ``grace_s`` each time it is reached with the child having
+        computed meanwhile (where its CPU time cannot be read, never renewed)."""
+        if time.monotonic() >= self._end and self._cpu is not None:
+            cpu = self._child.cpu_seconds()
+            if cpu is not None and cpu - self._cpu >= STARVED_CPU_S:
+                self._end, self._cpu = time.monotonic() + grace_s, cpu
+        return self._end
 
 
 class ProcessBackend:
@@ -354,10 +383,12 @@ class ProcessBackend:
         so one that does not is stalled, and only a kill frees the pipe for other calls."""
         if watch is None:  # nobody can abandon this call: one wait
             return child.conn.poll(max(0.0, deadline - time.monotonic()))
+        grace: _Grace | None = None
         while True:
-            if watch.abandoned_at is not None:
-                deadline = min(deadline, watch.abandoned_at + self._abandon_grace_s)
-            left = deadline - time.monotonic()
+            if watch.abandoned_at is not None and grace is None:
+                grace = _Grace(child, watch.abandoned_at + self._abandon_grace_s)
+            end = deadline if grace is None else min(deadline, grace.end(self._abandon_grace_s))
+            left = end - time.monotonic()
             if child.conn.poll(max(0.0, min(left, WATCH_SLICE_S))):
                 return True
             if left <= 0:

@@ -93,6 +93,7 @@ def model_card(
     stages: list[Stage],
     evaluation: dict[str, Any],
     notes: str = "",
+    recipe: str = RECIPE,
 ) -> str:
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     arch = json.loads((folder / "config.json").read_text())
@@ -114,7 +115,7 @@ def model_card(
         "",
         *[st.line() for st in stages],
         "",
-        RECIPE,
+        recipe,
         "## Measured (held-out test split)",
         "",
         "```json",
@@ -236,6 +237,8 @@ def card_from_spec(model: str, *, weights: Path | None = None, specs: Path = SPE
         for st in spec["stages"]
     ]
     notes_file = specs / f"{model}.md"
+    # a task's recipe, shared by its models' cards (none named: the grid task's, ``RECIPE``)
+    recipe = (specs / spec["recipe"]).read_text() if "recipe" in spec else RECIPE
     return model_card(
         name=spec["name"],
         role=spec["role"],
@@ -243,6 +246,7 @@ def card_from_spec(model: str, *, weights: Path | None = None, specs: Path = SPE
         stages=stages,
         evaluation=_evaluation(spec, results),
         notes=notes_file.read_text().strip() if notes_file.exists() else "",
+        recipe=recipe,
     )
 
 
