@@ -70,7 +70,8 @@ def to_markdown(result: BenchResult) -> str:
         f"draft {c['draft_s_per_token'] * 1000:.2f} ms/token (c = {c['c']:.3f}), "
         f"20-token scoring forward {c['score_s'] * 1000:.1f} ms (v = {c['v']:.2f} target tokens). "
         f"Faithful: the share of right answers whose every step is the reference's. "
-        f"n = {result.config['n']} test prompts of task {result.config.get('task', 'grid')}, device {result.config['device']}, "
+        f"n = {result.config['n']} test prompts of task {result.config.get('task', 'grid')}, "
+        f"device {result.config['device']}, "
         f"TBVM as the target recommends: {result.config['verification']['mode']} mode, "
         f"tau {result.config['verification']['tau']:g}."
     )
