@@ -2,9 +2,9 @@
 
     python benchmarks/tasks_table.py [--results benchmarks/results] [--out benchmarks/results/bench_tasks.md]
 
-Reads each task's bench file (``bench_cpu.json``, the grid's, and ``bench_cpu_<task>.json``, from
-``dreamr bench -n 50 --task <task>``) and writes one table: per method, each task's accuracy,
-faithfulness (right answers whose every step is the reference's), acceptance, and total-time and
+Reads each task's bench file (``bench_cpu_<task>.json``, from ``dreamr bench --task <task>``;
+the grid's with ``--tag cpu_grid``, beside the grid's full run ``bench_cpu.json``) and writes one
+table: per method, each task's accuracy, faithfulness (right answers whose every step is the reference's), acceptance, and total-time and
 median speedups against the target alone. Nothing is measured here: the figures are the bench
 files', so a row is as old as its file (each file's date and command are in the table's notes).
 """
@@ -21,8 +21,9 @@ from typing import Any
 METHODS: dict[str, str] = {
     "target_only": "target alone",
     "assisted": "HF assisted generation (token level)",
-    "sequential_sapo": "SpecReason's schedule, rejected steps rewritten",
-    "sequential_sapo_repair": "SpecReason's schedule, rejected steps repaired",
+    "sequential_sft": "SpecReason's schedule, SFT draft, rejected steps rewritten",
+    "sequential_sapo": "SpecReason's schedule, SAPO draft, rejected steps rewritten",
+    "sequential_sapo_repair": "SpecReason's schedule, SAPO draft, rejected steps repaired",
     "fpsr_sft": "FPSR, SFT draft",
     "fpsr_sapo": "FPSR, SAPO draft",
     "draft_only": "SFT draft alone, unverified",
@@ -31,8 +32,8 @@ FIGURES = ("accuracy", "faithfulness", "acceptance", "speedup_total", "speedup_m
 
 
 def bench_file(results: Path, task: str) -> Path:
-    """The bench file of ``task``: the default task's keeps its first name."""
-    return results / ("bench_cpu.json" if task == "grid" else f"bench_cpu_{task}.json")
+    """The bench file of ``task`` in ``results``."""
+    return results / f"bench_cpu_{task}.json"
 
 
 def _cell(figure: str, value: Any) -> str:

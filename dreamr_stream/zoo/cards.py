@@ -24,7 +24,7 @@ __all__ = ["Stage", "card_from_spec", "model_card", "sapo_notes"]
 ZOO = Path(__file__).parent
 SPECS = ZOO / "configs" / "cards"
 RESULTS = ZOO.parent.parent / "benchmarks" / "results"
-MODELS = ("target", "target-judge", "draft-sft", "draft-sapo")
+MODELS = ("target", "target-judge", "draft-sft", "draft-sapo", "charts-target", "charts-draft-sft")
 # what a card keeps of a method's report: wall times belong to the benchmarks, not to a card
 _DROPPED = ("mean_wall_s", "wrong")
 
