@@ -5,8 +5,9 @@
 Reads each task's bench file (``bench_cpu_<task>.json``, from ``dreamr bench --task <task>``;
 the grid's with ``--tag cpu_grid``, beside the grid's full run ``bench_cpu.json``) and writes one
 table: per method, each task's accuracy, faithfulness (right answers whose every step is the
-reference's), acceptance, and total-time and median speedups against the target alone. Nothing is measured here: the figures are the bench
-files', so a row is as old as its file (each file's date and command are in the table's notes).
+reference's), acceptance, and total-time and median speedups against the target alone. Nothing
+is measured here: the figures are the bench files', so a row is as old as its file (each file's
+date and command are in the table's notes).
 """
 
 from __future__ import annotations
