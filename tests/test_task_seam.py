@@ -147,7 +147,8 @@ def test_zoo_eval_and_tbvm_take_a_task_by_name(digits: Task, tmp_path: Path) -> 
 
 @pytest.mark.asyncio
 async def test_the_demo_page_serves_an_item_of_a_task_and_its_models_answer_it(digits: Task) -> None:
-    async with serving(digits_reasoner(digits)) as server:
+    # a task's models that declare no task are served under the task's name
+    async with serving({"digits": digits_reasoner(digits)}) as server:
         status, _, body = await http_get(server, "/puzzle?task=digits&seed=3")
         puzzle = DemoPuzzle.model_validate_json(body)
         item = digits.item("test", 3)
@@ -158,7 +159,8 @@ async def test_the_demo_page_serves_an_item_of_a_task_and_its_models_answer_it(d
             await ws.send(ask(question=puzzle.question, image=puzzle.image))
             messages = await until_terminal(ws)
         assert next(m for m in messages if m["type"] == "answer")["answer"] == puzzle.answer
-        status, _, body = await http_get(server, "/puzzle?seed=3")  # the grid task unless told
-        assert status == 200 and DemoPuzzle.model_validate_json(body).task == "grid"
-        status, _, body = await http_get(server, "/puzzle?task=nonesuch")
-        assert status == 400 and b"known tasks" in body
+        status, _, body = await http_get(server, "/puzzle?seed=3")  # the served (default) task unless told
+        assert status == 200 and DemoPuzzle.model_validate_json(body).task == "digits"
+        for other in ("nonesuch", "grid"):  # a puzzle only of a served task: no model here answers another's
+            status, _, body = await http_get(server, f"/puzzle?task={other}")
+            assert status == 400 and b"serves digits" in body

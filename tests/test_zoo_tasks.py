@@ -144,8 +144,10 @@ def test_an_exported_model_names_its_task(tmp_path: Path) -> None:
 
 
 def test_shipped_models_are_listed_per_task() -> None:
-    assert shipped_models("grid") == shipped_models() == ["draft-sapo", "draft-sft", "target", "target-judge"]
+    assert shipped_models("grid") == ["draft-sapo", "draft-sft", "target", "target-judge"]
+    assert shipped_models("charts") == ["charts-draft-sft", "charts-target"]
+    assert shipped_models() == sorted(shipped_models("grid") + shipped_models("charts"))
     assert shipped_models("nope") == [] and shipped_drafts() == shipped_drafts("grid") == ["sapo", "sft"]
     assert demo_paths("sft") == demo_paths("sft", task="grid") and demo_paths().draft == WEIGHTS / "draft-sapo"
-    with pytest.raises(ModelLoadError, match="no shipped demo models for task 'nope' \\(shipped: grid\\)"):
+    with pytest.raises(ModelLoadError, match="no shipped demo models for task 'nope' \\(shipped: charts, grid\\)"):
         demo_paths(task="nope")

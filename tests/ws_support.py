@@ -7,7 +7,7 @@ import base64
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -80,7 +80,7 @@ async def wait_until(predicate: Callable[[], bool], within_s: float = 3.0, what:
 
 
 @asynccontextmanager
-async def serving(reasoner: Reasoner, **settings: Any) -> AsyncIterator[DreamrServer]:
+async def serving(reasoner: Reasoner | Mapping[str, Reasoner], **settings: Any) -> AsyncIterator[DreamrServer]:
     settings.setdefault("port", 0)
     async with DreamrServer(reasoner, ServerSettings(**settings)) as server:
         yield server
