@@ -61,6 +61,7 @@ def local(args: argparse.Namespace) -> int:
 
     from dreamr_stream.backends.shipped import demo_paths, shipped_drafts
     from dreamr_stream.bench import ALL_METHODS, run_bench, save, to_markdown
+    from dreamr_stream.tasks import DEFAULT_TASK
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +87,7 @@ def local(args: argparse.Namespace) -> int:
             progress=lambda i, n: bar.update(task, completed=i),
         )
     # the default task's files keep their names (bench_cpu.*); another task's carry its name
-    tag = args.tag or (args.device if args.task == "grid" else f"{args.device}_{args.task}")
+    tag = args.tag or (args.device if args.task == DEFAULT_TASK else f"{args.device}_{args.task}")
     save(result, Path(args.out), tag)
     print(to_markdown(result))
     return EXIT_OK

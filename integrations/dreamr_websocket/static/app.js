@@ -5,7 +5,7 @@
   const $ = (id) => document.getElementById(id);
   const token = new URLSearchParams(location.hash.slice(1)).get("token");
   const state = {
-    ws: null, ready: false, running: null, image: null, expected: null, puzzle: null, puzzleSeq: 0,
+    ws: null, ready: false, running: null, image: null, puzzle: null, puzzleSeq: 0,
     tasks: [], limits: null, retries: 0, seq: 0, pending: new Map(), tau: 1,
     startedAt: 0, ticker: null, counts: { steps: 0, draft: 0, target: 0, repaired: 0, cache: 0, rejected: 0 },
   };
@@ -309,10 +309,11 @@
     const check = $("answer-check");
     check.className = "answer-check";
     check.textContent = "";
-    if (state.expected != null) {
-      const ok = answer != null && answer.trim() === state.expected;
+    const expected = state.puzzle ? state.puzzle.answer : null; // a demo puzzle's known answer
+    if (expected != null) {
+      const ok = answer != null && answer.trim() === expected;
       check.classList.add(ok ? "ok" : "bad");
-      check.textContent = ok ? "✓ matches the puzzle's answer" : `✗ the puzzle's answer is ${state.expected}`;
+      check.textContent = ok ? "✓ matches the puzzle's answer" : `✗ the puzzle's answer is ${expected}`;
     }
     announce(`Answer: ${answer ?? "none"}`);
   }
@@ -409,7 +410,6 @@
   function setImage(dataUrl, puzzle = null) {
     state.image = dataUrl;
     state.puzzle = puzzle;
-    state.expected = puzzle ? puzzle.answer : null;
     const img = $("preview");
     img.src = dataUrl;
     img.hidden = false;
