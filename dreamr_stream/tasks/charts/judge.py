@@ -6,8 +6,8 @@ bar's value under this bar's letter, or the neighbouring bar named and read), bo
 running result following the wrong value, as a reader who believed it would write it; and
 ``running`` (the value right, the running result wrong: a count off by one, a largest value
 dropped, a sorted list out of order). The step after the readings gets ``arithmetic`` (a wrong
-difference or sum, the wrong middle value), the last one ``answer``. Every corrupted step differs
-from the reference step (the chart's values are distinct).
+tens, units or result of a difference or sum, the wrong middle value), the last one ``answer``.
+Every corrupted step differs from the reference step (the chart's values are distinct).
 """
 
 from __future__ import annotations
@@ -88,8 +88,14 @@ def _arithmetic(rng: random.Random, chart: Chart, reference: str) -> str:
         ordered = sorted(chart.values)
         mid = len(ordered) // 2
         return f"Middle: {ordered[rng.choice((mid - 1, mid + 1))]}."
-    m = list(re.finditer(r"-?\d+", reference))[-1]
-    return reference[: m.start()] + str(_bump(rng, int(m.group()), low=0)) + reference[m.end() :]
+    # a sum or a difference is ``a ± b = tens ± units = result``: one of the three written parts
+    # wrong (the tens by a round ten, as a slip there would be)
+    numbers = list(re.finditer(r"\d+", reference))[-3:]
+    which = rng.randrange(len(numbers))
+    m = numbers[which]
+    value = int(m.group())
+    wrong = rng.choice([v for v in (value - 10, value + 10) if v >= 0]) if which == 0 else _bump(rng, value)
+    return reference[: m.start()] + str(wrong) + reference[m.end() :]
 
 
 def make_judge_item(chart: Chart, rng: random.Random, p_correct: float = 0.5) -> MadeJudgeItem:

@@ -5,9 +5,9 @@ the running result right after it, so each decision is local: the value is one t
 and the result is the previous step's result updated with the one value just written:
 
 * value: ``Bar C: 12.`` then ``Answer: 12``
-* diff: ``Bar C: 12.`` ``Bar A: 5.`` ``Difference: 12 - 5 = 7.`` ``Answer: 7``
-* top_two: ``Bar A: 5. Largest: 5.`` ``Bar B: 9. Largest: 9, 5.`` ``Bar C: 7. Largest: 9, 7.``
-  ``Sum: 9 + 7 = 16.`` ``Answer: 16``
+* diff: ``Bar C: 32.`` ``Bar A: 15.`` ``Difference: 32 - 15 = 20 - 3 = 17.`` ``Answer: 17``
+* top_two: ``Bar A: 5. Largest: 5.`` ``Bar B: 19. Largest: 19, 5.`` ``Bar C: 7. Largest: 19, 7.``
+  ``Sum: 19 + 7 = 10 + 16 = 26.`` ``Answer: 26``
 * median: ``Bar A: 5. Sorted: 5.`` ``Bar B: 9. Sorted: 5, 9.`` ``Bar C: 7. Sorted: 5, 7, 9.``
   ``Middle: 7.`` ``Answer: 7``
 * above: ``Bar A: 8 > 6. Count: 1.`` ``Bar B: 5 < 6. Count: 1.`` ... ``Answer: 2``
@@ -15,6 +15,15 @@ and the result is the previous step's result updated with the one value just wri
 Bars are read in the chart's reading order (left to right, or top to bottom), except the value and
 diff questions, which read only the bars they name, in the question's order. No step counts or
 compares across steps it cannot see next to each other (the grid task's lesson).
+
+A sum or a difference is written through its tens and its units (``tens_and_units``): ``19 + 7``
+is ``10 + 16``, the tens' sum and the units' sum, then ``26``. Numbers are single tokens, so a
+model that writes ``19 + 7 = 26`` at once must have learned every pair of values as its own fact
+(about 1,800 of them below 60), and the first chart target wrote sums one or two off (15 of its
+22 wrong answers in 100). Through tens and units each number written depends on two digits or on
+a round number and a small one. It helped less than hoped (the second target's card): the tens
+come out right, but a units digit or the last addition is still one off at times, because a
+number token carries its size far better than its last digit.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ __all__ = [
     "readings",
     "start",
     "steps",
+    "tens_and_units",
 ]
 
 # the running result after some readings: top_two, the largest values so far, largest first;
@@ -90,15 +100,26 @@ def readings(chart: Chart) -> list[tuple[str, int, State]]:
     return out
 
 
+def tens_and_units(a: int, b: int, sign: int) -> str:
+    """``a + b`` (``sign`` 1) or ``a - b`` (``sign`` -1, ``a >= b >= 0``) written through the
+    tens and the units: ``a ± b = tens ± units = result``, where ``tens`` is the tens of ``a``
+    and ``b`` combined (a round number) and ``units`` their units combined."""
+    tens = 10 * (a // 10 + sign * (b // 10))
+    units = a % 10 + sign * (b % 10)
+    op = "+" if sign > 0 else "-"
+    part = f"+ {units}" if units >= 0 else f"- {-units}"
+    return f"{a} {op} {b} = {tens} {part} = {tens + units}"
+
+
 def compute_step(q: Question, values: list[int], state: State) -> str | None:
     """The step after the readings (of ``values``, ending in ``state``), or None where the last
     reading's result is already the answer (value, above)."""
     if q.kind == "diff":
         a, b = values
-        return f"Difference: {a} - {b} = {a - b}."
+        return f"Difference: {tens_and_units(a, b, -1)}."
     if q.kind == "top_two":
         a, b = state
-        return f"Sum: {a} + {b} = {a + b}."
+        return f"Sum: {tens_and_units(a, b, 1)}."
     if q.kind == "median":
         return f"Middle: {state[len(state) // 2]}."
     return None
