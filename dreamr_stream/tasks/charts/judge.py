@@ -90,11 +90,10 @@ def _arithmetic(rng: random.Random, chart: Chart, reference: str) -> str:
         return f"Middle: {ordered[rng.choice((mid - 1, mid + 1))]}."
     # a sum or a difference is ``a ± b = tens ± units = result``: one of the three written parts
     # wrong (the tens by a round ten, as a slip there would be)
-    numbers = list(re.finditer(r"\d+", reference))[-3:]
-    which = rng.randrange(len(numbers))
-    m = numbers[which]
+    tens, units, result = list(re.finditer(r"\d+", reference))[-3:]
+    m = rng.choice((tens, units, result))
     value = int(m.group())
-    wrong = rng.choice([v for v in (value - 10, value + 10) if v >= 0]) if which == 0 else _bump(rng, value)
+    wrong = rng.choice([v for v in (value - 10, value + 10) if v >= 0]) if m is tens else _bump(rng, value)
     return reference[: m.start()] + str(wrong) + reference[m.end() :]
 
 
