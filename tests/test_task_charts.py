@@ -18,7 +18,7 @@ from dreamr_stream.tasks import DEFAULT_TASK, SPLITS, Split, Task, TaskItem, get
 from dreamr_stream.tasks.charts import ChartsTask
 from dreamr_stream.tasks.charts.chart import EASY_TICKS, HARD_TICKS, KINDS, LETTERS, Chart, split_seed
 from dreamr_stream.tasks.charts.render import CELL, CELL_CLASSES, GRID, IMAGE_SIZE, bar_boxes
-from dreamr_stream.tasks.charts.solutions import tens_and_units
+from dreamr_stream.tasks.charts.solutions import column
 from dreamr_stream.zoo.task_needs import MixedTask, PerceptionTask, SwapTask, perception_task
 
 TASK = cast(ChartsTask, get_task("charts"))  # its extras typed; the tests check it is one
@@ -156,27 +156,38 @@ def test_every_reference_solution_recomputes_from_the_charts_values() -> None:
                 assert sign is None and what is None
         if q.kind == "diff":
             a, b = seen
-            assert steps[-2] == f"Difference: {tens_and_units(a, b, -1)}." and a - b == item.answer
+            assert steps[-2] == f"Difference: {column(a, b, -1)}." and a - b == item.answer
         elif q.kind == "top_two":
             a, b = sorted(c.values)[-1], sorted(c.values)[-2]
-            assert steps[-2] == f"Sum: {tens_and_units(a, b, 1)}." and a + b == item.answer
+            assert steps[-2] == f"Sum: {column(a, b, 1)}." and a + b == item.answer
         elif q.kind == "median":
             assert steps[-2] == f"Middle: {item.answer}."
 
 
-def test_sums_and_differences_go_through_a_round_ten_and_the_units() -> None:
+COLUMN = re.compile(r"(\d+) ([+-]) (\d+): (\d+) ([+-]) (\d) = (\d+); (\d+) ([+-]) (\d+) ([+-]) ([01]) = (\d+); (\d+)")
+
+
+def test_sums_and_differences_are_worked_in_columns_on_single_digits() -> None:
     # every pair a chart can ask (values to 90, the larger first in a difference)
     for a, b in itertools.product(range(91), repeat=2):
         for sign in (1, -1):
             if sign < 0 and a < b:
                 continue
-            m = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+) ([+-]) (\d+) = (\d+)", tens_and_units(a, b, sign))
+            m = COLUMN.fullmatch(column(a, b, sign))
             assert m is not None, (a, b, sign)
-            x, op, y, tens, part_op, part, result = m.groups()
-            units = int(part) if part_op == "+" else -int(part)
-            assert (int(x), int(y), op) == (a, b, "+" if sign > 0 else "-")
-            assert int(tens) % 10 == 0 and abs(units) <= 18 and (sign > 0 or abs(units) <= 9)
-            assert int(tens) + units == int(result) == a + sign * b
+            x, op, y, top, op1, low, units, ta, op2, tb, op3, carry, tens, result = m.groups()
+            ops = "+" if sign > 0 else "-"
+            assert (int(x), int(y)) == (a, b) and op == op1 == op2 == op3 == ops
+            # the units: b's units digit from a's, ten more on a's side only where a difference borrows
+            assert int(low) == b % 10 and int(top) in (a % 10, a % 10 + 10)
+            assert int(units) == int(top) + sign * int(low) and 0 <= int(units) <= 18
+            # the tens with the carry (the units' tens digit) or the borrow (the ten lent above)
+            assert (int(ta), int(tb)) == (a // 10, b // 10)
+            assert int(carry) == (int(units) // 10 if sign > 0 else int(int(top) >= 10))
+            assert int(tens) == int(ta) + sign * (int(tb) + int(carry)) >= 0
+            assert 10 * int(tens) + int(units) % 10 == int(result) == a + sign * b
+    with pytest.raises(ValueError, match="a >= b >= 0"):
+        column(3, 5, -1)
 
 
 def test_parse_answer_reads_the_final_step_and_nothing_else() -> None:

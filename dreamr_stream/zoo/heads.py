@@ -15,6 +15,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from dreamr_stream.zoo.data import IGNORE, Batch
+from dreamr_stream.zoo.digits import DigitTies
 
 __all__ = ["AuxHeads", "own_choice_flags", "step_loss", "verdict_loss"]
 
@@ -25,12 +26,15 @@ class AuxHeads(nn.Module):
     * ``head``: a per-cell classifier on the projected visual tokens (keeps colour and shape in them);
     * ``flag_head``: on the hidden state after decoder layer ``flag_layer``, at every token of a
       judge item's candidate, whether the candidate so far is still the reference (an error flag
-      the verdict token can then read with one attention step; see the target's card)."""
+      the verdict token can then read with one attention step; see the target's card);
+    * ``digits``: with ``DigitTies``, the number tokens' embeddings tied through their digits
+      (moved into the model's own embeddings before it is saved: ``fold``)."""
 
-    def __init__(self, hidden: int, cell_classes: int) -> None:
+    def __init__(self, hidden: int, cell_classes: int, digits: DigitTies | None = None) -> None:
         super().__init__()
         self.head = nn.Linear(hidden, cell_classes)
         self.flag_head = nn.Linear(hidden, 1)
+        self.digits = digits
         self.features: torch.Tensor | None = None
         self.layer_out: torch.Tensor | None = None
         self.early_out: torch.Tensor | None = None
@@ -42,9 +46,17 @@ class AuxHeads(nn.Module):
             layers[flag_layer].register_forward_hook(self._keep("layer_out"))  # (B, T, hidden)
         if early_layer is not None:
             layers[early_layer].register_forward_hook(self._keep("early_out"))  # (B, T, hidden)
+        if self.digits is not None:
+            self.digits.attach(model)
         # the final norm and LM head read the early layer; set past nn.Module so that the model is
         # not registered as a submodule of the heads (its parameters would be optimised twice)
         object.__setattr__(self, "_reader", model)
+
+    def fold(self, model: LlavaForConditionalGeneration) -> None:
+        """Make ``model`` alone compute what it computes with these heads attached (the digit
+        ties moved into its embeddings), so it can be saved as a plain checkpoint."""
+        if self.digits is not None:
+            self.digits.fold(model)
 
     def _keep(self, attr: str) -> Callable[[nn.Module, object, torch.Tensor | tuple[torch.Tensor, ...]], None]:
         """A forward hook keeping a module's output (a decoder layer's hidden states) as ``attr``."""

@@ -25,7 +25,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -34,8 +34,9 @@ from pydantic import Field, model_validator
 from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from dreamr_stream.errors import ConfigError
 from dreamr_stream.jsonl import open_append
-from dreamr_stream.tasks import DEFAULT_TASK, Split, get_task
+from dreamr_stream.tasks import DEFAULT_TASK, Split, TaskItem, get_task
 from dreamr_stream.training import TrainingConfig, load_checkpoint, save_atomic, save_pretrained_atomic, warmup_cosine
 from dreamr_stream.zoo.build import (
     ModelShape,
@@ -45,12 +46,13 @@ from dreamr_stream.zoo.build import (
     grow_decoder,
 )
 from dreamr_stream.zoo.data import Batch, collate, judge_example, judge_item_example, solution_example, verdict_ids
+from dreamr_stream.zoo.digits import DigitTies
 from dreamr_stream.zoo.draft_steps import DraftStep, read_pool
 from dreamr_stream.zoo.heads import AuxHeads, own_choice_flags, step_loss, verdict_loss
 from dreamr_stream.zoo.task_needs import PerceptionTask, draw, perception_task
 from dreamr_stream.zoo.validation import evaluate
 
-__all__ = ["TrainConfig", "draft_pool", "load_or_build_processor", "lr_at", "own_choice_flags", "train"]
+__all__ = ["TrainConfig", "draft_pool", "has_focus", "load_or_build_processor", "lr_at", "own_choice_flags", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,15 @@ class TrainConfig(TrainingConfig):
     # ``init_from`` had, so its predictions stay as they were and only the new layers (and the
     # training-only heads) learn.
     train_only_new_layers: bool = False
+    # Tie the number tokens' embeddings through their digits while training (``zoo.digits``):
+    # what a units digit means is then learned from every number that has it. Folded into the
+    # embeddings before each save, so what is saved is a plain checkpoint.
+    digit_ties: bool = False
+    # A share of the batch drawn from items with a step that starts with one of these prefixes
+    # (``Sum:``, ``Difference:``): more of the steps a stage is for. Validation then also reports
+    # ``val_focus_step_acc``, the teacher-forced exactness of those steps alone.
+    focus_prefixes: list[str] = Field(default_factory=list)
+    focus_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     extra: dict[str, str] = Field(default_factory=dict)  # notes kept with the run
 
     @model_validator(mode="after")
@@ -120,6 +131,8 @@ class TrainConfig(TrainingConfig):
                 raise ValueError(f"{weight} > 0 needs {name}")
             if layer is not None and layer > last:
                 raise ValueError(f"{name} {layer}: the model has decoder layers 0..{last}")
+        if self.focus_fraction > 0 and not self.focus_prefixes:
+            raise ValueError("focus_fraction > 0 needs focus_prefixes (the steps to draw more of)")
         if self.train_only_new_layers and self.init_from is None:
             raise ValueError("train_only_new_layers needs init_from (the model whose layers stay frozen)")
         return self
@@ -172,6 +185,24 @@ def draft_pool(path: str | Path | None) -> tuple[list[DraftStep], list[DraftStep
     return [s for s in pool if s.index % HELD_OUT_EVERY != 0], held_out
 
 
+FOCUS_TRIES = 200  # draws to find an item with a focus step before the prefixes are called wrong
+
+
+def has_focus(item: TaskItem, prefixes: Sequence[str]) -> bool:
+    """Whether one of ``item``'s reference steps starts with one of ``prefixes``."""
+    return any(step.startswith(tuple(prefixes)) for step in item.steps)
+
+
+def _draw_item(cfg: TrainConfig, task: PerceptionTask, split: Split, rng: random.Random) -> TaskItem:
+    """A training item, hard with ``hard_fraction``; with ``focus_fraction``, one with a focus step."""
+    focus = rng.random() < cfg.focus_fraction
+    for _ in range(FOCUS_TRIES if focus else 1):
+        item = draw(task, split, rng.randrange(10**9), hard=rng.random() < cfg.hard_fraction)
+        if not focus or has_focus(item, cfg.focus_prefixes):
+            return item
+    raise ConfigError(f"focus_prefixes {cfg.focus_prefixes}: no step of {FOCUS_TRIES} {task.name} items starts so")
+
+
 def _make_batch(
     cfg: TrainConfig,
     task: PerceptionTask,
@@ -182,7 +213,7 @@ def _make_batch(
 ) -> Batch:
     examples = []
     for _ in range(cfg.batch_size):
-        item = draw(task, split, rng.randrange(10**9), hard=rng.random() < cfg.hard_fraction)
+        item = _draw_item(cfg, task, split, rng)
         if rng.random() < cfg.judge_fraction:
             if pool and rng.random() < cfg.draft_step_fraction:
                 examples.append(judge_item_example(processor, rng.choice(pool).judge_item())[0])
@@ -307,7 +338,8 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
     processor = load_or_build_processor(processor_dir, task)
     ckpt = out_dir / "checkpoint"
     model = _start_model(cfg, task, processor)
-    aux = AuxHeads(cfg.shape.hidden, task.cell_classes)
+    digits = DigitTies(processor.tokenizer, cfg.shape.hidden) if cfg.digit_ties else None
+    aux = AuxHeads(cfg.shape.hidden, task.cell_classes, digits)
     aux.attach(model, cfg.flag_layer, cfg.early_exit_layer)
     run = _Run(model, aux, _optimizer(cfg, model, aux), random.Random(cfg.seed))
     start = run.resume(ckpt) if resume else 0
@@ -329,15 +361,24 @@ def train(cfg: TrainConfig, out_dir: Path, processor_dir: Path, resume: bool = T
             log.info("%s step %d loss %.4f aux %.4f lr %.2e", cfg.name, done, rec["loss"], rec["aux"], rec["lr"])
         if done % cfg.eval_every == 0 or done == cfg.steps:
             scores = evaluate(
-                model, processor, aux, task, size=cfg.eval_size, judge=cfg.judge_fraction > 0, held_out=held_out
+                model,
+                processor,
+                aux,
+                task,
+                size=cfg.eval_size,
+                judge=cfg.judge_fraction > 0,
+                held_out=held_out,
+                focus=cfg.focus_prefixes,
             )
             metrics = {"step": done, **scores}
             _write(logf, metrics)
             log.info("%s eval %s", cfg.name, metrics)
+            aux.fold(model)
             save_pretrained_atomic(out_dir / f"step{done:05d}", model)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             run.save(ckpt, done)
     progress(cfg.steps)
+    aux.fold(model)
     return save_pretrained_atomic(out_dir / "final", model, processor)
 
 

@@ -51,10 +51,12 @@ def evaluate(
     size: int,
     judge: bool,
     held_out: Sequence[DraftStep] = (),
+    focus: Sequence[str] = (),
 ) -> dict[str, float]:
     """Teacher-forced metrics on fixed validation items (the first ``size`` of ``task``'s val
-    split): token and whole-step accuracy, and with ``judge`` the judge accuracy on the judge set
-    and on the held-out draft steps."""
+    split): token and whole-step accuracy, with ``focus`` the step accuracy of the steps that
+    start with one of those prefixes alone, and with ``judge`` the judge accuracy on the judge
+    set and on the held-out draft steps."""
     model.eval()
     rng = random.Random(1234)
     tok = processor.tokenizer
@@ -65,7 +67,7 @@ def evaluate(
     pred = out.logits[:, :-1].argmax(-1)
     gold = batch.labels[:, 1:]
     ok = (pred == gold) | (gold == IGNORE)
-    n_steps = steps_ok = rows = rows_ok = 0
+    n_steps = steps_ok = rows = rows_ok = n_focus = focus_ok = 0
     for b in range(gold.shape[0]):
         # a step spans the supervised tokens up to and including its delimiter
         idx = (gold[b] != IGNORE).nonzero().flatten().tolist()
@@ -80,6 +82,9 @@ def evaluate(
                 if k < 4:
                     rows += 1
                     rows_ok += good
+                if focus and items[b].steps[k].startswith(tuple(focus)):
+                    n_focus += 1
+                    focus_ok += good
                 current, k = [], k + 1
     tok_acc = float(ok[gold != IGNORE].float().mean())
     aux_acc = (
@@ -91,6 +96,8 @@ def evaluate(
         "val_row_acc": rows_ok / max(1, rows),
         "val_aux_cell_acc": aux_acc,
     }
+    if focus:
+        metrics["val_focus_step_acc"] = focus_ok / max(1, n_focus)
     if judge:
         judged = [judge_example(processor, item, rng) for item in items]
         metrics["val_judge_acc"] = verdict_accuracy(model, processor, judged)

@@ -6,7 +6,8 @@ bar's value under this bar's letter, or the neighbouring bar named and read), bo
 running result following the wrong value, as a reader who believed it would write it; and
 ``running`` (the value right, the running result wrong: a count off by one, a largest value
 dropped, a sorted list out of order). The step after the readings gets ``arithmetic`` (a wrong
-tens, units or result of a difference or sum, the wrong middle value), the last one ``answer``.
+units, tens or result of a difference or sum worked in columns, the wrong middle value), the last
+one ``answer``.
 Every corrupted step differs from the reference step (the chart's values are distinct).
 """
 
@@ -88,12 +89,16 @@ def _arithmetic(rng: random.Random, chart: Chart, reference: str) -> str:
         ordered = sorted(chart.values)
         mid = len(ordered) // 2
         return f"Middle: {ordered[rng.choice((mid - 1, mid + 1))]}."
-    # a sum or a difference is ``a ± b = tens ± units = result``: one of the three written parts
-    # wrong (the tens by a round ten, as a slip there would be)
-    tens, units, result = list(re.finditer(r"\d+", reference))[-3:]
-    m = rng.choice((tens, units, result))
+    # a sum or a difference is ``a ± b: x ± y = units; c ± d ± carry = tens; result``
+    # (``solutions.column``): one of the three computed parts wrong (the result by a ten at times,
+    # as a slip in its tens would make it)
+    units, tens, result = list(re.finditer(r"\d+", reference))[-3:]
+    m = rng.choice((units, tens, result))
     value = int(m.group())
-    wrong = rng.choice([v for v in (value - 10, value + 10) if v >= 0]) if m is tens else _bump(rng, value)
+    if m is result and rng.random() < 0.5:
+        wrong = rng.choice([v for v in (value - 10, value + 10) if v >= 0])
+    else:
+        wrong = _bump(rng, value)
     return reference[: m.start()] + str(wrong) + reference[m.end() :]
 
 

@@ -5,9 +5,9 @@ the running result right after it, so each decision is local: the value is one t
 and the result is the previous step's result updated with the one value just written:
 
 * value: ``Bar C: 12.`` then ``Answer: 12``
-* diff: ``Bar C: 32.`` ``Bar A: 15.`` ``Difference: 32 - 15 = 20 - 3 = 17.`` ``Answer: 17``
+* diff: ``Bar C: 32.`` ``Bar A: 15.`` ``Difference: 32 - 15: 12 - 5 = 7; 3 - 1 - 1 = 1; 17.`` ``Answer: 17``
 * top_two: ``Bar A: 5. Largest: 5.`` ``Bar B: 19. Largest: 19, 5.`` ``Bar C: 7. Largest: 19, 7.``
-  ``Sum: 19 + 7 = 10 + 16 = 26.`` ``Answer: 26``
+  ``Sum: 19 + 7: 9 + 7 = 16; 1 + 0 + 1 = 2; 26.`` ``Answer: 26``
 * median: ``Bar A: 5. Sorted: 5.`` ``Bar B: 9. Sorted: 5, 9.`` ``Bar C: 7. Sorted: 5, 7, 9.``
   ``Middle: 7.`` ``Answer: 7``
 * above: ``Bar A: 8 > 6. Count: 1.`` ``Bar B: 5 < 6. Count: 1.`` ... ``Answer: 2``
@@ -16,14 +16,16 @@ Bars are read in the chart's reading order (left to right, or top to bottom), ex
 diff questions, which read only the bars they name, in the question's order. No step counts or
 compares across steps it cannot see next to each other (the grid task's lesson).
 
-A sum or a difference is written through its tens and its units (``tens_and_units``): ``19 + 7``
-is ``10 + 16``, the tens' sum and the units' sum, then ``26``. Numbers are single tokens, so a
-model that writes ``19 + 7 = 26`` at once must have learned every pair of values as its own fact
-(about 1,800 of them below 60), and the first chart target wrote sums one or two off (15 of its
-22 wrong answers in 100). Through tens and units each number written depends on two digits or on
-a round number and a small one. It helped less than hoped (the second target's card): the tens
-come out right, but a units digit or the last addition is still one off at times, because a
-number token carries its size far better than its last digit.
+A sum or a difference is worked in columns (``column``), as at school: the units first, then
+the tens with the carry or the borrow, then the result. ``19 + 7`` is ``9 + 7 = 16`` (the units),
+``1 + 0 + 1 = 2`` (the tens and the carry, the tens digit of the units' sum), ``26``; ``32 - 15``
+is ``12 - 5 = 7`` (a ten borrowed, as 2 is less than 5), ``3 - 1 - 1 = 1`` (the tens less the
+borrow), ``17``. Every operation written is on single digits, each written as its own token
+before it is used, so each number written depends on two or three small numbers just before it.
+Why: numbers are single tokens, and a number token's embedding carries its size far better than
+its last digit. A first target that wrote ``19 + 7 = 26`` at once was one or two off on 15 of its
+22 wrong answers in 100; a second, through the tens and the units at once (``19 + 7 = 10 + 16 =
+26``), still wrote a units part one off (the chart target's card).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "State",
     "advance",
     "answer",
+    "column",
     "compute_step",
     "parse_answer",
     "reading_order",
@@ -43,7 +46,6 @@ __all__ = [
     "readings",
     "start",
     "steps",
-    "tens_and_units",
 ]
 
 # the running result after some readings: top_two, the largest values so far, largest first;
@@ -100,15 +102,23 @@ def readings(chart: Chart) -> list[tuple[str, int, State]]:
     return out
 
 
-def tens_and_units(a: int, b: int, sign: int) -> str:
-    """``a + b`` (``sign`` 1) or ``a - b`` (``sign`` -1, ``a >= b >= 0``) written through the
-    tens and the units: ``a ± b = tens ± units = result``, where ``tens`` is the tens of ``a``
-    and ``b`` combined (a round number) and ``units`` their units combined."""
-    tens = 10 * (a // 10 + sign * (b // 10))
-    units = a % 10 + sign * (b % 10)
-    op = "+" if sign > 0 else "-"
-    part = f"+ {units}" if units >= 0 else f"- {-units}"
-    return f"{a} {op} {b} = {tens} {part} = {tens + units}"
+def column(a: int, b: int, sign: int) -> str:
+    """``a + b`` (``sign`` 1) or ``a - b`` (``sign`` -1, ``a >= b >= 0``) worked in columns:
+    ``a ± b: units; tens; result``. The units are ``a``'s units digit plus or minus ``b``'s (ten
+    more on ``a``'s side when a difference borrows); the tens are the tens digits (and for a sum
+    of up to 99 + 99, the hundreds with them) with the carry added or the borrow taken, always
+    written, ``0`` when there is none."""
+    if sign > 0:
+        units = a % 10 + b % 10
+        carry = units // 10
+        tens = a // 10 + b // 10 + carry
+        return f"{a} + {b}: {a % 10} + {b % 10} = {units}; {a // 10} + {b // 10} + {carry} = {tens}; {a + b}"
+    if not a >= b >= 0:
+        raise ValueError(f"a difference worked in columns needs a >= b >= 0, not {a} - {b}")
+    borrow = int(a % 10 < b % 10)
+    top = a % 10 + 10 * borrow
+    tens = a // 10 - b // 10 - borrow
+    return f"{a} - {b}: {top} - {b % 10} = {top - b % 10}; {a // 10} - {b // 10} - {borrow} = {tens}; {a - b}"
 
 
 def compute_step(q: Question, values: list[int], state: State) -> str | None:
@@ -116,10 +126,10 @@ def compute_step(q: Question, values: list[int], state: State) -> str | None:
     reading's result is already the answer (value, above)."""
     if q.kind == "diff":
         a, b = values
-        return f"Difference: {tens_and_units(a, b, -1)}."
+        return f"Difference: {column(a, b, -1)}."
     if q.kind == "top_two":
         a, b = state
-        return f"Sum: {tens_and_units(a, b, 1)}."
+        return f"Sum: {column(a, b, 1)}."
     if q.kind == "median":
         return f"Middle: {state[len(state) // 2]}."
     return None
