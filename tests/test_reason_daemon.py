@@ -158,6 +158,7 @@ def test_the_runtime_folder_is_private_and_the_key_names_models_device_and_code(
     other.mkdir()
     assert key != daemon_key(identity(parse(["reason", "--random", "--target", str(other)])))
     assert "code" in identity(parse(["reason", "--random"]))  # another checkout's daemon is another daemon
+    assert key != daemon_key(identity(parse(["reason", "--random", "--task", "charts"])))  # another task's models
 
 
 def test_status_and_stop_with_no_daemon_and_a_dead_ones_files(
@@ -368,6 +369,19 @@ def test_two_first_calls_start_one_daemon_that_the_next_call_reuses(root: Path) 
     stop = dreamr(root, "daemon", "stop")
     assert stop.returncode == 0 and f"(pid {pid})" in stop.stdout
     assert wait_gone(pid) and not list(root.glob("*.sock")) and not list(root.glob("*.json"))
+
+
+@pytest.mark.slow
+def test_each_task_is_answered_by_a_daemon_holding_its_own_models(root: Path) -> None:
+    grid = dreamr(root, "reason", "--random", "--seed", "1")
+    assert_answered(grid)
+    assert "Row 1:" in grid.stdout and "Bar " not in grid.stdout
+    (grid_pid,) = daemons(root)
+    charts = dreamr(root, "reason", "--task", "charts", "--random", "--seed", "1")
+    assert_answered(charts)
+    assert STARTED in charts.stderr  # not the grid's daemon, whose models know no charts
+    assert "Bar " in charts.stdout and "Row " not in charts.stdout
+    assert grid_pid in daemons(root) and len(daemons(root)) == 2
 
 
 @pytest.mark.slow

@@ -188,16 +188,20 @@ def _code_roots() -> list[Path]:
 
 
 def identity(args: argparse.Namespace) -> dict[str, str]:
-    """What a daemon must share with this command to serve it: models, device and code."""
+    """What a daemon must share with this command to serve it: models, task, device and code."""
     from dreamr_stream.backends.shipped import demo_paths
+    from dreamr_stream.tasks import DEFAULT_TASK
 
+    task = getattr(args, "task", DEFAULT_TASK)
     ident = {"device": args.device, "version": __version__, "code": os.pathsep.join(map(str, _code_roots()))}
+    # the task picks the demo's models (and the daemon's --task): one daemon per task
+    ident["task"] = task
     for flag in ("target", "draft", "demo_draft", "target_url", "draft_url"):
         value = getattr(args, flag, None)
         if value:
             ident[flag] = _fingerprint(Path(value)) if flag in ("target", "draft") else str(value)
     if not args.target:  # the shipped demo (its default draft depends on what is shipped)
-        paths = demo_paths(args.demo_draft)
+        paths = demo_paths(args.demo_draft, task)
         ident["demo"] = f"{_fingerprint(paths.target)} {_fingerprint(paths.draft)}"
     return ident
 
@@ -224,6 +228,7 @@ def _spawn(files: DaemonFiles, args: argparse.Namespace, ident: dict[str, str]) 
     """The daemon, detached: a session of its own (a Ctrl-C here does not reach it), its output in its log."""
     command = [sys.executable, "-m", DAEMON_MODULE, "--runtime-dir", str(files.root), "--key", files.key]
     command += ["--idle-timeout", str(idle_timeout(args)), "--identity", json.dumps(ident), "--device", args.device]
+    command += ["--task", ident["task"]]
     for flag in ("target", "draft", "demo_draft", "target_url", "draft_url"):
         if value := getattr(args, flag, None):
             if flag in ("target", "draft") and "://" not in str(value):

@@ -39,6 +39,7 @@ from dreamr_app.common import (
     EXIT_USAGE,
     UsageError,
     add_model_flags,
+    add_task_flag,
     check_device,
     exit_now,
     load_reasoner,
@@ -74,6 +75,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--identity", default="{}", help="what the key is made of (JSON), for `dreamr daemon status`")
     p.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this long without a connection")
     add_model_flags(p)
+    add_task_flag(p)  # the shipped demo's task (the client's --task, part of the daemon's identity)
     return p.parse_args(argv)
 
 
