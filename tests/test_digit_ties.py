@@ -133,7 +133,20 @@ def test_a_run_with_ties_and_focus_trains_its_focus_and_saves_plain_checkpoints(
         assert torch.isfinite(final(input_ids=batch.input_ids, pixel_values=batch.pixel_values).logits).all()
 
 
-def test_a_focus_no_item_has_is_an_error_naming_it(processor: LlavaProcessor, tmp_path: Path) -> None:
+def test_without_a_focus_the_items_drawn_are_those_drawn_before_focus_existed() -> None:
+    from dreamr_stream.zoo.task_needs import draw
+    from dreamr_stream.zoo.train import _draw_item
+
+    cfg = TrainConfig(name="x", shape=SHAPE, hard_fraction=0.3)
+    ours, before = random.Random(7), random.Random(7)
+    for _ in range(20):
+        item = _draw_item(cfg, get_task(), "train", ours)  # type: ignore[arg-type]
+        # the trainer's draw as it was: an index, then whether hard
+        assert item == draw(get_task(), "train", before.randrange(10**9), hard=before.random() < cfg.hard_fraction)
+    assert ours.getstate() == before.getstate()
+
+
+def test_a_focus_no_item_has_is_an_error_naming_it() -> None:
     from dreamr_stream.zoo.train import _draw_item
 
     cfg = TrainConfig(name="x", shape=SHAPE, focus_prefixes=["Nowhere:"], focus_fraction=1.0)

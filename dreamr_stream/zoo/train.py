@@ -195,7 +195,8 @@ def has_focus(item: TaskItem, prefixes: Sequence[str]) -> bool:
 
 def _draw_item(cfg: TrainConfig, task: PerceptionTask, split: Split, rng: random.Random) -> TaskItem:
     """A training item, hard with ``hard_fraction``; with ``focus_fraction``, one with a focus step."""
-    focus = rng.random() < cfg.focus_fraction
+    # no draw for it without a focus: a config without one keeps the item stream it always had
+    focus = cfg.focus_fraction > 0 and rng.random() < cfg.focus_fraction
     for _ in range(FOCUS_TRIES if focus else 1):
         item = draw(task, split, rng.randrange(10**9), hard=rng.random() < cfg.hard_fraction)
         if not focus or has_focus(item, cfg.focus_prefixes):

@@ -7,8 +7,8 @@ running result following the wrong value, as a reader who believed it would writ
 ``running`` (the value right, the running result wrong: a count off by one, a largest value
 dropped, a sorted list out of order). The step after the readings gets ``arithmetic`` (a wrong
 units, tens or result of a difference or sum worked in columns, the wrong middle value), the last
-one ``answer``.
-Every corrupted step differs from the reference step (the chart's values are distinct).
+one ``answer``. Every corrupted step differs from the reference step (the chart's values are
+distinct).
 """
 
 from __future__ import annotations
